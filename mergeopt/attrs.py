@@ -1,0 +1,29 @@
+"""Names of the attributes mergeopt keeps in Optuna studies and trials: one place for each key.
+
+Study user_attrs are visible in optuna-dashboard, so everything a person may want to read
+(the spec, the block layout, block importance, anchor scores) lives there as JSON. Keys are
+namespaced with ``mergeopt:`` so they never collide with a user's own attributes.
+"""
+
+from __future__ import annotations
+
+PREFIX = "mergeopt:"
+
+# Study user_attrs
+SPEC = PREFIX + "spec"  # the validated study spec, as JSON-compatible dict
+SPEC_PATH = PREFIX + "spec_path"  # where the spec was read from (for messages only)
+GENOME = PREFIX + "genome"  # Genome.to_dict(): blocks, experts, searched bounds
+LAYOUT = PREFIX + "layout"  # BlockLayout.to_dict()
+BLOCK_IMPORTANCE = PREFIX + "block_importance"  # list[float] in [0, 1], one per block
+PARAM_NAMES = PREFIX + "param_names"  # the searched trial parameters, in genome order
+ANCHORS = PREFIX + "anchors"  # objective scores of the base and each expert (normalization)
+CREATED_WITH = PREFIX + "version"
+
+# Trial user_attrs
+RECIPE = PREFIX + "recipe"  # per-block, per-expert merge parameters of the trial
+METRICS = PREFIX + "metrics"  # raw per-task metrics before normalization
+MERGE_SECONDS = PREFIX + "merge_seconds"
+LOAD_SECONDS = PREFIX + "load_seconds"
+EVAL_SECONDS = PREFIX + "eval_seconds"
+WORKER = PREFIX + "worker"  # host:pid/device of the worker that ran the trial
+FAIL_REASON = PREFIX + "fail_reason"

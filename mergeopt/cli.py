@@ -1,0 +1,390 @@
+"""The ``mergeopt`` command line.
+
+Heavy libraries (torch, transformers, optuna's storages) are imported inside the commands that
+use them, so that ``mergeopt --help`` answers at once. Every ``UserError`` becomes one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergeopt.errors import UserError
+from mergeopt.export import PREFERENCE_RULE
+
+app = typer.Typer(
+    name="mergeopt",
+    help="Search merge recipes (per-block weights and densities) of fine-tuned LLMs with Optuna "
+    "studies kept in a database. Start with `mergeopt zoo build` and "
+    "`mergeopt study create studies/tiny.yaml`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+study_app = typer.Typer(help="Create, run and inspect studies.", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="The tiny model zoo used by the demo and the tests.", no_args_is_help=True
+)
+app.add_typer(study_app, name="study")
+app.add_typer(zoo_app, name="zoo")
+
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Database URL (sqlite:///file.db, postgresql://user@host/db, "
+        "mysql://user@host/db). Default: $MERGEOPT_STORAGE, else sqlite:///mergeopt.db.",
+        show_default=False,
+    ),
+]
+
+
+def _console():  # noqa: ANN202 - rich is imported lazily
+    from rich.console import Console
+
+    return Console()
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the zoo to.")] = Path("zoo"),
+    seed: Annotated[int, typer.Option(help="Training seed; the same seed gives the same zoo.")] = 0,
+) -> None:
+    """Train the tiny model zoo on the CPU (a base and two arithmetic experts, about a minute)."""
+    from mergeopt.zoo import build_zoo
+
+    info = build_zoo(out_dir, seed=seed, progress=True)
+    _console().print(f"zoo written to {info.root}")
+
+
+@study_app.command("create")
+def study_create(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="The study spec.")],
+    storage: StorageOption = None,
+    name: Annotated[str | None, typer.Option(help="Study name (default: the spec's name).")] = None,
+    load_if_exists: Annotated[
+        bool,
+        typer.Option(
+            "--load-if-exists", help="Reuse an existing study of that name with the same spec."
+        ),
+    ] = False,
+) -> None:
+    """Validate a spec and create its study (one direction per objective)."""
+    from mergeopt.spec import load_spec
+    from mergeopt.storage import mask_url, resolve_storage_url
+    from mergeopt.study import create_study, stored_genome
+
+    spec = load_spec(spec_path)
+    url = resolve_storage_url(storage, spec.storage)
+    study = create_study(
+        spec, storage_url=url, name=name, load_if_exists=load_if_exists, spec_path=str(spec_path)
+    )
+    genome = stored_genome(study)
+    console = _console()
+    console.print(
+        f"study [bold]{study.study_name}[/] in {mask_url(url)}: "
+        f"{genome.num_blocks} blocks x {genome.num_experts} experts x "
+        f"{len(genome.searched)} parameters = {genome.dimension} dimensions, "
+        f"objectives {', '.join(o.name for o in spec.objectives)}"
+    )
+    console.print(
+        f"next: mergeopt study run {study.study_name} --n-trials 16"
+        + (f" --storage '{mask_url(url)}'" if storage else "")
+    )
+
+
+@study_app.command("run")
+def study_run(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    n_trials: Annotated[
+        int,
+        typer.Option(
+            "--n-trials",
+            "-n",
+            min=1,
+            help="Run until the study holds this many COMPLETE trials in total "
+            "(a rerun continues).",
+        ),
+    ],
+    storage: StorageOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", "-w", min=1, help="Worker processes (one per GPU if there are GPUs)."
+        ),
+    ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated devices, one worker each, e.g. cuda:0,cuda:1 or cpu,cpu."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop starting new trials after this many seconds.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run workers against a study until it holds N complete trials."""
+    from mergeopt.storage import load_study, open_storage, resolve_storage_url
+    from mergeopt.study import stored_spec
+    from mergeopt.workers import parse_devices, run_workers
+
+    url = resolve_storage_url(storage)
+    study = load_study(name, open_storage(url))
+    stored_spec(study)
+    chosen = parse_devices(workers, devices)
+    summary = run_workers(
+        study, url, n_trials=n_trials, devices=chosen, timeout=timeout, progress=progress
+    )
+    console = _console()
+    if summary.user_errors and summary.completed_after < n_trials:
+        raise typer.Exit(code=2)
+    if summary.crashed and summary.completed_after < n_trials:
+        print(
+            f"error: worker on {', '.join(summary.crashed)} stopped with the error above; "
+            f"{summary.completed_after}/{n_trials} trials complete",
+            file=sys.stderr,
+        )
+        raise typer.Exit(code=1)
+    if summary.interrupted:
+        console.print(
+            f"interrupted: {summary.completed_after}/{n_trials} trials complete; "
+            f"run the same command again to continue"
+        )
+        raise typer.Exit(code=130)
+    console.print(
+        f"{summary.completed_after - summary.completed_before} trials completed in "
+        f"{summary.seconds:.1f} s ({summary.completed_after}/{n_trials} in the study"
+        + (f", {summary.restarts} worker restarts" if summary.restarts else "")
+        + ")"
+    )
+    _print_status(study, console)
+    from mergeopt.storage import mask_url
+
+    print(f"inspect: optuna-dashboard --host 127.0.0.1 '{mask_url(url)}'")
+
+
+def _print_status(study, console) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from mergeopt.study import status_report
+
+    report = status_report(study)
+    states = ", ".join(
+        f"{state.lower()} {count}" for state, count in report["states"].items() if count
+    )
+    console.print(
+        f"study [bold]{report['study']}[/]: {states or 'no trials'}"
+        + (f"; {report['trials_per_minute']} trials/min" if report["trials_per_minute"] else "")
+        + (
+            f"; merge {report['mean_merge_seconds']} s, eval "
+            f"{report['mean_eval_seconds']} s per trial"
+            if report["mean_eval_seconds"] is not None
+            else ""
+        )
+    )
+    if not report["pareto"]:
+        return
+    title = "Pareto trials" if len(report["objectives"]) > 1 else "Best trial"
+    table = Table(title=title)
+    table.add_column("trial", justify="right")
+    for objective in report["objectives"]:
+        arrow = "↑" if objective["direction"] == "maximize" else "↓"
+        table.add_column(f"{objective['name']} {arrow}", justify="right")
+    table.add_column("recipe (mean over blocks)")
+    for row in report["pareto"]:
+        table.add_row(
+            str(row["trial"]), *(f"{v:.4g}" for v in row["values"].values()), row["recipe"]
+        )
+    console.print(table)
+
+
+@study_app.command("status")
+def study_status(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Trial states, Pareto (or best) trials and throughput of a study."""
+    from mergeopt.storage import load_study, resolve_storage_url
+    from mergeopt.study import status_report
+
+    study = load_study(name, resolve_storage_url(storage))
+    if as_json:
+        print(json.dumps(status_report(study), indent=2))
+        return
+    _print_status(study, _console())
+
+
+@study_app.command(
+    "export",
+    help="Write chosen trials as Hugging Face model folders and/or "
+    "mergekit YAML. Choose exactly one of --trial, --best, --pareto, --preference. "
+    f"--preference rule: {PREFERENCE_RULE}",
+)
+def study_export(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create (refused if it exists).")],
+    trial: Annotated[int | None, typer.Option(help="Export this trial number.")] = None,
+    best: Annotated[
+        str | None, typer.Option(help="Export the best trial on this objective (its name).")
+    ] = None,
+    pareto: Annotated[
+        bool,
+        typer.Option(
+            "--pareto", help="Export every Pareto-optimal trial, one sub-folder each + index."
+        ),
+    ] = False,
+    preference: Annotated[
+        str | None,
+        typer.Option(
+            metavar="W1,W2,...", help="Export the Pareto trial nearest these objective weights."
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="hf, mergekit or both.")] = "both",
+    device: Annotated[str, typer.Option(help="Device that redoes the merge (cpu, cuda).")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    storage: StorageOption = None,
+) -> None:
+    from mergeopt.export import FORMATS, export_trials, parse_preference, select_trials
+    from mergeopt.storage import load_study, resolve_storage_url
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    url = resolve_storage_url(storage)
+    study = load_study(name, url)
+    trials = select_trials(
+        study,
+        trial=trial,
+        best=best,
+        pareto=pareto,
+        preference=parse_preference(preference) if preference is not None else None,
+    )
+    written = export_trials(
+        study, trials, out, fmt=fmt, device=device, force=force, index=pareto, storage_url=url
+    )
+    console = _console()
+    for path in written:
+        console.print(f"exported {path}")
+
+
+@study_app.command("plot")
+def study_plot(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNG (and HTML) plots.")],
+    artifact_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="optuna-dashboard artifact folder "
+            "(default: <db stem>.artifacts beside a SQLite file)."
+        ),
+    ] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Plot the Pareto front, hypervolume over trials and per-block parameters of the Pareto
+    trials, and attach them to the study for optuna-dashboard."""
+    from mergeopt.dashboard import (
+        artifact_dir_for,
+        dashboard_command,
+        register_artifacts,
+        sqlite_path,
+        write_study_note,
+    )
+    from mergeopt.plots import plot_study
+    from mergeopt.storage import load_study, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    study = load_study(name, url)
+    paths = plot_study(study, out)
+    console = _console()
+    for path in paths:
+        console.print(f"wrote {path}")
+    if artifact_dir is None and sqlite_path(url) is None:
+        console.print("plots not attached to the study: pass --artifact-dir for a server database")
+        return
+    folder = artifact_dir_for(url, artifact_dir)
+    register_artifacts(study, paths, artifact_dir=folder)
+    write_study_note(study)
+    print(f"open: {dashboard_command(url, artifact_dir=folder)}")
+
+
+@study_app.command("list")
+def study_list(storage: StorageOption = None) -> None:
+    """Studies in the storage, with their objectives and trial counts."""
+    import optuna
+    from rich.table import Table
+
+    from mergeopt.storage import mask_url, open_storage, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    summaries = optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)
+    table = Table(title=f"studies in {mask_url(url)}")
+    for column in ("name", "objectives", "trials", "started"):
+        table.add_column(column)
+    for summary in summaries:
+        directions = ", ".join(d.name.lower() for d in summary.directions)
+        started = (
+            summary.datetime_start.strftime("%Y-%m-%d %H:%M") if summary.datetime_start else ""
+        )
+        table.add_row(summary.study_name, directions, str(summary.n_trials), started)
+    _console().print(table)
+
+
+@study_app.command("delete")
+def study_delete(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOption = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Really delete it and all its trials.")
+    ] = False,
+) -> None:
+    """Delete a study and all its trials (asks for --yes)."""
+    import optuna
+
+    from mergeopt.storage import load_study, mask_url, open_storage, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    study = load_study(name, open_storage(url))
+    if not yes:
+        raise UserError(f"deleting study {name!r} and its {len(study.trials)} trials needs --yes")
+    optuna.delete_study(study_name=name, storage=open_storage(url))
+    _console().print(f"deleted study {name} from {mask_url(url)}")
+
+
+@app.command("merge")
+def merge(
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE.yml", help="A mergekit-format merge config.")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the merged Hugging Face model.")],
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the random masks of dare_*/della* (an exported trial's YAML names it)."
+        ),
+    ] = 0,
+) -> None:
+    """Run a mergekit YAML with mergeopt's engine and write a Hugging Face model folder."""
+    from mergeopt.merge.recipe import run_recipe
+
+    run_recipe(recipe, out_dir, device=device, seed=seed)
+    _console().print(f"merged model written to {out_dir}")
+
+
+def main() -> None:
+    """Console entry point: user errors are one line on stderr and exit code 2."""
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""What every scorer offers the evaluator and the merge engine, and the helpers they share.
+
+A scorer is a model resident on one device for the whole study: the merge engine writes merged
+tensors into it (``merge_target``), then the evaluator asks it for greedy generations and
+log-likelihoods. Nothing here imports torch, so the protocol can be named anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from mergeopt.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergeopt.merge.engine import MergeTarget
+
+
+class TrialEvaluationError(Exception):
+    """Scoring one merged model failed (generation error, NaN, out of memory).
+
+    The worker fails that trial with ``reason`` in its user_attrs and goes on; it rebuilds the
+    scorer only when ``scorer.healthy()`` says the scorer is unusable.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = " ".join(reason.split())
+        super().__init__(self.reason)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy completion: its text cut before the first stop string (EOS not included), and
+    ``num_tokens``, the generated tokens up to and including the one that ended it (the token
+    completing a stop string, or EOS); ``max_new_tokens`` when it ran out of length."""
+
+    text: str
+    num_tokens: int
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A resident model that merged weights are written into and that scores tasks."""
+
+    def merge_target(self) -> MergeTarget:
+        """Where the merge engine writes merged tensors (by Hugging Face tensor name)."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write full tensors by Hugging Face name (anchors, benchmarks); then call
+        ``after_weights_loaded``."""
+        ...
+
+    def after_weights_loaded(self) -> None:
+        """Drop whatever caches depend on the old weights (vLLM's prefix cache)."""
+        ...
+
+    def generate(
+        self, prompts: list[str], *, max_new_tokens: int, stop: Sequence[str]
+    ) -> list[Generation]:
+        """Greedy completions of all prompts, batched over the whole list."""
+        ...
+
+    def loglikelihood(self, contexts_and_continuations: list[tuple[str, str]]) -> list[float]:
+        """Sum of log-probabilities of each continuation's tokens given its context."""
+        ...
+
+    def rolling_loglikelihood(self, texts: list[str]) -> list[tuple[float, int]]:
+        """For each text: (sum of log-probabilities of tokens 2..n given their prefix, n - 1)."""
+        ...
+
+    def healthy(self) -> bool:
+        """Whether the scorer still works after a failed trial (else the worker rebuilds it)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model and its device memory."""
+        ...
+
+
+def format_prompt(tokenizer: Any, prompt: str, *, chat_template: bool) -> str:
+    """The prompt as the model sees it: raw, or as one user turn of the tokenizer's chat template
+    with the assistant's turn opened (both scorers format prompts here, so they agree)."""
+    if not chat_template:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"scorer.chat_template is on but the tokenizer of {tokenizer.name_or_path} has none"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def first_stop(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop string in ``text``; -1 if none occurs."""
+    positions = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(positions) if positions else -1
+
+
+def create_scorer(
+    backend: str,
+    model_dir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 32,
+    chat_template: bool = False,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    enforce_eager: bool = False,
+) -> Scorer:
+    """A resident scorer for ``backend`` ("hf" or "vllm") holding the model in ``model_dir``.
+
+    ``device`` is a torch device string ("cpu", "cuda:1"); the vLLM scorer runs on the device
+    the process sees (set ``CUDA_VISIBLE_DEVICES`` per worker) and ignores the index.
+    ``batch_size`` applies to hf (vLLM schedules the whole list itself); ``gpu_memory_utilization``,
+    ``max_model_len`` and ``enforce_eager`` apply to vLLM.
+    """
+    if backend == "hf":
+        from mergeopt.objectives.scorers.hf import HFScorer
+
+        return HFScorer(
+            model_dir=Path(model_dir),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            trust_remote_code=trust_remote_code,
+        )
+    if backend == "vllm":
+        from mergeopt.objectives.scorers.vllm import VLLMScorer
+
+        return VLLMScorer(
+            model_dir=Path(model_dir),
+            device=device,
+            dtype=dtype,
+            chat_template=chat_template,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code,
+            enforce_eager=enforce_eager,
+        )
+    raise UserError(f"scorer.backend: unknown backend {backend!r}; expected hf or vllm")
+
+
+def split_context_tokens(
+    tokenizer: Any, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` and of ``continuation`` after it, as lm-evaluation-harness splits
+    them: the whole string is tokenized once and the context's tokens are cut off its front, so a
+    space or a merge across the boundary tokenizes as it would in running text. Falls back to
+    separate tokenization when the whole string does not start with the context's tokens."""
+    context_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+    whole_ids = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
+    if whole_ids[: len(context_ids)] == context_ids and len(whole_ids) > len(context_ids):
+        return list(context_ids), list(whole_ids[len(context_ids) :])
+    return list(context_ids), list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+def scored_sequences(
+    tokenizer: Any, contexts_and_continuations: list[tuple[str, str]], *, chat_template: bool
+) -> tuple[list[list[int]], list[int]]:
+    """For log-likelihood requests: each pair's token ids (context then continuation) and the
+    position of its first continuation token, the first one scored."""
+    sequences: list[list[int]] = []
+    first_scored: list[int] = []
+    for context, continuation in contexts_and_continuations:
+        formatted = format_prompt(tokenizer, context, chat_template=chat_template)
+        context_ids, continuation_ids = split_context_tokens(tokenizer, formatted, continuation)
+        if not context_ids:
+            raise ValueError("log-likelihood needs a non-empty context")
+        sequences.append(context_ids + continuation_ids)
+        first_scored.append(len(context_ids))
+    return sequences, first_scored

@@ -1,0 +1,316 @@
+"""The transformers scorer: one resident ``AutoModelForCausalLM`` per worker.
+
+Merged tensors are written straight into the model's parameters (``merge_target``), so a trial
+costs no disk and no reload. Generation is greedy, batched with left padding and a KV cache;
+prompts are sorted by length so that a batch pads little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergeopt.errors import UserError
+from mergeopt.objectives.scorers.base import (
+    Generation,
+    TrialEvaluationError,
+    first_stop,
+    format_prompt,
+    scored_sequences,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergeopt.merge.engine import MergeTarget
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class HFScorer:
+    """Greedy generation and log-likelihoods with a resident transformers model.
+
+    Args:
+        model_dir: a Hugging Face model folder (config.json, safetensors, tokenizer).
+        device: torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
+        dtype: the precision the model is held and run in.
+        batch_size: prompts (or scored sequences) per forward pass.
+        chat_template: wrap each prompt as a user turn of the tokenizer's chat template.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_dir: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+        chat_template: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in TORCH_DTYPES:
+            raise UserError(f"scorer.dtype: {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.chat_template = chat_template
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.model_dir, trust_remote_code=trust_remote_code
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise UserError(
+                f"model {self.model_dir}: cannot load with transformers: {first_line}"
+            ) from None
+        self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_token_id: int = self.tokenizer.pad_token_id
+        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        # Names as the checkpoint writes them, including tied aliases (lm_head.weight when it
+        # shares the embedding): several names may point at one tensor.
+        self._tensors_by_name: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        self._target: MergeTarget | None = None
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def merge_target(self) -> MergeTarget:
+        """The model's parameters by HF name; the same object on every call, because the merge
+        engine remembers per target which blocks it already holds."""
+        if self._target is None:
+            from mergeopt.merge.engine import ModuleTarget
+
+            self._target = ModuleTarget(module=self.model)
+        return self._target
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors into the resident model by Hugging Face name (dtype/device converted).
+
+        Behind the merge engine's back: call ``engine.forget(scorer.merge_target())`` after it.
+        """
+        import torch
+
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = self._tensors_by_name.get(name)
+                if target is None:
+                    raise KeyError(f"{self.model_dir}: the model has no tensor named {name!r}")
+                target.data.copy_(tensor)
+        self.after_weights_loaded()
+
+    def after_weights_loaded(self) -> None:
+        """Nothing is cached across calls: the KV cache lives only inside one ``generate``."""
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str], *, max_new_tokens: int, stop: Sequence[str]
+    ) -> list[Generation]:
+        """Greedy completions, in the order of ``prompts``; see ``Generation`` for the counts."""
+        formatted = [
+            format_prompt(self.tokenizer, p, chat_template=self.chat_template) for p in prompts
+        ]
+        token_ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in formatted]
+        # Longest first: the first batch shows at once whether memory suffices.
+        order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            outputs = self._guarded(
+                self._generate_batch, [token_ids[i] for i in batch], max_new_tokens, list(stop)
+            )
+            for i, output in zip(batch, outputs, strict=True):
+                results[i] = output
+        return [r for r in results if r is not None]
+
+    def _generate_batch(
+        self, batch_ids: list[list[int]], max_new_tokens: int, stop: list[str]
+    ) -> list[Generation]:
+        """One left-padded batch. Shapes: input_ids, attention_mask ``batch x prompt_len``."""
+        import torch
+
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        # Positions count real tokens only, so a left-padded prompt sees the positions it would
+        # see alone (what makes batched and single greedy outputs agree).
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generated: list[list[int]] = [[] for _ in batch_ids]
+        done: list[Generation | None] = [None] * len(batch_ids)
+        # rows[i]: which prompt of the batch the i-th row of the tensors still computes.
+        # Finished rows are dropped from the batch (and the KV cache), so one long answer
+        # does not make every short one pay for its steps.
+        rows = list(range(len(batch_ids)))
+        past = None
+        with torch.inference_mode():
+            for _step in range(max_new_tokens):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1, :]
+                if not bool(torch.isfinite(logits).all()):
+                    raise TrialEvaluationError("non-finite logits (NaN or inf) in generation")
+                next_tokens = logits.argmax(dim=-1).tolist()
+                keep: list[int] = []
+                for position, (row, token) in enumerate(zip(rows, next_tokens, strict=True)):
+                    generated[row].append(token)
+                    if token in self.eos_token_ids:
+                        text = self._decode(generated[row][:-1])
+                        done[row] = Generation(text=text, num_tokens=len(generated[row]))
+                        continue
+                    text = self._decode(generated[row])
+                    cut = first_stop(text, stop)
+                    if cut >= 0:
+                        done[row] = Generation(text=text[:cut], num_tokens=len(generated[row]))
+                        continue
+                    keep.append(position)
+                if not keep:
+                    break
+                if len(keep) < len(rows):
+                    selected = torch.tensor(keep, device=self.device)
+                    past.batch_select_indices(selected)
+                    attention_mask = attention_mask[selected]
+                    position_ids = position_ids[selected]
+                    rows = [rows[p] for p in keep]
+                input_ids = torch.tensor(
+                    [[generated[row][-1]] for row in rows], dtype=torch.long, device=self.device
+                )
+                attention_mask = torch.cat(
+                    [attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1
+                )
+                position_ids = position_ids[:, -1:] + 1
+        return [
+            d if d is not None else Generation(text=self._decode(g), num_tokens=len(g))
+            for d, g in zip(done, generated, strict=True)
+        ]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def loglikelihood(self, contexts_and_continuations: list[tuple[str, str]]) -> list[float]:
+        """Sum of log p(continuation tokens | context) per pair (lm-eval's token split)."""
+        sequences, first_scored = scored_sequences(
+            self.tokenizer, contexts_and_continuations, chat_template=self.chat_template
+        )
+        return [total for total, _count in self._score_sequences(sequences, first_scored)]
+
+    def rolling_loglikelihood(self, texts: list[str]) -> list[tuple[float, int]]:
+        """(sum of log p(token_i | tokens before i) for i = 2..n, n - 1) per text."""
+        sequences = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        return self._score_sequences(sequences, [1] * len(sequences))
+
+    def _score_sequences(
+        self, sequences: list[list[int]], first_scored: list[int]
+    ) -> list[tuple[float, int]]:
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            scores = self._guarded(
+                self._score_batch, [sequences[i] for i in batch], [first_scored[i] for i in batch]
+            )
+            for i, score in zip(batch, scores, strict=True):
+                results[i] = score
+        return results
+
+    def _score_batch(
+        self, sequences: list[list[int]], first_scored: list[int]
+    ) -> list[tuple[float, int]]:
+        """Right-padded forward pass; logits ``batch x seq x vocab`` are reduced row by row."""
+        import torch
+
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            ).logits
+            scores: list[tuple[float, int]] = []
+            for row, ids in enumerate(sequences):
+                first = first_scored[row]
+                if first >= len(ids):
+                    scores.append((0.0, 0))
+                    continue
+                log_probs = torch.log_softmax(logits[row, first - 1 : len(ids) - 1].float(), -1)
+                targets = torch.tensor(ids[first:], device=log_probs.device)
+                total = float(log_probs.gather(-1, targets[:, None]).sum())
+                if total != total or total in (float("inf"), float("-inf")):
+                    raise TrialEvaluationError("non-finite log-likelihood (NaN or inf)")
+                scores.append((total, len(ids) - first))
+        return scores
+
+    def _guarded(self, function: Any, *args: Any) -> Any:
+        """Run one batch; out-of-memory becomes a ``TrialEvaluationError`` (memory freed)."""
+        import torch
+
+        try:
+            return function(*args)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TrialEvaluationError(f"out of memory on {self.device}: {first_line}") from exc
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """A one-token forward pass still runs (a CUDA error poisons the whole context)."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                probe = torch.tensor([[self.pad_token_id]], device=self.device)
+                self.model(input_ids=probe)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception:  # noqa: BLE001 - any failure means "rebuild the scorer"
+            return False
+        return True
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        self._tensors_by_name.clear()
+        del self.model
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from the generation config (may be a list, e.g. Qwen's <|im_end|>) and tokenizer."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

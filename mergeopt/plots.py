@@ -1,0 +1,399 @@
+"""Pictures of a study: the trade-off, the progress, and which blocks matter.
+
+:func:`plot_study` writes, as PNG (matplotlib, Agg) and — when plotly is installed — as HTML:
+
+- ``pareto_front``: every COMPLETE trial in objective space with the Pareto front
+  (``optuna.visualization.plot_pareto_front``), the base and experts' anchor scores marked when
+  the study stored them (``mergeopt:anchors``); a single-objective study gets the optimization
+  history instead;
+- ``hypervolume``: the dominated hypervolume after each trial
+  (``optuna.visualization.plot_hypervolume_history``), the reference point being the worst
+  value seen on each objective pushed 10 % of its range further out;
+- ``block_params``: a heat map per expert and searched parameter, block (rows) x Pareto trial
+  (columns, ordered by the first objective) — SIPBMM's picture of which blocks matter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergeopt import attrs
+from mergeopt.study import objective_names
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+PARETO_FRONT = "pareto_front"
+HYPERVOLUME = "hypervolume"
+BLOCK_PARAMS = "block_params"
+REFERENCE_MARGIN = 0.1
+_ANCHOR_MARKERS = ("*", "P", "X", "D", "s", "^", "v")
+
+
+def plotly_available() -> bool:
+    return importlib.util.find_spec("plotly") is not None
+
+
+def plot_study(study: optuna.Study, out_dir: Path, *, html: bool | None = None) -> list[Path]:
+    """Write the study's plots into ``out_dir``; returns the files written (PNG, then HTML).
+
+    Args:
+        html: also write interactive HTML (plotly, with ``plotly.min.js`` written once beside
+            the pages so that they open offline); default: when plotly is installed.
+
+    Raises:
+        UserError: the study has no COMPLETE trials.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.trial import TrialState
+
+    from mergeopt.errors import UserError
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise UserError(f"study {study.study_name!r} has no COMPLETE trials to plot")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with_html = plotly_available() if html is None else html
+    written: list[Path] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        written.append(_pareto_png(study, out_dir / f"{PARETO_FRONT}.png"))
+        if len(study.directions) > 1:
+            written.append(_hypervolume_png(study, out_dir / f"{HYPERVOLUME}.png"))
+        heatmap = _block_params_png(study, out_dir / f"{BLOCK_PARAMS}.png")
+        if heatmap is not None:
+            written.append(heatmap)
+        if with_html:
+            written.append(_pareto_html(study, out_dir / f"{PARETO_FRONT}.html"))
+            if len(study.directions) > 1:
+                written.append(_hypervolume_html(study, out_dir / f"{HYPERVOLUME}.html"))
+            page = _block_params_html(study, out_dir / f"{BLOCK_PARAMS}.html")
+            if page is not None:
+                written.append(page)
+    return written
+
+
+# --------------------------------------------------------------------------- data
+
+
+def anchor_points(study: optuna.Study) -> dict[str, list[float]]:
+    """Objective values of the source models (``{"base": [v1, v2], ...}``) in the study's
+    objective space, or ``{}`` when the study stored no anchors.
+
+    Anchors are raw objective values per source model (``{"base": {"accuracy": 0.2, ...},
+    "experts": [{...}, ...], "models": [paths]}``); where the spec normalizes an objective,
+    they are normalized the way the trial values were (so the anchors sit at 0 and 1).
+    """
+    stored = study.user_attrs.get(attrs.ANCHORS)
+    if not isinstance(stored, Mapping):
+        return {}
+    names = objective_names(study)
+    per_model = _models_of(stored, names)
+    if not per_model:
+        return {}
+    normalize = _normalizer(study, stored)
+    points: dict[str, list[float]] = {}
+    for label, raw in per_model.items():
+        values = normalize(raw) if normalize is not None else raw
+        try:
+            points[label] = [float(values[name]) for name in names]
+        except (KeyError, TypeError, ValueError):
+            continue
+    return points
+
+
+def _models_of(stored: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Label -> raw scores, from ``{"base": {...}, "experts": [{...}], "models": [paths]}``
+    (``mergeopt.objectives.normalization.Anchors``) or from ``{label: {...}}``."""
+
+    def is_scores(value: Any) -> bool:
+        return isinstance(value, Mapping) and all(name in value for name in names)
+
+    paths = stored.get("models")
+    experts = stored.get("experts")
+    if isinstance(experts, Sequence) and is_scores(stored.get("base")):
+        labels = ["base", *(f"expert {i}" for i in range(len(experts)))]
+        if isinstance(paths, Sequence) and len(paths) == len(labels):
+            labels = [Path(str(p)).name or label for p, label in zip(paths, labels, strict=True)]
+        scores = [stored["base"], *experts]
+        return {
+            label: dict(value)
+            for label, value in zip(labels, scores, strict=True)
+            if is_scores(value)
+        }
+    return {str(key): dict(value) for key, value in stored.items() if is_scores(value)}
+
+
+def _normalizer(study: optuna.Study, stored: Mapping[str, Any]) -> Any:
+    """``raw -> normalized`` as the trial loop applies it, or None when nothing is normalized."""
+    from mergeopt.study import stored_spec
+
+    if attrs.SPEC not in study.user_attrs:
+        return None
+    spec = stored_spec(study)
+    if not any(objective.normalize for objective in spec.objectives):
+        return None
+    from mergeopt.objectives.normalization import Anchors, normalize_values
+
+    anchors = Anchors.from_json(stored)
+    return lambda raw: normalize_values(raw, anchors, spec.objectives)
+
+
+def reference_point(study: optuna.Study) -> list[float]:
+    """The worst value of each objective over COMPLETE trials, pushed 10 % of its range out."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    point = []
+    for k, direction in enumerate(study.directions):
+        values = [t.values[k] for t in complete]
+        span = max(values) - min(values)
+        margin = REFERENCE_MARGIN * (span if span > 0 else max(abs(values[0]), 1.0))
+        if direction == StudyDirection.MAXIMIZE:
+            point.append(min(values) - margin)
+        else:
+            point.append(max(values) + margin)
+    return point
+
+
+def pareto_trials_for_heatmap(study: optuna.Study) -> list[FrozenTrial]:
+    """Pareto trials with a stored recipe, ordered by the first objective (best first)."""
+    from optuna.study import StudyDirection
+
+    sign = -1 if study.directions[0] == StudyDirection.MAXIMIZE else 1
+    front = [t for t in study.best_trials if t.user_attrs.get(attrs.RECIPE) is not None]
+    return sorted(front, key=lambda t: (sign * t.values[0], t.number))
+
+
+def block_labels(study: optuna.Study, num_blocks: int) -> list[str]:
+    """``"b0 L0-1"``, ... and ``"outer"`` for the embeddings/norm/head block."""
+    from mergeopt.blocks import BlockLayout
+
+    layout_data = study.user_attrs.get(attrs.LAYOUT)
+    if layout_data is None:
+        return [f"b{b}" for b in range(num_blocks)]
+    layout = BlockLayout.from_dict(layout_data)
+    labels = []
+    for block in range(layout.num_layer_blocks):
+        layers = layout.layers_of_block(block)
+        span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+        labels.append(f"b{block} {span}")
+    return [*labels, "outer"]
+
+
+def heatmap_panels(
+    trials: Sequence[FrozenTrial],
+) -> list[tuple[str, list[list[float]]]]:
+    """``[("e0.weight", rows = blocks x columns = trials), ...]`` from the trials' recipes."""
+    first = trials[0].user_attrs[attrs.RECIPE]
+    num_blocks, num_experts = len(first), len(first[0])
+    panels = []
+    for expert in range(num_experts):
+        for param in sorted(first[0][expert]):
+            matrix = [
+                [float(t.user_attrs[attrs.RECIPE][block][expert][param]) for t in trials]
+                for block in range(num_blocks)
+            ]
+            if len({value for row in matrix for value in row}) > 1 or param == "weight":
+                panels.append((f"e{expert}.{param}", matrix))
+    return panels
+
+
+def expert_names(study: optuna.Study) -> list[str]:
+    spec = study.user_attrs.get(attrs.SPEC) or {}
+    experts = (spec.get("models") or {}).get("experts") or []
+    return [Path(str(e)).name for e in experts]
+
+
+def _panel_title(study: optuna.Study, panel: str) -> str:
+    expert, _, param = panel.partition(".")
+    names = expert_names(study)
+    index = int(expert[1:])
+    return f"{param} of {names[index]}" if index < len(names) else f"{param} of expert {index}"
+
+
+def _front_targets(names: Sequence[str]) -> dict[str, Any]:
+    """Optuna draws fronts of 2 or 3 objectives; beyond that, the first two are shown."""
+    if len(names) <= 3:
+        return {"target_names": list(names)}
+    return {"target_names": list(names[:2]), "targets": lambda t: t.values[:2]}
+
+
+# --------------------------------------------------------------------------- matplotlib
+
+
+def _save(axes_or_figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure = getattr(axes_or_figure, "figure", axes_or_figure)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _pareto_png(study: optuna.Study, path: Path) -> Path:
+    from optuna.visualization import matplotlib as optuna_mpl
+
+    names = objective_names(study)
+    if len(names) == 1:
+        axes = optuna_mpl.plot_optimization_history(study, target_name=names[0])
+        return _save(axes, path)
+    axes = optuna_mpl.plot_pareto_front(study, **_front_targets(names))
+    if len(names) == 2:
+        for marker, (label, point) in zip(
+            _ANCHOR_MARKERS, anchor_points(study).items(), strict=False
+        ):
+            axes.scatter(
+                [point[0]],
+                [point[1]],
+                marker=marker,
+                s=160,
+                color="black",
+                zorder=5,
+                label=f"anchor: {label}",
+            )
+            axes.annotate(label, (point[0], point[1]), textcoords="offset points", xytext=(6, 6))
+        axes.legend(loc="best", fontsize="small")
+    axes.set_title(f"Pareto front of study {study.study_name}")
+    axes.figure.set_size_inches(7, 5)
+    return _save(axes, path)
+
+
+def _hypervolume_png(study: optuna.Study, path: Path) -> Path:
+    from optuna.visualization import matplotlib as optuna_mpl
+
+    axes = optuna_mpl.plot_hypervolume_history(study, reference_point=reference_point(study))
+    axes.set_title(f"Hypervolume of study {study.study_name}")
+    axes.figure.set_size_inches(7, 4)
+    return _save(axes, path)
+
+
+def _block_params_png(study: optuna.Study, path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    trials = pareto_trials_for_heatmap(study)
+    if not trials:
+        return None
+    panels = heatmap_panels(trials)
+    labels = block_labels(study, len(trials[0].user_attrs[attrs.RECIPE]))
+    columns = [f"#{t.number}" for t in trials]
+    width = min(3 + 0.45 * len(trials), 14)
+    figure, axes_list = plt.subplots(
+        1, len(panels), figsize=(width * len(panels), 1.2 + 0.45 * len(labels)), squeeze=False
+    )
+    limits = _color_limits(panels)
+    for axes, (panel, matrix) in zip(axes_list[0], panels, strict=True):
+        low, high = limits[panel.partition(".")[2]]
+        image = axes.imshow(matrix, aspect="auto", cmap="viridis", vmin=low, vmax=high)
+        axes.grid(False)
+        axes.set_xticks(range(len(columns)), columns, rotation=90, fontsize="small")
+        axes.set_yticks(range(len(labels)), labels, fontsize="small")
+        axes.set_xlabel(f"Pareto trials, best {objective_names(study)[0]} first")
+        axes.set_title(_panel_title(study, panel))
+        figure.colorbar(image, ax=axes, fraction=0.05)
+    figure.suptitle(f"Per-block merge parameters of the Pareto trials ({study.study_name})")
+    return _save(figure, path)
+
+
+def _color_limits(
+    panels: Sequence[tuple[str, list[list[float]]]],
+) -> dict[str, tuple[float, float]]:
+    """One colour scale per parameter, shared by the experts' panels so they compare."""
+    limits: dict[str, tuple[float, float]] = {}
+    for panel, matrix in panels:
+        param = panel.partition(".")[2]
+        values = [value for row in matrix for value in row]
+        low, high = limits.get(param, (min(values), max(values)))
+        limits[param] = (min(low, *values), max(high, *values))
+    return limits
+
+
+# --------------------------------------------------------------------------- plotly
+
+
+def _write_html(figure: Any, path: Path) -> Path:
+    figure.write_html(path, include_plotlyjs="directory", full_html=True)
+    return path
+
+
+def _pareto_html(study: optuna.Study, path: Path) -> Path:
+    import optuna.visualization as optuna_plotly
+    import plotly.graph_objects as go
+
+    names = objective_names(study)
+    if len(names) == 1:
+        return _write_html(
+            optuna_plotly.plot_optimization_history(study, target_name=names[0]), path
+        )
+    figure = optuna_plotly.plot_pareto_front(study, **_front_targets(names))
+    if len(names) == 2:
+        for label, point in anchor_points(study).items():
+            figure.add_trace(
+                go.Scatter(
+                    x=[point[0]],
+                    y=[point[1]],
+                    mode="markers+text",
+                    text=[label],
+                    textposition="top right",
+                    marker={"symbol": "star", "size": 16, "color": "black"},
+                    name=f"anchor: {label}",
+                )
+            )
+    figure.update_layout(title=f"Pareto front of study {study.study_name}")
+    return _write_html(figure, path)
+
+
+def _hypervolume_html(study: optuna.Study, path: Path) -> Path:
+    import optuna.visualization as optuna_plotly
+
+    figure = optuna_plotly.plot_hypervolume_history(study, reference_point=reference_point(study))
+    figure.update_layout(title=f"Hypervolume of study {study.study_name}")
+    return _write_html(figure, path)
+
+
+def _block_params_html(study: optuna.Study, path: Path) -> Path | None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    trials = pareto_trials_for_heatmap(study)
+    if not trials:
+        return None
+    panels = heatmap_panels(trials)
+    labels = block_labels(study, len(trials[0].user_attrs[attrs.RECIPE]))
+    columns = [f"#{t.number}" for t in trials]
+    figure = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=[_panel_title(study, p) for p, _ in panels]
+    )
+    limits = _color_limits(panels)
+    for column, (panel, matrix) in enumerate(panels, start=1):
+        low, high = limits[panel.partition(".")[2]]
+        figure.add_trace(
+            go.Heatmap(
+                z=matrix,
+                zmin=low,
+                zmax=high,
+                x=columns,
+                y=labels,
+                colorscale="Viridis",
+                colorbar={"x": column / len(panels) - 0.02, "len": 0.9},
+                hovertemplate="trial %{x}, %{y}: %{z:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=column,
+        )
+        figure.update_yaxes(autorange="reversed", row=1, col=column)
+    figure.update_layout(
+        title=f"Per-block merge parameters of the Pareto trials ({study.study_name})"
+    )
+    return _write_html(figure, path)

@@ -1,0 +1,192 @@
+"""Model-level search: one value per expert and parameter, shared by every block.
+
+The classic merge baseline (one weight and density per model, as in a plain mergekit config)
+searched by random or grid search, so that block-wise optimizers can be compared with it.
+
+Parameters whose names parse as genome names (``bNN.eK.param``) are grouped by
+``(expert, param)``: every block gets the group's one value. Other names (plain Optuna use) form
+one group each.
+
+Grid mode hands out every grid point exactly once across all workers, without a lock: the grid
+index of a trial is the number of earlier trials (smaller ``trial.number``) that were not
+enqueued with fixed parameters. Trial numbers are assigned atomically by the storage and the
+``fixed_params`` system attr is written when a trial is created, so every worker computes the
+same index and no two get the same one. When the last grid point is handed out, the study
+system attr :data:`EXHAUSTED_ATTR` is set to true: the worker loop must check
+:func:`mergeopt.samplers.model_level.is_exhausted` before each ``ask`` and stop. Inside
+``study.optimize`` the sampler also calls ``study.stop()``. A trial that still arrives past the
+end (it was asked concurrently with the last one) gets a uniformly random model-level point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.search_space import IntersectionSearchSpace
+from optuna.trial import FrozenTrial
+
+from mergeopt.samplers._state import numerical_space, relative_search_space, snap
+
+if TYPE_CHECKING:
+    from optuna import Study
+
+    from mergeopt.genome import Genome
+
+EXHAUSTED_ATTR = "mergeopt:sampler:exhausted"
+"""Study system attr set to true when a finite sampler (grid) has handed out its last point."""
+
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"weight": (0.05, 0.95), "density": (0.7, 0.9)}
+"""SIPBMM's model-level search ranges; other parameters use their distribution's bounds."""
+
+
+def is_exhausted(study: Study) -> bool:
+    """True when the study's grid (or other finite design) has been handed out completely."""
+    return bool(study._storage.get_study_system_attrs(study._study_id).get(EXHAUSTED_ATTR))
+
+
+def _group_of(name: str) -> str:
+    from mergeopt.genome import parse_param_name
+
+    try:
+        _, expert, param = parse_param_name(name)
+    except ValueError:
+        return name
+    return f"e{expert}.{param}"
+
+
+def _param_kind(group: str) -> str:
+    return group.split(".", 1)[1] if group.startswith("e") and "." in group else group
+
+
+class ModelLevelSampler(BaseSampler):
+    """Random or grid search over one value per ``(expert, param)``, broadcast to all blocks.
+
+    Args:
+        mode: ``"random"`` (uniform in ``bounds``) or ``"grid"`` (evenly spaced points, each once).
+        grid_points: grid points per searched parameter kind (grid mode), at least 2.
+        bounds: ``{param: [low, high]}`` per parameter kind; defaults to :data:`DEFAULT_BOUNDS`
+            clipped to each distribution, other kinds to the distribution's bounds.
+        seed: random seed.
+        genome: the study's genome (else read from the study's ``mergeopt:genome`` user attr);
+            it makes the first trial a model-level point too.
+
+    Example::
+
+        sampler = ModelLevelSampler(mode="grid", grid_points=3)
+        study = optuna.create_study(sampler=sampler)
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "random",
+        grid_points: int = 5,
+        bounds: Mapping[str, Sequence[float]] | None = None,
+        seed: int | None = None,
+        genome: Genome | None = None,
+    ) -> None:
+        if mode not in ("random", "grid"):
+            raise ValueError(f"mode must be 'random' or 'grid', got {mode!r}")
+        if not isinstance(grid_points, int) or grid_points < 2:
+            raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
+        self._bounds = dict(DEFAULT_BOUNDS)
+        for key, value in (bounds or {}).items():
+            if len(value) != 2 or not float(value[0]) < float(value[1]):
+                raise ValueError(f"bounds.{key} must be [low, high] with low < high, got {value}")
+            self._bounds[key] = (float(value[0]), float(value[1]))
+        self._mode = mode
+        self._grid_points = grid_points
+        self._rng = np.random.RandomState(seed)
+        self._independent = RandomSampler(seed=seed)
+        self._search_space = IntersectionSearchSpace(include_pruned=True)
+        self._genome = genome
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._independent.reseed_rng()
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        space = relative_search_space(study, self._genome, self._search_space)
+        return {k: v for k, v in space.items() if isinstance(v, FloatDistribution)}
+
+    def _group_bounds(
+        self, search_space: Mapping[str, BaseDistribution]
+    ) -> dict[str, tuple[float, float]]:
+        bounds: dict[str, tuple[float, float]] = {}
+        for name, dist in search_space.items():
+            assert isinstance(dist, (FloatDistribution, IntDistribution))
+            group = _group_of(name)
+            low, high = float(dist.low), float(dist.high)
+            if _param_kind(group) in self._bounds:
+                want_low, want_high = self._bounds[_param_kind(group)]
+                if want_low < high and want_high > low:
+                    low, high = max(low, want_low), min(high, want_high)
+            if group in bounds:
+                low, high = max(low, bounds[group][0]), min(high, bounds[group][1])
+            bounds[group] = (low, high)
+        return bounds
+
+    def grid(self, search_space: Mapping[str, BaseDistribution]) -> list[dict[str, float]]:
+        """All grid points as ``{group: value}``, in the order they are handed out."""
+        bounds = self._group_bounds(search_space)
+        axes = [np.linspace(low, high, self._grid_points).tolist() for low, high in bounds.values()]
+        return [dict(zip(bounds, point, strict=True)) for point in itertools.product(*axes)]
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        space = numerical_space(search_space)
+        values: dict[str, float] | None = None
+        if self._mode == "grid" and space:
+            values = self._grid_values(study, trial, space)
+        if values is None:
+            values = {
+                group: float(self._rng.uniform(low, high))
+                for group, (low, high) in self._group_bounds(space).items()
+            }
+        params: dict[str, Any] = {}
+        for name, dist in search_space.items():
+            if name in space:
+                params[name] = snap(dist, float(values[_group_of(name)]))
+            else:
+                params[name] = self._independent.sample_independent(study, trial, name, dist)
+        return params
+
+    def _grid_values(
+        self, study: Study, trial: FrozenTrial, space: Mapping[str, BaseDistribution]
+    ) -> dict[str, float] | None:
+        earlier = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number < trial.number and "fixed_params" not in t.system_attrs
+        ]
+        grid = self.grid(space)
+        index = len(earlier)
+        if index >= len(grid) - 1:
+            study._storage.set_study_system_attr(study._study_id, EXHAUSTED_ATTR, True)
+            # Outside study.optimize, stop() raises: the worker loop checks the attr instead.
+            with contextlib.suppress(RuntimeError):
+                study.stop()
+        study._storage.set_trial_system_attr(
+            trial._trial_id, "mergeopt:model-level:grid_index", index
+        )
+        return grid[index] if index < len(grid) else None
+
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._independent.sample_independent(study, trial, param_name, param_distribution)

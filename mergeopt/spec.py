@@ -1,0 +1,305 @@
+"""The study spec: a YAML file that names models, merge method, blocks, objectives and sampler.
+
+Every default of a study lives here. ``load_spec`` turns a file into a validated ``StudySpec``
+or raises ``UserError`` with one line naming the file, the field and what was expected.
+Relative paths in a spec are resolved against the spec file's folder, so the stored spec
+(JSON in the study's user_attrs) holds absolute paths that every worker can use.
+
+Example (``studies/tiny.yaml``)::
+
+    name: tiny
+    models:
+      base: ../zoo/base
+      experts: [../zoo/expert-direct, ../zoo/expert-steps]
+    merge:
+      method: task_arithmetic
+      blocks: {num_blocks: 4}
+      search: {weight: [0.0, 1.0]}
+    objectives:
+      - {name: accuracy, task: ../zoo/tasks/arith.jsonl, metric: accuracy, direction: maximize}
+      - {name: tokens, task: ../zoo/tasks/arith.jsonl, metric: mean_tokens, direction: minimize}
+    sampler: {name: tpe}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeopt.errors import UserError
+
+STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+# Per-expert merge parameters that may be searched or fixed, as mergekit names them.
+EXPERT_PARAMETERS = ("weight", "density", "gamma", "epsilon")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsSpec(_Strict):
+    """The base model and the fine-tuned experts merged into it (local folders or hub ids)."""
+
+    base: str
+    experts: list[str] = Field(min_length=1)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+class BlocksSpec(_Strict):
+    """How decoder layers are grouped into blocks that share merge parameters.
+
+    ``partition: fixed`` uses ``num_blocks`` or ``layers_per_block`` (default: one layer per
+    block). ``partition: auto`` groups consecutive layers by the experts' functional difference
+    into ``num_blocks`` blocks (SIPBMM: ``alpha`` weighs within-block variance, ``beta``
+    imbalance between block sizes).
+    """
+
+    partition: Literal["fixed", "auto"] = "fixed"
+    num_blocks: int | None = Field(default=None, ge=1)
+    layers_per_block: int | None = Field(default=None, ge=1)
+    alpha: float = Field(default=1.0, ge=0)
+    beta: float = Field(default=1.0, ge=0)
+    metric: Literal["l2", "cosine"] = "l2"
+
+    @model_validator(mode="after")
+    def _one_size(self) -> BlocksSpec:
+        if self.num_blocks is not None and self.layers_per_block is not None:
+            raise ValueError("give num_blocks or layers_per_block, not both")
+        if self.partition == "auto" and self.num_blocks is None:
+            raise ValueError("partition: auto needs num_blocks")
+        return self
+
+
+class MergeSpec(_Strict):
+    """The fusion method, its global parameters and the searched per-expert parameters."""
+
+    method: str
+    parameters: dict[str, float | bool] = Field(default_factory=dict)
+    blocks: BlocksSpec = Field(default_factory=BlocksSpec)
+    search: dict[str, tuple[float, float]] = Field(default_factory=lambda: {"weight": (0.0, 1.0)})
+    fixed: dict[str, float] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("search", "fixed")
+    @classmethod
+    def _known_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if name not in EXPERT_PARAMETERS:
+                raise ValueError(
+                    f"unknown per-expert parameter {name!r}; expected one of "
+                    f"{', '.join(EXPERT_PARAMETERS)}"
+                )
+        return value
+
+    @field_validator("search")
+    @classmethod
+    def _bounds(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        if not value:
+            raise ValueError("search at least one parameter, e.g. {weight: [0.0, 1.0]}")
+        for name, (low, high) in value.items():
+            if not low < high:
+                raise ValueError(f"bounds of {name} must be [low, high] with low < high")
+            if name in ("density", "gamma", "epsilon") and not (low >= 0.0 and high <= 1.0):
+                raise ValueError(f"bounds of {name} must lie in [0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> MergeSpec:
+        both = set(self.search) & set(self.fixed)
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))} both searched and fixed")
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    """One objective: a metric of the merged model on a task file, and its direction."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    task: str
+    kind: Literal["generation", "multiple_choice", "perplexity", "evalscope"] = "generation"
+    metric: str = "accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    extract: Literal["last_number", "exact", "regex"] = "last_number"
+    pattern: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    subsample_seed: int = 0
+    heldout: str | None = None
+    normalize: bool = False
+    evalscope: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectiveSpec:
+        metrics = {
+            "generation": ("accuracy", "mean_tokens"),
+            "multiple_choice": ("accuracy",),
+            "perplexity": ("perplexity",),
+        }
+        if self.kind in metrics and self.metric not in metrics[self.kind]:
+            raise ValueError(
+                f"metric of a {self.kind} task must be one of "
+                f"{', '.join(metrics[self.kind])}, got {self.metric!r}"
+            )
+        if self.extract == "regex" and not self.pattern:
+            raise ValueError("extract: regex needs a pattern")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression: {exc}") from exc
+        return self
+
+
+class SamplerSpec(_Strict):
+    """The optimizer, by name, and its keyword options.
+
+    ``enqueue_experts: true`` makes each expert alone (its weight at the upper bound, the
+    others' at the lower) the study's first trials, so the front starts from the source models.
+    """
+
+    name: str = "tpe"
+    options: dict[str, Any] = Field(default_factory=dict)
+    enqueue_experts: bool = False
+
+
+class ScorerSpec(_Strict):
+    """How merged models are scored: backend, precision, batching and generation limits."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    chat_template: bool = False
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+
+
+class WorkerSpec(_Strict):
+    """Crash recovery: a trial whose worker stops heartbeating for ``grace_period`` seconds is
+    failed and re-enqueued (at most ``max_retry`` times) by the next worker that looks."""
+
+    heartbeat_interval: int = Field(default=10, ge=1)
+    grace_period: int | None = Field(default=None, ge=1)
+    max_retry: int = Field(default=3, ge=0)
+
+    @property
+    def effective_grace_period(self) -> int:
+        return self.grace_period if self.grace_period is not None else 3 * self.heartbeat_interval
+
+
+class StudySpec(_Strict):
+    """A whole study: what is merged, how it is scored, and how the search runs."""
+
+    name: str | None = None
+    storage: str | None = None
+    models: ModelsSpec
+    merge: MergeSpec
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    scorer: ScorerSpec = Field(default_factory=ScorerSpec)
+    worker: WorkerSpec = Field(default_factory=WorkerSpec)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _study_name(cls, value: str | None) -> str | None:
+        if value is not None and not STUDY_NAME_RE.match(value):
+            raise ValueError("a study name is 1-100 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _unique_names(cls, value: list[ObjectiveSpec]) -> list[ObjectiveSpec]:
+        names = [objective.name for objective in value]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"objective names must be unique: {', '.join(duplicated)}")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StudySpec:
+        return cls.model_validate(data)
+
+
+def _resolve(path: str, folder: Path) -> str:
+    """An absolute path for a relative one; hub ids (``org/name`` that is no local path) stay."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    local = (folder / candidate).resolve()
+    if local.exists() or path.startswith((".", "/")) or path.count("/") != 1:
+        return str(local)
+    return path
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    models = data.get("models")
+    if isinstance(models, dict):
+        if isinstance(models.get("base"), str):
+            models["base"] = _resolve(models["base"], folder)
+        if isinstance(models.get("experts"), list):
+            models["experts"] = [
+                _resolve(e, folder) if isinstance(e, str) else e for e in models["experts"]
+            ]
+    for objective in data.get("objectives") or []:
+        if isinstance(objective, dict):
+            for key in ("task", "heldout"):
+                if isinstance(objective.get(key), str):
+                    objective[key] = str((folder / Path(objective[key]).expanduser()).resolve())
+    return data
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line: ``source: field.path: what was expected`` (+ how many more problems)."""
+    # A misspelt field shows up as "unknown" and as "missing": name the misspelling first.
+    problems = sorted(error.errors(), key=lambda p: p["type"] != "extra_forbidden")
+    first = problems[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    more = (
+        f" (and {len(problems) - 1} more problem{'s' * (len(problems) > 2)})"
+        if len(problems) > 1
+        else ""
+    )
+    return f"{source}: {location}: {message}{more}"
+
+
+def parse_spec(data: Any, *, source: str, folder: Path) -> StudySpec:
+    """Validate an already-parsed spec mapping; relative paths are taken from ``folder``."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of spec fields at the top level")
+    try:
+        return StudySpec.model_validate(_resolve_paths(data, folder))
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source)) from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec file; every problem is a one-line ``UserError``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read spec file ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    return parse_spec(data, source=str(path), folder=path.resolve().parent)

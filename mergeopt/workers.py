@@ -1,0 +1,266 @@
+"""Worker processes: one per device, all sharing one study through its storage.
+
+The parent process starts the workers, shows a progress bar read from the storage (so it counts
+the trials of workers on other machines too), restarts a worker that died from a signal (its
+trial is failed and retried by the heartbeat mechanism), and forwards Ctrl-C so that every
+worker fails and requeues its running trial before it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mergeopt.errors import UserError
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    import optuna
+
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+
+def parse_devices(workers: int | None, devices: str | None) -> list[str]:
+    """One device per worker: ``--devices cpu,cuda:0,...`` as given, or ``--workers K`` spread
+    over the visible GPUs (or the CPU when there is none)."""
+    if workers is not None and devices is not None:
+        raise UserError("give --workers or --devices, not both")
+    if devices is not None:
+        chosen = [d.strip() for d in devices.split(",") if d.strip()]
+        for device in chosen:
+            kind, _, index = device.partition(":")
+            if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+                raise UserError(f"--devices: {device!r} is not a device (cpu, cuda, cuda:N, mps)")
+        if not chosen:
+            raise UserError("--devices: no device given")
+        return chosen
+    count = 1 if workers is None else workers
+    if count < 1:
+        raise UserError("--workers must be at least 1")
+    gpus = _visible_gpus()
+    if gpus:
+        return [f"cuda:{i % gpus}" for i in range(count)]
+    return ["cpu"] * count
+
+
+def _visible_gpus() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _pin_device(device: str) -> str:
+    """Make ``cuda:N`` the only GPU the worker process sees (vLLM and NCCL-free torch alike use
+    the first visible device); returns the device name to use inside the process."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index:
+        return device
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    position = int(index)
+    if visible and position >= len(visible):
+        raise UserError(f"--devices: {device} but CUDA_VISIBLE_DEVICES lists {len(visible)} GPUs")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[position] if visible else index
+    return "cuda:0"
+
+
+def _worker_main(
+    study_name: str,
+    storage_url: str,
+    n_trials: int,
+    device: str,
+    timeout: float | None,
+    threads: int,
+) -> None:
+    """Entry point of a worker process; its exit code tells the parent what happened."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="[worker %(process)d] %(message)s")
+    try:
+        device = _pin_device(device)  # before torch initializes CUDA
+        import warnings
+
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        # The parent's progress bar is the one to read: no per-worker loading bars, and no
+        # Optuna hint that heartbeats belong to study.optimize (workers beat themselves).
+        transformers_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        torch.set_num_threads(threads)
+        from mergeopt.study import run_worker
+
+        run_worker(study_name, storage_url, n_trials=n_trials, device=device, timeout=timeout)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED_EXIT)
+
+
+@dataclass
+class RunSummary:
+    completed_before: int
+    completed_after: int
+    n_trials: int
+    restarts: int = 0
+    user_errors: list[str] = field(default_factory=list)
+    crashed: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def run_workers(
+    study: optuna.Study,
+    storage_url: str,
+    *,
+    n_trials: int,
+    devices: list[str],
+    timeout: float | None = None,
+    progress: bool = True,
+    max_restarts: int | None = None,
+) -> RunSummary:
+    """Run one worker process per entry of ``devices`` until the study has ``n_trials``."""
+    from mergeopt.study import trial_counts
+
+    context = multiprocessing.get_context("spawn")
+    cpu_workers = sum(1 for d in devices if d == "cpu") or 1
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers)
+    restarts_left = 2 * len(devices) if max_restarts is None else max_restarts
+    started = time.monotonic()
+    summary = RunSummary(trial_counts(study)["COMPLETE"], 0, n_trials)
+
+    def start(device: str) -> BaseProcess:
+        remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
+        process = context.Process(
+            target=_worker_main,
+            args=(study.study_name, storage_url, n_trials, device, remaining, threads),
+            name=f"mergeopt-worker-{device}",
+        )
+        process.start()
+        return process
+
+    processes = {slot: start(device) for slot, device in enumerate(devices)}
+    display = _Progress(study, n_trials, enabled=progress)
+    try:
+        with display:
+            while processes:
+                display.refresh()
+                for slot, process in list(processes.items()):
+                    if process.is_alive():
+                        continue
+                    process.join()
+                    code = process.exitcode
+                    del processes[slot]
+                    done = trial_counts(study)["COMPLETE"] >= n_trials
+                    if code is not None and code < 0 and not done and restarts_left > 0:
+                        restarts_left -= 1
+                        summary.restarts += 1
+                        display.log(
+                            f"worker on {devices[slot]} died from signal {-code}; "
+                            "restarting it (its trial is retried)"
+                        )
+                        processes[slot] = start(devices[slot])
+                    elif code == USER_ERROR_EXIT:
+                        summary.user_errors.append(devices[slot])
+                    elif code not in (0, INTERRUPTED_EXIT):
+                        summary.crashed.append(f"{devices[slot]} (exit code {code})")
+                time.sleep(0.5)
+            display.refresh()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        _stop(list(processes.values()))
+    summary.completed_after = trial_counts(study)["COMPLETE"]
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _stop(processes: list[BaseProcess], grace_seconds: float = 60.0) -> None:
+    """Forward Ctrl-C to workers, give them time to requeue their trials, then terminate."""
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        while process.is_alive() and time.monotonic() < deadline:
+            try:
+                process.join(timeout=0.5)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+                deadline = 0.0
+        if process.is_alive():
+            process.terminate()
+            process.join()
+
+
+class _Progress:
+    """A rich progress bar over COMPLETE trials, read from the storage, with the best values."""
+
+    def __init__(self, study: optuna.Study, n_trials: int, *, enabled: bool) -> None:
+        self.study = study
+        self.n_trials = n_trials
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if not self.enabled:
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[best]}"),
+            transient=False,
+        )
+        self._progress.__enter__()
+        from mergeopt.study import trial_counts
+
+        done = min(trial_counts(self.study)["COMPLETE"], self.n_trials)
+        self._task = self._progress.add_task(
+            f"study {self.study.study_name}", total=self.n_trials, completed=done, best=""
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc_info)
+
+    def refresh(self) -> None:
+        if self._progress is None:
+            return
+        from mergeopt.study import best_values_text, trial_counts
+
+        counts = trial_counts(self.study)
+        self._progress.update(
+            self._task,
+            completed=min(counts["COMPLETE"], self.n_trials),
+            best=best_values_text(self.study),
+        )
+
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, file=sys.stderr)
