@@ -1,0 +1,268 @@
+"""Studies end to end on the zoo: the CLI on SQLite, PostgreSQL and MariaDB with two workers,
+exact trial counts, a SIGKILLed worker, Ctrl-C and a rerun that continues."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mergeopt import attrs
+from tests.conftest import REPO, run_cli, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+FAST_RECOVERY = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
+
+
+def load(url: str, name: str) -> optuna.Study:
+    from mergeopt.storage import load_study
+
+    return load_study(name, url)
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    from mergeopt.study import trial_counts
+
+    return trial_counts(study)
+
+
+def create(
+    tmp_path: Path, zoo: Path, url: str, name: str, *, limit: int | None = 24, **overrides: object
+) -> None:
+    spec = tiny_spec(zoo, name=name, **overrides)
+    for objective in spec["objectives"]:
+        objective["limit"] = limit
+    result = run_cli(
+        "study", "create", str(write_spec(tmp_path / f"{name}.yaml", spec)), "--storage", url
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def assert_finished_study(study: optuna.Study, n_trials: int) -> None:
+    counts = states(study)
+    assert counts["COMPLETE"] == n_trials
+    assert counts["RUNNING"] == 0
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    # The merge really changes the model: both objectives vary across trials.
+    for index in range(2):
+        assert len({t.values[index] for t in complete}) > 1
+    for trial in complete:
+        assert trial.user_attrs[attrs.RECIPE]
+        assert trial.user_attrs[attrs.METRICS]
+        assert trial.user_attrs[attrs.MERGE_SECONDS] >= 0
+        assert trial.user_attrs[attrs.EVAL_SECONDS] > 0
+
+
+def test_demo_study_on_sqlite_with_two_workers(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    create(tmp_path, zoo_dir, sqlite_url, "tiny")
+    result = run_cli(
+        "study",
+        "run",
+        "tiny",
+        "--n-trials",
+        "16",
+        "--workers",
+        "2",
+        "--storage",
+        sqlite_url,
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Pareto trials" in result.stdout
+    assert "optuna-dashboard --host 127.0.0.1" in result.stdout
+    study = load(sqlite_url, "tiny")
+    assert_finished_study(study, 16)
+    assert study.metric_names == ["accuracy", "tokens"]
+    # A second invocation continues the same count rather than adding 16 more.
+    result = run_cli(
+        "study",
+        "run",
+        "tiny",
+        "--n-trials",
+        "18",
+        "--workers",
+        "2",
+        "--storage",
+        sqlite_url,
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert states(load(sqlite_url, "tiny"))["COMPLETE"] == 18
+
+
+@pytest.mark.postgres
+def test_demo_study_on_postgres_with_two_workers(
+    tmp_path: Path, zoo_dir: Path, postgres_url: str
+) -> None:
+    create(tmp_path, zoo_dir, postgres_url, "tiny-pg")
+    result = run_cli(
+        "study", "run", "tiny-pg", "-n", "16", "-w", "2", "--storage", postgres_url, "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    assert_finished_study(load(postgres_url, "tiny-pg"), 16)
+
+
+@pytest.mark.mysql
+def test_demo_study_on_mariadb_with_two_workers(
+    tmp_path: Path, zoo_dir: Path, mariadb_url: str
+) -> None:
+    create(tmp_path, zoo_dir, mariadb_url, "tiny-maria")
+    result = run_cli(
+        "study",
+        "run",
+        "tiny-maria",
+        "-n",
+        "16",
+        "-w",
+        "2",
+        "--storage",
+        mariadb_url,
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert_finished_study(load(mariadb_url, "tiny-maria"), 16)
+
+
+def start_run(name: str, url: str, n_trials: int, workers: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mergeopt.cli",
+            "study",
+            "run",
+            name,
+            "-n",
+            str(n_trials),
+            "-w",
+            str(workers),
+            "--storage",
+            url,
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, timeout: float = 180.0):  # noqa: ANN001, ANN201
+    """Poll ``condition`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+    return result
+
+
+def running_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return load(url, name).get_trials(states=(TrialState.RUNNING,))
+
+
+def test_sigkilled_worker_mid_trial_is_recovered(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    # Whole task files (200 prompts), so that a trial runs long enough to be killed inside.
+    create(tmp_path, zoo_dir, sqlite_url, "chaos", limit=None, worker=FAST_RECOVERY)
+    process = start_run("chaos", sqlite_url, n_trials=10, workers=2)
+    victim = wait_for(
+        lambda: next(
+            (t for t in running_trials(sqlite_url, "chaos") if attrs.WORKER in t.user_attrs),
+            None,
+        )
+    )
+    pid = int(victim.user_attrs[attrs.WORKER].split(":")[1].split("/")[0])
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    study = load(sqlite_url, "chaos")
+    counts = states(study)
+    assert counts["COMPLETE"] == 10
+    assert counts["RUNNING"] == 0
+    killed = study.trials[victim.number]
+    assert killed.state == TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retried and retried[0].params == killed.params
+
+
+def test_ctrl_c_leaves_no_running_trial_and_a_rerun_continues(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    create(tmp_path, zoo_dir, sqlite_url, "interrupt", limit=None)
+    process = start_run("interrupt", sqlite_url, n_trials=12, workers=2)
+    wait_for(
+        lambda: (
+            states(load(sqlite_url, "interrupt"))["COMPLETE"] >= 1
+            and running_trials(sqlite_url, "interrupt")
+        )
+    )
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    study = load(sqlite_url, "interrupt")
+    assert states(study)["RUNNING"] == 0
+    assert states(study)["COMPLETE"] < 12
+    interrupted = [
+        t for t in study.trials if "interrupted" in str(t.user_attrs.get(attrs.FAIL_REASON, ""))
+    ]
+    assert interrupted
+    result = run_cli(
+        "study", "run", "interrupt", "-n", "12", "-w", "2", "--storage", sqlite_url, "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    study = load(sqlite_url, "interrupt")
+    assert states(study)["COMPLETE"] == 12
+    # The interrupted candidates were evaluated again first.
+    complete_params = [t.params for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert all(t.params in complete_params for t in interrupted)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_sparsifying_methods_run_as_studies(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str, method: str
+) -> None:
+    merge = {
+        "method": method,
+        "blocks": {"num_blocks": 4},
+        "search": {"weight": [0.0, 1.0], "density": [0.3, 1.0]},
+    }
+    create(tmp_path, zoo_dir, sqlite_url, method, merge=merge)
+    result = run_cli(
+        "study", "run", method, "-n", "6", "-w", "1", "--storage", sqlite_url, "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    assert_finished_study(load(sqlite_url, method), 6)
+
+
+def test_the_vllm_demo_spec_runs_on_the_cpu(tmp_path: Path, zoo_dir: Path, sqlite_url: str) -> None:
+    import yaml
+
+    spec = yaml.safe_load((REPO / "studies" / "tiny-vllm.yaml").read_text())
+    base = tiny_spec(zoo_dir)
+    spec["models"] = base["models"]
+    for objective in spec["objectives"]:
+        objective["task"] = str(zoo_dir / "tasks" / "arith.jsonl")
+        objective["limit"] = 24
+    result = run_cli(
+        "study", "create", str(write_spec(tmp_path / "v.yaml", spec)), "--storage", sqlite_url
+    )
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "study", "run", "tiny-vllm", "-n", "4", "-w", "1", "--storage", sqlite_url, "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    assert_finished_study(load(sqlite_url, "tiny-vllm"), 4)
