@@ -47,6 +47,15 @@ class Checkpoint:
             raise UserError(f"{config_path}: unreadable ({exc.__class__.__name__})") from None
         shards = sorted(self.path.glob("*.safetensors"))
         if not shards:
+            from mergeopt.models import pickle_checkpoints
+
+            pickled = pickle_checkpoints(self.path)
+            if pickled:
+                raise UserError(
+                    f"model {self.path}: only pickle checkpoints ({pickled[0].name}); mergeopt "
+                    "merges safetensors only: convert them with transformers' "
+                    "save_pretrained(safe_serialization=True)"
+                )
             raise UserError(f"model {self.path}: no *.safetensors weights")
         from safetensors import safe_open
 

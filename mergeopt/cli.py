@@ -73,6 +73,23 @@ def study_create(
             "--load-if-exists", help="Reuse an existing study of that name with the same spec."
         ),
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Accept models that have only pickle checkpoints (*.bin, *.pt): they are read "
+            "once with torch.load(weights_only=True) and converted to safetensors. Unpickling "
+            "files you do not trust is unsafe. Same as models.allow_pickle: true.",
+        ),
+    ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Accept models whose config.json asks for their own Python code (auto_map); "
+            "the scorer then runs that code. Same as models.trust_remote_code: true.",
+        ),
+    ] = False,
 ) -> None:
     """Validate a spec and create its study (one direction per objective)."""
     from mergeopt.spec import load_spec
@@ -80,6 +97,11 @@ def study_create(
     from mergeopt.study import create_study, stored_genome
 
     spec = load_spec(spec_path)
+    opt_ins = {"allow_pickle": True} if allow_pickle else {}
+    if trust_remote_code:
+        opt_ins["trust_remote_code"] = True
+    if opt_ins:  # the flags only ever turn a policy on; the stored spec records the choice
+        spec = spec.model_copy(update={"models": spec.models.model_copy(update=opt_ins)})
     url = resolve_storage_url(storage, spec.storage)
     study = create_study(
         spec, storage_url=url, name=name, load_if_exists=load_if_exists, spec_path=str(spec_path)

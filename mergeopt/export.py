@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -296,9 +297,13 @@ class HFModelWriter:
     def __init__(self, *, spec: StudySpec, layout: BlockLayout, device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         from mergeopt.merge.engine import MergeEngine, ModuleTarget
         from mergeopt.models import resolve_model
+
+        # The CLI says what it exported; loading/writing bars would bury an error line.
+        transformers_logging.disable_progress_bar()
 
         self.base = resolve_model(spec.models.base)
         remote = spec.models.trust_remote_code
@@ -342,15 +347,20 @@ def atomic_folder(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; choose another --out or pass --force")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; --force replaces folders only")
     parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {parent}: {exc.strerror or exc}") from None
+    created = _first_missing_ancestor(parent)  # removed again if the export fails
     token = uuid.uuid4().hex[:8]
     staging = parent / f".{out_dir.name}.tmp-{token}"
-    staging.mkdir()
     try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+        except OSError as exc:
+            raise UserError(
+                f"export to {out_dir}: cannot create {staging.parent}: {_reason(exc)}"
+            ) from None
         yield staging
         if out_dir.exists():
             retired = parent / f".{out_dir.name}.old-{token}"
@@ -359,9 +369,47 @@ def atomic_folder(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if not isinstance(exc, UserError) and _is_write_failure(exc):
+            raise UserError(f"export to {out_dir}: {_reason(exc)}") from None
         raise
+
+
+def _first_missing_ancestor(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None if it does)."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OS-level write failure (disk full, file too large, read-only or lost folder), also
+    when safetensors' Rust writer reports it as a ``SafetensorError``."""
+    if isinstance(exc, OSError):
+        return True
+    return (
+        exc.__class__.__name__ == "SafetensorError" and _SAFETENSORS_IO.search(str(exc)) is not None
+    )
+
+
+# safetensors reports "Error while serializing: I/O error: No space left on device (os error 28)"
+_SAFETENSORS_IO = re.compile(r"(?:I/O error|IoError)\W+(?:.*?message: \")?([^\"(]+)")
+
+
+def _reason(exc: BaseException) -> str:
+    """``no space left on device`` from an OSError or safetensors' I/O error."""
+    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+    if message is None:
+        match = _SAFETENSORS_IO.search(str(exc))
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        message = match.group(1).strip() if match else first or exc.__class__.__name__
+    return message[:1].lower() + message[1:]
 
 
 def trial_folder_name(trial: FrozenTrial) -> str:

@@ -286,6 +286,24 @@ def parse_spec(data: Any, *, source: str, folder: Path) -> StudySpec:
         raise UserError(format_validation_error(exc, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one silently, so a second ``merge:`` section would drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys are pydantic's to reject
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file; every problem is a one-line ``UserError``."""
     path = Path(path)
@@ -293,10 +311,16 @@ def load_spec(path: str | Path) -> StudySpec:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: spec file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read spec file ({exc.__class__.__name__})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a spec file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded)"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read spec file ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

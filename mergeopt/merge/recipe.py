@@ -329,6 +329,8 @@ def run_recipe(
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{config_path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{config_path}: not a UTF-8 text file (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{config_path}: not valid YAML ({exc.__class__.__name__})") from None
     recipe = Recipe(config=config, config_path=config_path)

@@ -54,8 +54,12 @@ def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise UserError(f"{path}: task file not found")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read task file ({exc.__class__.__name__})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded)"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read task file ({exc.strerror or exc})") from None
     records: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
