@@ -1,6 +1,10 @@
 """Model references as a study sees them at creation: where they are and whether mergeopt may
 read them (safetensors only unless pickle is allowed, no remote code unless opted in).
 
+Pickle-only checkpoints that a study opts into are converted once into a safetensors copy in
+``$MERGEOPT_CACHE`` (default ``~/.cache/mergeopt``); :func:`resolve_model` hands that copy to
+workers and exports on the same machine, so nothing after ``study create`` unpickles.
+
 Reading tensors and checking that experts fit the base is ``checkpoints.py``'s job.
 """
 
@@ -63,16 +67,18 @@ def check_model_folder(
             f"model {path}: config.json asks for remote code (auto_map); refused unless "
             "--trust-remote-code (models.trust_remote_code: true)"
         )
-    if path.is_relative_to(cache_root()):
-        return path  # a conversion made earlier (resolve_model found it)
-    if not any(path.glob("*.safetensors")):
-        pickled = pickle_checkpoints(path)
-        if pickled and not allow_pickle:
+    converted = path.is_relative_to(cache_root())  # resolve_model found an earlier conversion
+    source = Path(reference).expanduser().resolve() if converted else path
+    if converted or not any(path.glob("*.safetensors")):
+        pickled = pickle_checkpoints(source)
+        if pickled and not allow_pickle:  # also when converted before: the opt-in is per study
             raise UserError(
-                f"model {path}: only pickle checkpoints ({pickled[0].name}); refused, since "
+                f"model {source}: only pickle checkpoints ({pickled[0].name}); refused, since "
                 "unpickling runs code: convert them to safetensors, or accept them with "
                 "--allow-pickle (models.allow_pickle: true)"
             )
+        if converted:
+            return path
         if pickled:
             return convert_pickle_checkpoint(path, pickled)
         raise UserError(f"model {path}: no *.safetensors weights")

@@ -621,8 +621,10 @@ def test_allow_pickle_converts_a_pickle_expert_that_workers_then_use(
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert [t.state.name for t in trials if t.state.name != "WAITING"] == ["COMPLETE"]
 
-    by_spec = _opt_in_spec(tmp_path, zoo_dir, ctx.broken, allow_pickle=True)
     other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    still_refused = run_cli("study", "create", str(spec_path), "--storage", other_url, env=env)
+    assert_one_line_error(still_refused, "pytorch_model.bin", "--allow-pickle")  # per study
+    by_spec = _opt_in_spec(tmp_path, zoo_dir, ctx.broken, allow_pickle=True)
     again = run_cli("study", "create", str(by_spec), "--storage", other_url, env=env)
     assert again.returncode == 0, again.stderr
 
