@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -177,6 +178,124 @@ def copy_bandwidth(device: str, dtype: torch.dtype, numel: int) -> float:
     return 2 * source.numel() * source.element_size() / statistics.median(times)
 
 
+BROKEN: set[str] = set()
+"""Fast paths that failed to build on this machine (the benchmark then times without them)."""
+
+
+def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -> list[str]:
+    """Lines saying whether the fast paths equal the reference paths on the engine's tensors:
+    the bracketed top-k select against a stable sort, the fused GTA kernel against the torch
+    path (bitwise; rescaling methods may differ where the L1 factor's last bit does)."""
+    from mergeopt.merge.methods import (
+        METHODS,
+        _magnitude_keys,
+        generalized_task_arithmetic,
+        top_magnitude_masks,
+    )
+
+    lines = []
+    for name in names:
+        delta = engine._stack[name][0]
+        keys = _magnitude_keys(delta)
+        order = torch.sort(keys, descending=True, stable=True).indices
+        n = delta.numel()
+        ks = [n // 2, int(0.51 * n), n // 100, 1, n - 1]
+        masks = top_magnitude_masks(delta, ks)
+        for k, mask in zip(ks, masks, strict=True):
+            reference = torch.zeros(n, dtype=torch.bool, device=delta.device)
+            reference[order[:k]] = True
+            ok = torch.equal(mask.view(-1), reference)
+            lines.append(f"check top-k {name} k={k}: {'ok' if ok else 'FAIL'}")
+        del order, keys
+    for method in methods:
+        spec = METHODS.get(method)
+        if spec is None or spec.kind != "gta" or spec.sparsification is None:
+            continue
+        params = [dict(METHOD_PARAMS[method]) for _ in range(engine.num_experts)]
+        for name in names:
+            results = []
+            try:
+                generalized_task_arithmetic(
+                    engine._base[name],
+                    engine._stack[name],
+                    spec=spec,
+                    expert_params=params,
+                    method_params={},
+                    generator=torch.Generator(device=engine.device).manual_seed(11),
+                    fused=True,
+                )
+            except Exception as exc:  # a kernel that fails to build: time the torch path
+                lines.append(f"check fused {method}: FAIL ({exc!r:.300}); timing without it")
+                BROKEN.add("MERGEOPT_FUSED")
+                os.environ["MERGEOPT_FUSED"] = "0"
+                return lines
+            for fused in (True, False):
+                generator = torch.Generator(device=engine.device).manual_seed(11)
+                results.append(
+                    generalized_task_arithmetic(
+                        engine._base[name],
+                        engine._stack[name],
+                        spec=spec,
+                        expert_params=params,
+                        method_params={},
+                        generator=generator,
+                        fused=fused,
+                    )
+                )
+            unequal = int((results[0] != results[1]).sum())
+            worst = float((results[0].float() - results[1].float()).abs().max())
+            verdict = "ok" if unequal == 0 else f"{unequal} unequal, max diff {worst:.3g}"
+            lines.append(f"check fused {method} {name}: {verdict}")
+    # task_arithmetic's one-launch block kernel against per-tensor addmm (1 ulp allowed)
+    from mergeopt.merge.methods import fast_merge_block, fused_weighted_sum
+
+    params = [{"weight": 0.6} for _ in range(engine.num_experts)]
+    block = engine.block_names[0]
+    items = [(engine._base[n], engine._stack[n], None) for n in block if n in engine._stack]
+    try:
+        merged = fast_merge_block(
+            METHODS["task_arithmetic"], items=items, expert_params=params, method_params={}
+        )
+    except Exception as exc:  # a kernel that fails to build: time the per-tensor path
+        lines.append(f"check block kernel: FAIL ({exc!r:.300}); timing without it")
+        os.environ["MERGEOPT_FUSED_BLOCK"] = "0"
+        return lines
+    if merged is None:
+        lines.append("check block kernel: not used (no Triton)")
+        return lines
+    os.environ["MERGEOPT_FUSED"] = "0"
+    worst = 0.0
+    for (base, stack, _), fast in zip(items, merged, strict=True):
+        # task_arithmetic: base + Σ 0.6·δ_i (no normalization by default)
+        reference = fused_weighted_sum(stack, [0.6] * engine.num_experts, base=base)
+        error = (fast.float() - reference.float()).abs() / reference.float().abs().clamp_min(1e-3)
+        worst = max(worst, float(error.max()))
+    os.environ["MERGEOPT_FUSED"] = "0" if "MERGEOPT_FUSED" in BROKEN else "1"
+    lines.append(f"check block kernel task_arithmetic vs addmm: max rel diff {worst:.2e}")
+    return lines
+
+
+def profile_merge(
+    engine: MergeEngine, per_block: list, target: MergeTarget, name: str, folder: Path | None
+) -> None:
+    """One whole merge under torch.profiler: the ops by device time, and host vs device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.forget(target)
+    activities = [ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        stats = engine.merge(per_block, target=target, seed=1)
+    sort_by = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=48)
+    text = f"## profile {name}: one whole merge, {stats.seconds * 1e3:.1f} ms (profiled)\n{table}\n"
+    print(text, file=sys.stderr)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"profile-{name.replace(':', '-')}.txt").write_text(text, encoding="utf-8")
+
+
 def mergekit_seconds(config: dict, out: Path, device: str) -> float:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -206,11 +325,21 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHOD_PARAMS),
-        help="comma-separated; NAME:exact / NAME:fast force mergekit's op order / the fused path",
+        help="comma-separated; NAME:exact / NAME:fast force mergekit's op order / the fused path; "
+        "NAME:unfused runs the torch ops instead of the Triton kernels",
     )
     parser.add_argument("--mergekit", default="task_arithmetic,ties,dare_ties")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--check", action="store_true", help="first compare the GPU fast paths with references"
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated rows: profile one whole merge of each (torch.profiler table)",
+    )
+    parser.add_argument("--profile-dir", type=Path, default=None, help="write the tables here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,6 +358,7 @@ def main() -> None:
     layout = BlockLayout.fixed(layers, layers_per_block=1)
     target = ResidentTarget(shapes, dtype, args.device)
     rows = []
+    checked = False
     engine: MergeEngine | None = None
     for row_name in methods:
         method, _, variant = row_name.partition(":")
@@ -247,6 +377,16 @@ def main() -> None:
             print(f"# {kind} engine loaded in {load_seconds:.1f} s", file=sys.stderr)
         engine.set_method(method)
         engine.exact = variant == "exact" or (variant != "fast" and args.device == "cpu")
+        os.environ["MERGEOPT_FUSED"] = (
+            "0" if variant == "unfused" or "MERGEOPT_FUSED" in BROKEN else "1"
+        )
+        if args.check and kind == "gta" and not checked:
+            layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
+            check_names = [layer, "model.embed_tokens.weight"]
+            check_methods = [m.partition(":")[0] for m in methods]
+            for line in check_gpu_paths(engine, check_names, check_methods):
+                print(line, flush=True)
+            checked = True
         params = METHOD_PARAMS[method]
         per_block = [[dict(params) for _ in experts] for _ in range(layout.num_blocks)]
         if args.device.startswith("cuda"):
@@ -270,6 +410,8 @@ def main() -> None:
             block_times.append(stats.seconds)
             engine.merge(per_block, target=target, seed=0)
         one_block = statistics.median(block_times)
+        if row_name in args.profile.split(","):
+            profile_merge(engine, per_block, target, row_name, args.profile_dir)
         models_read = len(experts) + (0 if kind == "linear" else 1)
         floor = (models_read + 1) * parameters * element / bandwidth
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None

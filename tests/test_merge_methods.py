@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -24,11 +25,104 @@ def reference_top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(x.shape)
 
 
-@pytest.fixture(params=["histogram", "sort"])
+@pytest.fixture(params=["bracket", "sort"])
 def selection_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through the radix-histogram path and through the small-tensor sort path."""
-    monkeypatch.setattr(methods, "_SORT_BELOW", 0 if request.param == "histogram" else 1 << 30)
+    """Run a test through the sampled-bracket path (a sample smaller than the tensors) and
+    through the small-tensor sort path."""
+    monkeypatch.setattr(methods, "_SORT_BELOW", 0 if request.param == "bracket" else 1 << 30)
+    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 128)
+    methods._sample_positions.cache_clear()
     return request.param
+
+
+@pytest.fixture
+def radix_fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the k of every bracket miss (the radix select that runs instead)."""
+    calls: list[int] = []
+    radix = methods._radix_top_mask
+
+    def counted(keys: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(k)
+        return radix(keys, k)
+
+    monkeypatch.setattr(methods, "_radix_top_mask", counted)
+    return calls
+
+
+def tie_heavy_inputs(n: int) -> dict[str, torch.Tensor]:
+    """Inputs whose k-th largest magnitude is shared by many elements."""
+    generator = torch.Generator().manual_seed(n)
+    base = (torch.randn(n, generator=generator) * 0.02).bfloat16()
+    expert = (base.float() + torch.randn(n, generator=generator) * 0.002).bfloat16()
+    return {
+        # a bf16 task vector: differences of bf16 numbers fall on a coarse grid
+        "bf16 task vector": expert - base,
+        "four values": (torch.randint(0, 4, (n,), generator=generator) - 2).to(torch.bfloat16),
+        "all zero": torch.zeros(n, dtype=torch.bfloat16),
+        "mostly zero": torch.where(
+            torch.rand(n, generator=generator) < 0.8, 0, torch.randn(n, generator=generator)
+        ),
+        "random fp32": torch.randn(n, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("kind", list(tie_heavy_inputs(8)))
+def test_bracketed_select_equals_a_stable_sort_on_tie_heavy_inputs(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
+    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 512)
+    methods._sample_positions.cache_clear()
+    x = tie_heavy_inputs(20_000)[kind]
+    n = x.numel()
+    for k in (1, 2, 200, 5_000, n // 2, int(0.51 * n), 19_000, n - 1):
+        assert torch.equal(top_magnitude_mask(x, k), reference_top_mask(x, k)), (kind, k)
+
+
+def test_bracketed_select_rarely_needs_the_radix_fallback(
+    monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
+) -> None:
+    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 4096)
+    methods._sample_positions.cache_clear()
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(3)).bfloat16()
+    for k in (10, 3_000, 150_000, 153_000, 299_000):
+        assert torch.equal(top_magnitude_mask(x, k), reference_top_mask(x, k))
+    assert radix_fallbacks == []
+
+
+def test_a_missed_bracket_falls_back_to_the_exact_radix_select(
+    monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
+) -> None:
+    # a negative half-width puts hi below lo: brackets miss (except where clamping at the
+    # sample's ends still happens to catch the k-th key)
+    monkeypatch.setattr(methods, "_SAMPLE_SIGMAS", -30.0)
+    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
+    x = tie_heavy_inputs(20_000)["bf16 task vector"]
+    for k in (7, 10_000, 19_993):
+        assert torch.equal(top_magnitude_mask(x, k), reference_top_mask(x, k))
+    assert 7 in radix_fallbacks and 10_000 in radix_fallbacks
+
+
+def test_batched_masks_equal_one_tensor_at_a_time(selection_path: str) -> None:
+    generator = torch.Generator().manual_seed(9)
+    deltas = [
+        (torch.randn(40, 50, generator=generator) * 0.01).bfloat16(),
+        torch.randn(3000, generator=generator),
+        tie_heavy_inputs(5000)["bf16 task vector"],
+        torch.randn(7, generator=generator),
+    ]
+    for method, gamma in (("magnitude", 0.0), ("magnitude_outliers", 0.05)):
+        items = [(delta, density, gamma) for delta in deltas for density in (0.3, 0.5, 1.0)]
+        batched = methods.magnitude_masks_batch(method, items)
+        for (delta, density, _), mask in zip(items, batched, strict=True):
+            alone = methods.sparsification_mask(delta, method=method, density=density, gamma=gamma)
+            if alone is None:
+                assert mask is None
+            else:
+                assert mask is not None and torch.equal(mask, alone)
+            if method == "magnitude" and density < 1:
+                k = max(1, int(density * delta.numel()))
+                assert torch.equal(mask, reference_top_mask(delta, k))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -56,7 +150,7 @@ def test_magnitude_keeps_at_least_one_element_like_mergekit() -> None:
     assert torch.equal(sparsify(delta, method="magnitude", density=0.1), torch.tensor([0, -0.5, 0]))
 
 
-def test_breadcrumbs_quirks_follow_mergekit() -> None:
+def test_breadcrumbs_quirks_follow_mergekit(selection_path: str) -> None:
     from mergekit.sparsify import magnitude_outliers
 
     small = torch.linspace(-1, 1, 50)
@@ -160,3 +254,103 @@ def test_method_table_matches_mergekit_defaults() -> None:
                 assert theirs[key].required, (name, key)
             else:
                 assert theirs[key].default == default, (name, key)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear"])
+def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    from mergeopt.merge import triton_kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(12)
+    base = (torch.randn(37, 53, generator=generator) * 0.02).to(dtype)
+    experts = [base.float() + torch.randn(37, 53, generator=generator) * 0.002 for _ in range(3)]
+    task_vectors = (torch.stack([e.to(dtype) for e in experts]) - base).to(device)
+    base = base.to(device)
+    spec = METHODS[method]
+    params = [
+        {"weight": 0.6, "density": 0.5, "gamma": 0.05, "epsilon": 0.1},
+        {"weight": -0.3, "density": 0.7, "gamma": 0.05, "epsilon": 0.1},
+        {"weight": 0.45, "density": 1.0, "gamma": 0.05, "epsilon": 0.1},
+    ]
+    params = [{k: v for k, v in p.items() if k in spec.expert_defaults} for p in params]
+    for method_params in ({}, {"lambda": 0.7, "normalize": True}):
+        merged = {}
+        for fused in (True, False):
+            masks = methods.expert_masks(
+                spec,
+                task_vectors,
+                [{**spec.expert_defaults, **p} for p in params],
+                torch.Generator(device=device).manual_seed(1),
+            )
+            if fused and device == "cpu":  # the interpreter: call the kernel directly
+                options = {**spec.global_defaults, **method_params}
+                weights = methods._coefficients((0.6, -0.3, 0.45), dtype, base.device)
+                stacked = methods._stack_masks(masks, base)
+                norms = None
+                if options["rescale"]:  # mergekit's abs().sum(), as the torch path
+                    kept = torch.where(stacked, task_vectors, 0)
+                    norms = torch.stack(
+                        [
+                            torch.stack([tv.abs().sum() for tv in task_vectors]),
+                            torch.stack([tv.abs().sum() for tv in kept]),
+                        ]
+                    )
+                merged[fused] = triton_kernels.gta_combine(
+                    base,
+                    task_vectors,
+                    stacked,
+                    norms,
+                    weights,
+                    consensus=spec.consensus == "sum",
+                    normalize=bool(options["normalize"]),
+                    lam=float(options["lambda"]),
+                )
+            else:
+                merged[fused] = generalized_task_arithmetic(
+                    base,
+                    task_vectors,
+                    spec=spec,
+                    expert_params=params,
+                    method_params=method_params,
+                    masks=masks,
+                    fused=fused,
+                )
+        assert torch.equal(merged[True], merged[False]), method_params
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_one_launch_block_sum_equals_the_per_tensor_kernel(with_base: bool) -> None:
+    pytest.importorskip("triton")
+    from mergeopt.merge import triton_kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(13)
+    shapes = [(64, 48), (5000,), (7,), (3, 2049)]
+    stacks = [torch.randn(2, *s, generator=generator).bfloat16().to(device) for s in shapes]
+    bases = [torch.randn(s, generator=generator).bfloat16().to(device) for s in shapes]
+    coefficients = methods._coefficients((0.6, -0.25), torch.bfloat16, torch.device(device))
+    outs = [torch.full(s, float("nan"), dtype=torch.bfloat16, device=device) for s in shapes]
+    triton_kernels.weighted_sum_many(
+        [(b if with_base else None, x, o) for b, x, o in zip(bases, stacks, outs, strict=True)],
+        coefficients,
+        scale=0.8,
+    )
+    for base, stack, out in zip(bases, stacks, outs, strict=True):
+        alone = triton_kernels.weighted_sum(
+            stack,
+            coefficients,
+            scale=0.8,
+            base=base if with_base else None,
+            out=torch.empty_like(out),
+        )
+        assert torch.equal(out, alone)

@@ -35,7 +35,16 @@ from mergeopt.checkpoints import (
     iter_shards,
 )
 from mergeopt.errors import UserError
-from mergeopt.merge.methods import MethodSpec, fast_merge_tensor, get_method, merge_tensor
+from mergeopt.merge.methods import (
+    SPARSIFY_MAGNITUDE,
+    SPARSIFY_OUTLIERS,
+    MethodSpec,
+    fast_merge_block,
+    fast_merge_tensor,
+    get_method,
+    magnitude_masks_batch,
+    merge_tensor,
+)
 
 if TYPE_CHECKING:
     from mergeopt.genome import BlockParams  # genome imports optuna: type-only here
@@ -330,6 +339,47 @@ class MergeEngine:
                     if default is None and name not in values:
                         raise ValueError(f"block {block} expert {expert}: {name!r} is required")
 
+    def _block_magnitude_masks(
+        self, block: int, experts: Sequence[Mapping[str, float]]
+    ) -> dict[str, list[torch.Tensor | None]]:
+        """Every expert's magnitude mask (TIES, breadcrumbs) of every tensor of ``block``, made
+        together: one host sync for the block instead of one per tensor. Empty for other
+        methods (their masks need no host value)."""
+        method = self.spec.sparsification
+        if method not in (SPARSIFY_MAGNITUDE, SPARSIFY_OUTLIERS):
+            return {}
+        params = [{**self.spec.expert_defaults, **values} for values in experts]
+        names = [name for name in self.block_names[block] if name in self._stack]
+        items = [
+            (self._stack[name][index], float(p["density"]), float(p.get("gamma") or 0.0))  # type: ignore[arg-type]
+            for name in names
+            for index, p in enumerate(params)
+        ]
+        found = magnitude_masks_batch(method, items)
+        count = len(params)
+        return {name: found[i * count : (i + 1) * count] for i, name in enumerate(names)}
+
+    def _fast_block(
+        self, block: int, experts: Sequence[Mapping[str, float]], target: MergeTarget | None
+    ) -> NamedTensors | None:
+        """A weighted-sum block in one kernel launch, straight into the target's storage
+        where it allows; None where that path does not apply."""
+        names = self.block_names[block]
+        items = []
+        for name in names:
+            stack = self._stack.get(name)
+            if stack is None:
+                continue
+            out = _destination(target, name, stack[0]) if target is not None else None
+            items.append((self._base.get(name), stack, out))
+        merged = fast_merge_block(
+            self.spec, items=items, expert_params=experts, method_params=self.method_params
+        )
+        if merged is None:
+            return None
+        found = iter(merged)
+        return [(name, next(found) if name in self._stack else self._base[name]) for name in names]
+
     def merge_block_tensors(
         self,
         block: int,
@@ -340,7 +390,12 @@ class MergeEngine:
     ) -> NamedTensors:
         """The merged tensors of one block: new tensors on the engine's device, or the
         target's own storage where the fast path wrote into it directly."""
+        if not self.exact:
+            fast_block = self._fast_block(block, experts, target)
+            if fast_block is not None:
+                return fast_block
         merged: NamedTensors = []
+        block_masks = self._block_magnitude_masks(block, experts)
         for name in self.block_names[block]:
             stack = self._stack.get(name)
             if stack is None:  # a non-floating buffer: the base's value
@@ -373,6 +428,7 @@ class MergeEngine:
                         expert_params=experts,
                         method_params=self.method_params,
                         generator=generator,
+                        masks=block_masks.get(name),
                     ),
                 )
             )

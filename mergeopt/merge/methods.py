@@ -35,8 +35,11 @@ Deliberate choices where mergekit has quirks (tested in tests/test_merge_methods
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -207,46 +210,191 @@ def _kth_largest_key(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 
 _SORT_BELOW = 1 << 16
+"""Tensors of at most this many elements are ranked by one stable sort (norms, biases)."""
+
+_SAMPLE_SIZE = 1 << 16
+"""Keys drawn (with a fixed generator) to bracket a threshold before the exact count."""
+
+_SAMPLE_SIGMAS = 6.0
+"""Half-width of the bracket in binomial standard deviations of the sample's rank: a miss
+(then the radix select runs) has a probability of about 1e-9 per threshold."""
 
 
-def top_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (shape of ``x``) of the ``k`` elements of largest magnitude.
+@functools.lru_cache(maxsize=128)
+def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
+    """``min(n, _SAMPLE_SIZE)`` positions in ``[0, n)``: all of them for small ``n``, else
+    drawn from a fixed CPU generator (the same positions on every device), cached. Read-only."""
+    if n <= _SAMPLE_SIZE:
+        return torch.arange(n, device=device)
+    generator = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(n, (_SAMPLE_SIZE,), generator=generator).to(device)
 
-    Exact: elements above the k-th largest magnitude, plus as many elements equal to it as
-    needed, taken in index order. No sort: a histogram of the magnitudes' bit patterns.
-    """
-    n = x.numel()
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    keys = _magnitude_keys(x)
-    if n <= _SORT_BELOW:
-        # Small tensors (norms, biases): one stable sort beats a 32,768-bin histogram.
-        order = torch.sort(keys, descending=True, stable=True).indices
-        mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-        mask[order[:k]] = True
-        return mask.view(x.shape)
+
+def _nonzero_first(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the first ``count`` True entries of 1-D ``flags``, in index order (the
+    caller knows that at least ``count`` exist)."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=flags.device)
+    try:
+        return torch.nonzero_static(flags, size=count).view(-1)
+    except (NotImplementedError, RuntimeError):  # builds without nonzero_static on the device
+        return torch.nonzero(flags).view(-1)[:count]
+
+
+def _radix_top_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` mask of 1-D ``keys`` by a radix select (the fallback of the bracketed
+    select: exact for any input, slower on GPUs and one host sync)."""
     threshold, above = _kth_largest_key(keys, k)
     mask = keys > threshold
-    # Ties at the threshold: keep the first ``k - above`` of them (one host sync per call).
     equal_positions = torch.nonzero(keys == threshold).view(-1)
     missing = int(k - above.item())
     mask[equal_positions[:missing]] = True
-    return mask.view(x.shape)
+    return mask
+
+
+class _Bracket:
+    """One exact top-``k`` selection of 1-D non-negative integer ``keys`` (``1 <= k < n``),
+    in two phases around a host sync that a batch of selections shares.
+
+    Phase one (the constructor, device work only): the sorted sample gives keys ``lo <= hi``
+    that bracket the k-th largest key with overwhelming probability; one pass each marks the
+    keys above ``hi`` and those at least ``lo``, and their counts (plus whether ``lo == hi``)
+    go into ``device_values``. Phase two (:meth:`finish`, given those values on the host): if
+    the bracket holds the k-th largest, the ``r = k - #(keys > hi)`` largest keys inside it
+    join the mask in (key descending, index ascending) order: when ``lo == hi`` they are the
+    first ``r`` positions inside it, else a stable sort of the bracket's few keys decides.
+    Otherwise (a miss) the radix select runs. No histogram, no atomics.
+    """
+
+    def __init__(self, keys: torch.Tensor, k: int, sample: torch.Tensor) -> None:
+        self.keys = keys
+        self.k = k
+        n = keys.numel()
+        m = sample.numel()
+        fraction = k / n
+        spread = _SAMPLE_SIGMAS * math.sqrt(m * fraction * (1 - fraction)) + 4
+        hi_index = min(math.floor(fraction * m - spread) - 1, m - 1)
+        lo_index = max(math.ceil(fraction * m + spread), 0)
+        self.device_values: list[torch.Tensor] = []
+        # hi beyond the sample: nothing is "above"; lo beyond it: everything is "at least lo"
+        self.above = keys > sample[hi_index] if hi_index >= 0 else None
+        self.at_least_lo = keys >= sample[lo_index] if lo_index < m else None
+        if self.above is not None:
+            self.device_values.append(self.above.sum())
+        if self.at_least_lo is not None:
+            self.device_values.append(self.at_least_lo.sum())
+        if self.above is not None and self.at_least_lo is not None:
+            self.device_values.append(torch.eq(sample[lo_index], sample[hi_index]))
+
+    def finish(self, values: Sequence[int]) -> torch.Tensor:
+        keys, k, n = self.keys, self.k, self.keys.numel()
+        read = iter(values)
+        count_above = next(read) if self.above is not None else 0
+        count_at_least_lo = next(read) if self.at_least_lo is not None else n
+        one_key = (
+            bool(next(read)) if self.above is not None and self.at_least_lo is not None else False
+        )
+        if not count_above < k <= count_at_least_lo:
+            return _radix_top_mask(keys, k)
+        above = self.above if self.above is not None else torch.zeros_like(keys, dtype=torch.bool)
+        if self.at_least_lo is None:
+            inside = torch.logical_not(above)
+        else:
+            inside = self.at_least_lo.logical_xor_(above)
+        wanted = k - count_above
+        if one_key:  # a single key value: the first ``wanted`` of it, in index order
+            chosen = _nonzero_first(inside, wanted)
+        else:
+            candidates = _nonzero_first(inside, count_at_least_lo - count_above)
+            order = torch.sort(keys[candidates], descending=True, stable=True).indices
+            chosen = candidates[order[:wanted]]
+        above[chosen] = True
+        return above
+
+
+def top_magnitude_masks_batch(
+    requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
+) -> list[list[torch.Tensor]]:
+    """For each request ``(x, ks)``: boolean masks (shape of ``x``) of the ``k`` elements of
+    largest magnitude, one per ``k``; one host sync for the whole batch (the engine passes a
+    whole block), none when every tensor is small.
+
+    Exact: elements above the k-th largest magnitude, plus as many elements equal to it as
+    needed, taken in index order. Small tensors: one stable sort. Large ones: a sampled
+    bracket and an exact count (:class:`_Bracket`), no sort or histogram of the whole tensor.
+    """
+    results: list[list[torch.Tensor | None]] = []
+    brackets: list[tuple[int, int, _Bracket]] = []
+    for request_index, (x, ks) in enumerate(requests):
+        n = x.numel()
+        masks: list[torch.Tensor | None] = [None] * len(ks)
+        for index, k in enumerate(ks):
+            if k >= n:
+                masks[index] = torch.ones_like(x, dtype=torch.bool)
+            elif k <= 0:
+                masks[index] = torch.zeros_like(x, dtype=torch.bool)
+        pending = [index for index, mask in enumerate(masks) if mask is None]
+        if pending:
+            keys = _magnitude_keys(x)
+            if n <= _SORT_BELOW:
+                # Small tensors (norms, biases): one stable sort beats any counting.
+                order = torch.sort(keys, descending=True, stable=True).indices
+                for index in pending:
+                    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+                    mask[order[: ks[index]]] = True
+                    masks[index] = mask.view(x.shape)
+            else:
+                positions = _sample_positions(n, keys.device)
+                sample = torch.sort(keys[positions], descending=True).values
+                for index in pending:
+                    brackets.append((request_index, index, _Bracket(keys, ks[index], sample)))
+        results.append(masks)
+    device_values = [value for _, _, bracket in brackets for value in bracket.device_values]
+    values = torch.stack(device_values).tolist() if device_values else []  # the one sync
+    start = 0
+    for request_index, index, bracket in brackets:
+        count = len(bracket.device_values)
+        mask = bracket.finish(values[start : start + count])
+        start += count
+        results[request_index][index] = mask.view(requests[request_index][0].shape)
+    return [[mask for mask in masks if mask is not None] for masks in results]
+
+
+def top_magnitude_masks(x: torch.Tensor, ks: Sequence[int]) -> list[torch.Tensor]:
+    """Top-``k`` magnitude masks of ``x`` for each ``k`` in ``ks`` (breadcrumbs needs two),
+    sharing the sample and the host sync (see :func:`top_magnitude_masks_batch`)."""
+    return top_magnitude_masks_batch([(x, ks)])[0]
+
+
+def top_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (shape of ``x``) of the ``k`` elements of largest magnitude (exact, ties
+    at the threshold in index order; see :func:`top_magnitude_masks_batch`)."""
+    return top_magnitude_masks(x, [k])[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Sparsification (one expert's delta at a time)
 
 
+def _l1_scale(
+    delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7, *, fused: bool = False
+) -> torch.Tensor:
+    """mergekit's L1 rescale factor (a 0-d tensor in ``delta``'s dtype): ||delta||_1 /
+    ||kept||_1, or 1 where either norm is below ``eps`` (decided on the device, no sync).
+    ``fused``: one reduction per norm (``vector_norm``) instead of mergekit's ``abs().sum()``
+    (the same sum in another order: the factor may differ in its last bit)."""
+    if fused:
+        before = torch.linalg.vector_norm(delta, 1)
+        after = torch.linalg.vector_norm(kept, 1)
+    else:
+        before = delta.abs().sum()
+        after = kept.abs().sum()
+    return torch.where((before < eps) | (after < eps), 1, before / after)
+
+
 def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """mergekit's rescale: scale ``kept`` so its L1 norm equals ``delta``'s."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    # mergekit returns ``kept`` unchanged below eps; decided on the device (no host sync)
-    scale = torch.where((before < eps) | (after < eps), 1, before / after)
-    return kept * scale
+    return kept * _l1_scale(delta, kept, eps)
 
 
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -261,6 +409,102 @@ def _bernoulli_mask(
     mask = torch.empty(shape, dtype=torch.uint8, device=device)
     mask.bernoulli_(probability, generator=generator)
     return mask.view(torch.bool)
+
+
+def _check_della(density: float, epsilon: float) -> None:
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError("della: epsilon must keep density ± epsilon inside (0, 1)")
+
+
+def _della_mask(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per row (a 1-D delta is one row): keep the element of magnitude rank j (0 = smallest)
+    with p = density − ε + 2ε·j/(cols−1). Ranks come from one sort of the 16/32-bit magnitude
+    keys per row; the Bernoulli draws are made in sorted order, where p is one vector for all
+    rows, and scattered back (no rank tensor, no per-element probabilities)."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    columns = rows.shape[1]
+    if out is None:
+        mask = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    else:
+        mask = out.view(rows.shape)
+    step = 2 * epsilon / (columns - 1) if columns > 1 else 0.0
+    by_rank = torch.arange(columns, device=delta.device, dtype=torch.float32)
+    by_rank = by_rank.mul_(step).add_(density - epsilon)
+    keys = _magnitude_keys(rows).view(rows.shape)
+    # Rows in chunks of about 2^24 elements bound the int64 order scratch.
+    chunk = max(1, (1 << 24) // max(1, columns))
+    for start in range(0, rows.shape[0], chunk):
+        part = keys[start : start + chunk]
+        order = torch.sort(part, dim=1).indices
+        draws = torch.rand(part.shape, generator=generator, device=delta.device)
+        mask[start : start + chunk].scatter_(1, order, draws < by_rank)
+    return mask.view(delta.shape)
+
+
+def _magnitude_ranks(method: str, n: int, density: float, gamma: float) -> list[int]:
+    """The top-k sizes a magnitude sparsification needs: ``[k]`` for TIES; for breadcrumbs
+    ``[dropped + kept, dropped]`` (its mask is their difference) or ``[kept]``."""
+    if method == SPARSIFY_MAGNITUDE:
+        return [max(1, int(density * n)) if density > 0 and n > 0 else 0]
+    target = int(density * n)
+    dropped_top = min(int(gamma * n), n - target)
+    return [dropped_top + target, dropped_top] if dropped_top > 0 else [target]
+
+
+def _magnitude_mask_from_tops(tops: list[torch.Tensor]) -> torch.Tensor:
+    # breadcrumbs: both tops are prefixes of one (magnitude, index) order, so the kept band
+    # is their difference, a XOR
+    return tops[0] if len(tops) == 1 else tops[0].logical_xor_(tops[1])
+
+
+def magnitude_masks_batch(
+    method: str,
+    items: Sequence[tuple[torch.Tensor, float, float]],
+) -> list[torch.Tensor | None]:
+    """Masks of a magnitude sparsification (``magnitude`` or ``magnitude_outliers``) for many
+    ``(delta, density, gamma)`` at once, with one host sync in all (the engine passes every
+    expert of every tensor of a block); None where ``density >= 1``."""
+    requests = []
+    slots: list[int | None] = []
+    for delta, density, gamma in items:
+        if density >= 1:
+            slots.append(None)
+            continue
+        slots.append(len(requests))
+        requests.append((delta, _magnitude_ranks(method, delta.numel(), density, gamma)))
+    found = top_magnitude_masks_batch(requests)
+    return [None if slot is None else _magnitude_mask_from_tops(found[slot]) for slot in slots]
+
+
+def sparsification_mask(
+    delta: torch.Tensor,
+    *,
+    method: str,
+    density: float,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """The bool mask (shape of ``delta``) of the elements a sparsification keeps; None when it
+    keeps everything (``density >= 1``). See :func:`sparsify` for the methods."""
+    if density >= 1:
+        return None
+    if method in (SPARSIFY_MAGNITUDE, SPARSIFY_OUTLIERS):
+        return magnitude_masks_batch(method, [(delta, density, gamma)])[0]
+    if method == SPARSIFY_RANDOM:
+        return _bernoulli_mask(delta.shape, density, generator, delta.device)
+    if method == SPARSIFY_DELLA:
+        if density <= 0:
+            return torch.zeros_like(delta, dtype=torch.bool)
+        _check_della(density, epsilon)
+        return _della_mask(delta, density, epsilon, generator)
+    raise ValueError(f"unknown sparsification {method!r}")
 
 
 def sparsify(
@@ -281,45 +525,12 @@ def sparsify(
     (breadcrumbs). ``della_magprune``: per row, keep with p = density − ε + 2ε·rank/(cols−1)
     (DELLA). ``rescale`` matches the L1 norm of the kept delta to the original (mergekit).
     """
-    if density >= 1:
+    mask = sparsification_mask(
+        delta, method=method, density=density, gamma=gamma, epsilon=epsilon, generator=generator
+    )
+    if mask is None:
         return delta
-    n = delta.numel()
-    if method == SPARSIFY_MAGNITUDE:
-        if density <= 0 or n == 0:
-            return torch.zeros_like(delta)
-        mask = top_magnitude_mask(delta, max(1, int(density * n)))
-        return _apply_mask(delta, mask, rescale)
-    if method == SPARSIFY_OUTLIERS:
-        target = int(density * n)
-        dropped_top = min(int(gamma * n), n - target)
-        mask = top_magnitude_mask(delta, dropped_top + target)
-        if dropped_top > 0:
-            mask &= ~top_magnitude_mask(delta, dropped_top)
-        return _apply_mask(delta, mask, rescale)
-    if method == SPARSIFY_RANDOM:
-        mask = _bernoulli_mask(delta.shape, density, generator, delta.device)
-        return _apply_mask(delta, mask, rescale)
-    if method == SPARSIFY_DELLA:
-        if density <= 0:
-            return torch.zeros_like(delta)
-        if density + epsilon >= 1 or density - epsilon <= 0:
-            raise ValueError("della: epsilon must keep density ± epsilon inside (0, 1)")
-        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-        mask = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
-        columns = rows.shape[1]
-        step = 2 * epsilon / (columns - 1) if columns > 1 else 0.0
-        # Rows in chunks of about 2^24 elements bound the int64 rank scratch.
-        chunk = max(1, (1 << 24) // max(1, columns))
-        for start in range(0, rows.shape[0], chunk):
-            part = rows[start : start + chunk]
-            order = part.abs().argsort(dim=1)
-            ranks = torch.empty_like(order)
-            ranks.scatter_(1, order, torch.arange(columns, device=delta.device).expand_as(order))
-            probs = ranks.to(torch.float32).mul_(step).add_(density - epsilon)
-            mask[start : start + chunk] = torch.bernoulli(probs, generator=generator).bool()
-        mask = mask.view(delta.shape)
-        return _apply_mask(delta, mask, rescale)
-    raise ValueError(f"unknown sparsification {method!r}")
+    return _apply_mask(delta, mask, rescale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +545,81 @@ def sign_consensus_mask(weighted_deltas: torch.Tensor) -> torch.Tensor:
     return weighted_deltas.sign() == majority_sign
 
 
+def _stack_masks(masks: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """The experts' masks as one N x shape bool tensor (None: all kept); no copy when they
+    already are the rows of one (dare's masks are drawn that way)."""
+    first = masks[0]
+    whole = first._base if first is not None else None
+    if (
+        whole is not None
+        and whole.dtype == torch.bool
+        and whole.shape == (len(masks), *like.shape)
+        and whole.is_contiguous()
+        and all(
+            m is not None and m.data_ptr() == whole[i].data_ptr() and m.shape == like.shape
+            for i, m in enumerate(masks)
+        )
+    ):
+        return whole
+    return torch.stack([torch.ones_like(like, dtype=torch.bool) if m is None else m for m in masks])
+
+
+def _fused_kernels(*tensors: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels module when these tensors can use it (CUDA, Triton importable,
+    ``MERGEOPT_FUSED`` not ``0``), else None (the torch path runs)."""
+    if not tensors[0].is_cuda or os.environ.get("MERGEOPT_FUSED", "1") == "0":
+        return None
+    try:
+        from mergeopt.merge import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels if triton_kernels.supported(tensors) else None
+
+
+def expert_masks(
+    spec: MethodSpec,
+    task_vectors: torch.Tensor,
+    expert_params: Sequence[Mapping[str, float | None]],
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor | None]:
+    """Each expert's sparsification mask for one tensor (None: keeps everything); parameters
+    already merged with the method's defaults. Magnitude masks share one host sync."""
+    method = spec.sparsification
+    assert method is not None
+    if method in (SPARSIFY_MAGNITUDE, SPARSIFY_OUTLIERS):
+        return magnitude_masks_batch(
+            method,
+            [
+                (task_vectors[i], float(p["density"]), float(p.get("gamma") or 0.0))  # type: ignore[arg-type]
+                for i, p in enumerate(expert_params)
+            ],
+        )
+    densities = [float(values["density"]) for values in expert_params]  # type: ignore[arg-type]
+    if all(0 < density < 1 for density in densities):
+        # drawn straight into the rows of one N x shape mask (the fused kernel reads it as is)
+        stacked = torch.empty(task_vectors.shape, dtype=torch.bool, device=task_vectors.device)
+        for index, values in enumerate(expert_params):
+            if method == SPARSIFY_RANDOM:
+                stacked[index].view(torch.uint8).bernoulli_(densities[index], generator=generator)
+            else:
+                epsilon = float(values.get("epsilon") or 0.0)
+                _check_della(densities[index], epsilon)
+                _della_mask(
+                    task_vectors[index], densities[index], epsilon, generator, stacked[index]
+                )
+        return list(stacked.unbind(0))
+    return [
+        sparsification_mask(
+            task_vectors[index],
+            method=method,
+            density=densities[index],
+            epsilon=float(values.get("epsilon") or 0.0),
+            generator=generator,
+        )
+        for index, values in enumerate(expert_params)
+    ]
+
+
 def generalized_task_arithmetic(
     base: torch.Tensor,
     task_vectors: torch.Tensor,
@@ -342,44 +628,81 @@ def generalized_task_arithmetic(
     expert_params: Sequence[Mapping[str, float]],
     method_params: Mapping[str, float | bool],
     generator: torch.Generator | None = None,
+    fused: bool | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Merged tensor (shape of ``base``) from ``base`` and stacked ``task_vectors`` (N x shape).
 
     ``expert_params[i]`` holds expert i's ``weight`` (required), ``density``, ``gamma``,
     ``epsilon``; ``method_params`` the method-level ``normalize``, ``rescale``, ``lambda``.
-    ``task_vectors`` is read, never modified.
+    ``task_vectors`` is read, never modified. On CUDA with Triton (``fused`` None or True) the
+    masks are made here and one kernel does the rest, rounding where the torch path rounds.
+    ``masks``: the sparsification masks when the caller made them already (the engine makes a
+    block's magnitude masks together, one host sync per block).
     """
     params = {**spec.global_defaults, **method_params}
     expert = [{**spec.expert_defaults, **p} for p in expert_params]
-    if spec.sparsification is not None:
-        deltas = torch.empty_like(task_vectors)
-        for index, values in enumerate(expert):
-            deltas[index] = sparsify(
-                task_vectors[index],
-                method=spec.sparsification,
-                density=float(values["density"]),  # type: ignore[arg-type]
-                rescale=bool(params["rescale"]),
-                gamma=float(values.get("gamma") or 0.0),
-                epsilon=float(values.get("epsilon") or 0.0),
-                generator=generator,
-            )
-    else:
-        deltas = task_vectors
+    rescale = bool(params["rescale"])
     weights = _coefficients(
         tuple(float(values["weight"]) for values in expert),  # type: ignore[arg-type]
         task_vectors.dtype,
         task_vectors.device,
-    ).view(-1, *([1] * base.dim()))
-    deltas = deltas * weights
+    )
+    if masks is None:
+        masks = [None] * len(expert)
+        if spec.sparsification is not None:
+            masks = expert_masks(spec, task_vectors, expert, generator)
+    else:
+        masks = list(masks)
+    kernels = _fused_kernels(base, task_vectors) if fused is not False else None
+    if kernels is not None:
+        stacked = _stack_masks(masks, base)
+        norms = None
+        if rescale and any(m is not None for m in masks):
+            # mergekit's L1 norms before and after masking, all experts in three ops; an
+            # expert without a mask has equal norms, hence the factor 1 (exactly)
+            rows = task_vectors.view(len(masks), -1)
+            norms = torch.stack(
+                [
+                    torch.linalg.vector_norm(rows, 1, dim=1),
+                    torch.linalg.vector_norm(
+                        torch.where(stacked.view(len(masks), -1), rows, 0), 1, dim=1
+                    ),
+                ]
+            )
+        return kernels.gta_combine(
+            base,
+            task_vectors,
+            stacked,
+            norms,
+            weights,
+            consensus=spec.consensus == "sum",
+            normalize=bool(params["normalize"]),
+            lam=float(params["lambda"]),
+        )
+    if spec.sparsification is not None:
+        deltas = torch.empty_like(task_vectors)
+        for index, mask in enumerate(masks):
+            if mask is None:
+                deltas[index] = task_vectors[index]
+            else:
+                deltas[index] = task_vectors[index]
+                deltas[index].masked_fill_(~mask, 0)
+                if rescale:
+                    deltas[index] *= _l1_scale(task_vectors[index], deltas[index])
+        deltas.mul_(weights.view(-1, *([1] * base.dim())))
+    else:
+        deltas = task_vectors * weights.view(-1, *([1] * base.dim()))
+    weights = weights.view(-1, *([1] * base.dim()))
     if spec.consensus == "sum":
         mask = sign_consensus_mask(deltas)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor.masked_fill_(divisor == 0, 1)  # no boolean indexing: it synchronizes
     else:
         mixed = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     if params["normalize"]:
         mixed /= divisor
     if float(params["lambda"]) != 1:
@@ -448,9 +771,19 @@ def fused_weighted_sum(
     rounding by one unit in the last place). ``out`` (shape of one tensor) receives it.
     """
     count = stack.shape[0]
+    shape = stack.shape[1:]
+    kernels = _fused_kernels(stack, *(t for t in (base, out) if t is not None))
+    if kernels is not None:
+        # one Triton pass: same fp32 accumulation and single rounding as the addmm below
+        coefficient_tensor = _coefficients(tuple(coefficients), stack.dtype, stack.device)
+        target_tensor = (
+            out if out is not None else torch.empty(shape, dtype=stack.dtype, device=stack.device)
+        )
+        return kernels.weighted_sum(
+            stack, coefficient_tensor, scale=scale, base=base, out=target_tensor
+        ).view(shape)
     matrix = stack.reshape(count, -1)
     row = _coefficients(tuple(coefficients), stack.dtype, stack.device).view(1, -1)
-    shape = stack.shape[1:]
     target = out.view(1, -1) if out is not None else None
     if base is None:
         result = torch.mm(row, matrix, out=target) if scale == 1 else None
@@ -459,6 +792,36 @@ def fused_weighted_sum(
     else:
         result = torch.addmm(base.reshape(1, -1), row, matrix, alpha=scale, out=target)
     return result.view(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _rounded_sum(weights: tuple[float, ...], dtype: torch.dtype) -> float:
+    """Σ weights after rounding each to ``dtype`` as mergekit does (cached: this runs for
+    every tensor of a merge, and CPU tensor ops cost more than the GPU work of small ones)."""
+    return sum(torch.tensor(weights, dtype=dtype).to(torch.float64).tolist())
+
+
+def _weighted_sum_plan(
+    spec: MethodSpec,
+    expert_params: Sequence[Mapping[str, float]],
+    method_params: Mapping[str, float | bool],
+    dtype: torch.dtype,
+) -> tuple[list[float], float, bool] | None:
+    """(coefficients, scale, uses base) when the method is a weighted sum (task_arithmetic,
+    linear), else None; task_arithmetic's divisor sums the weights as mergekit rounds them
+    (to the tensors' ``dtype``)."""
+    params = {**spec.global_defaults, **method_params}
+    if spec.kind == "gta" and spec.sparsification is None and spec.consensus is None:
+        weights = [float(p["weight"]) for p in expert_params]
+        divisor = _rounded_sum(tuple(weights), dtype)
+        divisor = divisor if abs(divisor) >= 1e-8 else 1.0
+        scale = float(params["lambda"]) / (divisor if params["normalize"] else 1.0)
+        return weights, scale, True
+    if spec.kind == "linear":
+        weights = [float(p["weight"]) for p in expert_params]
+        scale = 1.0 / sum(weights) if params["normalize"] else 1.0
+        return weights, scale, False
+    return None
 
 
 def fast_merge_tensor(
@@ -472,21 +835,51 @@ def fast_merge_tensor(
 ) -> torch.Tensor | None:
     """One-pass merge for methods that are a weighted sum (task_arithmetic, linear);
     None for the others (use :func:`merge_tensor`)."""
-    params = {**spec.global_defaults, **method_params}
-    if spec.kind == "gta" and spec.sparsification is None and spec.consensus is None:
+    plan = _weighted_sum_plan(spec, expert_params, method_params, stack.dtype)
+    if plan is None:
+        return None
+    weights, scale, uses_base = plan
+    if uses_base:
         assert base is not None
-        weights = [float(p["weight"]) for p in expert_params]
-        # the weights as mergekit rounds them (the tensor dtype), the divisor from those
-        rounded = torch.tensor(weights, dtype=stack.dtype).to(torch.float64).tolist()
-        divisor = sum(rounded)
-        divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-        scale = float(params["lambda"]) / (divisor if params["normalize"] else 1.0)
         return fused_weighted_sum(stack, weights, scale=scale, base=base, out=out)
-    if spec.kind == "linear":
-        weights = [float(p["weight"]) for p in expert_params]
-        scale = 1.0 / sum(weights) if params["normalize"] else 1.0
-        return fused_weighted_sum(stack, weights, scale=scale, out=out)
-    return None
+    return fused_weighted_sum(stack, weights, scale=scale, out=out)
+
+
+def fast_merge_block(
+    spec: MethodSpec,
+    *,
+    items: Sequence[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]],
+    expert_params: Sequence[Mapping[str, float]],
+    method_params: Mapping[str, float | bool],
+) -> list[torch.Tensor] | None:
+    """:func:`fast_merge_tensor` for many ``(base, stack, out)`` at once: one Triton launch
+    for a whole block on CUDA (per-tensor launches cost more host time than a small tensor's
+    device time). None where that path does not apply (then merge tensor by tensor)."""
+    if not items or os.environ.get("MERGEOPT_FUSED_BLOCK", "1") == "0":
+        return None
+    stacks = [stack for _, stack, _ in items]
+    plan = _weighted_sum_plan(spec, expert_params, method_params, stacks[0].dtype)
+    if plan is None:
+        return None
+    weights, scale, uses_base = plan
+    bases = [base for base, _, _ in items] if uses_base else []
+    outs = [out for _, _, out in items if out is not None]
+    kernels = _fused_kernels(*stacks, *(b for b in bases if b is not None), *outs)
+    if kernels is None or any(s.dtype != stacks[0].dtype for s in stacks):
+        return None
+    if uses_base and any(b is None or b.dtype != stacks[0].dtype for b in bases):
+        return None
+    merged = [out if out is not None else torch.empty_like(stack[0]) for _, stack, out in items]
+    coefficients = _coefficients(tuple(weights), stacks[0].dtype, stacks[0].device)
+    kernels.weighted_sum_many(
+        [
+            (base if uses_base else None, stack, out)
+            for (base, stack, _), out in zip(items, merged, strict=True)
+        ],
+        coefficients,
+        scale=scale,
+    )
+    return merged
 
 
 def merge_tensor(
@@ -497,9 +890,12 @@ def merge_tensor(
     expert_params: Sequence[Mapping[str, float]],
     method_params: Mapping[str, float | bool],
     generator: torch.Generator | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Dispatch one tensor's merge. ``stack`` is N x shape: task vectors for GTA methods, raw
-    expert tensors for linear/slerp (slerp: ``base`` is v0, ``stack[0]`` is v1)."""
+    expert tensors for linear/slerp (slerp: ``base`` is v0, ``stack[0]`` is v1). ``masks``:
+    precomputed sparsification masks for GTA methods (see
+    :func:`generalized_task_arithmetic`)."""
     if spec.kind == "gta":
         assert base is not None
         return generalized_task_arithmetic(
@@ -509,6 +905,7 @@ def merge_tensor(
             expert_params=expert_params,
             method_params=method_params,
             generator=generator,
+            masks=masks,
         )
     params = {**spec.global_defaults, **method_params}
     if spec.kind == "linear":
