@@ -157,6 +157,14 @@ def test_required_bytes_counts_base_task_vectors_and_scratch() -> None:
         largest_block_parameters=100,
         largest_tensor_parameters=10,
         method="ties",
+    ) == 2 * (3 * 1000 + 100 + 7 * 10) + 2 * 100 * (2 + 2)  # + key and two masks per element
+    assert required_bytes(
+        num_parameters=1000,
+        num_experts=2,
+        dtype=torch.bfloat16,
+        largest_block_parameters=100,
+        largest_tensor_parameters=10,
+        method="dare_ties",
     ) == 2 * (3 * 1000 + 100 + 7 * 10)
 
 

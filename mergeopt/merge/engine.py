@@ -9,8 +9,9 @@ Only blocks whose parameters changed since the last merge into the same target a
 Device memory (see :func:`required_bytes`): the engine keeps the base and N task vectors in the
 engine dtype — ``(1 + N)·P`` elements for a model of P parameters (``N·P`` for ``linear``,
 ``2·P`` for ``slerp``) — plus, while merging, one block of merged tensors and the scratch of
-its largest tensor (``(2N + 3)`` copies of it). The target model (P elements in its own dtype)
-comes on top when it lives on the same device.
+its largest tensor (``(2N + 3)`` copies of it); TIES and breadcrumbs add a block's selection
+scratch (``N·P_block·(b + 2t)`` bytes for t thresholds). The target model (P elements in its
+own dtype) comes on top when it lives on the same device.
 """
 
 from __future__ import annotations
@@ -138,12 +139,18 @@ def required_bytes(
     largest_tensor_parameters: int,
     method: str = "ties",
 ) -> int:
-    """Device bytes the engine needs: resident models + one block of output + tensor scratch."""
+    """Device bytes the engine needs: resident models + one block of output + tensor scratch
+    (+ for TIES/breadcrumbs, a block's selection scratch, alive until the block's one host
+    sync: per expert and element, the magnitude key and two bool masks per threshold)."""
     size = bytes_per_element(dtype)
-    kind = get_method(method).kind
-    resident_models = {"gta": 1 + num_experts, "linear": num_experts, "slerp": 2}[kind]
+    spec = get_method(method)
+    resident_models = {"gta": 1 + num_experts, "linear": num_experts, "slerp": 2}[spec.kind]
     scratch = largest_block_parameters + (2 * num_experts + 3) * largest_tensor_parameters
-    return size * (resident_models * num_parameters + scratch)
+    thresholds = {SPARSIFY_MAGNITUDE: 1, SPARSIFY_OUTLIERS: 2}.get(spec.sparsification or "", 0)
+    selection = (
+        num_experts * largest_block_parameters * (size + 2 * thresholds) if thresholds else 0
+    )
+    return size * (resident_models * num_parameters + scratch) + selection
 
 
 def _gib(value: int) -> str:
