@@ -166,6 +166,8 @@ def study_run(
     console = _console()
     if summary.user_errors and summary.completed_after < n_trials:
         raise typer.Exit(code=2)
+    if summary.database_unreachable and summary.completed_after < n_trials:
+        raise typer.Exit(code=3)  # each worker printed its `error: database ...` line
     if summary.crashed and summary.completed_after < n_trials:
         print(
             f"error: worker on {', '.join(summary.crashed)} stopped with the error above; "

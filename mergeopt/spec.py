@@ -181,11 +181,19 @@ class ScorerSpec(_Strict):
 
 class WorkerSpec(_Strict):
     """Crash recovery: a trial whose worker stops heartbeating for ``grace_period`` seconds is
-    failed and re-enqueued (at most ``max_retry`` times) by the next worker that looks."""
+    failed and re-enqueued (at most ``max_retry`` times) by the next worker that looks.
+
+    ``database_outage_limit``: how many seconds a worker keeps retrying (with exponential
+    back-off, 0.5 s doubling up to 15 s) when the study's database stops answering, e.g. while
+    PostgreSQL restarts. A finished evaluation is kept and reported once the database is back;
+    past the limit the worker exits with one ``error: database ... unreachable`` line, leaving
+    the study as a crash would (its running trial is failed and retried by the next run).
+    """
 
     heartbeat_interval: int = Field(default=10, ge=1)
     grace_period: int | None = Field(default=None, ge=1)
     max_retry: int = Field(default=3, ge=0)
+    database_outage_limit: int = Field(default=300, ge=1)
 
     @property
     def effective_grace_period(self) -> int:

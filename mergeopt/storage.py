@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -132,11 +133,13 @@ def open_storage(
     url = _with_driver(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        callback = (
-            optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
-            if heartbeat_interval is not None
-            else None
+        # Optuna 4.9 renamed the callback (the old name warns on every worker start).
+        retry_callback = getattr(
+            optuna.storages,
+            "RetryHeartbeatStaleTrialCallback",
+            optuna.storages.RetryFailedTrialCallback,
         )
+        callback = retry_callback(max_retry=max_retry) if heartbeat_interval is not None else None
         try:
             return optuna.storages.RDBStorage(
                 url,
@@ -212,3 +215,179 @@ class Heartbeat:
             except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial
                 if self._on_error is not None:
                     self._on_error(exc)
+
+
+# --------------------------------------------------------------------------- database outages
+
+_DRIVER_MODULES = ("psycopg", "psycopg2", "pymysql", "MySQLdb", "sqlite3")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc``, or an exception it was raised from, says the database is unreachable.
+
+    Optuna wraps SQLAlchemy errors in ``StorageInternalError``, so the whole cause/context
+    chain is searched: SQLAlchemy ``OperationalError``/``InterfaceError``/pool timeouts, a
+    ``DBAPIError`` that invalidated its connection, the drivers' own connection errors
+    (psycopg, pymysql, MySQLdb, sqlite3 ``OperationalError``/``InterfaceError``) and socket
+    errors. Programming errors (bad SQL, integrity, data too long) are not: retrying them
+    cannot help.
+    """
+    from sqlalchemy import exc as sa_exc
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(
+            current, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+        ):
+            return True
+        kind = type(current)
+        if kind.__module__.split(".")[0] in _DRIVER_MODULES and kind.__name__ in (
+            "OperationalError",
+            "InterfaceError",
+        ):
+            return True
+        if isinstance(current, ConnectionError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def connection_error_text(exc: BaseException, url: str) -> str:
+    """The first line of the driver's message for ``exc``, with the URL's password masked."""
+    from sqlalchemy.engine import make_url
+
+    cause: BaseException = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+    line = text[0] if text else type(cause).__name__
+    password = make_url(url).password if "://" in url else None
+    if password:
+        line = line.replace(str(password), "***")
+    return line[:200]
+
+
+class DatabaseUnreachable(Exception):
+    """The study's database stayed unreachable for longer than ``worker.database_outage_limit``.
+
+    Not a ``UserError`` (nothing the user typed is wrong): a worker stops with this one line
+    and its own exit code, and the study is left as a crash would leave it — the running
+    trial's heartbeat goes stale and the next worker fails and retries it.
+    """
+
+    def __init__(self, masked_url: str, seconds: float) -> None:
+        self.masked_url = masked_url
+        self.seconds = seconds
+        super().__init__(
+            f"database {masked_url} unreachable for {seconds:.0f} s; the study is consistent, "
+            "rerun `mergeopt study run` to continue"
+        )
+
+
+class TrialHeartbeats:
+    """Beats every trial this worker holds, from the moment the trial row exists.
+
+    ``study.ask`` can block for a long time inside a batch sampler (a CMA-ES worker waits for
+    its generation, a SAASBO worker for the fitter), and a worker killed there would leave a
+    RUNNING trial with no heartbeat, which Optuna never considers stale. So ``watch`` wraps the
+    storage's trial creation and ``set_trial_state_values``: a trial created RUNNING, or
+    a queued trial this process moves to RUNNING, is held and beaten at once; a trial this
+    process finishes is released. A daemon thread beats the held trials every ``interval``
+    seconds; a failed beat is logged once per outage (the thread keeps trying), and the time
+    of the last failure tells the worker not to fail other workers' trials as stale until
+    their heartbeats had time to resume.
+    """
+
+    def __init__(
+        self,
+        storage: RDBStorage,
+        interval: float,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_recovered: Callable[[], None] | None = None,
+    ) -> None:
+        self._storage = storage
+        self._interval = interval
+        self._on_error = on_error
+        self._on_recovered = on_recovered
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._failing = False
+        self.last_outage: float | None = None
+        self._thread = threading.Thread(target=self._run, name="trial-heartbeats", daemon=True)
+
+    def watch(self) -> TrialHeartbeats:
+        """Wrap the storage's trial creation and state changes (see the class docstring)."""
+        from optuna.trial import TrialState
+
+        storage = self._storage
+        # Optuna's cached storage calls the private ``_create_new_trial`` of the RDB storage.
+        create_new_trial = storage._create_new_trial
+        set_trial_state_values = storage.set_trial_state_values
+
+        def create_and_hold(study_id: int, template_trial: Any = None) -> Any:
+            frozen = create_new_trial(study_id, template_trial)
+            if frozen.state == TrialState.RUNNING:
+                self.hold(frozen._trial_id)
+            return frozen
+
+        def set_state_and_track(trial_id: int, state: Any, values: Any = None) -> bool:
+            changed = set_trial_state_values(trial_id, state, values)
+            if state == TrialState.RUNNING and changed:
+                self.hold(trial_id)
+            elif state.is_finished():
+                self.release(trial_id)
+            return changed
+
+        storage._create_new_trial = create_and_hold  # type: ignore[method-assign]
+        storage.set_trial_state_values = set_state_and_track  # type: ignore[method-assign]
+        return self
+
+    def hold(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.add(trial_id)
+        self._beat(trial_id)
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.discard(trial_id)
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self._held)
+
+    def note_outage(self) -> None:
+        self.last_outage = time.monotonic()
+
+    def outage_within(self, seconds: float) -> bool:
+        return self.last_outage is not None and time.monotonic() - self.last_outage < seconds
+
+    def __enter__(self) -> TrialHeartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self, trial_id: int) -> None:
+        try:
+            self._storage.record_heartbeat(trial_id)
+        except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial
+            self.note_outage()
+            if not self._failing and self._on_error is not None:
+                self._on_error(exc)
+            self._failing = True
+        else:
+            if self._failing and self._on_recovered is not None:
+                self._on_recovered()
+            self._failing = False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            for trial_id in self.held():
+                self._beat(trial_id)

@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     import optuna
 
 USER_ERROR_EXIT = 2
+DATABASE_EXIT = 3  # the database stayed unreachable past worker.database_outage_limit
 INTERRUPTED_EXIT = 130
+# A worker killed by a signal is restarted; without progress (no new COMPLETE trial since the
+# last restart) at most this many times per device in a row, so a worker that dies at start
+# (out of memory while loading) does not loop forever.
+RESTARTS_WITHOUT_PROGRESS_PER_DEVICE = 2
 
 
 def parse_devices(workers: int | None, devices: str | None) -> list[str]:
@@ -84,6 +89,8 @@ def _worker_main(
     """Entry point of a worker process; its exit code tells the parent what happened."""
     import logging
 
+    from mergeopt.storage import DatabaseUnreachable
+
     logging.basicConfig(level=logging.WARNING, format="[worker %(process)d] %(message)s")
     try:
         device = _pin_device(device)  # before torch initializes CUDA
@@ -103,6 +110,9 @@ def _worker_main(
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+    except DatabaseUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(DATABASE_EXIT)
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED_EXIT)
 
@@ -114,6 +124,7 @@ class RunSummary:
     n_trials: int
     restarts: int = 0
     user_errors: list[str] = field(default_factory=list)
+    database_unreachable: list[str] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
@@ -129,15 +140,24 @@ def run_workers(
     progress: bool = True,
     max_restarts: int | None = None,
 ) -> RunSummary:
-    """Run one worker process per entry of ``devices`` until the study has ``n_trials``."""
-    from mergeopt.study import trial_counts
+    """Run one worker process per entry of ``devices`` until the study has ``n_trials``.
 
+    A worker killed by a signal is restarted (its trial is failed and retried through its
+    heartbeat). With ``max_restarts=None`` there is no total limit as long as the study
+    progresses: only ``RESTARTS_WITHOUT_PROGRESS_PER_DEVICE * len(devices)`` restarts in a row
+    without a new COMPLETE trial; an integer caps the total. The parent reads the study for
+    its progress bar and tolerates the database being unreachable meanwhile (the workers
+    retry, and stop with their own message past the outage limit).
+    """
     context = multiprocessing.get_context("spawn")
     cpu_workers = sum(1 for d in devices if d == "cpu") or 1
     threads = max(1, (os.cpu_count() or 1) // cpu_workers)
-    restarts_left = 2 * len(devices) if max_restarts is None else max_restarts
+    stalled_restarts = RESTARTS_WITHOUT_PROGRESS_PER_DEVICE * len(devices)
+    restarts_left = stalled_restarts if max_restarts is None else max_restarts
     started = time.monotonic()
-    summary = RunSummary(trial_counts(study)["COMPLETE"], 0, n_trials)
+    counter = _CompleteCounter(study)
+    summary = RunSummary(counter.read(), 0, n_trials)
+    progress_mark = summary.completed_before
 
     def start(device: str) -> BaseProcess:
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
@@ -161,7 +181,10 @@ def run_workers(
                     process.join()
                     code = process.exitcode
                     del processes[slot]
-                    done = trial_counts(study)["COMPLETE"] >= n_trials
+                    complete = counter.read()
+                    done = complete >= n_trials
+                    if max_restarts is None and complete > progress_mark:
+                        progress_mark, restarts_left = complete, stalled_restarts
                     if code is not None and code < 0 and not done and restarts_left > 0:
                         restarts_left -= 1
                         summary.restarts += 1
@@ -172,6 +195,8 @@ def run_workers(
                         processes[slot] = start(devices[slot])
                     elif code == USER_ERROR_EXIT:
                         summary.user_errors.append(devices[slot])
+                    elif code == DATABASE_EXIT:
+                        summary.database_unreachable.append(devices[slot])
                     elif code not in (0, INTERRUPTED_EXIT):
                         summary.crashed.append(f"{devices[slot]} (exit code {code})")
                 time.sleep(0.5)
@@ -179,9 +204,28 @@ def run_workers(
     except KeyboardInterrupt:
         summary.interrupted = True
         _stop(list(processes.values()))
-    summary.completed_after = trial_counts(study)["COMPLETE"]
+    summary.completed_after = counter.read()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+class _CompleteCounter:
+    """The study's COMPLETE count, or the last one read while the database is unreachable."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.last = 0
+
+    def read(self) -> int:
+        from mergeopt.storage import is_connection_error
+        from mergeopt.study import trial_counts
+
+        try:
+            self.last = trial_counts(self.study)["COMPLETE"]
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+        return self.last
 
 
 def _stop(processes: list[BaseProcess], grace_seconds: float = 60.0) -> None:
@@ -250,13 +294,20 @@ class _Progress:
     def refresh(self) -> None:
         if self._progress is None:
             return
+        from mergeopt.storage import is_connection_error
         from mergeopt.study import best_values_text, trial_counts
 
-        counts = trial_counts(self.study)
+        try:
+            counts = trial_counts(self.study)
+            best = best_values_text(self.study)
+        except Exception as exc:
+            if is_connection_error(exc):
+                return  # the workers report the outage; the bar waits for the database
+            raise
         self._progress.update(
             self._task,
             completed=min(counts["COMPLETE"], self.n_trials),
-            best=best_values_text(self.study),
+            best=best,
         )
 
     def log(self, message: str) -> None:
