@@ -182,6 +182,39 @@ BROKEN: set[str] = set()
 """Fast paths that failed to build on this machine (the benchmark then times without them)."""
 
 
+def prefix_mask(order: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask of the first ``k`` positions of a full order (the reference top-k)."""
+    mask = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
+    mask[order[:k]] = True
+    return mask
+
+
+def check_l1_kernel(engine: MergeEngine, name: str) -> list[str]:
+    """The one-pass L1 norms (dare/della rescale) against vector_norm on a masked copy."""
+    from mergeopt.merge.methods import _fused_kernels
+
+    stack = engine._stack[name]
+    kernels = _fused_kernels(stack)
+    if kernels is None:
+        return ["check l1 kernel: not used (no Triton)"]
+    masks = torch.rand(stack.shape, device=stack.device) < 0.5
+    try:
+        norms = kernels.l1_norms(stack, masks)
+    except Exception as exc:  # a kernel that fails to build: time the torch norms
+        os.environ["MERGEOPT_FUSED_L1"] = "0"
+        return [f"check l1 kernel: FAIL ({exc!r:.300}); timing without it"]
+    rows = stack.view(stack.shape[0], -1)
+    expected = torch.stack(
+        [
+            torch.linalg.vector_norm(rows, 1, dim=1),
+            torch.linalg.vector_norm(torch.where(masks.view(rows.shape), rows, 0), 1, dim=1),
+        ]
+    )
+    equal = int((norms == expected).sum())
+    worst = float(((norms.float() - expected.float()) / expected.float()).abs().max())
+    return [f"check l1 kernel {name}: {equal}/{norms.numel()} equal, max rel diff {worst:.2e}"]
+
+
 def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -> list[str]:
     """Lines saying whether the fast paths equal the reference paths on the engine's tensors:
     the bracketed top-k select against a stable sort, the fused GTA kernel against the torch
@@ -189,24 +222,41 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     from mergeopt.merge.methods import (
         METHODS,
         _magnitude_keys,
+        _select_kernels,
         generalized_task_arithmetic,
+        magnitude_masks_batch,
         top_magnitude_masks,
     )
 
     lines = []
     for name in names:
         delta = engine._stack[name][0]
+        path = "triton" if _select_kernels(delta) is not None else "bracket"
         keys = _magnitude_keys(delta)
         order = torch.sort(keys, descending=True, stable=True).indices
         n = delta.numel()
         ks = [n // 2, int(0.51 * n), n // 100, 1, n - 1]
-        masks = top_magnitude_masks(delta, ks)
+
+        try:
+            masks = top_magnitude_masks(delta, ks)
+            band = magnitude_masks_batch("magnitude_outliers", [(delta, 0.5, 0.01)])[0]
+        except Exception as exc:  # a selection kernel that fails to build: time without it
+            lines.append(f"check top-k ({path}): FAIL ({exc!r:.300}); timing without it")
+            os.environ["MERGEOPT_FUSED_SELECT"] = "0"
+            masks = top_magnitude_masks(delta, ks)
+            band = magnitude_masks_batch("magnitude_outliers", [(delta, 0.5, 0.01)])[0]
+            path = "bracket"
         for k, mask in zip(ks, masks, strict=True):
-            reference = torch.zeros(n, dtype=torch.bool, device=delta.device)
-            reference[order[:k]] = True
-            ok = torch.equal(mask.view(-1), reference)
-            lines.append(f"check top-k {name} k={k}: {'ok' if ok else 'FAIL'}")
+            ok = torch.equal(mask.view(-1), prefix_mask(order, k))
+            lines.append(f"check top-k ({path}) {name} k={k}: {'ok' if ok else 'FAIL'}")
+        assert band is not None
+        expected = prefix_mask(order, int(0.5 * n) + int(0.01 * n)) ^ prefix_mask(
+            order, int(0.01 * n)
+        )
+        ok = torch.equal(band.view(-1), expected)
+        lines.append(f"check breadcrumbs band ({path}) {name}: {'ok' if ok else 'FAIL'}")
         del order, keys
+    lines += check_l1_kernel(engine, names[0])
     for method in methods:
         spec = METHODS.get(method)
         if spec is None or spec.kind != "gta" or spec.sparsification is None:

@@ -354,3 +354,86 @@ def test_one_launch_block_sum_equals_the_per_tensor_kernel(with_base: bool) -> N
             out=torch.empty_like(out),
         )
         assert torch.equal(out, alone)
+
+
+@pytest.fixture
+def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route 16-bit top-k selections through the Triton passes (on the CPU: the interpreter)
+    with a sample smaller than the tensors."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from mergeopt.merge import triton_kernels
+
+    def kernels_for(x: torch.Tensor) -> object | None:
+        return triton_kernels if triton_kernels.select_supported(x) else None
+
+    monkeypatch.setattr(methods, "_select_kernels", kernels_for)
+    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
+    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 4096)
+    methods._sample_positions.cache_clear()
+
+
+def on_device(x: torch.Tensor) -> torch.Tensor:
+    return x.cuda() if torch.cuda.is_available() else x
+
+
+@pytest.mark.parametrize("kind", ["bf16 task vector", "four values", "all zero", "mostly zero"])
+def test_triton_select_equals_a_stable_sort_on_tie_heavy_inputs(
+    kind: str, triton_selection: None, radix_fallbacks: list[int]
+) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        x = tie_heavy_inputs(20_000)[kind].to(dtype)
+        n = x.numel()
+        ks = [1, 2, 200, 5_000, n // 2, int(0.51 * n), 19_000, n - 1]
+        masks = methods.top_magnitude_masks(on_device(x), ks)
+        for k, mask in zip(ks, masks, strict=True):
+            assert torch.equal(mask.cpu(), reference_top_mask(x, k)), (kind, dtype, k)
+        if kind == "bf16 task vector" and dtype == torch.bfloat16:
+            # a smooth distribution: the window holds the thresholds (the sample is small here:
+            # the 95th percentile is 128 keys above its bracket, past the 127-key window)
+            assert set(radix_fallbacks) <= {19_000}, radix_fallbacks
+
+
+def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None) -> None:
+    # 3 tiles of 8192: the ties at the threshold are ranked across tile boundaries
+    x = (torch.randint(-3, 4, (20_000,), generator=torch.Generator().manual_seed(4))).bfloat16()
+    n = x.numel()
+    for density, gamma in ((0.3, 0.05), (0.5, 0.2), (0.01, 0.01)):
+        mask = methods.magnitude_masks_batch("magnitude_outliers", [(on_device(x), density, gamma)])
+        dropped = int(gamma * n)
+        band = reference_top_mask(x, dropped + int(density * n)) ^ reference_top_mask(x, dropped)
+        assert mask[0] is not None and torch.equal(mask[0].cpu(), band), (density, gamma)
+
+
+def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
+    triton_selection: None, monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
+) -> None:
+    from mergeopt.merge import triton_kernels
+
+    # a two-bin window (one key, then "above") misses wherever the threshold is not lo itself
+    monkeypatch.setattr(triton_kernels, "SELECT_BINS", 2)
+    x = (torch.randn(20_000, generator=torch.Generator().manual_seed(5)) * 0.02).bfloat16()
+    for k in (7, 10_000, 19_993):
+        assert torch.equal(top_magnitude_mask(on_device(x), k).cpu(), reference_top_mask(x, k))
+    band = methods.magnitude_masks_batch("magnitude_outliers", [(on_device(x), 0.3, 0.05)])[0]
+    expected = reference_top_mask(x, 7000) ^ reference_top_mask(x, 1000)
+    assert band is not None and torch.equal(band.cpu(), expected)
+    assert 10_000 in radix_fallbacks and 7000 in radix_fallbacks
+
+
+def test_one_pass_l1_norms_match_vector_norm(triton_selection: None) -> None:
+    from mergeopt.merge import triton_kernels
+
+    generator = torch.Generator().manual_seed(14)
+    task_vectors = on_device((torch.randn(3, 130, 170, generator=generator) * 0.01).bfloat16())
+    masks = on_device(torch.rand(3, 130, 170, generator=generator) < 0.4)
+    masks[2] = True  # an expert keeping everything: both norms equal, its factor exactly 1
+    norms = triton_kernels.l1_norms(task_vectors, masks)
+    rows = task_vectors.view(3, -1).float()
+    expected = torch.stack(
+        [rows.abs().sum(1), torch.where(masks.view(3, -1), rows, 0).abs().sum(1)]
+    ).to(torch.bfloat16)
+    assert norms.dtype == torch.bfloat16
+    assert torch.allclose(norms.float(), expected.float(), rtol=1e-2)
+    assert norms[0, 2] == norms[1, 2]

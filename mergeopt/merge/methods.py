@@ -312,19 +312,56 @@ class _Bracket:
         return above
 
 
+def _bracket_lo_index(n: int, k: int, m: int) -> int:
+    """Index into a descending sample of ``m`` keys (of ``n``) below which the k-th largest
+    key lies with overwhelming probability (``_Bracket``'s lower end; ``m``: past the
+    sample)."""
+    fraction = k / n
+    spread = _SAMPLE_SIGMAS * math.sqrt(m * fraction * (1 - fraction)) + 4
+    return min(max(math.ceil(fraction * m + spread), 0), m)
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_arguments(
+    n: int, ks: tuple[int, ...], m: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device tensors (lower bracket indices, ks) of a Triton selection, made once per
+    tensor size and ks (a host-to-device copy per tensor would cost a launch each). Read-only."""
+    lo_indices = [_bracket_lo_index(n, k, m) for k in ks]
+    return (
+        torch.tensor(lo_indices, dtype=torch.int32).to(device),
+        torch.tensor(ks, dtype=torch.int64).to(device),
+    )
+
+
+def _select_kernels(x: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels module when ``x``'s top-k selection can run there (see
+    :func:`_fused_kernels`; 16-bit floats; ``MERGEOPT_FUSED_SELECT`` not ``0``)."""
+    if os.environ.get("MERGEOPT_FUSED_SELECT", "1") == "0":
+        return None
+    kernels = _fused_kernels(x)
+    return kernels if kernels is not None and kernels.select_supported(x) else None
+
+
 def top_magnitude_masks_batch(
     requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
+    *,
+    band: Sequence[bool] | None = None,
 ) -> list[list[torch.Tensor]]:
     """For each request ``(x, ks)``: boolean masks (shape of ``x``) of the ``k`` elements of
     largest magnitude, one per ``k``; one host sync for the whole batch (the engine passes a
-    whole block), none when every tensor is small.
+    whole block), none when every tensor is small. ``band[i]`` (request i has two ks): one
+    mask instead, the first top-k minus the second (breadcrumbs' kept band).
 
     Exact: elements above the k-th largest magnitude, plus as many elements equal to it as
     needed, taken in index order. Small tensors: one stable sort. Large ones: a sampled
-    bracket and an exact count (:class:`_Bracket`), no sort or histogram of the whole tensor.
+    bracket and an exact count, no sort or histogram of the whole tensor: on CUDA for 16-bit
+    tensors three Triton passes (a window histogram below the bracket, the ties per tile,
+    the mask; ``triton_kernels.top_select``), elsewhere :class:`_Bracket`.
     """
     results: list[list[torch.Tensor | None]] = []
     brackets: list[tuple[int, int, _Bracket]] = []
+    selects: list[tuple[int, list[int], bool, torch.Tensor, torch.Tensor]] = []
     for request_index, (x, ks) in enumerate(requests):
         n = x.numel()
         masks: list[torch.Tensor | None] = [None] * len(ks)
@@ -334,7 +371,23 @@ def top_magnitude_masks_batch(
             elif k <= 0:
                 masks[index] = torch.zeros_like(x, dtype=torch.bool)
         pending = [index for index, mask in enumerate(masks) if mask is None]
-        if pending:
+        kernels = _select_kernels(x) if pending and n > _SORT_BELOW else None
+        if kernels is not None:
+            positions = _sample_positions(n, x.device)
+            sample = torch.sort(
+                x.reshape(-1).view(torch.int16)[positions].bitwise_and_(0x7FFF), descending=True
+            ).values
+            wanted = tuple(ks[index] for index in pending)
+            lo_indices, k_tensor = _select_arguments(n, wanted, sample.numel(), x.device)
+            as_band = bool(band and band[request_index]) and len(pending) == 2
+            found, status = kernels.top_select(x, sample, lo_indices, k_tensor, xor=as_band)
+            selects.append((request_index, pending, as_band, found, status))
+            if as_band:
+                masks = [found.view(torch.bool).view(x.shape)]
+            else:
+                for row, index in enumerate(pending):
+                    masks[index] = found[row].view(torch.bool).view(x.shape)
+        elif pending:
             keys = _magnitude_keys(x)
             if n <= _SORT_BELOW:
                 # Small tensors (norms, biases): one stable sort beats any counting.
@@ -350,13 +403,30 @@ def top_magnitude_masks_batch(
                     brackets.append((request_index, index, _Bracket(keys, ks[index], sample)))
         results.append(masks)
     device_values = [value for _, _, bracket in brackets for value in bracket.device_values]
-    values = torch.stack(device_values).tolist() if device_values else []  # the one sync
+    device_values += [status[:, 2] for *_, status in selects]
+    # the one sync
+    values = torch.cat([v.reshape(-1) for v in device_values]).tolist() if device_values else []
     start = 0
     for request_index, index, bracket in brackets:
         count = len(bracket.device_values)
         mask = bracket.finish(values[start : start + count])
         start += count
         results[request_index][index] = mask.view(requests[request_index][0].shape)
+    for request_index, pending, as_band, found, _ in selects:
+        misses = values[start : start + len(pending)]
+        start += len(pending)
+        if not any(misses):
+            continue
+        # a bracket missed (rare): that selection by the exact radix select
+        x, ks = requests[request_index]
+        keys = _magnitude_keys(x)
+        if as_band:
+            exact = [_radix_top_mask(keys, ks[index]) for index in pending]
+            found[0].copy_(exact[0].logical_xor_(exact[1]).view(torch.uint8))
+            continue
+        for row, (miss, index) in enumerate(zip(misses, pending, strict=True)):
+            if miss:
+                found[row].copy_(_radix_top_mask(keys, ks[index]).view(torch.uint8))
     return [[mask for mask in masks if mask is not None] for masks in results]
 
 
@@ -478,7 +548,7 @@ def magnitude_masks_batch(
             continue
         slots.append(len(requests))
         requests.append((delta, _magnitude_ranks(method, delta.numel(), density, gamma)))
-    found = top_magnitude_masks_batch(requests)
+    found = top_magnitude_masks_batch(requests, band=[True] * len(requests))
     return [None if slot is None else _magnitude_mask_from_tops(found[slot]) for slot in slots]
 
 
@@ -661,15 +731,19 @@ def generalized_task_arithmetic(
         if rescale and any(m is not None for m in masks):
             # mergekit's L1 norms before and after masking, all experts in three ops; an
             # expert without a mask has equal norms, hence the factor 1 (exactly)
-            rows = task_vectors.view(len(masks), -1)
-            norms = torch.stack(
-                [
-                    torch.linalg.vector_norm(rows, 1, dim=1),
-                    torch.linalg.vector_norm(
-                        torch.where(stacked.view(len(masks), -1), rows, 0), 1, dim=1
-                    ),
-                ]
-            )
+            if os.environ.get("MERGEOPT_FUSED_L1", "1") != "0":
+                # one Triton pass over task vectors and masks, no masked copy
+                norms = kernels.l1_norms(task_vectors, stacked)
+            else:
+                rows = task_vectors.view(len(masks), -1)
+                norms = torch.stack(
+                    [
+                        torch.linalg.vector_norm(rows, 1, dim=1),
+                        torch.linalg.vector_norm(
+                            torch.where(stacked.view(len(masks), -1), rows, 0), 1, dim=1
+                        ),
+                    ]
+                )
         return kernels.gta_combine(
             base,
             task_vectors,

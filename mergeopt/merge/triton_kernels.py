@@ -310,6 +310,225 @@ def weighted_sum(
     return out
 
 
+@triton.jit
+def _l1_partials_kernel(
+    tv_ptr, mask_ptr, out_ptr, n, programs, N: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Per tile and expert: the fp32 sums of |x| over all elements and over the kept ones."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    for i in tl.static_range(N):
+        x = tl.abs(tl.load(tv_ptr + i * n + offs, mask=inside, other=0).to(tl.float32))
+        keep = tl.load(mask_ptr + i * n + offs, mask=inside, other=0) != 0
+        tl.store(out_ptr + i * programs + pid, tl.sum(x, 0))
+        tl.store(out_ptr + (N + i) * programs + pid, tl.sum(tl.where(keep, x, 0.0), 0))
+
+
+def l1_norms(task_vectors: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The 2 x N L1 norms (each task vector's, then its kept part's) in the task vectors'
+    dtype, from one pass over the task vectors and masks (no masked copy): fp32 partial sums
+    per tile, summed by torch, rounded once, as ``vector_norm`` accumulates and rounds (the
+    order of the fp32 additions differs, so a norm may differ in its last fp32 bit)."""
+    count = task_vectors.shape[0]
+    n = task_vectors[0].numel()
+    block = 8192
+    programs = triton.cdiv(n, block)
+    partials = torch.empty((2 * count, programs), dtype=torch.float32, device=masks.device)
+    _l1_partials_kernel[(programs,)](
+        task_vectors, masks.view(torch.uint8), partials, n, programs, N=count, BLOCK=block,
+        num_warps=8,
+    )  # fmt: skip
+    return partials.sum(1).view(2, count).to(task_vectors.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact top-k magnitude selection of 16-bit tensors, no mask or key tensor until the last pass
+
+SELECT_BINS = 128
+"""Bins of a selection's window: keys ``lo .. lo + SELECT_BINS - 2`` one bin each, the last
+bin every key above (a k-th largest key there, or below ``lo``, is a miss: exact fallback)."""
+
+_SELECT_TILE = 8192
+
+
+@triton.jit
+def _select_keys(x_ptr, offs, inside):
+    """The 15-bit magnitude keys (|x|'s bit pattern) of 16-bit floats read as int16."""
+    return tl.load(x_ptr + offs, mask=inside, other=0).to(tl.int32) & 0x7FFF
+
+
+@triton.jit
+def _select_lo(sample_ptr, lo_index_ptr, s, m):
+    """Selection ``s``'s window start: the sorted sample's key at its lower bracket index,
+    0 when that index lies past the sample (every key is in or above the window)."""
+    index = tl.load(lo_index_ptr + s)
+    value = tl.load(sample_ptr + tl.minimum(index, m - 1)).to(tl.int32) & 0x7FFF
+    return tl.where(index < m, value, 0)
+
+
+@triton.jit
+def _select_resolve(hist_ptr, k_ptr, s, lo, BINS: tl.constexpr):
+    """From selection ``s``'s window histogram: the k-th largest key ``t``, how many keys equal
+    to it the top-k takes (``missing``), and whether the window missed it (then ``t`` is
+    larger than any key and ``missing`` 0, so nothing is selected)."""
+    bins = tl.arange(0, BINS)
+    counts = tl.load(hist_ptr + s * BINS + bins).to(tl.int64)
+    from_top = tl.cumsum(counts, 0, reverse=True)  # keys in this bin or above
+    k = tl.load(k_ptr + s)
+    position = tl.max(tl.where(from_top >= k, bins, -1), 0)
+    miss = (position < 0) | (position == BINS - 1)
+    at = tl.sum(tl.where(bins == position, from_top - counts, 0), 0)  # keys above the bin
+    t = tl.where(miss, 0x8000, lo + position)
+    missing = tl.where(miss, 0, k - at)
+    return t, missing, miss
+
+
+@triton.jit
+def _select_hist_kernel(
+    x_ptr,
+    n,
+    sample_ptr,
+    m,
+    lo_index_ptr,
+    hist_ptr,
+    T: tl.constexpr,
+    BINS: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Pass 1: each program adds its tile's window histogram (one per selection) to the
+    global one: a block-local histogram, then one atomic per non-empty bin."""
+    offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    inside = offs < n
+    keys = _select_keys(x_ptr, offs, inside)
+    for s in tl.static_range(T):
+        relative = keys - _select_lo(sample_ptr, lo_index_ptr, s, m)
+        in_window = inside & (relative >= 0)
+        local = tl.histogram(tl.minimum(tl.maximum(relative, 0), BINS - 1), BINS, in_window)
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(hist_ptr + s * BINS + bins, local, mask=local != 0)
+
+
+@triton.jit
+def _select_equal_kernel(
+    x_ptr,
+    n,
+    sample_ptr,
+    m,
+    lo_index_ptr,
+    hist_ptr,
+    k_ptr,
+    equal_ptr,
+    status_ptr,
+    programs,
+    T: tl.constexpr,
+    BINS: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Pass 2: each program counts its keys equal to each selection's threshold (their
+    prefix sums give the index-order rank of the ties); program 0 writes the status rows
+    (threshold, ties taken, miss)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    inside = offs < n
+    keys = _select_keys(x_ptr, offs, inside)
+    for s in tl.static_range(T):
+        lo = _select_lo(sample_ptr, lo_index_ptr, s, m)
+        t, missing, miss = _select_resolve(hist_ptr, k_ptr, s, lo, BINS)
+        equal = tl.sum((inside & (keys == t)).to(tl.int32), 0)
+        tl.store(equal_ptr + s * programs + pid, equal)
+        if pid == 0:
+            tl.store(status_ptr + s * 3, t.to(tl.int64))
+            tl.store(status_ptr + s * 3 + 1, missing.to(tl.int64))
+            tl.store(status_ptr + s * 3 + 2, miss.to(tl.int64))
+
+
+@triton.jit
+def _select_mask_kernel(
+    x_ptr,
+    n,
+    sample_ptr,
+    m,
+    lo_index_ptr,
+    hist_ptr,
+    k_ptr,
+    equal_prefix_ptr,
+    out_ptr,
+    programs,
+    T: tl.constexpr,
+    XOR: tl.constexpr,
+    BINS: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Pass 3: the masks: keys above the threshold, plus the first ``missing`` keys equal to
+    it in index order (rank = ties in earlier tiles + inclusive rank in this tile). ``XOR``:
+    one mask, the first selection's minus the second's (breadcrumbs' band)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    inside = offs < n
+    keys = _select_keys(x_ptr, offs, inside)
+    band = tl.zeros([TILE], dtype=tl.int1)
+    for s in tl.static_range(T):
+        lo = _select_lo(sample_ptr, lo_index_ptr, s, m)
+        t, missing, miss = _select_resolve(hist_ptr, k_ptr, s, lo, BINS)
+        equal = inside & (keys == t)
+        before = tl.load(equal_prefix_ptr + s * programs + pid - 1, mask=pid > 0, other=0).to(
+            tl.int64
+        )
+        rank = before + tl.cumsum(equal.to(tl.int32), 0).to(tl.int64)
+        keep = inside & ((keys > t) | (equal & (rank <= missing)))
+        if XOR:
+            band = band ^ keep
+        else:
+            tl.store(out_ptr + s * n + offs, keep.to(tl.uint8), mask=inside)
+    if XOR:
+        tl.store(out_ptr + offs, band.to(tl.uint8), mask=inside)
+
+
+def select_supported(x: torch.Tensor) -> bool:
+    """Whether :func:`top_select` takes ``x``: contiguous 16-bit floats, under 2^31 elements."""
+    sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
+    return x.is_contiguous() and sixteen_bit and 0 < x.numel() < 2**31
+
+
+def top_select(
+    x: torch.Tensor,
+    sample: torch.Tensor,
+    lo_indices: torch.Tensor,
+    ks: torch.Tensor,
+    *,
+    xor: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` magnitude masks of 16-bit ``x`` for T values of k, in three passes
+    over ``x`` and no host sync (``methods.top_magnitude_masks_batch`` describes the order).
+
+    ``sample``: magnitude keys of a sample of ``x``, sorted descending (int16);
+    ``lo_indices`` (T, int32): each selection's lower bracket index into it; ``ks`` (T,
+    int64). Returns the masks (T x numel uint8, or 1 x numel with ``xor``: the first mask
+    minus the second) and a T x 3 int64 status (threshold key, ties taken, miss). A miss
+    row's mask is empty: the caller, after its host sync, replaces it by an exact fallback.
+    """
+    n = x.numel()
+    count = ks.numel()
+    keys = x.view(-1).view(torch.int16)
+    programs = triton.cdiv(n, _SELECT_TILE)
+    hist = torch.zeros((count, SELECT_BINS), dtype=torch.int32, device=x.device)
+    equal = torch.empty((count, programs), dtype=torch.int32, device=x.device)
+    status = torch.empty((count, 3), dtype=torch.int64, device=x.device)
+    common = {"T": count, "BINS": SELECT_BINS, "TILE": _SELECT_TILE, "num_warps": 8}
+    m = sample.numel()
+    _select_hist_kernel[(programs,)](keys, n, sample, m, lo_indices, hist, **common)
+    _select_equal_kernel[(programs,)](
+        keys, n, sample, m, lo_indices, hist, ks, equal, status, programs, **common
+    )
+    prefix = equal.cumsum(1)
+    masks = torch.empty((1 if xor else count, n), dtype=torch.uint8, device=x.device)
+    _select_mask_kernel[(programs,)](
+        keys, n, sample, m, lo_indices, hist, ks, prefix, masks, programs, XOR=xor, **common
+    )
+    return masks, status
+
+
 def supported(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the kernels take these tensors (contiguous, one float dtype they know)."""
     return all(t.is_contiguous() and t.dtype in _KIND for t in tensors)
