@@ -8,13 +8,14 @@ Python drivers of the ``db`` extra filled in when the URL names no driver.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -391,3 +392,119 @@ class TrialHeartbeats:
         while not self._stop.wait(self._interval):
             for trial_id in self.held():
                 self._beat(trial_id)
+
+
+# --------------------------------------------------------------------------- cheap trial I/O
+# Optuna commits every parameter and every user attr in a transaction of its own, and answers
+# "how many trials are COMPLETE" by reading every trial. The worker loop does both on every
+# trial; on a 2-core machine with 4 workers that made the storage, not the objective, the
+# bottleneck (scripts/bench_storage.py, docs/bench/storage-*.md).
+
+
+def _rdb_backend(storage: Any) -> Any:
+    """The ``RDBStorage`` behind ``storage`` (Optuna wraps it in a ``_CachedStorage``)."""
+    from optuna.storages import RDBStorage
+
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
+
+
+def count_trials(study: optuna.Study, *, below_number: int | None = None) -> dict[str, int]:
+    """Trials of ``study`` per state name (``COMPLETE``, ``RUNNING``, ...), optionally only those
+    numbered below ``below_number``: one ``COUNT ... GROUP BY`` on an RDB storage."""
+    from optuna.trial import TrialState
+
+    counts = {state.name: 0 for state in TrialState}
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        for trial in study.get_trials(deepcopy=False):
+            if below_number is None or trial.number < below_number:
+                counts[trial.state.name] += 1
+        return counts
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    query = (
+        sqlalchemy.select(models.TrialModel.state, sqlalchemy.func.count())
+        .where(models.TrialModel.study_id == study._study_id)
+        .group_by(models.TrialModel.state)
+    )
+    if below_number is not None:
+        query = query.where(models.TrialModel.number < below_number)
+    with backend.engine.connect() as connection:
+        for state, count in connection.execute(query):
+            counts[TrialState(state).name if isinstance(state, int) else state.name] += count
+    return counts
+
+
+def trial_state(storage: Any, trial_id: int) -> optuna.trial.TrialState:
+    """The state of one trial, read alone (``get_trial`` also loads its params and attrs)."""
+    backend = _rdb_backend(storage)
+    if backend is None:
+        return storage.get_trial(trial_id).state
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    query = sqlalchemy.select(models.TrialModel.state).where(models.TrialModel.trial_id == trial_id)
+    with backend.engine.connect() as connection:
+        state = connection.execute(query).scalar_one()
+    return TrialState(state) if isinstance(state, int) else state
+
+
+@contextlib.contextmanager
+def batched_trial_writes(storage: Any) -> Iterator[None]:
+    """Write the trial parameters and user attrs set inside the block in one transaction.
+
+    ``study.ask(distributions)`` stores each parameter with its own commit (148 for a 37-block,
+    2-expert, 2-parameter genome) and ``trial.set_user_attr`` does the same per key; inside
+    this block those calls on ``storage`` (a study's ``_storage``) are collected and written
+    together when the block ends without an exception. If it raises, nothing collected is
+    written: the trial stays RUNNING without parameters and is failed like any abandoned trial.
+    Storages other than Optuna's RDB storage are written to directly.
+    """
+    backend = _rdb_backend(storage)
+    if backend is None or not all(
+        hasattr(backend, name)
+        for name in ("_set_trial_attr_without_commit", "check_trial_is_updatable")
+    ):
+        yield
+        return
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    params: list[tuple[int, str, float, Any]] = []
+    user_attrs: list[tuple[int, str, Any]] = []
+    storage.set_trial_param = lambda trial_id, name, value, distribution: params.append(
+        (trial_id, name, value, distribution)
+    )
+    storage.set_trial_user_attr = lambda trial_id, key, value: user_attrs.append(
+        (trial_id, key, value)
+    )
+    try:
+        yield
+    finally:
+        del storage.set_trial_param, storage.set_trial_user_attr  # the class's methods again
+    if not params and not user_attrs:
+        return
+    with _create_scoped_session(backend.scoped_session) as session:
+        # Optuna's per-parameter path re-reads the trial and an earlier trial's distribution
+        # for every parameter; the trial is checked once, and the genome's distributions are
+        # the study's by construction.
+        for trial_id in {trial_id for trial_id, *_ in params}:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            backend.check_trial_is_updatable(trial_id, trial.state)
+        session.add_all(
+            models.TrialParamModel(
+                trial_id=trial_id,
+                param_name=name,
+                param_value=value,
+                distribution_json=distribution_to_json(distribution),
+            )
+            for trial_id, name, value, distribution in params
+        )
+        for trial_id, key, value in user_attrs:
+            backend._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value
+            )

@@ -33,11 +33,14 @@ from mergeopt.spec import StudySpec
 from mergeopt.storage import (
     DatabaseUnreachable,
     TrialHeartbeats,
+    batched_trial_writes,
     connection_error_text,
+    count_trials,
     is_connection_error,
     load_study,
     mask_url,
     open_storage,
+    trial_state,
 )
 
 if TYPE_CHECKING:
@@ -252,12 +255,7 @@ def stored_layout(study: optuna.Study) -> BlockLayout:
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     """Number of trials per state name (COMPLETE, RUNNING, FAIL, WAITING, PRUNED)."""
-    from optuna.trial import TrialState
-
-    counts = {state.name: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] += 1
-    return counts
+    return count_trials(study)
 
 
 # --------------------------------------------------------------------------- the trial loop
@@ -507,8 +505,12 @@ def run_worker(
             _abandon(study, orphans[0], reason="the database connection was lost during ask")
             orphans.pop(0)
         try:
-            with interrupts.deferred():  # a trial row must never exist without its handle
-                return study.ask(distributions)
+            # A trial row must never exist without its handle; its parameters and worker
+            # label go to the database in one transaction.
+            with interrupts.deferred(), batched_trial_writes(study._storage):
+                trial = study.ask(distributions)
+                trial.set_user_attr(attrs.WORKER, label)
+                return trial
         except Exception as exc:
             if is_connection_error(exc):
                 for trial_id in heartbeats.held():
@@ -534,7 +536,6 @@ def run_worker(
                         reason = f"surplus: the study already has {n_trials}"
                         reconnect.call(_give_back, study, trial, reason=reason)
                         continue
-                    reconnect.call(trial.set_user_attr, attrs.WORKER, label)
                     outcome = _run_one(study, trial, runner, reconnect, TrialEvaluationError)
                 except KeyboardInterrupt:
                     if trial is not None:
@@ -645,14 +646,8 @@ def _sampler_exhausted(study: optuna.Study) -> bool:
 
 def _is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     """Another worker asked at the same moment: trials before this one already fill the study."""
-    from optuna.trial import TrialState
-
-    earlier = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        if t.number < number
-    ]
-    return len(earlier) >= n_trials
+    earlier = count_trials(study, below_number=number)
+    return earlier["COMPLETE"] + earlier["RUNNING"] >= n_trials
 
 
 # User attrs that describe one evaluation attempt, not the candidate: not copied on requeue.
@@ -749,12 +744,12 @@ def _tell_result(
     from optuna.trial import TrialState
 
     storage = study._storage
-    frozen = storage.get_trial(trial._trial_id)
-    if frozen.state == TrialState.COMPLETE:
+    state = trial_state(storage, trial._trial_id)
+    if state == TrialState.COMPLETE:
         return TrialState.COMPLETE  # told by an attempt whose reply was lost
     target = trial._trial_id
-    if frozen.state != TrialState.RUNNING:
-        target = _adopt_retry(study, frozen.number)
+    if state != TrialState.RUNNING:
+        target = _adopt_retry(study, trial.number)
         if target is None:
             logger.warning(
                 "trial %d was failed while its result was on the way; its candidate is "
@@ -762,9 +757,11 @@ def _tell_result(
                 trial.number,
             )
             return TrialState.FAIL
-    for key, value in user_attrs.items():
-        storage.set_trial_user_attr(target, key, value)
-    study.tell(storage.get_trial(target).number, values, skip_if_finished=True)
+    with batched_trial_writes(storage):
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(target, key, value)
+    number = trial.number if target == trial._trial_id else storage.get_trial(target).number
+    study.tell(number, values, skip_if_finished=True)
     return TrialState.COMPLETE
 
 
