@@ -507,10 +507,16 @@ def run_worker(
         try:
             # A trial row must never exist without its handle; its parameters and worker
             # label go to the database in one transaction.
+            asked = None
             with interrupts.deferred(), batched_trial_writes(study._storage):
-                trial = study.ask(distributions)
-                trial.set_user_attr(attrs.WORKER, label)
-                return trial
+                asked = study.ask(distributions)
+                asked.set_user_attr(attrs.WORKER, label)
+            return asked
+        except KeyboardInterrupt:  # raised as the deferred section ends: the trial exists
+            if asked is not None:
+                reason = "interrupted (Ctrl-C); requeued"
+                _give_back(study, asked, reason=reason, requeue_sampled=True)
+            raise
         except Exception as exc:
             if is_connection_error(exc):
                 for trial_id in heartbeats.held():
