@@ -17,6 +17,8 @@ import typer
 from mergeopt.errors import UserError
 from mergeopt.export import PREFERENCE_RULE
 
+USAGE_ERROR_EXIT = 2  # the same code as a user error: a mistake in what was typed
+
 app = typer.Typer(
     name="mergeopt",
     help="Search merge recipes (per-block weights and densities) of fine-tuned LLMs with Optuna "
@@ -402,12 +404,32 @@ def merge(
 
 
 def main() -> None:
-    """Console entry point: user errors are one line on stderr and exit code 2."""
+    """Console entry point: user errors, command-line mistakes included, are one line on stderr
+    and exit code 2."""
+    try:  # typer >= 0.25 ships its own copy of click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        from click import exceptions as click_exceptions
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except click_exceptions.NoArgsIsHelpError as exc:  # `mergeopt study`: the group's help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "mergeopt"
+        print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        sys.exit(USAGE_ERROR_EXIT)
+    except click_exceptions.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click_exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

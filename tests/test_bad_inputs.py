@@ -32,7 +32,7 @@ from tests.conftest import MARIADB_ADMIN, REPO, run_cli, tiny_spec, write_spec
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text())
-CHEAP_GROUPS = ("yaml", "spec", "storage")  # they fail before any model or study is read
+CHEAP_GROUPS = ("yaml", "spec", "storage", "usage")  # they fail before any model or study is read
 SMALL_DISK_BYTES = 2 * 1024 * 1024
 
 
@@ -558,7 +558,7 @@ def test_corpus_is_complete() -> None:
     assert len(ids) >= 40
     assert len(set(ids)) == len(ids)
     for case in CASES:
-        assert case["group"] in ("yaml", "spec", "models", "tasks", "storage", "study",
+        assert case["group"] in ("yaml", "spec", "models", "tasks", "storage", "study", "usage",
                                  "export", "merge"), case["id"]  # fmt: skip
         assert case["needles"], case["id"]
         for name in case.get("prepare", []):
