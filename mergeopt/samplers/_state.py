@@ -15,10 +15,11 @@ Batch protocol (used by ``saasbo-qnehvi`` and ``cmaes``; key prefix ``mergeopt:<
    holds parameters (put there by another worker's fit, step 4), T takes them.
 3. T tries to become *the fitter* with a timed lock in the study system attr ``fit_lock``
    (Fischer's timed mutual exclusion, Lynch & Shavit 1992 / Lamport 1987): read the lock; if it
-   is free or expired, write ``{"token": <uuid4>, "expires": now + lock_ttl}``, wait
-   ``settle_seconds`` (longer than any competitor's read-to-write gap), re-read, and only the
-   worker whose token is still there has the lock. An expired lock (a fitter that died) is
-   taken over.
+   is free or expired, write ``{"token": <uuid4>, "expires": now + lock_ttl, "trial_id": T}``,
+   wait ``settle_seconds`` (longer than any competitor's read-to-write gap), re-read, and only
+   the worker whose token is still there has the lock. The lock of a fitter that died is taken
+   over when it expires, or as soon as its trial is failed as stale (after the heartbeat grace
+   period), whichever comes first.
 4. The fitter lists the RUNNING trials that are waiting (system attr ``waiting``, no
    ``assigned`` yet), asks the sampler for at least ``1 + len(waiting)`` candidates (more when
    the batch size is larger), keeps the first for T, writes one into each waiting trial's
@@ -220,23 +221,40 @@ class BatchCoordinator:
         # In one process the in-memory storage is guarded by a lock: no race to wait out.
         return 0.0 if isinstance(study._storage, InMemoryStorage) else 0.25
 
-    def _try_lock(self, study: Study) -> str | None:
+    def _try_lock(self, study: Study, trial_id: int | None = None) -> str | None:
         storage = study._storage
         current = storage.get_study_system_attrs(study._study_id).get(self.lock_key)
         now = time.time()
-        if current and current.get("token") and current.get("expires", 0.0) > now:
+        if (
+            current
+            and current.get("token")
+            and current.get("expires", 0.0) > now
+            and not self._holder_is_dead(study, current.get("trial_id"))
+        ):
             return None
         token = uuid.uuid4().hex
         storage.set_study_system_attr(
             study._study_id,
             self.lock_key,
-            {"token": token, "expires": now + self.lock_ttl_seconds},
+            {"token": token, "expires": now + self.lock_ttl_seconds, "trial_id": trial_id},
         )
         settle = self._settle(study)
         if settle > 0:
             time.sleep(settle)
         current = storage.get_study_system_attrs(study._study_id).get(self.lock_key)
         return token if current and current.get("token") == token else None
+
+    @staticmethod
+    def _holder_is_dead(study: Study, holder_trial_id: int | None) -> bool:
+        """The lock holder's trial is finished: it was failed as stale, so its worker died
+        holding the lock (a live fitter's trial is RUNNING and heartbeaten while it fits).
+        Taking the lock over then costs the grace period, not the whole ``lock_ttl``."""
+        if holder_trial_id is None:
+            return False
+        try:
+            return study._storage.get_trial(holder_trial_id).state.is_finished()
+        except KeyError:
+            return True
 
     def _release(self, study: Study, token: str) -> None:
         storage = study._storage
@@ -270,7 +288,7 @@ class BatchCoordinator:
             if assigned is not None:
                 self._set_user_attrs(study, trial, assigned.get("user_attrs", {}))
                 return dict(assigned["params"])
-            token = self._try_lock(study)
+            token = self._try_lock(study, trial._trial_id)
             if token is not None:
                 try:
                     frozen = storage.get_trial(trial._trial_id)
