@@ -402,7 +402,8 @@ class TrialHeartbeats:
 
 
 def _rdb_backend(storage: Any) -> Any:
-    """The ``RDBStorage`` behind ``storage`` (Optuna wraps it in a ``_CachedStorage``)."""
+    """The ``RDBStorage`` behind ``storage`` (a study holds it inside Optuna's in-memory cache
+    of finished trials)."""
     from optuna.storages import RDBStorage
 
     backend = getattr(storage, "_backend", storage)
