@@ -410,6 +410,50 @@ def _rdb_backend(storage: Any) -> Any:
     return backend if isinstance(backend, RDBStorage) else None
 
 
+def clock_unbeaten_trials(study: optuna.Study) -> list[int]:
+    """Start the heartbeat clock of RUNNING trials that never beat; return their ids.
+
+    Optuna's ``study.optimize`` starts a trial's heartbeat thread only after ``study.ask``
+    returned, and ``fail_stale_trials`` ignores trials without a heartbeat. A worker killed in
+    that gap (a few milliseconds, but right after a trial finishes, which is when a generation
+    completes) leaves a trial RUNNING forever, and a batch sampler waiting for it waits
+    forever. A trial whose start lies more than the grace period back and that has no
+    heartbeat row gets one beat here, so it is failed as stale one grace period later unless
+    its worker beats it. (``mergeopt study run`` beats trials from creation and never leaves
+    such a gap; this covers plain Optuna code using the samplers.) Only for RDB storages with
+    heartbeats on: ask-and-tell code must not enable them, as Optuna itself warns.
+    """
+    import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    backend = _rdb_backend(study._storage)
+    if backend is None or backend.heartbeat_interval is None:
+        return []
+    grace = backend.grace_period or 2 * backend.heartbeat_interval
+    started_before = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    old = [
+        t._trial_id
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and t.datetime_start < started_before
+    ]
+    if not old:
+        return []
+    with _create_scoped_session(backend.scoped_session) as session:
+        beaten = {
+            int(row[0])
+            for row in session.query(models.TrialHeartbeatModel.trial_id)
+            .filter(models.TrialHeartbeatModel.trial_id.in_(old))
+            .all()
+        }
+    unbeaten = [trial_id for trial_id in old if trial_id not in beaten]
+    for trial_id in unbeaten:
+        backend.record_heartbeat(trial_id)
+    return unbeaten
+
+
 def count_trials(study: optuna.Study, *, below_number: int | None = None) -> dict[str, int]:
     """Trials of ``study`` per state name (``COMPLETE``, ``RUNNING``, ...), optionally only those
     numbered below ``below_number``: one ``COUNT ... GROUP BY`` on an RDB storage."""

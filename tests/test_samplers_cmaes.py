@@ -163,3 +163,33 @@ def test_a_run_killed_mid_generation_resumes_at_the_same_generation(tmp_path: Pa
         expected = killed_state["individuals"][trial.user_attrs[INDEX_ATTR]]
         np.testing.assert_allclose(cube.to_unit(trial.params), expected, atol=1e-12)
     assert resumed["mean"] != killed_state["mean"]
+
+
+@pytest.mark.timeout(120)
+def test_a_trial_orphaned_before_its_first_heartbeat_does_not_stall_the_generation(
+    tmp_path: Path,
+) -> None:
+    """``study.optimize`` starts a trial's heartbeat only after ``ask`` returns; a worker killed
+    in between leaves a RUNNING trial that never beat, which Optuna never fails as stale. The
+    waiting sampler starts its clock, so it is failed, retried and the generation completes."""
+    storage = RDBStorage(
+        f"sqlite:///{tmp_path / 'cma.db'}",
+        heartbeat_interval=1,
+        grace_period=1,
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
+    )
+    sampler = ScalarizedCmaEsSampler(seed=7, genome=GENOME, lock_ttl_seconds=5.0)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    distributions = GENOME.distributions()
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        first = study.ask(distributions)
+        study.tell(first, _sphere(first.params))
+        orphan = study.ask(distributions)  # popped from the queue, never beaten nor told
+    popsize = read_json_state(study, STATE_KEY)["popsize"]
+
+    def objective(trial: optuna.Trial) -> float:
+        return _sphere({n: trial.suggest_float(n, 0, 1) for n in GENOME.param_names})
+
+    study.optimize(objective, n_trials=popsize, timeout=60)
+    assert study._storage.get_trial(orphan._trial_id).state == TrialState.FAIL
+    assert read_json_state(study, STATE_KEY)["generation"] >= 1

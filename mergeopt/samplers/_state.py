@@ -326,12 +326,16 @@ class BatchCoordinator:
         with Optuna's atomic WAITING -> RUNNING transition, copies its parameters and user
         attrs, and closes the popped trial as FAIL with ``mergeopt:taken_by``. Stale trials
         are failed first (``optuna.storages.fail_stale_trials``), so a lone worker restarted
-        after a crash does not wait for the trial of its dead predecessor.
+        after a crash does not wait for the trial of its dead predecessor, and a trial that
+        never beat gets its clock started (``mergeopt.storage.clock_unbeaten_trials``).
         """
         import optuna
 
+        from mergeopt.storage import clock_unbeaten_trials
+
         storage = study._storage
         with contextlib.suppress(Exception):  # needs heartbeats; a no-op without them
+            clock_unbeaten_trials(study)
             optuna.storages.fail_stale_trials(study)
         for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             params = queued.system_attrs.get("fixed_params")
