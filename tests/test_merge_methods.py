@@ -406,6 +406,53 @@ def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None)
         assert mask[0] is not None and torch.equal(mask[0].cpu(), band), (density, gamma)
 
 
+def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
+    triton_selection: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergeopt.merge import triton_kernels
+
+    launches: list[int] = []
+    many = triton_kernels.top_select_many
+
+    def counted(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        launches.append(len(items))
+        return many(items, *args, **kwargs)
+
+    monkeypatch.setattr(triton_kernels, "top_select_many", counted)
+    generator = torch.Generator().manual_seed(6)
+    # a block's weights for two experts: different sizes, tile counts and tie structures
+    deltas = [
+        (torch.randn(2, 90, 130, generator=generator) * 0.01).bfloat16(),
+        torch.randint(-2, 3, (2, 17_000), generator=generator).bfloat16(),
+        (torch.randn(2, 5, 40, generator=generator) * 0.01).bfloat16(),
+    ]
+    stacked = [on_device(torch.empty(d.shape, dtype=torch.bool)) for d in deltas]
+    items = [
+        (on_device(d[i]), density, 0.02)
+        for d, density in zip(deltas, (0.3, 0.5, 0.9), strict=True)
+        for i in range(2)
+    ]
+    outs = [rows[i] for rows in stacked for i in range(2)]
+    for method in ("magnitude", "magnitude_outliers"):
+        masks = methods.magnitude_masks_batch(method, items, outs=outs)
+        for (delta, density, gamma), mask, out in zip(items, masks, outs, strict=True):
+            n = delta.numel()
+            if method == "magnitude":
+                expected = reference_top_mask(delta.cpu(), int(density * n))
+            else:
+                dropped = int(gamma * n)
+                expected = reference_top_mask(
+                    delta.cpu(), dropped + int(density * n)
+                ) ^ reference_top_mask(delta.cpu(), dropped)
+            assert mask is not None and torch.equal(mask.cpu(), expected), (method, n)
+            assert mask.data_ptr() == out.data_ptr()  # written in place
+        for tensor_index, rows in enumerate(stacked):
+            pair = masks[2 * tensor_index : 2 * tensor_index + 2]
+            assert methods._stack_masks(pair, rows[0]) is rows  # the fused merge copies nothing
+    # one call per method for the tensors with a full sample, one for the small one
+    assert sorted(launches) == [2, 2, 4, 4]
+
+
 def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     triton_selection: None, monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
 ) -> None:

@@ -362,7 +362,16 @@ class MergeEngine:
             for name in names
             for index, p in enumerate(params)
         ]
-        found = magnitude_masks_batch(method, items)
+        outs = None
+        if self.device.type == "cuda":
+            # the fused path writes each expert's mask into a row of one N x shape tensor per
+            # weight, which the fused merge then reads as it is (no stacking copy)
+            stacked = {
+                name: torch.empty(self._stack[name].shape, dtype=torch.bool, device=self.device)
+                for name in names
+            }
+            outs = [stacked[name][index] for name in names for index in range(len(params))]
+        found = magnitude_masks_batch(method, items, outs=outs)
         count = len(params)
         return {name: found[i * count : (i + 1) * count] for i, name in enumerate(names)}
 

@@ -321,17 +321,11 @@ def _bracket_lo_index(n: int, k: int, m: int) -> int:
     return min(max(math.ceil(fraction * m + spread), 0), m)
 
 
-@functools.lru_cache(maxsize=1024)
-def _select_arguments(
-    n: int, ks: tuple[int, ...], m: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device tensors (lower bracket indices, ks) of a Triton selection, made once per
-    tensor size and ks (a host-to-device copy per tensor would cost a launch each). Read-only."""
-    lo_indices = [_bracket_lo_index(n, k, m) for k in ks]
-    return (
-        torch.tensor(lo_indices, dtype=torch.int32).to(device),
-        torch.tensor(ks, dtype=torch.int64).to(device),
-    )
+@functools.lru_cache(maxsize=64)
+def _stacked_sample_positions(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The sample positions of tensors of these sizes as one R x m tensor, made once per
+    block shape (the engine's blocks have two or three shapes). Read-only."""
+    return torch.stack([_sample_positions(n, device) for n in sizes])
 
 
 def _select_kernels(x: torch.Tensor) -> ModuleType | None:
@@ -347,21 +341,30 @@ def top_magnitude_masks_batch(
     requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
     *,
     band: Sequence[bool] | None = None,
+    outs: Sequence[torch.Tensor | None] | None = None,
 ) -> list[list[torch.Tensor]]:
     """For each request ``(x, ks)``: boolean masks (shape of ``x``) of the ``k`` elements of
     largest magnitude, one per ``k``; one host sync for the whole batch (the engine passes a
     whole block), none when every tensor is small. ``band[i]`` (request i has two ks): one
-    mask instead, the first top-k minus the second (breadcrumbs' kept band).
+    mask instead, the first top-k minus the second (breadcrumbs' kept band). ``outs[i]``: a
+    contiguous bool tensor of ``x``'s size that the Triton path writes request i's one mask
+    into and returns as it is (the engine passes the rows of one N x shape tensor, which the
+    fused merge then reads without a copy); other paths return new tensors.
 
     Exact: elements above the k-th largest magnitude, plus as many elements equal to it as
     needed, taken in index order. Small tensors: one stable sort. Large ones: a sampled
     bracket and an exact count, no sort or histogram of the whole tensor: on CUDA for 16-bit
-    tensors three Triton passes (a window histogram below the bracket, the ties per tile,
-    the mask; ``triton_kernels.top_select``), elsewhere :class:`_Bracket`.
+    tensors three Triton passes, each one launch for all tensors of the batch with the same
+    number of ks (a window histogram below the bracket, the ties per tile, the mask;
+    ``triton_kernels.top_select_many``), elsewhere :class:`_Bracket`.
     """
     results: list[list[torch.Tensor | None]] = []
     brackets: list[tuple[int, int, _Bracket]] = []
-    selects: list[tuple[int, list[int], bool, torch.Tensor, torch.Tensor]] = []
+    # fused selections grouped by (number of ks, band, sample size): one launch per pass for
+    # each group (a block's tensors all have full samples: one group)
+    groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]] = {}
+    small: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, int]]] = {}
+    kernels: ModuleType | None = None
     for request_index, (x, ks) in enumerate(requests):
         n = x.numel()
         masks: list[torch.Tensor | None] = [None] * len(ks)
@@ -371,39 +374,74 @@ def top_magnitude_masks_batch(
             elif k <= 0:
                 masks[index] = torch.zeros_like(x, dtype=torch.bool)
         pending = [index for index, mask in enumerate(masks) if mask is None]
-        kernels = _select_kernels(x) if pending and n > _SORT_BELOW else None
-        if kernels is not None:
-            positions = _sample_positions(n, x.device)
-            sample = torch.sort(
-                x.reshape(-1).view(torch.int16)[positions].bitwise_and_(0x7FFF), descending=True
-            ).values
-            wanted = tuple(ks[index] for index in pending)
-            lo_indices, k_tensor = _select_arguments(n, wanted, sample.numel(), x.device)
+        select = _select_kernels(x) if pending and n > _SORT_BELOW else None
+        if select is not None:
+            kernels = select
             as_band = bool(band and band[request_index]) and len(pending) == 2
-            found, status = kernels.top_select(x, sample, lo_indices, k_tensor, xor=as_band)
-            selects.append((request_index, pending, as_band, found, status))
-            if as_band:
-                masks = [found.view(torch.bool).view(x.shape)]
+            rows = 1 if as_band else len(pending)
+            out = outs[request_index] if outs is not None else None
+            use_out = (
+                rows == 1
+                and out is not None
+                and out.dtype == torch.bool
+                and out.is_contiguous()
+                and out.numel() == n
+            )
+            if use_out:
+                assert out is not None
+                found = out.view(torch.uint8).view(1, n)
+            else:
+                found = torch.empty((rows, n), dtype=torch.uint8, device=x.device)
+            group = (len(pending), as_band, min(n, _SAMPLE_SIZE))
+            groups.setdefault(group, []).append((request_index, pending, found))
+            if use_out:
+                # the out tensor itself, so that the fused merge sees the rows of one tensor
+                masks[pending[0]] = out.view(x.shape)
+            elif as_band:
+                masks = [found[0].view(torch.bool).view(x.shape)]
             else:
                 for row, index in enumerate(pending):
                     masks[index] = found[row].view(torch.bool).view(x.shape)
+        elif pending and n <= _SORT_BELOW:
+            # Small tensors (norms, biases): a stable sort beats any counting; one sort for
+            # all small tensors of one size and dtype (a block's norms)
+            small.setdefault((n, x.dtype, x.device), []).extend(
+                (request_index, index) for index in pending
+            )
         elif pending:
             keys = _magnitude_keys(x)
-            if n <= _SORT_BELOW:
-                # Small tensors (norms, biases): one stable sort beats any counting.
-                order = torch.sort(keys, descending=True, stable=True).indices
-                for index in pending:
-                    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-                    mask[order[: ks[index]]] = True
-                    masks[index] = mask.view(x.shape)
-            else:
-                positions = _sample_positions(n, keys.device)
-                sample = torch.sort(keys[positions], descending=True).values
-                for index in pending:
-                    brackets.append((request_index, index, _Bracket(keys, ks[index], sample)))
+            positions = _sample_positions(n, keys.device)
+            sample = torch.sort(keys[positions], descending=True).values
+            for index in pending:
+                brackets.append((request_index, index, _Bracket(keys, ks[index], sample)))
         results.append(masks)
+    for (n, _, device), members in small.items():
+        rows = torch.stack([requests[r][0].reshape(-1) for r, _ in members])
+        order = torch.sort(
+            _magnitude_keys(rows).view(rows.shape), dim=1, descending=True, stable=True
+        ).indices
+        ks_column = torch.tensor([requests[r][1][i] for r, i in members]).to(device).view(-1, 1)
+        kept_ranks = torch.arange(n, device=device).view(1, -1) < ks_column
+        found_small = torch.empty(rows.shape, dtype=torch.bool, device=device)
+        found_small.scatter_(1, order, kept_ranks)
+        for row, (r, index) in enumerate(members):
+            results[r][index] = found_small[row].view(requests[r][0].shape)
+    statuses = []
+    for (_, as_band, _), members in groups.items():
+        assert kernels is not None
+        sizes = tuple(requests[r][0].numel() for r, _, _ in members)
+        positions = _stacked_sample_positions(sizes, requests[members[0][0]][0].device)
+        m = positions.shape[1]
+        wanted = [requests[r][1][index] for r, pending, _ in members for index in pending]
+        lo_indices = [
+            _bracket_lo_index(requests[r][0].numel(), requests[r][1][index], m)
+            for r, pending, _ in members
+            for index in pending
+        ]
+        items = [(requests[r][0], found) for r, _, found in members]
+        statuses.append(kernels.top_select_many(items, positions, lo_indices, wanted, xor=as_band))
     device_values = [value for _, _, bracket in brackets for value in bracket.device_values]
-    device_values += [status[:, 2] for *_, status in selects]
+    device_values += [status[:, 2] for status in statuses]
     # the one sync
     values = torch.cat([v.reshape(-1) for v in device_values]).tolist() if device_values else []
     start = 0
@@ -412,21 +450,22 @@ def top_magnitude_masks_batch(
         mask = bracket.finish(values[start : start + count])
         start += count
         results[request_index][index] = mask.view(requests[request_index][0].shape)
-    for request_index, pending, as_band, found, _ in selects:
-        misses = values[start : start + len(pending)]
-        start += len(pending)
-        if not any(misses):
-            continue
-        # a bracket missed (rare): that selection by the exact radix select
-        x, ks = requests[request_index]
-        keys = _magnitude_keys(x)
-        if as_band:
-            exact = [_radix_top_mask(keys, ks[index]) for index in pending]
-            found[0].copy_(exact[0].logical_xor_(exact[1]).view(torch.uint8))
-            continue
-        for row, (miss, index) in enumerate(zip(misses, pending, strict=True)):
-            if miss:
-                found[row].copy_(_radix_top_mask(keys, ks[index]).view(torch.uint8))
+    for (_, as_band, _), members in groups.items():
+        for request_index, pending, found in members:
+            misses = values[start : start + len(pending)]
+            start += len(pending)
+            if not any(misses):
+                continue
+            # a bracket missed (rare): that selection by the exact radix select
+            x, ks = requests[request_index]
+            keys = _magnitude_keys(x)
+            if as_band:
+                exact = [_radix_top_mask(keys, ks[index]) for index in pending]
+                found[0].copy_(exact[0].logical_xor_(exact[1]).view(torch.uint8))
+                continue
+            for row, (miss, index) in enumerate(zip(misses, pending, strict=True)):
+                if miss:
+                    found[row].copy_(_radix_top_mask(keys, ks[index]).view(torch.uint8))
     return [[mask for mask in masks if mask is not None] for masks in results]
 
 
@@ -536,19 +575,24 @@ def _magnitude_mask_from_tops(tops: list[torch.Tensor]) -> torch.Tensor:
 def magnitude_masks_batch(
     method: str,
     items: Sequence[tuple[torch.Tensor, float, float]],
+    *,
+    outs: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor | None]:
     """Masks of a magnitude sparsification (``magnitude`` or ``magnitude_outliers``) for many
     ``(delta, density, gamma)`` at once, with one host sync in all (the engine passes every
-    expert of every tensor of a block); None where ``density >= 1``."""
+    expert of every tensor of a block); None where ``density >= 1``. ``outs``: where the
+    Triton path may write each mask (see :func:`top_magnitude_masks_batch`)."""
     requests = []
+    request_outs: list[torch.Tensor | None] = []
     slots: list[int | None] = []
-    for delta, density, gamma in items:
+    for index, (delta, density, gamma) in enumerate(items):
         if density >= 1:
             slots.append(None)
             continue
         slots.append(len(requests))
         requests.append((delta, _magnitude_ranks(method, delta.numel(), density, gamma)))
-    found = top_magnitude_masks_batch(requests, band=[True] * len(requests))
+        request_outs.append(outs[index] if outs is not None else None)
+    found = top_magnitude_masks_batch(requests, band=[True] * len(requests), outs=request_outs)
     return [None if slot is None else _magnitude_mask_from_tops(found[slot]) for slot in slots]
 
 
