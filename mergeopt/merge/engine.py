@@ -40,11 +40,12 @@ from mergeopt.merge.methods import (
     SPARSIFY_MAGNITUDE,
     SPARSIFY_OUTLIERS,
     MethodSpec,
+    PendingMagnitudeMasks,
     fast_merge_block,
     fast_merge_tensor,
     get_method,
-    magnitude_masks_batch,
     merge_tensor,
+    start_magnitude_masks,
 )
 
 if TYPE_CHECKING:
@@ -124,6 +125,10 @@ class MergeStats:
     blocks_merged: int
     tensors_written: int
     seconds: float
+
+
+_StartedMasks = tuple[list[str], PendingMagnitudeMasks]
+"""A block's weight names and their experts' magnitude masks, started together."""
 
 
 def bytes_per_element(dtype: torch.dtype) -> int:
@@ -348,13 +353,14 @@ class MergeEngine:
 
     def _block_magnitude_masks(
         self, block: int, experts: Sequence[Mapping[str, float]]
-    ) -> dict[str, list[torch.Tensor | None]]:
-        """Every expert's magnitude mask (TIES, breadcrumbs) of every tensor of ``block``, made
-        together: one host sync for the block instead of one per tensor. Empty for other
-        methods (their masks need no host value)."""
+    ) -> _StartedMasks | None:
+        """Every expert's magnitude mask (TIES, breadcrumbs) of every tensor of ``block``,
+        started together: one host sync for the block instead of one per tensor (see
+        :class:`PendingMagnitudeMasks`). None for other methods (their masks need no host
+        value)."""
         method = self.spec.sparsification
         if method not in (SPARSIFY_MAGNITUDE, SPARSIFY_OUTLIERS):
-            return {}
+            return None
         params = [{**self.spec.expert_defaults, **values} for values in experts]
         names = [name for name in self.block_names[block] if name in self._stack]
         items = [
@@ -371,8 +377,16 @@ class MergeEngine:
                 for name in names
             }
             outs = [stacked[name][index] for name in names for index in range(len(params))]
-        found = magnitude_masks_batch(method, items, outs=outs)
-        count = len(params)
+        return names, start_magnitude_masks(method, items, outs=outs)
+
+    @staticmethod
+    def _masks_by_name(
+        started: _StartedMasks | None, count: int
+    ) -> dict[str, list[torch.Tensor | None]]:
+        if started is None:
+            return {}
+        names, pending = started
+        found = pending.masks()
         return {name: found[i * count : (i + 1) * count] for i, name in enumerate(names)}
 
     def _fast_block(
@@ -406,12 +420,42 @@ class MergeEngine:
     ) -> NamedTensors:
         """The merged tensors of one block: new tensors on the engine's device, or the
         target's own storage where the fast path wrote into it directly."""
+        merged, started = self._merge_block(block, experts, seed=seed, target=target)
+        if started is not None and started[1].finish():
+            merged = self._merge_block_with(block, experts, seed, target, started)
+        return merged
+
+    def _merge_block(
+        self,
+        block: int,
+        experts: Sequence[Mapping[str, float]],
+        *,
+        seed: int,
+        target: MergeTarget | None,
+    ) -> tuple[NamedTensors, _StartedMasks | None]:
+        """One block's merge, launched, and the block's magnitude masks (their host sync may
+        still be to come: a miss found by it means merging again with the redone masks)."""
         if not self.exact:
             fast_block = self._fast_block(block, experts, target)
             if fast_block is not None:
-                return fast_block
+                return fast_block, None
+        started = self._block_magnitude_masks(block, experts)
+        if started is None:
+            return self._merge_block_with(block, experts, seed, target, None), None
+        if not started[1].ready:
+            started[1].finish()  # the torch path's masks need the sync first
+        return self._merge_block_with(block, experts, seed, target, started), started
+
+    def _merge_block_with(
+        self,
+        block: int,
+        experts: Sequence[Mapping[str, float]],
+        seed: int,
+        target: MergeTarget | None,
+        started: _StartedMasks | None,
+    ) -> NamedTensors:
+        block_masks = self._masks_by_name(started, len(experts))
         merged: NamedTensors = []
-        block_masks = self._block_magnitude_masks(block, experts)
         for name in self.block_names[block]:
             stack = self._stack.get(name)
             if stack is None:  # a non-floating buffer: the base's value
@@ -464,15 +508,24 @@ class MergeEngine:
         previous = self._merged.get(target) or [None] * self.layout.num_blocks
         current: list[object] = []
         blocks_merged = tensors_written = 0
+        # A block's top-k windows are checked (one host sync) after the next block is
+        # launched, so the GPU never waits for the host; a window that missed (rare) merges
+        # its block again with the redone masks. At most two blocks of masks are alive.
+        unchecked: tuple[int, Sequence[Mapping[str, float]], _StartedMasks] | None = None
         for block, experts in enumerate(block_params):
             key: object = (_params_key(experts), seed if self.spec.randomized else None)
             current.append(key)
             if previous[block] == key:
                 continue
-            tensors = self.merge_block_tensors(block, experts, seed=seed, target=target)
+            tensors, masks = self._merge_block(block, experts, seed=seed, target=target)
             target.write(tensors)
+            if unchecked is not None:
+                self._check_block(*unchecked, seed=seed, target=target)
+            unchecked = (block, experts, masks) if masks is not None else None
             blocks_merged += 1
             tensors_written += len(tensors)
+        if unchecked is not None:
+            self._check_block(*unchecked, seed=seed, target=target)
         self._merged[target] = current
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -481,6 +534,18 @@ class MergeEngine:
             tensors_written=tensors_written,
             seconds=time.perf_counter() - started,
         )
+
+    def _check_block(
+        self,
+        block: int,
+        experts: Sequence[Mapping[str, float]],
+        started: _StartedMasks,
+        *,
+        seed: int,
+        target: MergeTarget,
+    ) -> None:
+        if started[1].finish():
+            target.write(self._merge_block_with(block, experts, seed, target, started))
 
     def forget(self, target: MergeTarget) -> None:
         """Make the next merge into ``target`` write every block (e.g. after it was reloaded)."""

@@ -337,12 +337,96 @@ def _select_kernels(x: torch.Tensor) -> ModuleType | None:
     return kernels if kernels is not None and kernels.select_supported(x) else None
 
 
+class PendingTopMasks:
+    """Top-k masks whose one host sync is still to come (:func:`start_top_magnitude_masks`).
+
+    ``finish`` reads every selection's device-side values at once: the bracket counts of the
+    torch path, which its masks need, and the miss flags of the Triton path, whose masks
+    exist before it (in ``masks()``) and are redone in place, exactly, where a window missed.
+    ``ready``: every mask is usable before ``finish`` (the engine then launches a block's merge
+    first and checks it while the next block runs; a miss merges that block again).
+    """
+
+    def __init__(
+        self,
+        requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
+        results: list[list[torch.Tensor | None]],
+        brackets: list[tuple[int, int, _Bracket]],
+        groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]],
+        statuses: list[torch.Tensor],
+    ) -> None:
+        self._requests = requests
+        self._results = results
+        self._brackets = brackets
+        self._groups = groups
+        self._statuses = statuses
+        self._finished = False
+
+    @property
+    def ready(self) -> bool:
+        return not self._brackets
+
+    def masks(self) -> list[list[torch.Tensor]]:
+        """Each request's masks (in its order of ks; one for a band)."""
+        assert self._finished or self.ready, "finish() first: the torch path's masks need it"
+        return [[mask for mask in masks if mask is not None] for masks in self._results]
+
+    def finish(self) -> bool:
+        """The host sync; True when a Triton window missed and a mask was redone."""
+        if self._finished:
+            return False
+        self._finished = True
+        requests, results = self._requests, self._results
+        device_values = [
+            value for _, _, bracket in self._brackets for value in bracket.device_values
+        ]
+        device_values += [status[:, 2] for status in self._statuses]
+        values = torch.cat([v.reshape(-1) for v in device_values]).tolist() if device_values else []
+        start = 0
+        for request_index, index, bracket in self._brackets:
+            count = len(bracket.device_values)
+            mask = bracket.finish(values[start : start + count])
+            start += count
+            results[request_index][index] = mask.view(requests[request_index][0].shape)
+        redone = False
+        for (_, as_band, _), members in self._groups.items():
+            for request_index, pending, found in members:
+                misses = values[start : start + len(pending)]
+                start += len(pending)
+                if not any(misses):
+                    continue
+                # a window missed (rare): that selection by the exact radix select
+                redone = True
+                x, ks = requests[request_index]
+                keys = _magnitude_keys(x)
+                if as_band:
+                    exact = [_radix_top_mask(keys, ks[index]) for index in pending]
+                    found[0].copy_(exact[0].logical_xor_(exact[1]).view(torch.uint8))
+                    continue
+                for row, (miss, index) in enumerate(zip(misses, pending, strict=True)):
+                    if miss:
+                        found[row].copy_(_radix_top_mask(keys, ks[index]).view(torch.uint8))
+        return redone
+
+
 def top_magnitude_masks_batch(
     requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
     *,
     band: Sequence[bool] | None = None,
     outs: Sequence[torch.Tensor | None] | None = None,
 ) -> list[list[torch.Tensor]]:
+    """:func:`start_top_magnitude_masks`, then its host sync: the finished masks."""
+    pending = start_top_magnitude_masks(requests, band=band, outs=outs)
+    pending.finish()
+    return pending.masks()
+
+
+def start_top_magnitude_masks(
+    requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
+    *,
+    band: Sequence[bool] | None = None,
+    outs: Sequence[torch.Tensor | None] | None = None,
+) -> PendingTopMasks:
     """For each request ``(x, ks)``: boolean masks (shape of ``x``) of the ``k`` elements of
     largest magnitude, one per ``k``; one host sync for the whole batch (the engine passes a
     whole block), none when every tensor is small. ``band[i]`` (request i has two ks): one
@@ -440,33 +524,7 @@ def top_magnitude_masks_batch(
         ]
         items = [(requests[r][0], found) for r, _, found in members]
         statuses.append(kernels.top_select_many(items, positions, lo_indices, wanted, xor=as_band))
-    device_values = [value for _, _, bracket in brackets for value in bracket.device_values]
-    device_values += [status[:, 2] for status in statuses]
-    # the one sync
-    values = torch.cat([v.reshape(-1) for v in device_values]).tolist() if device_values else []
-    start = 0
-    for request_index, index, bracket in brackets:
-        count = len(bracket.device_values)
-        mask = bracket.finish(values[start : start + count])
-        start += count
-        results[request_index][index] = mask.view(requests[request_index][0].shape)
-    for (_, as_band, _), members in groups.items():
-        for request_index, pending, found in members:
-            misses = values[start : start + len(pending)]
-            start += len(pending)
-            if not any(misses):
-                continue
-            # a bracket missed (rare): that selection by the exact radix select
-            x, ks = requests[request_index]
-            keys = _magnitude_keys(x)
-            if as_band:
-                exact = [_radix_top_mask(keys, ks[index]) for index in pending]
-                found[0].copy_(exact[0].logical_xor_(exact[1]).view(torch.uint8))
-                continue
-            for row, (miss, index) in enumerate(zip(misses, pending, strict=True)):
-                if miss:
-                    found[row].copy_(_radix_top_mask(keys, ks[index]).view(torch.uint8))
-    return [[mask for mask in masks if mask is not None] for masks in results]
+    return PendingTopMasks(requests, results, brackets, groups, statuses)
 
 
 def top_magnitude_masks(x: torch.Tensor, ks: Sequence[int]) -> list[torch.Tensor]:
@@ -582,6 +640,45 @@ def magnitude_masks_batch(
     ``(delta, density, gamma)`` at once, with one host sync in all (the engine passes every
     expert of every tensor of a block); None where ``density >= 1``. ``outs``: where the
     Triton path may write each mask (see :func:`top_magnitude_masks_batch`)."""
+    pending = start_magnitude_masks(method, items, outs=outs)
+    pending.finish()
+    return pending.masks()
+
+
+class PendingMagnitudeMasks:
+    """:class:`PendingTopMasks` of a magnitude sparsification, one mask (or None) per item."""
+
+    def __init__(self, top: PendingTopMasks, slots: list[int | None]) -> None:
+        self.top = top
+        self._slots = slots
+        self._masks: list[torch.Tensor | None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.top.ready
+
+    def finish(self) -> bool:
+        return self.top.finish()
+
+    def masks(self) -> list[torch.Tensor | None]:
+        """Made once (a band of two tops is their XOR in place); a redone Triton mask is
+        fixed in place, so the list stays valid after ``finish``."""
+        if self._masks is None:
+            found = self.top.masks()
+            self._masks = [
+                None if slot is None else _magnitude_mask_from_tops(found[slot])
+                for slot in self._slots
+            ]
+        return self._masks
+
+
+def start_magnitude_masks(
+    method: str,
+    items: Sequence[tuple[torch.Tensor, float, float]],
+    *,
+    outs: Sequence[torch.Tensor | None] | None = None,
+) -> PendingMagnitudeMasks:
+    """:func:`magnitude_masks_batch` up to its host sync (see :class:`PendingTopMasks`)."""
     requests = []
     request_outs: list[torch.Tensor | None] = []
     slots: list[int | None] = []
@@ -592,8 +689,8 @@ def magnitude_masks_batch(
         slots.append(len(requests))
         requests.append((delta, _magnitude_ranks(method, delta.numel(), density, gamma)))
         request_outs.append(outs[index] if outs is not None else None)
-    found = top_magnitude_masks_batch(requests, band=[True] * len(requests), outs=request_outs)
-    return [None if slot is None else _magnitude_mask_from_tops(found[slot]) for slot in slots]
+    top = start_top_magnitude_masks(requests, band=[True] * len(requests), outs=request_outs)
+    return PendingMagnitudeMasks(top, slots)
 
 
 def sparsification_mask(
