@@ -461,6 +461,7 @@ class MergeEngine:
             if stack is None:  # a non-floating buffer: the base's value
                 merged.append((name, self._base[name]))
                 continue
+            out = None
             if not self.exact:
                 out = _destination(target, name, stack[0]) if target is not None else None
                 fast = fast_merge_tensor(
@@ -489,6 +490,7 @@ class MergeEngine:
                         method_params=self.method_params,
                         generator=generator,
                         masks=block_masks.get(name),
+                        out=out,
                     ),
                 )
             )

@@ -841,6 +841,7 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     fused: bool | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merged tensor (shape of ``base``) from ``base`` and stacked ``task_vectors`` (N x shape).
 
@@ -849,7 +850,9 @@ def generalized_task_arithmetic(
     ``task_vectors`` is read, never modified. On CUDA with Triton (``fused`` None or True) the
     masks are made here and one kernel does the rest, rounding where the torch path rounds.
     ``masks``: the sparsification masks when the caller made them already (the engine makes a
-    block's magnitude masks together, one host sync per block).
+    block's magnitude masks together, one host sync per block). ``out``: where the fused
+    kernel may write the result (the engine passes the target's parameter, saving a copy);
+    the torch path returns a new tensor.
     """
     params = {**spec.global_defaults, **method_params}
     expert = [{**spec.expert_defaults, **p} for p in expert_params]
@@ -894,6 +897,7 @@ def generalized_task_arithmetic(
             consensus=spec.consensus == "sum",
             normalize=bool(params["normalize"]),
             lam=float(params["lambda"]),
+            out=out,
         )
     if spec.sparsification is not None:
         deltas = torch.empty_like(task_vectors)
@@ -1106,11 +1110,12 @@ def merge_tensor(
     method_params: Mapping[str, float | bool],
     generator: torch.Generator | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch one tensor's merge. ``stack`` is N x shape: task vectors for GTA methods, raw
     expert tensors for linear/slerp (slerp: ``base`` is v0, ``stack[0]`` is v1). ``masks``:
-    precomputed sparsification masks for GTA methods (see
-    :func:`generalized_task_arithmetic`)."""
+    precomputed sparsification masks for GTA methods, ``out`` where their fused kernel may
+    write (see :func:`generalized_task_arithmetic`)."""
     if spec.kind == "gta":
         assert base is not None
         return generalized_task_arithmetic(
@@ -1121,6 +1126,7 @@ def merge_tensor(
             method_params=method_params,
             generator=generator,
             masks=masks,
+            out=out,
         )
     params = {**spec.global_defaults, **method_params}
     if spec.kind == "linear":
