@@ -178,3 +178,29 @@ def scored_sequences(
         sequences.append(context_ids + continuation_ids)
         first_scored.append(len(context_ids))
     return sequences, first_scored
+
+
+class LoglikelihoodFromSequences:
+    """``loglikelihood`` and ``rolling_loglikelihood`` for a scorer that implements one method,
+    ``_score_sequences(sequences, first_scored) -> [(sum of log p, tokens scored)]`` (token ids
+    in, the log-probabilities of each sequence's tokens from ``first_scored`` on)."""
+
+    tokenizer: Any
+    chat_template: bool
+
+    def _score_sequences(
+        self, sequences: list[list[int]], first_scored: list[int]
+    ) -> list[tuple[float, int]]:
+        raise NotImplementedError
+
+    def loglikelihood(self, contexts_and_continuations: list[tuple[str, str]]) -> list[float]:
+        """Sum of log p(continuation tokens | context) per pair (lm-eval's token split)."""
+        sequences, first_scored = scored_sequences(
+            self.tokenizer, contexts_and_continuations, chat_template=self.chat_template
+        )
+        return [total for total, _count in self._score_sequences(sequences, first_scored)]
+
+    def rolling_loglikelihood(self, texts: list[str]) -> list[tuple[float, int]]:
+        """(sum of log p(token_i | tokens before i) for i = 2..n, n - 1) per text."""
+        sequences = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        return self._score_sequences(sequences, [1] * len(sequences))

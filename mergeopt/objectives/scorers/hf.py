@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from mergeopt.errors import UserError
 from mergeopt.objectives.scorers.base import (
     Generation,
+    LoglikelihoodFromSequences,
     TrialEvaluationError,
     first_stop,
     format_prompt,
-    scored_sequences,
 )
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class HFScorer:
+class HFScorer(LoglikelihoodFromSequences):
     """Greedy generation and log-likelihoods with a resident transformers model.
 
     Args:
@@ -206,18 +206,6 @@ class HFScorer:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def loglikelihood(self, contexts_and_continuations: list[tuple[str, str]]) -> list[float]:
-        """Sum of log p(continuation tokens | context) per pair (lm-eval's token split)."""
-        sequences, first_scored = scored_sequences(
-            self.tokenizer, contexts_and_continuations, chat_template=self.chat_template
-        )
-        return [total for total, _count in self._score_sequences(sequences, first_scored)]
-
-    def rolling_loglikelihood(self, texts: list[str]) -> list[tuple[float, int]]:
-        """(sum of log p(token_i | tokens before i) for i = 2..n, n - 1) per text."""
-        sequences = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-        return self._score_sequences(sequences, [1] * len(sequences))
 
     def _score_sequences(
         self, sequences: list[list[int]], first_scored: list[int]

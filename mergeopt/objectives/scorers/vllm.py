@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from mergeopt.errors import UserError
 from mergeopt.objectives.scorers.base import (
     Generation,
+    LoglikelihoodFromSequences,
     TrialEvaluationError,
     format_prompt,
-    scored_sequences,
 )
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ _RELOAD_LOGGERS = (
 RELOAD_BATCH_BYTES = 2 << 30
 
 
-class VLLMScorer:
+class VLLMScorer(LoglikelihoodFromSequences):
     """Greedy generation and log-likelihoods with a resident vLLM engine.
 
     Args:
@@ -203,18 +203,6 @@ class VLLMScorer:
             Generation(text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids))
             for o in outputs
         ]
-
-    def loglikelihood(self, contexts_and_continuations: list[tuple[str, str]]) -> list[float]:
-        """Sum of log p(continuation tokens | context) per pair (lm-eval's token split)."""
-        sequences, first_scored = scored_sequences(
-            self.tokenizer, contexts_and_continuations, chat_template=self.chat_template
-        )
-        return [total for total, _ in self._score_sequences(sequences, first_scored)]
-
-    def rolling_loglikelihood(self, texts: list[str]) -> list[tuple[float, int]]:
-        """(sum of log p(token_i | tokens before i) for i = 2..n, n - 1) per text."""
-        sequences = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-        return self._score_sequences(sequences, [1] * len(sequences))
 
     def _score_sequences(
         self, sequences: list[list[int]], first_scored: list[int]
