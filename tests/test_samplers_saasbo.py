@@ -16,6 +16,7 @@ from mergeopt.genome import Genome
 from mergeopt.samplers.saasbo import (
     ACQ_SECONDS_ATTR,
     SaasQnehviSampler,
+    derived_reference_point,
     inverse_lengthscale_scales,
     lengthscale_prior_locations,
     parse_initial_solutions,
@@ -55,6 +56,25 @@ def test_bad_options_are_rejected_with_the_option_named() -> None:
         SaasQnehviSampler(custom_initial_solutions="0.5", genome=GENOME)
     with pytest.raises(ValueError, match="ref_point"):
         SaasQnehviSampler(ref_point=[0.0], num_objectives=2)
+    with pytest.raises(ValueError, match="ref_point_rule"):
+        SaasQnehviSampler(ref_point_rule="nadir")
+
+
+def test_reference_point_rules_step_back_from_the_worst_observed_or_front_values() -> None:
+    import torch
+
+    # maximization form: (3, 1) and (1, 3) are the front, (0, 0) is dominated
+    y = torch.tensor([[3.0, 1.0], [1.0, 3.0], [0.0, 0.0]], dtype=torch.double)
+    observed = derived_reference_point(y, "observed-worst")
+    front = derived_reference_point(y, "pareto-nadir")
+    torch.testing.assert_close(observed, torch.tensor([-0.3, -0.3], dtype=torch.double))
+    torch.testing.assert_close(front, torch.tensor([0.8, 0.8], dtype=torch.double))
+    # one Pareto point: the observed range stands in for the front's
+    single = torch.tensor([[2.0, 2.0], [0.0, 1.0]], dtype=torch.double)
+    torch.testing.assert_close(
+        derived_reference_point(single, "pareto-nadir"),
+        torch.tensor([1.8, 1.9], dtype=torch.double),
+    )
 
 
 def test_importance_prior_maps_importance_to_lengthscale_priors() -> None:
