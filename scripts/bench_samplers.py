@@ -1,7 +1,7 @@
 """Sampler benchmark: hypervolume after 24/48/88 evaluations on a 37-D two-objective problem.
 
-Problem (one per seed): 37 parameters ``b00.e0.weight`` ... ``b36.e0.weight`` in [0, 1] (one
-weight per block, like SIPBMM's 37 blocks); 6 relevant blocks ``R`` drawn per seed; both
+Problem ``synthetic`` (one per seed): 37 parameters ``b00.e0.weight`` ... ``b36.e0.weight`` in
+[0, 1] (one weight per block, like SIPBMM's 37 blocks); 6 relevant blocks ``R`` drawn per seed; both
 objectives maximized:
 
     f1(x) = -||x_R - a||^2,   f2(x) = -||x_R - b||^2
@@ -18,13 +18,32 @@ Importance priors given to ``saasbo-qnehvi`` (study user attr ``mergeopt:block_i
 blocks and 0.1 elsewhere (relevant ones included); ``no prior`` = ``enable_importance_prior:
 false``.
 
+Problem ``zoo`` (``--problem zoo``): the demo study ``studies/tiny.yaml`` on the tiny zoo
+(``.cache/zoo-1``, built by the test fixtures): 5 blocks x 2 experts = 10 weights, objectives
+accuracy (maximize) and mean answer tokens (minimize) on 24 arithmetic prompts, CPU; experts not
+enqueued (every sampler starts from nothing). Its true maximum hypervolume is unknown: the table
+normalizes by the best hypervolume any run found (reference point accuracy 0, 32 tokens =
+``max_new_tokens``). Importance priors: ``prior`` = the block importance mergeopt computed for
+the study (task-vector norms), ``misleading`` = the same values given to the blocks in reverse
+order. Same checkpoints as the synthetic problem.
+
+Model-based samplers (saasbo-qnehvi, Optuna's ``gp``, optuna-integration's ``BoTorchSampler``
+with its default qLogNEHVI candidates function) start with ``STARTUP`` = 4 design points;
+saasbo-qnehvi otherwise runs with its defaults (MAP mode).
+
 Every sampler is run as 4 workers would run it: 4 asks, then 4 tells (Optuna's samplers see the
 3 other points as RUNNING; ours enqueue a batch of 4).
 
+A run appends one JSON line per checkpoint reached to ``--out`` (so a run cut off by a time
+limit still reports its early checkpoints); the table takes each (sampler, seed)'s last line.
+``--variants '{"label": {options}}'`` runs the saasbo samplers once per set of extra
+``SaasQnehviSampler`` options (rows ``saasbo-prior[label]``).
+
 Usage:
     python scripts/bench_samplers.py run --samplers all --seeds 0,1,2 --budget 88 \
-        --jobs 8 --threads 2 --out bench.jsonl
+        --jobs 8 --threads 2 --pin --out bench.jsonl
     python scripts/bench_samplers.py table bench.jsonl --machine "..." > docs/bench/samplers-x.md
+    python scripts/bench_samplers.py timing --observations 88 --threads 2 --options '{}'
 """
 
 from __future__ import annotations
@@ -45,6 +64,9 @@ DIMENSION = 37
 RELEVANT = 6
 BATCH = 4
 CHECKPOINTS = (24, 48, 88)
+STARTUP = 4  # design points of every model-based sampler (saasbo, gp, botorch)
+ZOO_CHECKPOINTS = CHECKPOINTS
+ZOO_REFERENCE = np.array([0.0, -32.0])  # (accuracy, -mean tokens): nothing, max_new_tokens
 SAMPLERS = (
     "saasbo-prior",
     "saasbo-noprior",
@@ -100,22 +122,23 @@ def true_hypervolume(prob: dict[str, Any]) -> tuple[float, np.ndarray]:
     return hypervolume(front, ref), ref
 
 
-def make_sampler(name: str, seed: int, prob: dict[str, Any]) -> Any:
+def make_sampler(
+    name: str, seed: int, genome: Any, extra_options: dict[str, Any] | None = None
+) -> Any:
     import optuna
 
-    from mergeopt.genome import Genome
     from mergeopt.samplers import create_sampler
 
-    genome = Genome(num_blocks=DIMENSION, num_experts=1, searched={"weight": (0.0, 1.0)})
     if name.startswith("saasbo"):
-        options = {"n_startup_trials": 8, "batch_size": BATCH}
+        options: dict[str, Any] = {"n_startup_trials": STARTUP, "batch_size": BATCH}
+        options.update(extra_options or {})
         if name == "saasbo-noprior":
             options["enable_importance_prior"] = False
         return create_sampler("saasbo-qnehvi", options, seed=seed, genome=genome, num_objectives=2)
     if name == "model-level":
         return create_sampler(
             "model-level",
-            {"bounds": {"weight": [0.0, 1.0]}},
+            {"bounds": {name: [0.0, 1.0] for name in genome.searched}},
             seed=seed,
             genome=genome,
             num_objectives=2,
@@ -123,13 +146,27 @@ def make_sampler(name: str, seed: int, prob: dict[str, Any]) -> Any:
     if name == "botorch":
         from optuna_integration import BoTorchSampler
 
-        return BoTorchSampler(n_startup_trials=8, seed=seed)
+        # Its pending-point handling, off by default: this benchmark asks 4 before telling.
+        return BoTorchSampler(n_startup_trials=STARTUP, seed=seed, consider_running_trials=True)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=8)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=STARTUP)
     return create_sampler(name, {}, seed=seed, genome=genome, num_objectives=2)
 
 
-def run_one(name: str, seed: int, budget: int) -> dict[str, Any]:
+def row_name(name: str, label: str) -> str:
+    return f"{name}[{label}]" if label and name.startswith("saasbo") else name
+
+
+def run_one(
+    name: str,
+    seed: int,
+    budget: int,
+    *,
+    label: str = "",
+    options: dict[str, Any] | None = None,
+    report: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> dict[str, Any]:
+    """The synthetic problem; ``report`` gets the record so far at every checkpoint."""
     import optuna
 
     from mergeopt.genome import Genome
@@ -138,7 +175,7 @@ def run_one(name: str, seed: int, budget: int) -> dict[str, Any]:
     prob = problem(seed)
     genome = Genome(num_blocks=DIMENSION, num_experts=1, searched={"weight": (0.0, 1.0)})
     study = optuna.create_study(
-        directions=["maximize", "maximize"], sampler=make_sampler(name, seed, prob)
+        directions=["maximize", "maximize"], sampler=make_sampler(name, seed, genome, options)
     )
     importance = [0.1] * DIMENSION
     target = prob["wrong"] if name == "saasbo-misleading" else prob["relevant"]
@@ -146,70 +183,201 @@ def run_one(name: str, seed: int, budget: int) -> dict[str, Any]:
         importance[d] = 1.0
     if name in ("saasbo-prior", "saasbo-misleading"):
         study.set_user_attr("mergeopt:block_importance", importance)
-    distributions = genome.distributions()
     names = genome.param_names
+    best, ref = true_hypervolume(prob)
+
+    def evaluate(trial: Any) -> tuple[float, float]:
+        return values_of(prob, np.array([trial.params[n] for n in names]))
+
+    def hv_fraction(values: list[tuple[float, float]]) -> float:
+        return hypervolume(np.array(values), ref) / best
+
+    return _ask_tell_loop(
+        study,
+        genome.distributions(),
+        evaluate,
+        hv_fraction,
+        budget=budget,
+        checkpoints=CHECKPOINTS,
+        record={"problem": "synthetic", "sampler": row_name(name, label), "seed": seed},
+        report=report,
+    )
+
+
+def _ask_tell_loop(
+    study: Any,
+    distributions: dict[str, Any],
+    evaluate: Callable[[Any], tuple[float, float]],
+    hv_value: Callable[[list[tuple[float, float]]], float],
+    *,
+    budget: int,
+    checkpoints: tuple[int, ...],
+    record: dict[str, Any],
+    report: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """4 asks, then 4 tells, until ``budget``; ``hv_value`` of the values at each checkpoint."""
     values: list[tuple[float, float]] = []
+    hv: dict[str, float] = {}
     ask_seconds = 0.0
+    record = {**record, "budget": budget}
     while len(values) < budget:
         start = time.perf_counter()
         trials = [study.ask(distributions) for _ in range(min(BATCH, budget - len(values)))]
         ask_seconds += time.perf_counter() - start
         for trial in trials:
-            x = np.array([trial.params[n] for n in names])
-            v = values_of(prob, x)
+            v = evaluate(trial)
             study.tell(trial, list(v))
             values.append(v)
-    best, ref = true_hypervolume(prob)
-    fractions = {
-        str(n): hypervolume(np.array(values[:n]), ref) / best for n in CHECKPOINTS if n <= budget
-    }
-    return {
-        "sampler": name,
-        "seed": seed,
-        "budget": budget,
-        "hv_fraction": fractions,
-        "seconds_per_suggestion": ask_seconds / len(values),
-    }
+            if len(values) in checkpoints:
+                hv[str(len(values))] = hv_value(values)
+                record = {
+                    **record,
+                    "evaluations": len(values),
+                    "hv_fraction": dict(hv),
+                    "seconds_per_suggestion": ask_seconds / len(values),
+                }
+                report(record)
+    return record
+
+
+def run_one_zoo(
+    name: str,
+    seed: int,
+    budget: int,
+    *,
+    label: str = "",
+    options: dict[str, Any] | None = None,
+    report: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> dict[str, Any]:
+    """The zoo merge study (module docstring); ``hv_fraction`` holds raw hypervolumes here."""
+    import tempfile
+
+    import optuna
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mergeopt.spec import StudySpec
+    from mergeopt.study import TrialRunner, create_study, stored_genome
+    from tests._zoo_fixture import cached_zoo
+    from tests.conftest import tiny_spec
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec_data = tiny_spec(cached_zoo(), sampler={"name": "random", "enqueue_experts": False})
+    spec_data["seed"] = seed
+    spec = StudySpec.model_validate(spec_data)
+    folder = tempfile.mkdtemp(prefix="bench-zoo-")
+    created = create_study(spec, storage_url=f"sqlite:///{folder}/zoo.db", name="zoo")
+    genome = stored_genome(created)
+    importance = list(created.user_attrs["mergeopt:block_importance"])
+    if name == "saasbo-misleading":
+        created.set_user_attr("mergeopt:block_importance", importance[::-1])
+    # The run itself goes to an in-memory copy: one process asks 4 trials before telling them,
+    # which the batch samplers only allow on in-memory storage (on a shared database the 5th ask
+    # would wait for the other workers, here itself).
+    study = optuna.create_study(
+        directions=created.directions, sampler=make_sampler(name, seed, genome, options)
+    )
+    for key, value in created.user_attrs.items():
+        study.set_user_attr(key, value)
+    runner = TrialRunner(study, device="cpu")
+
+    def evaluate(trial: Any) -> tuple[float, float]:
+        values, _ = runner.evaluate(trial.params, seed=seed)
+        return float(values[0]), float(values[1])
+
+    def hv_raw(values: list[tuple[float, float]]) -> float:
+        # (accuracy, -tokens): both maximized, as hypervolume() wants
+        return hypervolume(np.array(values) * np.array([1.0, -1.0]), ZOO_REFERENCE)
+
+    try:
+        return _ask_tell_loop(
+            study,
+            genome.distributions(),
+            evaluate,
+            hv_raw,
+            budget=budget,
+            checkpoints=ZOO_CHECKPOINTS,
+            record={"problem": "zoo", "sampler": row_name(name, label), "seed": seed},
+            report=report,
+        )
+    finally:
+        runner.close()
 
 
 def command_run(args: argparse.Namespace) -> None:
     names = SAMPLERS if args.samplers == "all" else tuple(args.samplers.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(name, seed) for name in names for seed in seeds]
+    variants: dict[str, dict[str, Any]] = json.loads(args.variants)
+    jobs = [
+        (name, seed, label, options)
+        for name in names
+        for label, options in (variants.items() if name.startswith("saasbo") else [("", {})])
+        for seed in seeds
+    ]
+    common = ["--problem", args.problem]
+    if args.out:
+        common += ["--out", args.out]
     if args.jobs <= 1:
-        for name, seed in jobs:
-            print(json.dumps(run_one(name, seed, args.budget)), flush=True)
+        for name, seed, label, options in jobs:
+            run_and_report(args.problem, name, seed, args.budget, label, options, args.out)
         return
-    # One process per (sampler, seed), each limited to --threads threads.
+    # One process per (sampler, variant, seed), each limited to --threads threads.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    running: list[tuple[subprocess.Popen[str], Callable[[], None]]] = []
-    out = open(args.out, "a") if args.out else sys.stdout  # noqa: SIM115
+    running: list[subprocess.Popen[bytes]] = []
     pending = list(jobs)
-    cpu = 0
+    slot = 0
     while pending or running:
         while pending and len(running) < args.jobs:
-            name, seed = pending.pop(0)
-            cpus = ",".join(str((cpu + i) % (os.cpu_count() or 1)) for i in range(args.threads))
-            cpu += args.threads
-            cmd = [sys.executable, __file__, "one", name, str(seed), str(args.budget)]
+            name, seed, label, options = pending.pop(0)
+            first = (slot % args.jobs) * args.threads + args.first_cpu
+            cpus = ",".join(str((first + i) % (os.cpu_count() or 1)) for i in range(args.threads))
+            slot += 1
+            cmd = [sys.executable, __file__, "one", name, str(seed), str(args.budget), *common]
+            cmd += ["--label", label, "--options", json.dumps(options)]
             if args.pin and sys.platform.startswith("linux"):
                 cmd = ["taskset", "-c", cpus, *cmd]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-            running.append((proc, lambda: None))
-        for proc, _ in list(running):
+            running.append(subprocess.Popen(cmd, env=env))
+        for proc in list(running):
             if proc.poll() is not None:
-                line = (proc.stdout.read() if proc.stdout else "").strip()
-                if line:
-                    print(line.splitlines()[-1], file=out, flush=True)
-                running.remove((proc, _))
+                running.remove(proc)
         time.sleep(0.5)
+
+
+def run_and_report(
+    problem_name: str,
+    name: str,
+    seed: int,
+    budget: int,
+    label: str,
+    options: dict[str, Any],
+    out: str | None,
+) -> None:
+    """Run one (sampler, seed) and append its record at every checkpoint to ``out`` (or print)."""
+
+    def report(record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        if out:
+            with open(out, "a") as handle:  # one short append per line: no interleaving
+                handle.write(line + "\n")
+        else:
+            print(line, flush=True)
+
+    run = run_one_zoo if problem_name == "zoo" else run_one
+    run(name, seed, budget, label=label, options=options, report=report)
 
 
 def command_one(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    print(json.dumps(run_one(args.name, args.seed, args.budget)), flush=True)
+    run_and_report(
+        args.problem,
+        args.name,
+        args.seed,
+        args.budget,
+        args.label,
+        json.loads(args.options),
+        args.out,
+    )
 
 
 def command_timing(args: argparse.Namespace) -> None:
@@ -255,34 +423,63 @@ def command_timing(args: argparse.Namespace) -> None:
 
 
 def command_table(args: argparse.Namespace) -> None:
-    rows: dict[str, list[dict[str, Any]]] = {}
+    last: dict[tuple[str, str, int], dict[str, Any]] = {}
     for path in args.results:
         for line in Path(path).read_text().splitlines():
             if line.strip().startswith("{"):
                 record = json.loads(line)
-                rows.setdefault(record["sampler"], []).append(record)
+                key = (record.get("problem", "synthetic"), record["sampler"], record["seed"])
+                evaluations = record.get("evaluations", record["budget"])
+                if key not in last or evaluations >= last[key].get("evaluations", 0):
+                    last[key] = record
     print(f"# Sampler benchmark ({args.date}, {args.machine})\n")
-    print(
-        "Synthetic 37-D two-objective problem, 6 relevant dimensions (see "
-        "`scripts/bench_samplers.py`); hypervolume of the evaluated points as a fraction of "
-        "the true maximum, mean (min-max) over seeds; batches of 4.\n"
-    )
     print(f"Command: `{args.how}`\n")
-    header = "| sampler | seeds | " + " | ".join(f"HV@{n}" for n in CHECKPOINTS)
+    for problem_name in ("synthetic", "zoo"):
+        records = [r for (p, _, _), r in last.items() if p == problem_name]
+        if records:
+            _print_problem_table(problem_name, records)
+
+
+def _print_problem_table(problem_name: str, records: list[dict[str, Any]]) -> None:
+    checkpoints = ZOO_CHECKPOINTS if problem_name == "zoo" else CHECKPOINTS
+    scale = 1.0
+    if problem_name == "zoo":
+        scale = max(max(r["hv_fraction"].values()) for r in records)
+        print(
+            "## (b) Zoo merge study (`--problem zoo`)\n\nHypervolume as a fraction of the best "
+            f"hypervolume found by any run ({scale:.4f}, reference point accuracy 0 / 32 "
+            "tokens): the true maximum is unknown.\n"
+        )
+    else:
+        print(
+            "## (a) Synthetic 37-D two-objective problem, 6 relevant dimensions\n\n"
+            "Hypervolume of the evaluated points as a fraction of the true maximum.\n"
+        )
+    print("Mean (min-max) over seeds; batches of 4.\n")
+    header = "| sampler | seeds | " + " | ".join(f"HV@{n}" for n in checkpoints)
     print(header + " | s / suggestion |")
-    print("|" + " --- |" * (len(CHECKPOINTS) + 3))
-    order = [s for s in SAMPLERS if s in rows] + [s for s in rows if s not in SAMPLERS]
+    print("|" + " --- |" * (len(checkpoints) + 3))
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        rows.setdefault(record["sampler"], []).append(record)
+    order = sorted(rows, key=lambda n: (SAMPLERS.index(n.split("[")[0]), n))
     for name in order:
-        records = rows[name]
+        group = sorted(rows[name], key=lambda r: r["seed"])
         cells = []
-        for n in CHECKPOINTS:
-            got = [r["hv_fraction"][str(n)] for r in records if str(n) in r["hv_fraction"]]
-            cells.append(
-                f"{np.mean(got):.3f} ({min(got):.2f}-{max(got):.2f})" if got else "not run"
-            )
-        seconds = np.mean([r["seconds_per_suggestion"] for r in records])
-        seeds = ",".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
+        for n in checkpoints:
+            got = [r["hv_fraction"][str(n)] / scale for r in group if str(n) in r["hv_fraction"]]
+            text = f"{np.mean(got):.3f} ({min(got):.2f}-{max(got):.2f})" if got else "not reached"
+            if got and len(got) < len(group):
+                text += f" [{len(got)} seeds]"
+            cells.append(text)
+        seconds = np.mean([r["seconds_per_suggestion"] for r in group])
+        seeds = ",".join(
+            str(r["seed"])
+            + ("" if r.get("evaluations", r["budget"]) >= r["budget"] else f" ({r['evaluations']})")
+            for r in group
+        )
         print(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {seconds:.2f} |")
+    print()
 
 
 def main() -> None:
@@ -295,11 +492,18 @@ def main() -> None:
     run.add_argument("--jobs", type=int, default=1)
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--pin", action="store_true", help="taskset each job to --threads cores")
-    run.add_argument("--out", default=None)
+    run.add_argument("--out", default=None, help="JSON lines file (needed with --jobs > 1)")
+    run.add_argument("--problem", choices=("synthetic", "zoo"), default="synthetic")
+    run.add_argument("--variants", default='{"": {}}', help="saasbo option sets, by label")
+    run.add_argument("--first-cpu", type=int, default=0, help="first core for --pin")
     one = sub.add_parser("one")
     one.add_argument("name")
     one.add_argument("seed", type=int)
     one.add_argument("budget", type=int)
+    one.add_argument("--problem", choices=("synthetic", "zoo"), default="synthetic")
+    one.add_argument("--out", default=None)
+    one.add_argument("--label", default="")
+    one.add_argument("--options", default="{}")
     table = sub.add_parser("table")
     table.add_argument("results", nargs="+")
     table.add_argument("--machine", required=True)
