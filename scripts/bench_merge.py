@@ -215,6 +215,41 @@ def check_l1_kernel(engine: MergeEngine, name: str) -> list[str]:
     return [f"check l1 kernel {name}: {equal}/{norms.numel()} equal, max rel diff {worst:.2e}"]
 
 
+def check_drawn_masks(engine: MergeEngine, name: str) -> list[str]:
+    """DARE's in-kernel draws: kept fractions within 6 binomial sigmas of the densities, the
+    same masks for the same seed, and the merge's draws equal to the written-out masks."""
+    from mergeopt.merge.methods import _coefficients, _fused_kernels
+
+    stack, base = engine._stack[name], engine._base[name]
+    kernels = _fused_kernels(stack)
+    if kernels is None:
+        return ["check drawn masks: not used (no Triton)"]
+    densities = (0.5, 0.9)[: stack.shape[0]] + (0.3,) * max(0, stack.shape[0] - 2)
+    draws = kernels.DrawnMasks(
+        seed=11, densities=_coefficients(densities, torch.float32, stack.device)
+    )
+    masks = kernels.draw_masks(base.shape, draws, stack.device)
+    n = base.numel()
+    fractions = [float(masks[i].float().mean()) for i in range(len(densities))]
+    binomial = all(
+        abs(f - d) < 6 * (d * (1 - d) / n) ** 0.5 for f, d in zip(fractions, densities, strict=True)
+    )
+    again = torch.equal(kernels.draw_masks(base.shape, draws, stack.device), masks)
+    norms = kernels.l1_norms(stack, None, draws=draws)
+    weights = _coefficients((0.6,) * len(densities), stack.dtype, stack.device)
+    options = {"consensus": True, "normalize": False, "lam": 1.0}
+    drawn = kernels.gta_combine(base, stack, None, norms, weights, draws=draws, **options)
+    given = kernels.gta_combine(
+        base, stack, masks, kernels.l1_norms(stack, masks), weights, **options
+    )
+    verdict = "ok" if binomial and again and torch.equal(drawn, given) else "FAIL"
+    kept = ", ".join(f"{f:.5f}" for f in fractions)
+    return [
+        f"check drawn masks {name}: {verdict} (kept {kept} of {densities}; same seed same "
+        f"masks: {again}; merge equals the written-out masks: {torch.equal(drawn, given)})"
+    ]
+
+
 def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -> list[str]:
     """Lines saying whether the fast paths equal the reference paths on the engine's tensors:
     the bracketed top-k select against a stable sort, the fused GTA kernel against the torch
@@ -223,6 +258,7 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
         METHODS,
         _magnitude_keys,
         _select_kernels,
+        expert_masks,
         generalized_task_arithmetic,
         magnitude_masks_batch,
         top_magnitude_masks,
@@ -257,6 +293,7 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
         lines.append(f"check breadcrumbs band ({path}) {name}: {'ok' if ok else 'FAIL'}")
         del order, keys
     lines += check_l1_kernel(engine, names[0])
+    lines += check_drawn_masks(engine, names[0])
     for method in methods:
         spec = METHODS.get(method)
         if spec is None or spec.kind != "gta" or spec.sparsification is None:
@@ -279,6 +316,16 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
                 BROKEN.add("MERGEOPT_FUSED")
                 os.environ["MERGEOPT_FUSED"] = "0"
                 return lines
+            masks = None
+            if spec.sparsification == "random":
+                # the fused path draws DARE's masks inside its kernels (check_drawn_masks
+                # checks those); the merge arithmetic is compared on masks drawn once
+                masks = expert_masks(
+                    spec,
+                    engine._stack[name],
+                    [{**spec.expert_defaults, **values} for values in params],
+                    torch.Generator(device=engine.device).manual_seed(11),
+                )
             for fused in (True, False):
                 generator = torch.Generator(device=engine.device).manual_seed(11)
                 results.append(
@@ -290,6 +337,7 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
                         method_params={},
                         generator=generator,
                         fused=fused,
+                        masks=masks,
                     )
                 )
             unequal = int((results[0] != results[1]).sum())

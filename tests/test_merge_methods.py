@@ -469,6 +469,42 @@ def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     assert 10_000 in radix_fallbacks and 7000 in radix_fallbacks
 
 
+def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
+    triton_selection: None,
+) -> None:
+    """On the GPU the kernels draw DARE's masks themselves (Philox); the L1 pass and the merge
+    must draw the same mask, the one ``draw_masks`` writes out."""
+    from mergeopt.merge import triton_kernels
+
+    generator = torch.Generator().manual_seed(15)
+    base = on_device((torch.randn(70, 300, generator=generator) * 0.02).bfloat16())
+    task_vectors = on_device((torch.randn(2, 70, 300, generator=generator) * 0.002).bfloat16())
+    device = base.device
+    n = base.numel()
+    densities = (0.3, 0.8)
+    draws = triton_kernels.DrawnMasks(
+        seed=1234, densities=methods._coefficients(densities, torch.float32, device)
+    )
+    masks = triton_kernels.draw_masks(base.shape, draws, device)
+    for row, density in enumerate(densities):
+        kept = float(masks[row].float().mean())
+        assert abs(kept - density) < 6 * (density * (1 - density) / n) ** 0.5
+    assert torch.equal(triton_kernels.draw_masks(base.shape, draws, device), masks)
+    other = triton_kernels.DrawnMasks(seed=1235, densities=draws.densities)
+    assert not torch.equal(triton_kernels.draw_masks(base.shape, other, device), masks)
+
+    norms = triton_kernels.l1_norms(task_vectors, None, draws=draws)
+    assert torch.equal(norms, triton_kernels.l1_norms(task_vectors, masks))
+    weights = methods._coefficients((0.6, 0.4), torch.bfloat16, device)
+    for consensus in (True, False):
+        options = {"consensus": consensus, "normalize": consensus, "lam": 1.0}
+        drawn = triton_kernels.gta_combine(
+            base, task_vectors, None, norms, weights, draws=draws, **options
+        )
+        given = triton_kernels.gta_combine(base, task_vectors, masks, norms, weights, **options)
+        assert torch.equal(drawn, given), consensus
+
+
 def test_one_pass_l1_norms_match_vector_norm(triton_selection: None) -> None:
     from mergeopt.merge import triton_kernels
 

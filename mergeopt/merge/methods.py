@@ -831,6 +831,24 @@ def expert_masks(
     ]
 
 
+def _draws_in_kernel(spec: MethodSpec, expert_params: Sequence[Mapping[str, float | None]]) -> bool:
+    """Whether the fused kernels draw this merge's masks (DARE, every density in (0, 1);
+    ``MERGEOPT_FUSED_DRAWS=0``: torch's Bernoulli draws, masks in memory)."""
+    return (
+        spec.sparsification == SPARSIFY_RANDOM
+        and os.environ.get("MERGEOPT_FUSED_DRAWS", "1") != "0"
+        and all(0 < float(values["density"]) < 1 for values in expert_params)
+    )
+
+
+def _kernel_seed(generator: torch.Generator | None) -> int:
+    """The Philox seed of in-kernel draws: the generator's seed (the engine seeds one per
+    tensor from the trial), else a fresh one from torch's default generator."""
+    if generator is not None:
+        return generator.initial_seed() & (2**63 - 1)
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def generalized_task_arithmetic(
     base: torch.Tensor,
     task_vectors: torch.Tensor,
@@ -862,23 +880,34 @@ def generalized_task_arithmetic(
         task_vectors.dtype,
         task_vectors.device,
     )
-    if masks is None:
+    kernels = _fused_kernels(base, task_vectors) if fused is not False else None
+    draws = None
+    if masks is not None:
+        masks = list(masks)
+    elif kernels is not None and _draws_in_kernel(spec, expert):
+        # DARE on the GPU: the kernels draw the masks themselves (no mask in memory, no
+        # Bernoulli launches); the same seed on the same device gives the same merge
+        densities = tuple(float(values["density"]) for values in expert)  # type: ignore[arg-type]
+        draws = kernels.DrawnMasks(
+            seed=_kernel_seed(generator),
+            densities=_coefficients(densities, torch.float32, base.device),
+        )
+        masks = [None] * len(expert)
+    else:
         masks = [None] * len(expert)
         if spec.sparsification is not None:
             masks = expert_masks(spec, task_vectors, expert, generator)
-    else:
-        masks = list(masks)
-    kernels = _fused_kernels(base, task_vectors) if fused is not False else None
     if kernels is not None:
-        stacked = _stack_masks(masks, base)
+        stacked = None if draws is not None else _stack_masks(masks, base)
         norms = None
-        if rescale and any(m is not None for m in masks):
+        if rescale and (draws is not None or any(m is not None for m in masks)):
             # mergekit's L1 norms before and after masking, all experts in three ops; an
             # expert without a mask has equal norms, hence the factor 1 (exactly)
-            if os.environ.get("MERGEOPT_FUSED_L1", "1") != "0":
+            if draws is not None or os.environ.get("MERGEOPT_FUSED_L1", "1") != "0":
                 # one Triton pass over task vectors and masks, no masked copy
-                norms = kernels.l1_norms(task_vectors, stacked)
+                norms = kernels.l1_norms(task_vectors, stacked, draws=draws)
             else:
+                assert stacked is not None
                 rows = task_vectors.view(len(masks), -1)
                 norms = torch.stack(
                     [
@@ -898,6 +927,7 @@ def generalized_task_arithmetic(
             normalize=bool(params["normalize"]),
             lam=float(params["lambda"]),
             out=out,
+            draws=draws,
         )
     if spec.sparsification is not None:
         deltas = torch.empty_like(task_vectors)

@@ -15,6 +15,7 @@ one-rounding fast path (``fused_weighted_sum``), within one unit in the last pla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -41,14 +42,49 @@ def _round(x, KIND: tl.constexpr):
 
 
 @triton.jit
+def _kept(mask_ptr, density_ptr, seed, index, n, offs, inside, DRAW: tl.constexpr):
+    """Whether expert ``index`` keeps the elements at ``offs``: read from its mask row, or
+    (``DRAW``, DARE) a Bernoulli(density) draw, uniform < density, from Philox at counter
+    (``seed``, index·n + offset), so every pass that asks draws the same mask."""
+    if DRAW:
+        uniform = tl.rand(seed, offs + index * n)
+        return inside & (uniform < tl.load(density_ptr + index))
+    return tl.load(mask_ptr + index * n + offs, mask=inside, other=0) != 0
+
+
+@triton.jit
+def _draw_masks_kernel(out_ptr, density_ptr, seed, n, N: tl.constexpr, BLOCK: tl.constexpr):
+    """The masks :func:`_kept` draws, written out (for checks and tests)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    for i in tl.static_range(N):
+        keep = _kept(out_ptr, density_ptr, seed, i, n, offs, inside, True)
+        tl.store(out_ptr + i * n + offs, keep.to(tl.uint8), mask=inside)
+
+
+@triton.jit
 def _weighted_delta(
-    tv_ptr, mask_ptr, norm_ptr, weight_ptr, index, n, offs, inside, eps, N, RESCALE, KIND
+    tv_ptr,
+    mask_ptr,
+    density_ptr,
+    seed,
+    norm_ptr,
+    weight_ptr,
+    index,
+    n,
+    offs,
+    inside,
+    eps,
+    N,
+    RESCALE,
+    KIND,
+    DRAW: tl.constexpr,
 ):
     """Expert ``index``'s sparsified, rescaled, weighted delta: round(round(kept·s)·w), with
     mergekit's L1 factor s = round(before / after), or 1 when a norm is below ``eps``
     (``norm_ptr``: N norms before masking, then N after)."""
     x = tl.load(tv_ptr + index * n + offs, mask=inside, other=0).to(tl.float32)
-    keep = tl.load(mask_ptr + index * n + offs, mask=inside, other=0) != 0
+    keep = _kept(mask_ptr, density_ptr, seed, index, n, offs, inside, DRAW)
     x = tl.where(keep, x, 0.0)
     if RESCALE:
         before = tl.load(norm_ptr + index).to(tl.float32)
@@ -65,6 +101,8 @@ def _gta_kernel(
     base_ptr,
     tv_ptr,
     mask_ptr,
+    density_ptr,
+    seed,
     norm_ptr,
     weight_ptr,
     out_ptr,
@@ -78,6 +116,7 @@ def _gta_kernel(
     NORMALIZE: tl.constexpr,
     SCALE_LAMBDA: tl.constexpr,
     KIND: tl.constexpr,
+    DRAW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -85,16 +124,18 @@ def _gta_kernel(
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
         total += _weighted_delta(
-            tv_ptr, mask_ptr, norm_ptr, weight_ptr, i, n, offs, inside, eps, N, RESCALE, KIND
-        )
+            tv_ptr, mask_ptr, density_ptr, seed, norm_ptr, weight_ptr, i, n, offs, inside,
+            eps, N, RESCALE, KIND, DRAW,
+        )  # fmt: skip
     if CONSENSUS:
         positive = _round(total, KIND) >= 0
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):
             delta = _weighted_delta(
-                tv_ptr, mask_ptr, norm_ptr, weight_ptr, i, n, offs, inside, eps, N, RESCALE, KIND
-            )
+                tv_ptr, mask_ptr, density_ptr, seed, norm_ptr, weight_ptr, i, n, offs, inside,
+                eps, N, RESCALE, KIND, DRAW,
+            )  # fmt: skip
             agree = tl.where(positive, delta > 0, delta < 0)
             mixed += tl.where(agree, delta, 0.0)
             divisor += tl.where(agree, tl.load(weight_ptr + i).to(tl.float32), 0.0)
@@ -243,7 +284,7 @@ def _tiny(dtype: torch.dtype) -> float:
 def gta_combine(
     base: torch.Tensor,
     task_vectors: torch.Tensor,
-    masks: torch.Tensor,
+    masks: torch.Tensor | None,
     norms: torch.Tensor | None,
     weights: torch.Tensor,
     *,
@@ -252,22 +293,27 @@ def gta_combine(
     lam: float,
     eps: float = 1e-7,
     out: torch.Tensor | None = None,
+    draws: DrawnMasks | None = None,
 ) -> torch.Tensor:
     """mergekit's GTA combination in one pass (see ``methods.generalized_task_arithmetic``).
 
     ``task_vectors`` N x shape (contiguous), ``masks`` N x shape uint8/bool (kept elements),
     ``weights`` N values in the task vectors' dtype; ``norms`` (2 x N, same dtype: each
     task vector's L1 norm, then its kept part's) when the kept deltas are rescaled, else None.
+    ``draws`` instead of ``masks``: DARE's masks drawn inside the kernel (:class:`DrawnMasks`).
     """
     count = task_vectors.shape[0]
     n = base.numel()
     out = torch.empty_like(base) if out is None else out
     tiny = _tiny(base.dtype)
     grid = (triton.cdiv(n, _BLOCK),)
+    mask_ptr, density_ptr, seed, draw = _mask_arguments(masks, draws, weights)
     _gta_kernel[grid](
         base,
         task_vectors,
-        masks.view(torch.uint8),
+        mask_ptr,
+        density_ptr,
+        seed,
         norms if norms is not None else weights,
         weights,
         out,
@@ -281,6 +327,7 @@ def gta_combine(
         NORMALIZE=normalize,
         SCALE_LAMBDA=float(lam) != 1,
         KIND=_KIND[base.dtype],
+        DRAW=draw,
         BLOCK=_BLOCK,
         num_warps=8,
         enable_fp_fusion=False,  # a fused multiply-add would skip a rounding mergekit does
@@ -318,7 +365,16 @@ def weighted_sum(
 
 @triton.jit
 def _l1_partials_kernel(
-    tv_ptr, mask_ptr, out_ptr, n, programs, N: tl.constexpr, BLOCK: tl.constexpr
+    tv_ptr,
+    mask_ptr,
+    density_ptr,
+    seed,
+    out_ptr,
+    n,
+    programs,
+    N: tl.constexpr,
+    DRAW: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per tile and expert: the fp32 sums of |x| over all elements and over the kept ones."""
     pid = tl.program_id(0)
@@ -326,24 +382,64 @@ def _l1_partials_kernel(
     inside = offs < n
     for i in tl.static_range(N):
         x = tl.abs(tl.load(tv_ptr + i * n + offs, mask=inside, other=0).to(tl.float32))
-        keep = tl.load(mask_ptr + i * n + offs, mask=inside, other=0) != 0
+        keep = _kept(mask_ptr, density_ptr, seed, i, n, offs, inside, DRAW)
         tl.store(out_ptr + i * programs + pid, tl.sum(x, 0))
         tl.store(out_ptr + (N + i) * programs + pid, tl.sum(tl.where(keep, x, 0.0), 0))
 
 
-def l1_norms(task_vectors: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class DrawnMasks:
+    """DARE's masks, never stored: expert i keeps an element with probability
+    ``densities[i]`` (N fp32 values on the device), drawn inside each kernel that reads the
+    mask from Philox at counter (``seed``, i·numel + position). The L1 pass and the merge
+    draw the same mask; the same seed on the same device gives the same merge."""
+
+    seed: int
+    densities: torch.Tensor
+
+
+def _mask_arguments(
+    masks: torch.Tensor | None, draws: DrawnMasks | None, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """(mask pointer, density pointer, seed, DRAW) for the kernels' :func:`_kept`."""
+    if draws is not None:
+        return draws.densities, draws.densities, draws.seed, True
+    assert masks is not None
+    return masks.view(torch.uint8), like, 0, False
+
+
+def draw_masks(shape: Sequence[int], draws: DrawnMasks, device: torch.device) -> torch.Tensor:
+    """The N x shape bool masks that ``draws`` stands for (checks and tests; merges never
+    materialize them)."""
+    count = draws.densities.numel()
+    out = torch.empty((count, *shape), dtype=torch.uint8, device=device)
+    n = out[0].numel()
+    _draw_masks_kernel[(triton.cdiv(n, _BLOCK),)](
+        out, draws.densities, draws.seed, n, N=count, BLOCK=_BLOCK, num_warps=8
+    )
+    return out.view(torch.bool)
+
+
+def l1_norms(
+    task_vectors: torch.Tensor,
+    masks: torch.Tensor | None,
+    *,
+    draws: DrawnMasks | None = None,
+) -> torch.Tensor:
     """The 2 x N L1 norms (each task vector's, then its kept part's) in the task vectors'
-    dtype, from one pass over the task vectors and masks (no masked copy): fp32 partial sums
-    per tile, summed by torch, rounded once, as ``vector_norm`` accumulates and rounds (the
-    order of the fp32 additions differs, so a norm may differ in its last fp32 bit)."""
+    dtype, from one pass over the task vectors and masks (no masked copy; ``draws``: the
+    masks drawn on the fly instead): fp32 partial sums per tile, summed by torch, rounded
+    once, as ``vector_norm`` accumulates and rounds (the order of the fp32 additions
+    differs, so a norm may differ in its last fp32 bit)."""
     count = task_vectors.shape[0]
     n = task_vectors[0].numel()
     block = 8192
     programs = triton.cdiv(n, block)
-    partials = torch.empty((2 * count, programs), dtype=torch.float32, device=masks.device)
+    partials = torch.empty((2 * count, programs), dtype=torch.float32, device=task_vectors.device)
+    mask_ptr, density_ptr, seed, draw = _mask_arguments(masks, draws, task_vectors)
     _l1_partials_kernel[(programs,)](
-        task_vectors, masks.view(torch.uint8), partials, n, programs, N=count, BLOCK=block,
-        num_warps=8,
+        task_vectors, mask_ptr, density_ptr, seed, partials, n, programs, N=count, DRAW=draw,
+        BLOCK=block, num_warps=8,
     )  # fmt: skip
     return partials.sum(1).view(2, count).to(task_vectors.dtype)
 
