@@ -41,12 +41,13 @@ genome block ``b`` with importance ``I_b`` (study user attr ``mergeopt:block_imp
     (a warning is logged once for genome studies).
 
     Why kappa = 2 (was 1): on the 37-D benchmark (``scripts/bench_samplers.py``, a prior
-    pointing at the 6 relevant of 37 blocks, ``n_startup_trials=8``, 4 seeds) it raised the
-    hypervolume at 48 evaluations from 0.82 to 0.85 of the maximum (0.87 with
-    ``n_startup_trials=4``). A prior pointing at 6 wrong blocks then slows early progress
-    (0.68 of the maximum at 48 vs 0.79 without the prior) but not the end (0.89 at 88 either
-    way); see ``docs/bench/samplers-2026-11-24.md``. Set ``importance_strength`` lower when
-    the importance is a weak signal, 0 to switch its effect off.
+    pointing at the 6 relevant of 37 blocks, ``n_startup_trials=8``, the ``pareto-nadir``
+    reference point, seeds 0, 1, 3, 4) it raised the hypervolume at 48 evaluations from 0.82 to
+    0.85 of the maximum (0.87 with ``n_startup_trials=4``). With ``n_startup_trials=4`` and
+    ``observed-worst``: 0.88 at 48 (seeds 0, 1, 2, 5). A prior pointing at 6 wrong blocks then
+    slows early progress (0.68 at 48 vs 0.79 without the prior) but not the end (0.89 at 88
+    either way); see ``docs/bench/samplers-2026-11-24.md``. Set ``importance_strength`` lower
+    when the importance is a weak signal, 0 to switch its effect off.
 
 Initial design: ``custom_initial_solutions`` first (``"0.55,0.8"`` = one value per searched
 parameter in genome order — weight, density — broadcast to every block and expert), then Sobol
