@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from mergeopt.merge.engine import MergeEngine, ModuleTarget
 from mergeopt.merge.recipe import run_recipe
 from mergeopt.objectives.scorers.hf import HFScorer
 from mergeopt.spec import StudySpec
+from tests.tiny_models import build_tiny_model
 
 NUM_LAYERS = 4
 LAYOUT = BlockLayout.fixed(NUM_LAYERS, num_blocks=2)  # 2 layer blocks + embeddings/norm/head
@@ -44,65 +44,12 @@ PROMPTS = ["Q: 12+34=\nA:", "R: hello\nA:", "abc", "Z"]
 MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
 
 
-def build_tiny_model(folder: Path, *, seed: int) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        GenerationConfig,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    specials = ("<pad>", "<eos>", "<unk>")
-    characters = string.digits + string.ascii_letters + string.punctuation + " \n"
-    vocab = {token: index for index, token in enumerate((*specials, *characters))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=256,
-    )
-    config = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)  # the same base for every model ...
-    model = Qwen2ForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.2)
-            if seed:  # ... plus a task vector for the experts
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    model.generation_config = GenerationConfig(
-        bos_token_id=1, eos_token_id=1, pad_token_id=0, do_sample=False
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     folders = {"base": root / "base", "e0": root / "expert-0", "e1": root / "expert-1"}
     for seed, folder in enumerate(folders.values()):
-        build_tiny_model(folder, seed=seed)
+        build_tiny_model(folder, num_layers=NUM_LAYERS, task_vector_seed=seed or None)
     return folders
 
 

@@ -19,7 +19,7 @@ from mergeopt.objectives.evaluate import Evaluator, GenerationOptions
 from mergeopt.objectives.scorers.base import TrialEvaluationError
 from mergeopt.objectives.scorers.hf import HFScorer
 from mergeopt.objectives.tasks import subsample_indices
-from tests.test_scorer_hf import build_tiny_model
+from tests.tiny_models import build_tiny_model
 
 
 class CountingScorer:

@@ -21,7 +21,8 @@ from mergeopt.objectives.normalization import (
     normalize_values,
 )
 from mergeopt.objectives.scorers.hf import HFScorer
-from tests.test_scorer_hf import PROMPTS, build_tiny_model
+from tests.test_scorer_hf import PROMPTS
+from tests.tiny_models import build_tiny_model
 
 
 def test_values_map_to_zero_at_the_weakest_anchor_and_one_at_the_strongest() -> None:

@@ -4,7 +4,6 @@ scores log-likelihoods as a plain forward pass does, and takes new weights in pl
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import pytest
@@ -17,61 +16,9 @@ from mergeopt.objectives.scorers.base import (
     create_scorer,
 )
 from mergeopt.objectives.scorers.hf import HFScorer
+from tests.tiny_models import build_tiny_model
 
 PROMPTS = ["Q: 12+7=\nA:", "R: abc\nA:", "hello world, this is a longer prompt", "x"]
-
-
-def build_tiny_model(folder: Path, *, seed: int = 0, num_layers: int = 2) -> Path:
-    """A random Qwen2 model (head_dim 64, as vLLM's CPU attention needs) over a character
-    vocabulary, saved with its tokenizer as an HF folder."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        GenerationConfig,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    specials = ("<pad>", "<eos>", "<unk>")
-    characters = string.digits + string.ascii_letters + string.punctuation + " \n"
-    vocab = {token: index for index, token in enumerate((*specials, *characters))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=256,
-    )
-    config = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # larger weights than the default init, so greedy text varies
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.2)
-    model.generation_config = GenerationConfig(
-        bos_token_id=1, eos_token_id=1, pad_token_id=0, do_sample=False
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
