@@ -644,10 +644,11 @@ def _worker_seed(seed: int) -> int:
 
 
 def _sampler_exhausted(study: optuna.Study) -> bool:
-    """Samplers with a finite space (model-level grid) mark the study when it is used up."""
-    from mergeopt.samplers.model_level import is_exhausted
+    """Samplers with a finite space (model-level grid) mark the study when it is used up;
+    other samplers never do, so their workers skip the read (a query per trial)."""
+    from mergeopt.samplers.model_level import ModelLevelSampler, is_exhausted
 
-    return is_exhausted(study)
+    return isinstance(study.sampler, ModelLevelSampler) and is_exhausted(study)
 
 
 def _is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:

@@ -266,3 +266,21 @@ def test_the_vllm_demo_spec_runs_on_the_cpu(tmp_path: Path, zoo_dir: Path, sqlit
     )
     assert result.returncode == 0, result.stderr
     assert_finished_study(load(sqlite_url, "tiny-vllm"), 4)
+
+
+def test_a_grid_study_stops_when_every_grid_point_was_evaluated(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    # 2 experts x 2 grid points of one weight: 4 points, fewer than the 10 trials asked for
+    sampler = {"name": "model-level", "options": {"mode": "grid", "grid_points": 2}}
+    create(tmp_path, zoo_dir, sqlite_url, "grid", sampler=sampler, limit=8)
+    result = run_cli(
+        "study", "run", "grid", "-n", "10", "-w", "1", "--storage", sqlite_url, "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    study = load(sqlite_url, "grid")
+    points = {
+        tuple(sorted(t.params.items())) for t in study.get_trials(states=(TrialState.COMPLETE,))
+    }
+    assert len(points) == 4
+    assert states(study)["RUNNING"] == 0
