@@ -149,19 +149,13 @@ def _fresh_database(backend: str, folder: Path) -> tuple[str, Any]:
 
 
 def _zoo_spec(zoo: Path, limit: int) -> Any:
-    import yaml
-
+    """The demo spec on ``zoo`` (the tests' ``tiny_spec``), random sampler, ``limit`` prompts."""
     from mergeopt.spec import StudySpec
+    from tests.conftest import tiny_spec
 
-    raw = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    raw["models"]["base"] = str(zoo / "base")
-    raw["models"]["experts"] = [str(zoo / "expert-direct"), str(zoo / "expert-steps")]
+    raw = tiny_spec(zoo, sampler={"name": "random", "enqueue_experts": False})
     for objective in raw["objectives"]:
-        for key in ("task", "heldout"):
-            if key in objective:
-                objective[key] = str(zoo / "tasks" / Path(objective[key]).name)
         objective["limit"] = limit
-    raw["sampler"] = {"name": "random", "enqueue_experts": False}
     raw["scorer"]["batch_size"] = limit
     return StudySpec.model_validate(raw)
 
