@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from mergeopt.objectives.evaluate import Evaluator, GenerationOptions
 from mergeopt.objectives.scorers.base import TrialEvaluationError
 from mergeopt.objectives.scorers.hf import HFScorer
 from mergeopt.objectives.tasks import subsample_indices
+from tests.task_files import objective, write_jsonl
 from tests.tiny_models import build_tiny_model
 
 
@@ -42,45 +42,25 @@ class CountingScorer:
         return self.scorer.rolling_loglikelihood(texts)
 
 
-def _objective(task: Path, name: str, **fields: object) -> SimpleNamespace:
-    defaults = dict(
-        name=name,
-        task=str(task),
-        kind="generation",
-        metric="accuracy",
-        direction="maximize",
-        extract="last_number",
-        pattern=None,
-        limit=None,
-        subsample_seed=0,
-        heldout=None,
-        normalize=False,
-        evalscope=None,
-    )
-    return SimpleNamespace(**{**defaults, **fields})
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[HFScorer, Path]:
     folder = tmp_path_factory.mktemp("evaluate")
     model = build_tiny_model(folder / "model")
     tasks = folder / "tasks"
     tasks.mkdir()
-    (tasks / "arith.jsonl").write_text(
-        "".join(
-            json.dumps({"prompt": f"Q: {a}+{a + 3}=\nA:", "answer": 2 * a + 3}) + "\n"
-            for a in range(10)
-        )
+    write_jsonl(
+        tasks / "arith.jsonl",
+        [{"prompt": f"Q: {a}+{a + 3}=\nA:", "answer": 2 * a + 3} for a in range(10)],
     )
-    (tasks / "mc.jsonl").write_text(
-        "".join(
-            json.dumps({"question": f"{a}+1=", "choices": [str(a), str(a + 1), "x"], "answer": 1})
-            + "\n"
+    write_jsonl(
+        tasks / "mc.jsonl",
+        [
+            {"question": f"{a}+1=", "choices": [str(a), str(a + 1), "x"], "answer": 1}
             for a in range(6)
-        )
+        ],
     )
-    (tasks / "texts.jsonl").write_text(
-        "".join(json.dumps({"text": f"the number {a} follows {a - 1}."}) + "\n" for a in range(5))
+    write_jsonl(
+        tasks / "texts.jsonl", [{"text": f"the number {a} follows {a - 1}."} for a in range(5)]
     )
     return HFScorer(model_dir=model, batch_size=4), tasks
 
@@ -89,11 +69,11 @@ def test_accuracy_and_mean_tokens_of_one_task_share_one_generation_pass(setup: A
     scorer, tasks = setup
     counting = CountingScorer(scorer)
     objectives = [
-        _objective(tasks / "arith.jsonl", "accuracy", limit=6),
-        _objective(
+        objective(tasks / "arith.jsonl", "accuracy", limit=6),
+        objective(
             tasks / "arith.jsonl", "tokens", metric="mean_tokens", direction="minimize", limit=6
         ),
-        _objective(tasks / "arith.jsonl", "exact", extract="exact", limit=6),
+        objective(tasks / "arith.jsonl", "exact", extract="exact", limit=6),
     ]
     options = GenerationOptions(max_new_tokens=8, stop=("\n",))
     result = Evaluator(objectives, counting, scorer_options=options).evaluate()  # type: ignore[arg-type]
@@ -114,8 +94,8 @@ def test_multiple_choice_and_perplexity_objectives(setup: Any) -> None:
     scorer, tasks = setup
     counting = CountingScorer(scorer)
     objectives = [
-        _objective(tasks / "mc.jsonl", "mc", kind="multiple_choice"),
-        _objective(
+        objective(tasks / "mc.jsonl", "mc", kind="multiple_choice"),
+        objective(
             tasks / "texts.jsonl",
             "ppl",
             kind="perplexity",
@@ -139,20 +119,20 @@ def test_heldout_split_scores_the_items_the_search_left_out(setup: Any, tmp_path
     heldout_file = tmp_path / "held.jsonl"
     heldout_file.write_text(json.dumps({"prompt": "Q: 1+1=\nA:", "answer": 2}) + "\n")
     objectives = [
-        _objective(tasks / "arith.jsonl", "by_limit", limit=6),
-        _objective(tasks / "arith.jsonl", "by_file", heldout=str(heldout_file)),
+        objective(tasks / "arith.jsonl", "by_limit", limit=6),
+        objective(tasks / "arith.jsonl", "by_file", heldout=str(heldout_file)),
     ]
     Evaluator(objectives, counting, split="heldout").evaluate()  # type: ignore[arg-type]
     assert sorted(counting.calls) == [("generate", 1), ("generate", 4)]
     with pytest.raises(UserError, match="objective nothing_left: no held-out items"):
-        Evaluator([_objective(tasks / "arith.jsonl", "nothing_left")], scorer, split="heldout")
+        Evaluator([objective(tasks / "arith.jsonl", "nothing_left")], scorer, split="heldout")
 
 
 def test_a_merge_that_gives_nan_fails_the_trial_and_the_scorer_stays_usable(setup: Any) -> None:
     scorer, tasks = setup
     name = "model.layers.0.mlp.down_proj.weight"
     original = scorer.model.state_dict()[name].clone()
-    evaluator = Evaluator([_objective(tasks / "arith.jsonl", "accuracy", limit=3)], scorer)
+    evaluator = Evaluator([objective(tasks / "arith.jsonl", "accuracy", limit=3)], scorer)
     scorer.load_weights([(name, torch.full_like(original, math.nan))])
     try:
         with pytest.raises(TrialEvaluationError, match="non-finite logits"):

@@ -4,9 +4,7 @@ they promise."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -21,33 +19,11 @@ from mergeopt.objectives.tasks import (
     search_split,
     subsample_indices,
 )
-
-
-def _jsonl(path: Path, records: list[object]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def _objective(task: Path, **fields: object) -> SimpleNamespace:
-    defaults = dict(
-        name="acc",
-        task=str(task),
-        kind="generation",
-        metric="accuracy",
-        direction="maximize",
-        extract="last_number",
-        pattern=None,
-        limit=None,
-        subsample_seed=0,
-        heldout=None,
-        normalize=False,
-        evalscope=None,
-    )
-    return SimpleNamespace(**{**defaults, **fields})
+from tests.task_files import objective, write_jsonl
 
 
 def test_generation_records_load_with_numbers_as_text(tmp_path: Path) -> None:
-    path = _jsonl(
+    path = write_jsonl(
         tmp_path / "t.jsonl", [{"prompt": "1+1=", "answer": 2}, {"prompt": "a", "answer": "b"}]
     )
     assert load_task(path, "generation") == [GenerationItem("1+1=", "2"), GenerationItem("a", "b")]
@@ -71,16 +47,16 @@ def test_bad_task_files_fail_with_the_file_and_line(
     path = tmp_path / "t.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        validate_objectives([_objective(path)])
+        validate_objectives([objective(path)])
 
 
 def test_a_missing_task_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nope.jsonl: task file not found"):
-        validate_objectives([_objective(tmp_path / "nope.jsonl")])
+        validate_objectives([objective(tmp_path / "nope.jsonl")])
 
 
 def test_multiple_choice_from_jsonl_and_from_letter_columns_in_csv(tmp_path: Path) -> None:
-    jsonl = _jsonl(
+    jsonl = write_jsonl(
         tmp_path / "mc.jsonl", [{"question": "2+2=", "choices": ["3", "4"], "answer": 1}]
     )
     assert load_task(jsonl, "multiple_choice") == [MultipleChoiceItem("2+2=", ("3", "4"), 1)]
@@ -90,7 +66,9 @@ def test_multiple_choice_from_jsonl_and_from_letter_columns_in_csv(tmp_path: Pat
         MultipleChoiceItem("2+2=", ("3", "4", "5"), 1),
         MultipleChoiceItem("1,0", ("x", "y"), 0),
     ]
-    bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}]
+    )
     with pytest.raises(UserError, match="bad.jsonl:1: field 'answer' must be the index"):
         load_task(bad, "multiple_choice")
 
@@ -103,7 +81,7 @@ def test_csv_generation_tasks_report_their_line(tmp_path: Path) -> None:
 
 
 def test_limit_keeps_the_same_seeded_subset_and_the_rest_is_held_out(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "t.jsonl", [{"prompt": str(i), "answer": i} for i in range(20)])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": str(i), "answer": i} for i in range(20)])
     first = search_split(path, "generation", limit=5, seed=3)
     again = search_split(path, "generation", limit=5, seed=3)
     other_seed = search_split(path, "generation", limit=5, seed=4)
@@ -113,9 +91,9 @@ def test_limit_keeps_the_same_seeded_subset_and_the_rest_is_held_out(tmp_path: P
     assert rest is not None and len(rest.items) == 15
     assert not set(rest.items) & set(first.items)
     assert heldout_split(path, "generation", heldout=None, limit=None, seed=3) is None
-    assert has_heldout(_objective(path, limit=5)) and not has_heldout(_objective(path))
-    held = _jsonl(tmp_path / "h.jsonl", [{"prompt": "h", "answer": 1}])
-    assert has_heldout(_objective(path, heldout=str(held)))
+    assert has_heldout(objective(path, limit=5)) and not has_heldout(objective(path))
+    held = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "h", "answer": 1}])
+    assert has_heldout(objective(path, heldout=str(held)))
 
 
 @pytest.mark.parametrize(
