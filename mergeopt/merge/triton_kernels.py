@@ -607,7 +607,8 @@ def _select_mask_kernel(
 ):
     """Pass 3: the masks: keys above the threshold, plus the first ``missing`` keys equal to
     it in index order (rank = ties in the request's earlier tiles, from the inclusive prefix
-    sum over all programs, + the inclusive rank in this tile). ``XOR``: one mask per request,
+    sum over all programs, + the inclusive rank in this tile, computed only in the tile where
+    the ties taken run out). ``XOR``: one mask per request,
     its first selection's minus its second's (breadcrumbs' band)."""
     pid = tl.program_id(0)
     r, start, n, x_ptr, out_ptr = _select_request(table_ptr, count, pid, MAX_REQUESTS, ALIGNED)
@@ -621,10 +622,18 @@ def _select_mask_kernel(
         t, missing, miss = _select_resolve(hist_ptr, k_ptr, selection, lo, BINS)
         equal = inside & (keys == t)
         row = equal_prefix_ptr + s * programs
-        through_previous = tl.load(row + pid - 1, mask=pid > 0, other=0)
         before_request = tl.load(row + start - 1, mask=start > 0, other=0)
-        rank = (through_previous - before_request) + tl.cumsum(equal.to(tl.int32), 0).to(tl.int64)
-        keep = inside & ((keys > t) | (equal & (rank <= missing)))
+        earlier = tl.load(row + pid - 1, mask=pid > 0, other=0) - before_request
+        through_tile = tl.load(row + pid) - before_request
+        # Only the one tile where the ties taken run out needs their index-order rank (a
+        # scan over the tile, the dearest step of the pass); before it every tie is taken,
+        # after it none.
+        if (earlier < missing) & (through_tile > missing):
+            rank = earlier + tl.cumsum(equal.to(tl.int32), 0).to(tl.int64)
+            taken = equal & (rank <= missing)
+        else:
+            taken = equal & (through_tile <= missing)
+        keep = inside & ((keys > t) | taken)
         if XOR:
             band = band ^ keep
         else:
