@@ -25,7 +25,9 @@ enqueued (every sampler starts from nothing). Its true maximum hypervolume is un
 normalizes by the best hypervolume any run found (reference point accuracy 0, 32 tokens =
 ``max_new_tokens``). Importance priors: ``prior`` = the block importance mergeopt computed for
 the study (task-vector norms), ``misleading`` = the same values given to the blocks in reverse
-order. Same checkpoints as the synthetic problem.
+order. Same checkpoints as the synthetic problem. ``--problem zoo-experts``: the same, but the two
+experts themselves are the first two trials (``enqueue_experts: true``, as in
+``studies/tiny.yaml``), for every sampler.
 
 Model-based samplers (saasbo-qnehvi, Optuna's ``gp``, optuna-integration's ``BoTorchSampler``
 with its default qLogNEHVI candidates function) start with ``STARTUP`` = 4 design points;
@@ -64,6 +66,7 @@ DIMENSION = 37
 RELEVANT = 6
 BATCH = 4
 CHECKPOINTS = (24, 48, 88)
+PROBLEMS = ("synthetic", "zoo", "zoo-experts")
 STARTUP = 4  # design points of every model-based sampler (saasbo, gp, botorch)
 ZOO_CHECKPOINTS = CHECKPOINTS
 ZOO_REFERENCE = np.array([0.0, -32.0])  # (accuracy, -mean tokens): nothing, max_new_tokens
@@ -248,6 +251,7 @@ def run_one_zoo(
     label: str = "",
     options: dict[str, Any] | None = None,
     report: Callable[[dict[str, Any]], None] = lambda record: None,
+    experts_first: bool = False,
 ) -> dict[str, Any]:
     """The zoo merge study (module docstring); ``hv_fraction`` holds raw hypervolumes here."""
     import tempfile
@@ -278,6 +282,9 @@ def run_one_zoo(
     )
     for key, value in created.user_attrs.items():
         study.set_user_attr(key, value)
+    if experts_first:
+        for expert in range(genome.num_experts):
+            study.enqueue_trial(genome.expert_alone(expert))
     runner = TrialRunner(study, device="cpu")
 
     def evaluate(trial: Any) -> tuple[float, float]:
@@ -296,7 +303,11 @@ def run_one_zoo(
             hv_raw,
             budget=budget,
             checkpoints=ZOO_CHECKPOINTS,
-            record={"problem": "zoo", "sampler": row_name(name, label), "seed": seed},
+            record={
+                "problem": "zoo-experts" if experts_first else "zoo",
+                "sampler": row_name(name, label),
+                "seed": seed,
+            },
             report=report,
         )
     finally:
@@ -361,8 +372,19 @@ def run_and_report(
         else:
             print(line, flush=True)
 
-    run = run_one_zoo if problem_name == "zoo" else run_one
-    run(name, seed, budget, label=label, options=options, report=report)
+    if problem_name == "synthetic":
+        run_one(name, seed, budget, label=label, options=options, report=report)
+    else:
+        experts_first = problem_name == "zoo-experts"
+        run_one_zoo(
+            name,
+            seed,
+            budget,
+            label=label,
+            options=options,
+            report=report,
+            experts_first=experts_first,
+        )
 
 
 def command_one(args: argparse.Namespace) -> None:
@@ -434,20 +456,27 @@ def command_table(args: argparse.Namespace) -> None:
                     last[key] = record
     print(f"# Sampler benchmark ({args.date}, {args.machine})\n")
     print(f"Command: `{args.how}`\n")
-    for problem_name in ("synthetic", "zoo"):
+    # Both zoo variants are one objective: one scale, the best hypervolume of any zoo run.
+    zoo_best = max(
+        (max(r["hv_fraction"].values()) for (p, _, _), r in last.items() if p != "synthetic"),
+        default=1.0,
+    )
+    for problem_name in PROBLEMS:
         records = [r for (p, _, _), r in last.items() if p == problem_name]
         if records:
-            _print_problem_table(problem_name, records)
+            _print_problem_table(problem_name, records, zoo_best)
 
 
-def _print_problem_table(problem_name: str, records: list[dict[str, Any]]) -> None:
-    checkpoints = ZOO_CHECKPOINTS if problem_name == "zoo" else CHECKPOINTS
+def _print_problem_table(problem_name: str, records: list[dict[str, Any]], zoo_best: float) -> None:
+    checkpoints = CHECKPOINTS if problem_name == "synthetic" else ZOO_CHECKPOINTS
     scale = 1.0
-    if problem_name == "zoo":
-        scale = max(max(r["hv_fraction"].values()) for r in records)
+    if problem_name != "synthetic":
+        scale = zoo_best
+        experts = ", the two experts as the first trials" if problem_name == "zoo-experts" else ""
         print(
-            "## (b) Zoo merge study (`--problem zoo`)\n\nHypervolume as a fraction of the best "
-            f"hypervolume found by any run ({scale:.4f}, reference point accuracy 0 / 32 "
+            f"## (b) Zoo merge study (`--problem {problem_name}`{experts})\n\n"
+            "Hypervolume as a fraction of the best "
+            f"hypervolume found by any zoo run ({scale:.4f}, reference point accuracy 0 / 32 "
             "tokens): the true maximum is unknown.\n"
         )
     else:
@@ -468,7 +497,12 @@ def _print_problem_table(problem_name: str, records: list[dict[str, Any]]) -> No
         cells = []
         for n in checkpoints:
             got = [r["hv_fraction"][str(n)] / scale for r in group if str(n) in r["hv_fraction"]]
-            text = f"{np.mean(got):.3f} ({min(got):.2f}-{max(got):.2f})" if got else "not reached"
+            if got:
+                text = f"{np.mean(got):.3f} ({min(got):.2f}-{max(got):.2f})"
+            elif all(r["budget"] < n for r in group):
+                text = "beyond the budget"
+            else:
+                text = "not reached"
             if got and len(got) < len(group):
                 text += f" [{len(got)} seeds]"
             cells.append(text)
@@ -493,14 +527,14 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--pin", action="store_true", help="taskset each job to --threads cores")
     run.add_argument("--out", default=None, help="JSON lines file (needed with --jobs > 1)")
-    run.add_argument("--problem", choices=("synthetic", "zoo"), default="synthetic")
+    run.add_argument("--problem", choices=PROBLEMS, default="synthetic")
     run.add_argument("--variants", default='{"": {}}', help="saasbo option sets, by label")
     run.add_argument("--first-cpu", type=int, default=0, help="first core for --pin")
     one = sub.add_parser("one")
     one.add_argument("name")
     one.add_argument("seed", type=int)
     one.add_argument("budget", type=int)
-    one.add_argument("--problem", choices=("synthetic", "zoo"), default="synthetic")
+    one.add_argument("--problem", choices=PROBLEMS, default="synthetic")
     one.add_argument("--out", default=None)
     one.add_argument("--label", default="")
     one.add_argument("--options", default="{}")
