@@ -21,6 +21,7 @@ from mergeopt.objectives.normalization import (
     normalize_values,
 )
 from mergeopt.objectives.scorers.hf import HFScorer
+from tests.task_files import objective, write_jsonl
 from tests.test_scorer_hf import PROMPTS
 from tests.tiny_models import build_tiny_model
 
@@ -48,24 +49,10 @@ def test_values_map_to_zero_at_the_weakest_anchor_and_one_at_the_strongest() -> 
 @pytest.mark.slow
 def test_anchors_are_each_models_own_scores_and_the_base_is_restored(tmp_path: Path) -> None:
     models = {n: build_tiny_model(tmp_path / n, seed=s) for n, s in (("base", 0), ("e1", 1))}
-    task = tmp_path / "t.jsonl"
-    task.write_text(
-        "".join(json.dumps({"prompt": f"{a}+{a}=", "answer": 2 * a}) + "\n" for a in range(6))
+    task = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(6)]
     )
-    objectives = [
-        SimpleNamespace(
-            name="tokens",
-            task=str(task),
-            kind="generation",
-            metric="mean_tokens",
-            extract="last_number",
-            pattern=None,
-            limit=None,
-            subsample_seed=0,
-            heldout=None,
-            normalize=True,
-        )
-    ]
+    objectives = [objective(task, "tokens", metric="mean_tokens", normalize=True)]
     options = GenerationOptions(max_new_tokens=12, stop=("\n",))
     scorer = HFScorer(model_dir=models["base"])
     engine = MergeEngine(

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -17,6 +15,7 @@ from mergeopt.blocks import BlockLayout
 from mergeopt.merge.engine import MergeEngine
 from mergeopt.objectives.evaluate import Evaluator, GenerationOptions
 from mergeopt.objectives.scorers.base import Scorer, TrialEvaluationError, create_scorer
+from tests.task_files import objective, write_jsonl
 from tests.test_scorer_hf import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -112,34 +111,18 @@ def test_merges_swap_in_place_a_then_b_then_a_gives_a_again(
 def test_the_evaluator_gives_the_same_values_with_either_scorer(
     tmp_path: Path, engine: MergeEngine, vllm_scorer: Scorer, hf_scorer: Scorer
 ) -> None:
-    task = tmp_path / "arith.jsonl"
-    task.write_text(
-        "".join(
-            json.dumps({"prompt": f"Q: {a}+{a}=\nA:", "answer": 2 * a}) + "\n" for a in range(8)
-        )
+    task = write_jsonl(
+        tmp_path / "arith.jsonl",
+        [{"prompt": f"Q: {a}+{a}=\nA:", "answer": 2 * a} for a in range(8)],
     )
-    mc = tmp_path / "mc.jsonl"
-    mc.write_text(
-        "".join(
-            json.dumps({"question": f"{a}+1=", "choices": [str(a), str(a + 1)], "answer": 1}) + "\n"
-            for a in range(5)
-        )
-    )
-    base: dict[str, Any] = dict(
-        direction="maximize",
-        extract="last_number",
-        pattern=None,
-        limit=None,
-        subsample_seed=0,
-        heldout=None,
-        evalscope=None,
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [{"question": f"{a}+1=", "choices": [str(a), str(a + 1)], "answer": 1} for a in range(5)],
     )
     objectives = [
-        SimpleNamespace(name="acc", task=str(task), kind="generation", metric="accuracy", **base),
-        SimpleNamespace(
-            name="tokens", task=str(task), kind="generation", metric="mean_tokens", **base
-        ),
-        SimpleNamespace(name="mc", task=str(mc), kind="multiple_choice", metric="accuracy", **base),
+        objective(task, "acc"),
+        objective(task, "tokens", metric="mean_tokens"),
+        objective(mc, "mc", kind="multiple_choice"),
     ]
     options = GenerationOptions(max_new_tokens=10, stop=("\n",))
     for scorer in (vllm_scorer, hf_scorer):
