@@ -9,6 +9,7 @@ Python drivers of the ``db`` extra filled in when the URL names no driver.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sqlite3
@@ -142,7 +143,7 @@ def open_storage(
         )
         callback = retry_callback(max_retry=max_retry) if heartbeat_interval is not None else None
         try:
-            return optuna.storages.RDBStorage(
+            return _claiming_storage_class()(
                 url,
                 engine_kwargs=_engine_kwargs(url),
                 heartbeat_interval=heartbeat_interval,
@@ -287,6 +288,50 @@ class DatabaseUnreachable(Exception):
             f"database {masked_url} unreachable for {seconds:.0f} s; the study is consistent, "
             "rerun `mergeopt study run` to continue"
         )
+
+
+@functools.cache
+def _claiming_storage_class() -> type[RDBStorage]:
+    """Optuna's RDB storage whose hand-out of a queued (WAITING) trial is one conditional
+    ``UPDATE ... WHERE state = WAITING``, atomic on every backend.
+
+    Optuna reads the state and then writes it, relying on ``SELECT ... FOR UPDATE``, which
+    SQLite ignores: two SQLite workers could both take the same enqueued trial (the demo's
+    expert trials, a CMA-ES generation, a SAASBO batch) and one then failed on the unique
+    constraint of its parameters.
+    """
+    from datetime import datetime
+
+    import optuna
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import update
+
+    class ClaimingRDBStorage(optuna.storages.RDBStorage):
+        def set_trial_state_values(
+            self, trial_id: int, state: TrialState, values: Any = None
+        ) -> bool:
+            if state != TrialState.RUNNING or values is not None:
+                return super().set_trial_state_values(trial_id, state, values)
+            with _create_scoped_session(self.scoped_session) as session:
+                claimed = session.execute(
+                    update(models.TrialModel)
+                    .where(
+                        models.TrialModel.trial_id == trial_id,
+                        models.TrialModel.state == TrialState.WAITING,
+                    )
+                    .values(state=TrialState.RUNNING, datetime_start=datetime.now())
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if claimed == 1:
+                    return True
+                # Taken by another worker (False) or already finished (Optuna's error).
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                self.check_trial_is_updatable(trial_id, trial.state)
+                return False
+
+    return ClaimingRDBStorage
 
 
 class TrialHeartbeats:
