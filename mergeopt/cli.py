@@ -8,6 +8,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -56,12 +57,28 @@ def _console():  # noqa: ANN202 - rich is imported lazily
 def zoo_build(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the zoo to.")] = Path("zoo"),
     seed: Annotated[int, typer.Option(help="Training seed; the same seed gives the same zoo.")] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if OUT_DIR holds an up-to-date zoo.")
+    ] = False,
 ) -> None:
-    """Train the tiny model zoo on the CPU (a base and two arithmetic experts, about a minute)."""
-    from mergeopt.zoo import build_zoo
+    """Train the model zoo on the CPU: a base and two experts fine-tuned from it (about two
+    minutes on two idle cores). An up-to-date zoo in OUT_DIR is kept unless --force."""
+    # Before torch is imported: OpenMP threads spin while they wait for a sibling. libgomp's
+    # default spin made training on a busy 2-core machine over 10x slower, never spinning
+    # (OMP_WAIT_POLICY=PASSIVE) 1.8x slower when idle; a short spin is the fastest both ways
+    # (docs/bench/zoo-build-2026-11-30.md).
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    from mergeopt.zoo import build_zoo, up_to_date_zoo
 
+    existing = None if force else up_to_date_zoo(out_dir, seed=seed)
+    if existing is not None:
+        built = existing.metadata.get("build_seconds")
+        _console().print(
+            f"zoo in {existing.root} is up to date (built in {built} s); --force rebuilds it"
+        )
+        return
     info = build_zoo(out_dir, seed=seed, progress=True)
-    _console().print(f"zoo written to {info.root}")
+    _console().print(f"zoo written to {info.root} in {info.metadata['build_seconds']:.0f} s")
 
 
 @study_app.command("create")

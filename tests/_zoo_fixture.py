@@ -1,7 +1,8 @@
-"""The ``zoo_dir`` session fixture: the tiny model zoo, built once per ZOO_VERSION and cached.
+"""The ``zoo_dir`` session fixture: the model zoo, built once per version and recipe, and cached.
 
 The zoo lives in ``<repo>/.cache/zoo-<ZOO_VERSION>`` (git-ignored) and is reused by every later
-test session while ``zoo.json`` there is complete; bumping ``ZOO_VERSION`` builds a new one.
+test session while it is up to date (complete, this version, seed 0, the current recipe);
+otherwise it is rebuilt there.
 An exclusive ``fcntl`` lock beside it makes parallel test processes wait for one build instead
 of racing; ``build_zoo`` writes ``zoo.json`` last, so a killed build is rebuilt, never used.
 
@@ -11,23 +12,14 @@ Import it from ``tests/conftest.py``: ``from tests._zoo_fixture import zoo_dir  
 from __future__ import annotations
 
 import fcntl
-import json
 from pathlib import Path
 
 import pytest
 
-from mergeopt.zoo import ZOO_JSON, ZOO_VERSION, build_zoo
+from mergeopt.zoo import ZOO_VERSION, build_zoo, up_to_date_zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZOO_CACHE_DIR = REPO_ROOT / ".cache" / f"zoo-{ZOO_VERSION}"
-
-
-def _is_complete(folder: Path) -> bool:
-    try:
-        metadata = json.loads((folder / ZOO_JSON).read_text())
-    except (OSError, ValueError):
-        return False
-    return metadata.get("zoo_version") == ZOO_VERSION
 
 
 def cached_zoo(folder: Path = ZOO_CACHE_DIR) -> Path:
@@ -35,7 +27,7 @@ def cached_zoo(folder: Path = ZOO_CACHE_DIR) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with (folder.parent / f"{folder.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not _is_complete(folder):
+        if up_to_date_zoo(folder) is None:
             build_zoo(folder, progress=False)  # replaces a half-built folder
     return folder
 

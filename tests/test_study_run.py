@@ -100,6 +100,33 @@ def test_demo_study_on_sqlite_with_two_workers(
     assert states(load(sqlite_url, "tiny"))["COMPLETE"] == 18
 
 
+def test_readme_demo_ends_with_a_front_that_holds_merges(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    """README's first command on zoo v2: the demo spec as written (48 items per objective), 16
+    trials, 2 workers. Merges of real fine-tunes are working models between the experts, so
+    the front holds merges beside the experts and no worker dies."""
+    from mergeopt.study import stored_genome
+
+    spec = tiny_spec(zoo_dir)
+    for objective in spec["objectives"]:
+        objective["limit"] = 48
+    spec_path = write_spec(tmp_path / "tiny.yaml", spec)
+    assert run_cli("study", "create", str(spec_path), "--storage", sqlite_url).returncode == 0
+    result = run_cli(
+        "study", "run", "tiny", "-n", "16", "-w", "2", "--storage", sqlite_url, "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    study = load(sqlite_url, "tiny")
+    assert_finished_study(study, 16)
+    genome = stored_genome(study)
+    experts = [genome.expert_alone(e) for e in range(genome.num_experts)]
+    front = study.best_trials
+    assert len(front) >= 4, [t.values for t in front]
+    assert any(t.params not in experts for t in front), "no merge on the front"
+
+
 @pytest.mark.postgres
 def test_demo_study_on_postgres_with_two_workers(
     tmp_path: Path, zoo_dir: Path, postgres_url: str
