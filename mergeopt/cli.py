@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -196,10 +197,10 @@ def study_run(
         raise typer.Exit(code=1)
     if summary.interrupted:
         console.print(
-            f"interrupted: {summary.completed_after}/{n_trials} trials complete; "
-            f"run the same command again to continue"
+            f"interrupted ({summary.signal_name}): {summary.completed_after}/{n_trials} trials "
+            "complete; run the same command again to continue"
         )
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=128 + signal.Signals[summary.signal_name].value)
     console.print(
         f"{summary.completed_after - summary.completed_before} trials completed in "
         f"{summary.seconds:.1f} s ({summary.completed_after}/{n_trials} in the study"

@@ -383,19 +383,23 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal_name = "SIGINT"
         self._deferred = 0
 
     @classmethod
     def install(cls) -> _Interrupts:
+        """Handle Ctrl-C, and SIGTERM/SIGHUP (SLURM's end of a job, a closed terminal) alike."""
         interrupts = cls()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, interrupts._handle)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, interrupts._handle)
         return interrupts
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
             return
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
         if not self._deferred:
             raise KeyboardInterrupt
 
@@ -514,7 +518,7 @@ def run_worker(
             return asked
         except KeyboardInterrupt:  # raised as the deferred section ends: the trial exists
             if asked is not None:
-                reason = "interrupted (Ctrl-C); requeued"
+                reason = f"interrupted ({interrupts.signal_name}); requeued"
                 _give_back(study, asked, reason=reason, requeue_sampled=True)
             raise
         except Exception as exc:
@@ -548,7 +552,7 @@ def run_worker(
                         _give_back(
                             study,
                             trial,
-                            reason="interrupted (Ctrl-C); requeued",
+                            reason=f"interrupted ({interrupts.signal_name}); requeued",
                             requeue_sampled=True,
                         )
                     raise

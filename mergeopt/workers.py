@@ -2,8 +2,10 @@
 
 The parent process starts the workers, shows a progress bar read from the storage (so it counts
 the trials of workers on other machines too), restarts a worker that died from a signal (its
-trial is failed and retried by the heartbeat mechanism), and forwards Ctrl-C so that every
-worker fails and requeues its running trial before it exits.
+trial is failed and retried by the heartbeat mechanism), and forwards Ctrl-C, SIGTERM and SIGHUP
+(SLURM ends and pre-empts jobs with SIGTERM) so that every worker fails and requeues its running
+trial before it exits. A worker whose parent is gone, however it died, does the same: no
+orphan keeps running the study.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,6 +34,36 @@ INTERRUPTED_EXIT = 130
 # last restart) at most this many times per device in a row, so a worker that dies at start
 # (out of memory while loading) does not loop forever.
 RESTARTS_WITHOUT_PROGRESS_PER_DEVICE = 2
+PARENT_POLL_SECONDS = 0.5
+# After its parent died, a worker that has not requeued its trial and exited by then is ended.
+ORPHAN_GRACE_SECONDS = 60.0
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached ``study run``: handled as Ctrl-C, reported with its signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _leave_with_parent(parent_pid: int) -> None:
+    """Interrupt this worker (as Ctrl-C would) once ``parent_pid`` is no longer its parent, and
+    end it if it is still alive ``ORPHAN_GRACE_SECONDS`` later."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(ORPHAN_GRACE_SECONDS)
+        os._exit(INTERRUPTED_EXIT)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def parse_devices(workers: int | None, devices: str | None) -> list[str]:
@@ -85,6 +118,7 @@ def _worker_main(
     device: str,
     timeout: float | None,
     threads: int,
+    parent_pid: int,
 ) -> None:
     """Entry point of a worker process; its exit code tells the parent what happened."""
     import logging
@@ -92,6 +126,7 @@ def _worker_main(
     from mergeopt.storage import DatabaseUnreachable
 
     logging.basicConfig(level=logging.WARNING, format="[worker %(process)d] %(message)s")
+    _leave_with_parent(parent_pid)
     try:
         device = _pin_device(device)  # before torch initializes CUDA
         import warnings
@@ -127,6 +162,7 @@ class RunSummary:
     database_unreachable: list[str] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
     interrupted: bool = False
+    signal_name: str = "SIGINT"  # what interrupted the run
     seconds: float = 0.0
 
 
@@ -163,12 +199,15 @@ def run_workers(
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
         process = context.Process(
             target=_worker_main,
-            args=(study.study_name, storage_url, n_trials, device, remaining, threads),
+            args=(study.study_name, storage_url, n_trials, device, remaining, threads, os.getpid()),
             name=f"mergeopt-worker-{device}",
         )
         process.start()
         return process
 
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        previous_handlers = {s: signal.signal(s, _raise_terminated) for s in TERMINATING_SIGNALS}
     processes = {slot: start(device) for slot, device in enumerate(devices)}
     display = _Progress(study, n_trials, enabled=progress)
     try:
@@ -201,9 +240,14 @@ def run_workers(
                         summary.crashed.append(f"{devices[slot]} (exit code {code})")
                 time.sleep(0.5)
             display.refresh()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         summary.interrupted = True
+        if isinstance(exc, Terminated):
+            summary.signal_name = signal.Signals(exc.signum).name
         _stop(list(processes.values()))
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     summary.completed_after = counter.read()
     summary.seconds = time.monotonic() - started
     return summary
@@ -239,10 +283,12 @@ def _stop(processes: list[BaseProcess], grace_seconds: float = 60.0) -> None:
         while process.is_alive() and time.monotonic() < deadline:
             try:
                 process.join(timeout=0.5)
+            except Terminated:  # `timeout` and SLURM signal the parent, then its whole group
+                continue
             except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
                 deadline = 0.0
-        if process.is_alive():
-            process.terminate()
+        if process.is_alive():  # it ignores further signals while it requeues its trial
+            process.kill()
             process.join()
 
 

@@ -1,5 +1,6 @@
 """Studies end to end on the zoo: the CLI on SQLite, PostgreSQL and MariaDB with two workers,
-exact trial counts, a SIGKILLed worker, Ctrl-C and a rerun that continues."""
+exact trial counts, a SIGKILLed worker, Ctrl-C and a rerun that continues, SIGTERM from
+`timeout` and SLURM, and workers that leave with their parent."""
 
 from __future__ import annotations
 
@@ -160,10 +161,13 @@ def test_demo_study_on_mariadb_with_two_workers(
     assert_finished_study(load(mariadb_url, "tiny-maria"), 16)
 
 
-def start_run(name: str, url: str, n_trials: int, workers: int) -> subprocess.Popen[str]:
+def start_run(
+    name: str, url: str, n_trials: int, workers: int, *, prefix: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "mergeopt.cli",
@@ -256,6 +260,71 @@ def test_ctrl_c_leaves_no_running_trial_and_a_rerun_continues(
     # The interrupted candidates were evaluated again first.
     complete_params = [t.params for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert all(t.params in complete_params for t in interrupted)
+
+
+def worker_pids(study: optuna.Study) -> set[int]:
+    """The worker processes that took trials (their label is ``host:pid/device``)."""
+    return {
+        int(t.user_attrs[attrs.WORKER].split(":")[1].split("/")[0])
+        for t in study.trials
+        if attrs.WORKER in t.user_attrs
+    }
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def interrupted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [
+        t for t in study.trials if "interrupted" in str(t.user_attrs.get(attrs.FAIL_REASON, ""))
+    ]
+
+
+def test_timeout_ends_a_run_like_ctrl_c_with_exit_143(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    # `timeout` sends SIGTERM to `study run` only, as SLURM does at a job's end.
+    create(tmp_path, zoo_dir, sqlite_url, "timeout", limit=None)
+    process = start_run(
+        "timeout",
+        sqlite_url,
+        n_trials=500,
+        workers=2,
+        prefix=("timeout", "--preserve-status", "40"),
+    )
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted (SIGTERM)" in stdout and "Traceback" not in stderr
+    study = load(sqlite_url, "timeout")
+    assert states(study)["RUNNING"] == 0
+    assert interrupted_trials(study)
+    assert not [pid for pid in worker_pids(study) if is_alive(pid)]
+
+
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGKILL,), (signal.SIGTERM, signal.SIGKILL)], ids=["kill", "term-then-kill"]
+)
+def test_workers_requeue_and_leave_when_their_parent_is_killed(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str, signals: tuple[int, ...]
+) -> None:
+    create(tmp_path, zoo_dir, sqlite_url, "orphans", limit=None)
+    process = start_run("orphans", sqlite_url, n_trials=500, workers=2)
+    wait_for(lambda: len(running_trials(sqlite_url, "orphans")) == 2)
+    for signum in signals:  # SLURM's TERM, then KILL before the workers could be waited for
+        process.send_signal(signum)
+        time.sleep(0.2)
+    process.communicate(timeout=60)
+    study = load(sqlite_url, "orphans")
+    pids = worker_pids(study)
+    assert len(pids) == 2
+    wait_for(lambda: not any(is_alive(pid) for pid in pids), timeout=60)
+    study = load(sqlite_url, "orphans")
+    assert states(study)["RUNNING"] == 0
+    assert len(interrupted_trials(study)) == 2
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
