@@ -201,19 +201,38 @@ def study_run(
             "complete; run the same command again to continue"
         )
         raise typer.Exit(code=128 + signal.Signals[summary.signal_name].value)
+    completed = summary.completed_after - summary.completed_before
+    rate = f", {60 * completed / summary.seconds:.1f} per minute" if summary.seconds else ""
     console.print(
-        f"{summary.completed_after - summary.completed_before} trials completed in "
-        f"{summary.seconds:.1f} s ({summary.completed_after}/{n_trials} in the study"
+        f"{completed} trials completed in {summary.seconds:.1f} s{rate} "
+        f"({summary.completed_after}/{n_trials} in the study"
         + (f", {summary.restarts} worker restarts" if summary.restarts else "")
         + ")"
     )
-    _print_status(study, console)
+    _print_status(study, console, throughput=False)
     from mergeopt.storage import mask_url
 
-    print(f"inspect: optuna-dashboard --host 127.0.0.1 '{mask_url(url)}'")
+    print(f"inspect: {_dashboard_command()} --host 127.0.0.1 '{mask_url(url)}'")
 
 
-def _print_status(study, console) -> None:  # noqa: ANN001
+def _dashboard_command() -> str:
+    """``optuna-dashboard`` as the user can type it: bare when on PATH, else its path (beside
+    this Python, e.g. ``.venv/bin/optuna-dashboard`` when the venv is not activated)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "optuna-dashboard"
+    found = shutil.which("optuna-dashboard")
+    if found and Path(found).resolve() == beside.resolve():
+        return "optuna-dashboard"
+    if beside.exists():
+        try:
+            return str(beside.relative_to(Path.cwd()))
+        except ValueError:
+            return str(beside)
+    return "optuna-dashboard"
+
+
+def _print_status(study, console, *, throughput: bool = True) -> None:  # noqa: ANN001
     from rich.table import Table
 
     from mergeopt.study import status_report
@@ -222,9 +241,10 @@ def _print_status(study, console) -> None:  # noqa: ANN001
     states = ", ".join(
         f"{state.lower()} {count}" for state, count in report["states"].items() if count
     )
+    show_rate = throughput and report["trials_per_minute"]
     console.print(
         f"study [bold]{report['study']}[/]: {states or 'no trials'}"
-        + (f"; {report['trials_per_minute']} trials/min" if report["trials_per_minute"] else "")
+        + (f"; {report['trials_per_minute']} trials/min while running" if show_rate else "")
         + (
             f"; merge {report['mean_merge_seconds']} s, eval "
             f"{report['mean_eval_seconds']} s per trial"
@@ -242,10 +262,11 @@ def _print_status(study, console) -> None:  # noqa: ANN001
         table.add_column(f"{objective['name']} {arrow}", justify="right")
     table.add_column("recipe (mean over blocks)")
     for row in report["pareto"]:
-        table.add_row(
-            str(row["trial"]), *(f"{v:.4g}" for v in row["values"].values()), row["recipe"]
-        )
+        label = f"{row['trial']} ({row['expert']})" if row["expert"] else str(row["trial"])
+        table.add_row(label, *(f"{v:.4g}" for v in row["values"].values()), row["recipe"])
     console.print(table)
+    if all(row["expert"] for row in report["pareto"]):
+        console.print("no merge beats the experts yet: every trial above is an expert alone")
 
 
 @study_app.command("status")

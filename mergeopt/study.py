@@ -815,7 +815,8 @@ def objective_names(study: optuna.Study) -> list[str]:
 
 
 def best_values_text(study: optuna.Study) -> str:
-    """``best accuracy=0.81 tokens=4.2`` over COMPLETE trials, each in its own direction."""
+    """``best of each: accuracy=0.81 tokens=4.2`` over COMPLETE trials, each objective's best in
+    its own direction (they may come from different trials)."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
@@ -830,7 +831,7 @@ def best_values_text(study: optuna.Study) -> str:
         if values:
             best = max(values) if direction == StudyDirection.MAXIMIZE else min(values)
             parts.append(f"{name}={best:.4g}")
-    return "best " + " ".join(parts)
+    return "best of each: " + " ".join(parts)
 
 
 def recipe_summary(params: Mapping[str, float], genome: Genome) -> str:
@@ -855,12 +856,14 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = objective_names(study)
     genome = stored_genome(study) if attrs.GENOME in study.user_attrs else None
+    experts = _expert_trial_params(study, genome)
     front = study.best_trials if complete else []
     pareto = [
         {
             "trial": t.number,
             "values": dict(zip(names, t.values or [], strict=False)),
             "recipe": recipe_summary(t.params, genome) if genome else "",
+            "expert": next((name for name, params in experts if params == t.params), None),
         }
         for t in sorted(front, key=lambda t: t.number)
     ]
@@ -885,6 +888,25 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
         "mean_merge_seconds": _mean(merge_seconds),
         "mean_eval_seconds": _mean(eval_seconds),
     }
+
+
+def _expert_trial_params(
+    study: optuna.Study, genome: Genome | None
+) -> list[tuple[str, dict[str, float]]]:
+    """(expert folder name, the trial parameters that are that expert alone), when the genome
+    has such a point (``Genome.expert_alone``: weights in [0, 1] and task arithmetic or linear)."""
+    if genome is None or attrs.SPEC not in study.user_attrs:
+        return []
+    spec = stored_spec(study)
+    if spec.merge.method not in ("task_arithmetic", "linear"):
+        return []
+    low, high = spec.merge.search.get("weight", (None, None)) or (None, None)
+    if (low, high) != (0.0, 1.0):
+        return []
+    return [
+        (Path(path).name or path, genome.expert_alone(index))
+        for index, path in enumerate(spec.models.experts)
+    ]
 
 
 def _mean(values: list[Any]) -> float | None:

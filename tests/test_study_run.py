@@ -126,6 +126,19 @@ def test_readme_demo_ends_with_a_front_that_holds_merges(
     front = study.best_trials
     assert len(front) >= 4, [t.values for t in front]
     assert any(t.params not in experts for t in front), "no merge on the front"
+    assert "1 (expert-steps)" in result.stdout  # the most accurate: on every front
+    assert "no merge beats the experts" not in result.stdout
+
+
+def test_a_run_that_only_evaluated_the_experts_says_no_merge_beats_them(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    create(tmp_path, zoo_dir, sqlite_url, "experts")
+    result = run_cli("study", "run", "experts", "-n", "2", "--storage", sqlite_url, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "0 (expert-direct)" in result.stdout and "1 (expert-steps)" in result.stdout
+    assert "no merge beats the experts yet" in result.stdout
+    assert "optuna-dashboard --host 127.0.0.1" in result.stdout
 
 
 @pytest.mark.postgres
