@@ -18,8 +18,8 @@ Importance priors given to ``saasbo-qnehvi`` (study user attr ``mergeopt:block_i
 blocks and 0.1 elsewhere (relevant ones included); ``no prior`` = ``enable_importance_prior:
 false``.
 
-Problem ``zoo`` (``--problem zoo``): the demo study ``studies/tiny.yaml`` on the tiny zoo
-(``.cache/zoo-1``, built by the test fixtures): 5 blocks x 2 experts = 10 weights, objectives
+Problem ``zoo`` (``--problem zoo``): the demo study ``studies/tiny.yaml`` on the model zoo
+(``.cache/zoo-2``, built by the test fixtures): 5 blocks x 2 experts = 10 weights, objectives
 accuracy (maximize) and mean answer tokens (minimize) on 24 arithmetic prompts, CPU; experts not
 enqueued (every sampler starts from nothing). Its true maximum hypervolume is unknown: the table
 normalizes by the best hypervolume any run found (reference point accuracy 0, 32 tokens =

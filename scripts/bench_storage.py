@@ -21,7 +21,7 @@ Reported per configuration:
 Workers wait at a barrier after their setup (imports, model loading), so that all K start the
 loop together. Usage:
 
-    python scripts/bench_storage.py --zoo .cache/zoo-1 --backends sqlite,postgresql,mariadb \
+    python scripts/bench_storage.py --zoo .cache/zoo-2 --backends sqlite,postgresql,mariadb \
         --workers 1,2,4,8 --objectives noop,sleep --out bench-storage.jsonl
     python scripts/bench_storage.py --table bench-storage.jsonl --machine "..."
 """
@@ -243,7 +243,7 @@ def table(path: Path, machine: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--zoo", type=Path, default=REPO / ".cache" / "zoo-1")
+    parser.add_argument("--zoo", type=Path, default=REPO / ".cache" / "zoo-2")
     parser.add_argument("--backends", default="sqlite,postgresql,mariadb")
     parser.add_argument("--workers", default="1,2,4,8")
     parser.add_argument("--objectives", default="noop,sleep")

