@@ -177,7 +177,7 @@ def study_run(
     from mergeopt.workers import parse_devices, run_workers
 
     url = resolve_storage_url(storage)
-    study = load_study(name, open_storage(url))
+    study = load_study(name, open_storage(url, must_exist=True))
     stored_spec(study)
     chosen = parse_devices(workers, devices)
     summary = run_workers(
@@ -387,7 +387,9 @@ def study_list(storage: StorageOption = None) -> None:
     from mergeopt.storage import mask_url, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
-    summaries = optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)
+    summaries = optuna.get_all_study_summaries(
+        open_storage(url, must_exist=True), include_best_trial=False
+    )
     table = Table(title=f"studies in {mask_url(url)}")
     for column in ("name", "objectives", "trials", "started"):
         table.add_column(column)
@@ -414,10 +416,10 @@ def study_delete(
     from mergeopt.storage import load_study, mask_url, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
-    study = load_study(name, open_storage(url))
+    study = load_study(name, open_storage(url, must_exist=True))
     if not yes:
         raise UserError(f"deleting study {name!r} and its {len(study.trials)} trials needs --yes")
-    optuna.delete_study(study_name=name, storage=open_storage(url))
+    optuna.delete_study(study_name=name, storage=open_storage(url, must_exist=True))
     _console().print(f"deleted study {name} from {mask_url(url)}")
 
 

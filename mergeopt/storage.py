@@ -83,16 +83,40 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return kwargs
 
 
-def _prepare_sqlite(url: str) -> None:
-    """Create the folder of a SQLite file and switch it to WAL (persistent per database file)."""
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    database = make_url(url).database
-    if not database or database == ":memory:":
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None  # open_storage says what is wrong with it
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def remove_sqlite_file(path: Path) -> None:
+    """Remove a SQLite database file with its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def _prepare_sqlite(url: str, *, must_exist: bool) -> None:
+    """Switch a SQLite file to WAL (persistent per database file); with ``must_exist``, refuse
+    a missing file instead of creating an empty database."""
+    path = sqlite_file(url)
+    if path is None:
         return
-    path = Path(database)
     if not path.parent.exists():
         raise UserError(f"storage {url}: folder {path.parent} does not exist")
+    if must_exist and not path.is_file():
+        raise UserError(
+            f"storage {url}: no database file {path} (create a study there first with "
+            "`mergeopt study create SPEC --storage URL`)"
+        )
     try:
         with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
@@ -106,8 +130,10 @@ def open_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     max_retry: int | None = None,
+    must_exist: bool = False,
 ) -> RDBStorage:
-    """An Optuna RDB storage for ``url``; unreachable or malformed URLs raise ``UserError``.
+    """An Optuna RDB storage for ``url``; unreachable or malformed URLs raise ``UserError``,
+    and so does a missing SQLite file with ``must_exist`` (commands that only read a study).
 
     With ``heartbeat_interval``, trials whose worker stopped heartbeating for ``grace_period``
     seconds are failed by the next ``fail_stale_trials`` and re-enqueued up to ``max_retry``
@@ -131,7 +157,7 @@ def open_storage(
             f"storage {masked}: unsupported database {backend!r} (use sqlite, postgresql or mysql)"
         )
     if backend == "sqlite":
-        _prepare_sqlite(url)
+        _prepare_sqlite(url, must_exist=must_exist)
     url = _with_driver(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -171,7 +197,7 @@ def load_study(
     import optuna
 
     if isinstance(storage, str):
-        storage = open_storage(storage)
+        storage = open_storage(storage, must_exist=True)
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:

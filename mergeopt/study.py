@@ -40,6 +40,8 @@ from mergeopt.storage import (
     load_study,
     mask_url,
     open_storage,
+    remove_sqlite_file,
+    sqlite_file,
     trial_state,
 )
 
@@ -182,10 +184,28 @@ def create_study(
     load_if_exists: bool = False,
     spec_path: str | None = None,
 ) -> optuna.Study:
-    """Validate ``spec`` and create its study; nothing is written unless every check passes."""
+    """Validate ``spec`` and create its study; nothing is written unless every check passes
+    (a SQLite file that did not exist before is removed again)."""
+    study_name = study_name_for(spec, name)
+    database_file = sqlite_file(storage_url)
+    new_file = database_file if database_file and not database_file.exists() else None
+    try:
+        return _create_study(spec, storage_url, study_name, load_if_exists, spec_path)
+    except BaseException:
+        if new_file is not None:  # a failed create leaves no empty database behind
+            remove_sqlite_file(new_file)
+        raise
+
+
+def _create_study(
+    spec: StudySpec,
+    storage_url: str,
+    study_name: str,
+    load_if_exists: bool,
+    spec_path: str | None,
+) -> optuna.Study:
     import optuna
 
-    study_name = study_name_for(spec, name)
     storage = open_storage(storage_url)
     existing = {
         s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)

@@ -518,6 +518,7 @@ def test_bad_input(case: dict[str, Any], tmp_path: Path, request: pytest.Fixture
     before = study_snapshot(storage) if uses_study else None
     out = Path(ctx.values["out"])
     out_before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    databases_before = sorted(tmp_path.rglob("*.db"))
     try:
         result = _run([str(a) for a in ctx.fill(args)], ctx)
     finally:
@@ -532,7 +533,8 @@ def test_bad_input(case: dict[str, Any], tmp_path: Path, request: pytest.Fixture
     assert not (tmp_path / "pwned").exists(), "a pickle payload ran"
     assert not (REPO / "pwned-by-yaml").exists(), "a YAML python tag ran"
 
-    # Nothing partial.
+    # Nothing partial: no new SQLite file (a failed create or a read command makes none).
+    assert sorted(tmp_path.rglob("*.db")) == databases_before
     if (
         case["command"] == "create"
         and storage.startswith("sqlite:///")
