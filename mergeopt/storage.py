@@ -179,7 +179,7 @@ def open_storage(
         except ImportError:
             raise UserError(
                 f"storage {masked}: the database driver is not installed "
-                "(pip install 'mergeopt[db]')"
+                "(pip install -e '.[db]' in mergeopt's clone)"
             ) from None
         except (SQLAlchemyError, OSError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()

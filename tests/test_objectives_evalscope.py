@@ -29,7 +29,9 @@ from mergeopt.zoo import ZooInfo
 from tests.conftest import run_cli, tiny_spec, write_spec
 
 HAS_EVALSCOPE = importlib.util.find_spec("evalscope") is not None
-MISSING_MESSAGE = "kind evalscope needs the evalscope package: pip install 'mergeopt[evalscope]'"
+MISSING_MESSAGE = (
+    "kind evalscope needs the evalscope package: pip install -e '.[evalscope]' in mergeopt's clone"
+)
 
 
 def _objective(folder: Path, **fields: Any) -> SimpleNamespace:

@@ -12,9 +12,9 @@ evalscope scores; nothing is downloaded and no server is started. Spec example::
         limit: 50
         evalscope: {dataset: general_mcq, subset_list: [arith]}   # + any dataset_args
 
-``evalscope`` (``pip install 'mergeopt[evalscope]'``) is optional; objectives of this kind fail
-with a one-line ``UserError`` when it is missing. evalscope asks the model one sample at a time,
-so these objectives are slower per item than the built-in task kinds.
+``evalscope`` (``pip install -e '.[evalscope]'`` in the clone) is optional; objectives of this
+kind fail with a one-line ``UserError`` when it is missing. evalscope asks the model one sample
+at a time, so these objectives are slower per item than the built-in task kinds.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _require_evalscope(objective: Any) -> None:
     except ImportError:
         raise UserError(
             f"objective {objective.name}: kind evalscope needs the evalscope package: "
-            "pip install 'mergeopt[evalscope]'"
+            "pip install -e '.[evalscope]' in mergeopt's clone"
         ) from None
 
 

