@@ -235,7 +235,7 @@ def _dashboard_command() -> str:
 def _print_status(study, console, *, throughput: bool = True) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from mergeopt.study import status_report
+    from mergeopt.report import status_report
 
     report = status_report(study)
     states = ", ".join(
@@ -276,8 +276,8 @@ def study_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Trial states, Pareto (or best) trials and throughput of a study."""
+    from mergeopt.report import status_report
     from mergeopt.storage import load_study, resolve_storage_url
-    from mergeopt.study import status_report
 
     study = load_study(name, resolve_storage_url(storage))
     if as_json:

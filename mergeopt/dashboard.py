@@ -112,7 +112,8 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
     recipes as block x expert tables (at most ``max_trials``, best first objective first)."""
     from mergeopt import attrs
     from mergeopt.blocks import BlockLayout
-    from mergeopt.plots import block_labels, objective_names, pareto_trials_for_heatmap
+    from mergeopt.plots import block_labels, pareto_trials_for_heatmap
+    from mergeopt.report import objective_names
 
     spec = study.user_attrs.get(attrs.SPEC) or {}
     merge = spec.get("merge") or {}

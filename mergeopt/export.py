@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
-from mergeopt.study import objective_names
+from mergeopt.report import objective_names
 
 if TYPE_CHECKING:
     import optuna
@@ -506,8 +506,9 @@ def _write_index(
     fmt: str,
     storage_url: str | None,
 ) -> None:
+    from mergeopt.report import recipe_summary
     from mergeopt.storage import mask_url
-    from mergeopt.study import recipe_summary, stored_genome
+    from mergeopt.study import stored_genome
 
     names = objective_names(study)
     directions = [d.name.lower() for d in study.directions]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt import attrs
-from mergeopt.study import objective_names
+from mergeopt.report import objective_names
 
 if TYPE_CHECKING:
     import optuna

@@ -139,7 +139,7 @@ def _worker_main(
         transformers_logging.disable_progress_bar()
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         torch.set_num_threads(threads)
-        from mergeopt.study import run_worker
+        from mergeopt.trial_loop import run_worker
 
         run_worker(study_name, storage_url, n_trials=n_trials, device=device, timeout=timeout)
     except UserError as exc:
@@ -340,8 +340,9 @@ class _Progress:
     def refresh(self) -> None:
         if self._progress is None:
             return
+        from mergeopt.report import best_values_text
         from mergeopt.storage import is_connection_error
-        from mergeopt.study import best_values_text, trial_counts
+        from mergeopt.study import trial_counts
 
         try:
             counts = trial_counts(self.study)

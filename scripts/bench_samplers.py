@@ -259,8 +259,9 @@ def run_one_zoo(
     import optuna
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mergeopt.runner import TrialRunner
     from mergeopt.spec import StudySpec
-    from mergeopt.study import TrialRunner, create_study, stored_genome
+    from mergeopt.study import create_study, stored_genome
     from tests._zoo_fixture import cached_zoo
     from tests.conftest import tiny_spec
 

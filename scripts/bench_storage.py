@@ -53,7 +53,8 @@ class _TimedRunner:
     """Stands in for ``TrialRunner``: times the gaps between evaluations (the loop's overhead)."""
 
     def __init__(self, study: Any, device: str, *, objective: str, sleep: float) -> None:
-        from mergeopt.study import TrialRunner, stored_spec
+        from mergeopt.runner import TrialRunner
+        from mergeopt.study import stored_spec
 
         self.spec = stored_spec(study)
         self.inner = TrialRunner(study, device=device) if objective == "zoo" else None
@@ -101,7 +102,7 @@ def _worker(
 
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(threads)
-    from mergeopt.study import run_worker
+    from mergeopt.trial_loop import run_worker
 
     runners: list[_TimedRunner] = []
 

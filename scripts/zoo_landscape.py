@@ -78,8 +78,9 @@ class Landscape:
     def __init__(self, zoo: Path, *, limit: int, seed: int, folder: Path) -> None:
         import optuna
 
+        from mergeopt.runner import TrialRunner
         from mergeopt.spec import StudySpec
-        from mergeopt.study import TrialRunner, create_study, stored_genome
+        from mergeopt.study import create_study, stored_genome
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = StudySpec.model_validate(demo_spec(zoo, limit=limit, seed=seed))

@@ -1,0 +1,120 @@
+"""Status reporting: objective names, the best values line, recipe summaries and the
+``study status`` report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergeopt import attrs
+from mergeopt.genome import Genome
+from mergeopt.study import stored_genome, stored_spec, trial_counts
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    names = study.metric_names
+    return list(names) if names else [f"objective_{i}" for i in range(len(study.directions))]
+
+
+def best_values_text(study: optuna.Study) -> str:
+    """``best of each: accuracy=0.81 tokens=4.2`` over COMPLETE trials, each objective's best in
+    its own direction (they may come from different trials)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return ""
+    parts = []
+    for index, (name, direction) in enumerate(
+        zip(objective_names(study), study.directions, strict=False)
+    ):
+        values = [t.values[index] for t in complete if t.values is not None]
+        if values:
+            best = max(values) if direction == StudyDirection.MAXIMIZE else min(values)
+            parts.append(f"{name}={best:.4g}")
+    return "best of each: " + " ".join(parts)
+
+
+def recipe_summary(params: Mapping[str, float], genome: Genome) -> str:
+    """Mean of each searched parameter per expert over the blocks, e.g. ``e0.weight=0.42``."""
+    from mergeopt.genome import parse_param_name
+
+    sums: dict[str, list[float]] = {}
+    for name, value in params.items():
+        try:
+            _, expert, param = parse_param_name(name)
+        except ValueError:
+            continue
+        sums.setdefault(f"e{expert}.{param}", []).append(value)
+    return " ".join(f"{key}={sum(v) / len(v):.2f}" for key, v in sorted(sums.items()))
+
+
+def status_report(study: optuna.Study) -> dict[str, Any]:
+    """Trial states, the Pareto (or best) trials and throughput, as JSON-compatible data."""
+    from optuna.trial import TrialState
+
+    counts = trial_counts(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = objective_names(study)
+    genome = stored_genome(study) if attrs.GENOME in study.user_attrs else None
+    experts = _expert_trial_params(study, genome)
+    front = study.best_trials if complete else []
+    pareto = [
+        {
+            "trial": t.number,
+            "values": dict(zip(names, t.values or [], strict=False)),
+            "recipe": recipe_summary(t.params, genome) if genome else "",
+            "expert": next((name for name, params in experts if params == t.params), None),
+        }
+        for t in sorted(front, key=lambda t: t.number)
+    ]
+    throughput = None
+    finished = [t for t in complete if t.datetime_start and t.datetime_complete]
+    if len(finished) >= 2:
+        first = min(t.datetime_start for t in finished)
+        last = max(t.datetime_complete for t in finished)
+        minutes = (last - first).total_seconds() / 60
+        throughput = round(len(finished) / minutes, 3) if minutes > 0 else None
+    eval_seconds = [t.user_attrs.get(attrs.EVAL_SECONDS) for t in complete]
+    merge_seconds = [t.user_attrs.get(attrs.MERGE_SECONDS) for t in complete]
+    return {
+        "study": study.study_name,
+        "objectives": [
+            {"name": n, "direction": d.name.lower()}
+            for n, d in zip(names, study.directions, strict=False)
+        ],
+        "states": counts,
+        "pareto": pareto,
+        "trials_per_minute": throughput,
+        "mean_merge_seconds": _mean(merge_seconds),
+        "mean_eval_seconds": _mean(eval_seconds),
+    }
+
+
+def _expert_trial_params(
+    study: optuna.Study, genome: Genome | None
+) -> list[tuple[str, dict[str, float]]]:
+    """(expert folder name, the trial parameters that are that expert alone), when the genome
+    has such a point (``Genome.expert_alone``: weights in [0, 1] and task arithmetic or linear)."""
+    if genome is None or attrs.SPEC not in study.user_attrs:
+        return []
+    spec = stored_spec(study)
+    if spec.merge.method not in ("task_arithmetic", "linear"):
+        return []
+    low, high = spec.merge.search.get("weight", (None, None)) or (None, None)
+    if (low, high) != (0.0, 1.0):
+        return []
+    return [
+        (Path(path).name or path, genome.expert_alone(index))
+        for index, path in enumerate(spec.models.experts)
+    ]
+
+
+def _mean(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return round(sum(numbers) / len(numbers), 4) if numbers else None

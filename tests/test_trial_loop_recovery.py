@@ -1,0 +1,192 @@
+"""Each recovery branch of the worker loop (``mergeopt/trial_loop.py``), one fault at a time.
+
+A real Optuna RDB storage on SQLite, a runner that merges nothing, and a storage wrapper that
+makes chosen calls lose their connection (``tests/fault_storage.py``). The slow versions of
+these faults, with real processes and a real PostgreSQL restart, are ``test_database_faults.py``
+and ``test_chaos.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mergeopt import attrs
+from mergeopt.storage import DatabaseUnreachable
+from tests.fault_storage import (
+    GENOME,
+    FaultyStorage,
+    Harness,
+    create_study,
+    fail_running_trials_as_stale,
+)
+
+pytestmark = [
+    # Workers filter this one too: they beat their trials themselves (TrialHeartbeats).
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used"),
+    # Each takes about a second; a broken branch tends to wait for a stale trial (minutes).
+    pytest.mark.timeout(60),
+]
+
+CANDIDATE = GENOME.expert_alone(0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers() -> Iterator[None]:
+    """``run_worker`` installs its Ctrl-C/SIGTERM/SIGHUP handlers; give pytest its own back."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {signum: signal.getsignal(signum) for signum in signums}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    return Harness(url=f"sqlite:///{tmp_path / 'loop.db'}", monkeypatch=monkeypatch)
+
+
+@pytest.fixture
+def warnings_logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="mergeopt")
+    return caplog
+
+
+def states(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    return [t.state.name for t in trials]
+
+
+def test_a_trial_left_behind_by_a_lost_ask_is_failed_and_its_candidate_requeued(
+    harness: Harness, warnings_logged: pytest.LogCaptureFixture
+) -> None:
+    study = create_study(harness.url, enqueue=[CANDIDATE])
+    queued_id = study.get_trials(deepcopy=False)[0]._trial_id
+    lost: list = []
+
+    def faults(storage: FaultyStorage) -> None:
+        # The queued trial is already RUNNING (claimed, held by the heartbeats) when ask reads
+        # it back: the connection drops there, and ask never returns the trial.
+        lost.append(storage.inject("get_trial", when=lambda call: call["trial_id"] == queued_id))
+
+    assert harness.run(1, faults=faults) == 1
+
+    assert lost[0].injected == 1
+    orphan, retry = harness.trials()
+    assert (orphan.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert orphan.user_attrs[attrs.FAIL_REASON] == "the database connection was lost during ask"
+    # The same candidate, with its user attrs, asked anew and evaluated once.
+    assert retry.params == CANDIDATE
+    assert retry.user_attrs["mergeopt:requeued_from"] == orphan.number
+    assert retry.user_attrs[attrs.PREFIX + "source"] == "queued 0"
+    assert harness.runner.evaluated == [CANDIDATE]
+    assert harness.ended == [retry.number]
+    assert "unreachable (injected: connection lost)" in warnings_logged.text
+
+
+def test_a_tell_whose_reply_is_lost_is_retried_and_counted_once(
+    harness: Harness, warnings_logged: pytest.LogCaptureFixture
+) -> None:
+    create_study(harness.url)
+    lost: list = []
+
+    def faults(storage: FaultyStorage) -> None:
+        # The database records the first trial COMPLETE; the worker never hears so.
+        lost.append(
+            storage.inject(
+                "set_trial_state_values",
+                when=lambda call: call["state"] == TrialState.COMPLETE,
+                reply_lost=True,
+            )
+        )
+
+    assert harness.run(2, faults=faults) == 2
+
+    assert lost[0].injected == 1
+    trials = harness.trials()
+    assert states(trials) == ["COMPLETE", "COMPLETE"]
+    assert harness.ended == [0, 1]
+    assert len(harness.runner.evaluated) == 2
+    first = trials[0]
+    assert first.values == pytest.approx(
+        [sum(first.params.values()) / 4, 1 - sum(first.params.values()) / 4]
+    )
+    assert "reachable again" in warnings_logged.text
+
+
+def test_a_result_for_a_trial_failed_as_stale_completes_its_retry_copy(
+    harness: Harness, warnings_logged: pytest.LogCaptureFixture
+) -> None:
+    create_study(harness.url)
+    failed: list[list[int]] = []
+
+    def stalls(call: int) -> None:
+        # While the first evaluation runs, another worker finds its heartbeat stale.
+        if call == 0:
+            failed.append(fail_running_trials_as_stale(harness.url, harness.name))
+
+    assert harness.run(1, during_evaluation=stalls) == 1
+
+    assert failed == [[0]]
+    stale, retry = harness.trials()
+    assert (stale.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert retry.system_attrs["retry_history"] == [stale.number]
+    assert retry.user_attrs["mergeopt:adopted_from"] == stale.number
+    assert retry.params == stale.params
+    assert retry.user_attrs["mergeopt:seed_seen"] == 0  # the values evaluated for trial 0
+    assert len(harness.runner.evaluated) == 1  # the candidate was evaluated once
+    assert harness.ended == [stale.number]
+    assert "reported as its retry, trial 1" in warnings_logged.text
+
+
+def test_a_surplus_trial_is_given_back_unevaluated_and_not_counted(
+    harness: Harness, warnings_logged: pytest.LogCaptureFixture
+) -> None:
+    create_study(harness.url)
+
+    def another_worker_finishes_first() -> None:
+        # Between this worker's count (0 of 1) and its ask, another worker completes trial 0.
+        other = optuna.load_study(study_name=harness.name, storage=harness.url)
+        other.add_trial(
+            optuna.trial.create_trial(
+                params=CANDIDATE, distributions=GENOME.distributions(), values=[1.0, 0.0]
+            )
+        )
+
+    def faults(storage: FaultyStorage) -> None:
+        storage.inject("_create_new_trial", effect=another_worker_finishes_first)
+
+    assert harness.run(1, faults=faults) == 0
+
+    done, surplus = harness.trials()
+    assert done.state == TrialState.COMPLETE
+    assert surplus.state == TrialState.FAIL
+    assert surplus.user_attrs[attrs.FAIL_REASON] == "surplus: the study already has 1"
+    assert harness.runner.evaluated == []
+    assert harness.ended == []
+    assert "failed" not in warnings_logged.text  # given back, not reported as a failed trial
+
+
+def test_an_outage_past_the_limit_raises_database_unreachable(
+    harness: Harness, warnings_logged: pytest.LogCaptureFixture
+) -> None:
+    create_study(harness.url, database_outage_limit=1)
+    down: list = []
+
+    def faults(storage: FaultyStorage) -> None:
+        down.append(storage.inject("_create_new_trial", times=None))  # every ask, for good
+
+    with pytest.raises(DatabaseUnreachable) as raised:
+        harness.run(1, faults=faults)
+
+    assert raised.value.seconds >= 1
+    assert harness.url in str(raised.value)
+    assert down[0].injected >= 2  # retried with back-off before giving up
+    assert warnings_logged.text.count("retrying in") == down[0].injected - 1
+    assert harness.runner.closed
+    assert harness.trials() == []  # nothing half-written
