@@ -7,6 +7,7 @@ prompts are sorted by length so that a batch pads little.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,10 @@ class HFScorer(LoglikelihoodFromSequences):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_token_id: int = self.tokenizer.pad_token_id
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        # transformers 5.24 renamed the KV-cache argument and output field to ``cache`` (the old
+        # ``past_key_values`` warns on every forward); earlier 5.x only know the old name.
+        forward_parameters = inspect.signature(self.model.forward).parameters
+        self._cache_field = "cache" if "cache" in forward_parameters else "past_key_values"
         # Names as the checkpoint writes them, including tied aliases (lm_head.weight when it
         # shares the embedding): several names may point at one tensor.
         self._tensors_by_name: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
@@ -162,11 +167,11 @@ class HFScorer(LoglikelihoodFromSequences):
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=past,
                     use_cache=True,
                     logits_to_keep=1,
+                    **{self._cache_field: past},
                 )
-                past = out.past_key_values
+                past = getattr(out, self._cache_field)
                 logits = out.logits[:, -1, :]
                 if not bool(torch.isfinite(logits).all()):
                     raise TrialEvaluationError("non-finite logits (NaN or inf) in generation")
