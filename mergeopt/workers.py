@@ -293,7 +293,11 @@ def _stop(processes: list[BaseProcess], grace_seconds: float = 60.0) -> None:
 
 
 class _Progress:
-    """A rich progress bar over COMPLETE trials, read from the storage, with the best values."""
+    """Progress over COMPLETE trials, read from the storage, with the best values: a rich bar on
+    a terminal; off a terminal (SLURM logs, nohup) a timestamped line when the run starts,
+    every ``PLAIN_INTERVAL_SECONDS`` and when it ends, since a bar there shows only at the end."""
+
+    PLAIN_INTERVAL_SECONDS = 30.0
 
     def __init__(self, study: optuna.Study, n_trials: int, *, enabled: bool) -> None:
         self.study = study
@@ -301,9 +305,15 @@ class _Progress:
         self.enabled = enabled
         self._progress = None
         self._task = None
+        self._plain = False
+        self._last_line = 0.0
 
     def __enter__(self) -> _Progress:
         if not self.enabled:
+            return self
+        if not sys.stdout.isatty():
+            self._plain = True
+            self._plain_line(force=True)
             return self
         from rich.progress import (
             BarColumn,
@@ -336,8 +346,34 @@ class _Progress:
     def __exit__(self, *exc_info: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc_info)
+        if self._plain:
+            self._plain_line(force=True)
+
+    def _plain_line(self, *, force: bool = False) -> None:
+        from mergeopt.report import best_values_text
+        from mergeopt.storage import is_connection_error
+        from mergeopt.study import trial_counts
+
+        now = time.monotonic()
+        if not force and now - self._last_line < self.PLAIN_INTERVAL_SECONDS:
+            return
+        try:
+            complete = trial_counts(self.study)["COMPLETE"]
+            best = best_values_text(self.study)
+        except Exception as exc:
+            if is_connection_error(exc):
+                return  # the workers report the outage
+            raise
+        self._last_line = now
+        self.log(
+            f"study {self.study.study_name}: {min(complete, self.n_trials)}/{self.n_trials} "
+            f"complete" + (f", {best}" if best else "")
+        )
 
     def refresh(self) -> None:
+        if self._plain:
+            self._plain_line()
+            return
         if self._progress is None:
             return
         from mergeopt.report import best_values_text
@@ -360,5 +396,7 @@ class _Progress:
     def log(self, message: str) -> None:
         if self._progress is not None:
             self._progress.console.print(message)
+        elif self._plain:
+            print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
         else:
             print(message, file=sys.stderr)

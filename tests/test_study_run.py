@@ -130,6 +130,19 @@ def test_readme_demo_ends_with_a_front_that_holds_merges(
     assert "no merge beats the experts" not in result.stdout
 
 
+def test_off_a_terminal_progress_is_timestamped_lines(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    # stdout is a pipe here, as in a SLURM log or under nohup: a bar would show only at the end.
+    create(tmp_path, zoo_dir, sqlite_url, "plain")
+    result = run_cli("study", "run", "plain", "-n", "3", "--storage", sqlite_url)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if " study plain: " in line]
+    assert lines[0].endswith("study plain: 0/3 complete"), lines
+    assert "study plain: 3/3 complete, best of each: accuracy=" in lines[-1], lines
+    assert all(line[2] == ":" and line[5] == ":" for line in lines)  # HH:MM:SS first
+
+
 def test_a_run_that_only_evaluated_the_experts_says_no_merge_beats_them(
     tmp_path: Path, zoo_dir: Path, sqlite_url: str
 ) -> None:
