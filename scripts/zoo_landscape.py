@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -47,16 +46,11 @@ Values = tuple[float, float]  # (accuracy, mean tokens)
 
 def demo_spec(zoo: Path, *, limit: int, seed: int) -> dict[str, Any]:
     """``studies/tiny.yaml`` pointed at ``zoo``, every objective limited to ``limit`` items."""
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    spec["models"]["base"] = str(zoo / "base")
-    spec["models"]["experts"] = [str(zoo / "expert-direct"), str(zoo / "expert-steps")]
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(zoo, sampler={"name": "random", "enqueue_experts": False}, seed=seed)
     for objective in spec["objectives"]:
-        for key in ("task", "heldout"):
-            if key in objective:
-                objective[key] = str(zoo / "tasks" / Path(objective[key]).name)
         objective["limit"] = limit
-    spec["sampler"] = {"name": "random", "enqueue_experts": False}
-    spec["seed"] = seed
     return spec
 
 
