@@ -28,6 +28,7 @@ from mergeopt.storage import (
     DatabaseUnreachable,
     TrialHeartbeats,
     batched_trial_writes,
+    clock_unbeaten_trials,
     connection_error_text,
     count_trials,
     is_connection_error,
@@ -163,8 +164,13 @@ def run_worker(
     completed = 0
 
     def look() -> tuple[bool, dict[str, int]]:
-        """Fail stale trials; whether to stop, and the trial counts."""
+        """Fail stale trials; whether to stop, and the trial counts.
+
+        A trial whose worker died before its first heartbeat is never stale to Optuna; its
+        clock is started here, or the last trials of a study could wait for it forever.
+        """
         if not heartbeats.outage_within(stale_check_pause):
+            clock_unbeaten_trials(study)
             optuna.storages.fail_stale_trials(study)
         if _sampler_exhausted(study):
             return True, {}

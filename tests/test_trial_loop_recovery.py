@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mergeopt import attrs
-from mergeopt.storage import DatabaseUnreachable
+from mergeopt.storage import DatabaseUnreachable, open_storage
 from tests.fault_storage import (
     GENOME,
     FaultyStorage,
@@ -190,3 +190,36 @@ def test_an_outage_past_the_limit_raises_database_unreachable(
     assert warnings_logged.text.count("retrying in") == down[0].injected - 1
     assert harness.runner.closed
     assert harness.trials() == []  # nothing half-written
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(
+    harness: Harness,
+) -> None:
+    """A worker killed between creating its trial and beating it leaves a RUNNING trial with
+    no heartbeat row, which Optuna never fails as stale. When it is one of the last trials
+    the other workers wait for it (COMPLETE + RUNNING fill the study): their loop must start
+    its clock, or they wait forever (the PostgreSQL chaos run hung 900 s in CI)."""
+    import datetime
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    create_study(harness.url, heartbeat_interval=1, grace_period=1)
+    dead_worker = optuna.load_study(study_name=harness.name, storage=open_storage(harness.url))
+    dead_worker.enqueue_trial(CANDIDATE)
+    unbeaten = dead_worker.ask()  # RUNNING, never beaten: its worker is gone
+    long_ago = datetime.datetime(2000, 1, 1)
+    with open_storage(harness.url).engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.update(models.TrialModel)
+            .where(models.TrialModel.trial_id == unbeaten._trial_id)
+            .values(datetime_start=long_ago)
+        )
+
+    assert harness.run(1) == 1
+
+    abandoned, retry = harness.trials()
+    assert abandoned.state == TrialState.FAIL
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == CANDIDATE
+    assert harness.runner.evaluated == [CANDIDATE]
