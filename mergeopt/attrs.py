@@ -19,6 +19,10 @@ PARAM_NAMES = PREFIX + "param_names"  # the searched trial parameters, in genome
 ANCHORS = PREFIX + "anchors"  # objective scores of the base and each expert (normalization)
 CREATED_WITH = PREFIX + "version"
 
+# Study system_attrs
+# The folder `study plot` attached the plots in, so that `study run` can refresh them there.
+ARTIFACT_DIR = PREFIX + "artifact_dir"
+
 # Trial user_attrs
 RECIPE = PREFIX + "recipe"  # per-block, per-expert merge parameters of the trial
 METRICS = PREFIX + "metrics"  # raw per-task metrics before normalization

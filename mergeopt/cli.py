@@ -210,8 +210,15 @@ def study_run(
         + ")"
     )
     _print_status(study, console, throughput=False)
-    from mergeopt.storage import mask_url
+    from mergeopt.dashboard import refresh_dashboard
+    from mergeopt.storage import is_connection_error, mask_url
 
+    try:
+        console.print(refresh_dashboard(study))
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        console.print("dashboard not updated: the database is unreachable")
     print(f"inspect: {_dashboard_command()} --host 127.0.0.1 '{mask_url(url)}'")
 
 
@@ -355,10 +362,9 @@ def study_plot(
     trials, and attach them to the study for optuna-dashboard."""
     from mergeopt.dashboard import (
         artifact_dir_for,
+        attach_plots,
         dashboard_command,
-        register_artifacts,
         sqlite_path,
-        write_study_note,
     )
     from mergeopt.plots import plot_study
     from mergeopt.storage import load_study, resolve_storage_url
@@ -373,8 +379,7 @@ def study_plot(
         console.print("plots not attached to the study: pass --artifact-dir for a server database")
         return
     folder = artifact_dir_for(url, artifact_dir)
-    register_artifacts(study, paths, artifact_dir=folder)
-    write_study_note(study)
+    attach_plots(study, paths, artifact_dir=folder)
     print(f"open: {dashboard_command(url, artifact_dir=folder)}")
 
 

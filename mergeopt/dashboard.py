@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +95,47 @@ def register_artifacts(
     ]
 
 
+def attach_plots(study: optuna.Study, paths: Sequence[Path], *, artifact_dir: Path) -> None:
+    """Make ``paths`` the study's plots in optuna-dashboard, refresh its note, and remember
+    ``artifact_dir`` so that the end of every ``study run`` refreshes both."""
+    from mergeopt import attrs
+
+    register_artifacts(study, paths, artifact_dir=artifact_dir)
+    study._storage.set_study_system_attr(
+        study._study_id, attrs.ARTIFACT_DIR, str(Path(artifact_dir).resolve())
+    )
+    write_study_note(study)
+
+
+def refresh_dashboard(study: optuna.Study) -> str:
+    """Bring what optuna-dashboard shows up to date after a run; returns one line to print.
+
+    The note (Pareto recipes, trial count) is rewritten every time. The plots are drawn
+    again and replace the old ones if ``study plot`` attached plots before; where that fails
+    (the artifact folder is not reachable from this machine), the line says the plots are
+    stale and how to refresh them.
+    """
+    import tempfile
+
+    from mergeopt import attrs
+    from mergeopt.plots import plot_study
+
+    write_study_note(study)
+    folder = study._storage.get_study_system_attrs(study._study_id).get(attrs.ARTIFACT_DIR)
+    if folder is None:
+        return f"dashboard note updated; plots: mergeopt study plot {study.study_name} --out DIR"
+    refresh = f"mergeopt study plot {study.study_name} --out DIR --artifact-dir {folder}"
+    if not Path(folder).is_dir():
+        return f"dashboard plots are stale ({folder} not found here); refresh: {refresh}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="mergeopt-plots-") as scratch:
+            paths = plot_study(study, Path(scratch))
+            register_artifacts(study, paths, artifact_dir=Path(folder))
+    except (OSError, UserError) as exc:
+        return f"dashboard plots are stale ({exc}); refresh: {refresh}"
+    return f"dashboard note and plots updated in {folder}"
+
+
 def dashboard_command(
     storage_url: str, *, artifact_dir: Path | None = None, port: int = 8080
 ) -> str:
@@ -120,7 +162,11 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
     models = spec.get("models") or {}
     experts = [Path(str(e)).name for e in models.get("experts") or []]
     names = objective_names(study)
+    from optuna.trial import TrialState
+
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     lines = [f"## mergeopt study `{study.study_name}`", ""]
+    lines += [f"Updated {time.strftime('%Y-%m-%d %H:%M')} with {complete} complete trials.", ""]
     if merge:
         lines.append(
             f"**{merge.get('method')}** merge of {', '.join(experts) or 'the experts'} into "

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 PARETO_FRONT = "pareto_front"
 HYPERVOLUME = "hypervolume"
 BLOCK_PARAMS = "block_params"
+INTERACTIVE = "plots"
 REFERENCE_MARGIN = 0.1
 _ANCHOR_MARKERS = ("*", "P", "X", "D", "s", "^", "v")
 
@@ -43,8 +44,9 @@ def plot_study(study: optuna.Study, out_dir: Path, *, html: bool | None = None) 
     """Write the study's plots into ``out_dir``; returns the files written (PNG, then HTML).
 
     Args:
-        html: also write interactive HTML (plotly, with ``plotly.min.js`` written once beside
-            the pages so that they open offline); default: when plotly is installed.
+        html: also write ``plots.html``, the same plots made interactive (plotly), one page
+            with plotly's script inlined so that it opens offline and from optuna-dashboard's
+            artifact server alike (about 5 MB); default: when plotly is installed.
 
     Raises:
         UserError: the study has no COMPLETE trials.
@@ -73,12 +75,7 @@ def plot_study(study: optuna.Study, out_dir: Path, *, html: bool | None = None) 
         if heatmap is not None:
             written.append(heatmap)
         if with_html:
-            written.append(_pareto_html(study, out_dir / f"{PARETO_FRONT}.html"))
-            if len(study.directions) > 1:
-                written.append(_hypervolume_html(study, out_dir / f"{HYPERVOLUME}.html"))
-            page = _block_params_html(study, out_dir / f"{BLOCK_PARAMS}.html")
-            if page is not None:
-                written.append(page)
+            written.append(_write_page(study, out_dir / f"{INTERACTIVE}.html"))
     return written
 
 
@@ -322,20 +319,37 @@ def _color_limits(
 # --------------------------------------------------------------------------- plotly
 
 
-def _write_html(figure: Any, path: Path) -> Path:
-    figure.write_html(path, include_plotlyjs="directory", full_html=True)
+def _write_page(study: optuna.Study, path: Path) -> Path:
+    """One self-contained page of the interactive plots: plotly's script is inlined once (a
+    page that loads it from beside itself is blank where optuna-dashboard serves artifacts)."""
+    import html
+
+    figures = [_pareto_figure(study)]
+    if len(study.directions) > 1:
+        figures.append(_hypervolume_figure(study))
+    heatmap = _block_params_figure(study)
+    if heatmap is not None:
+        figures.append(heatmap)
+    title = html.escape(f"mergeopt study {study.study_name}")
+    divs = [
+        figure.to_html(full_html=False, include_plotlyjs=index == 0)
+        for index, figure in enumerate(figures)
+    ]
+    path.write_text(
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
+        f"<body>\n<h2>{title}</h2>\n" + "\n".join(divs) + "\n</body></html>\n",
+        encoding="utf-8",
+    )
     return path
 
 
-def _pareto_html(study: optuna.Study, path: Path) -> Path:
+def _pareto_figure(study: optuna.Study) -> Any:
     import optuna.visualization as optuna_plotly
     import plotly.graph_objects as go
 
     names = objective_names(study)
     if len(names) == 1:
-        return _write_html(
-            optuna_plotly.plot_optimization_history(study, target_name=names[0]), path
-        )
+        return optuna_plotly.plot_optimization_history(study, target_name=names[0])
     figure = optuna_plotly.plot_pareto_front(study, **_front_targets(names))
     if len(names) == 2:
         for label, point in anchor_points(study).items():
@@ -351,18 +365,18 @@ def _pareto_html(study: optuna.Study, path: Path) -> Path:
                 )
             )
     figure.update_layout(title=f"Pareto front of study {study.study_name}")
-    return _write_html(figure, path)
+    return figure
 
 
-def _hypervolume_html(study: optuna.Study, path: Path) -> Path:
+def _hypervolume_figure(study: optuna.Study) -> Any:
     import optuna.visualization as optuna_plotly
 
     figure = optuna_plotly.plot_hypervolume_history(study, reference_point=reference_point(study))
     figure.update_layout(title=f"Hypervolume of study {study.study_name}")
-    return _write_html(figure, path)
+    return figure
 
 
-def _block_params_html(study: optuna.Study, path: Path) -> Path | None:
+def _block_params_figure(study: optuna.Study) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -396,4 +410,4 @@ def _block_params_html(study: optuna.Study, path: Path) -> Path | None:
     figure.update_layout(
         title=f"Per-block merge parameters of the Pareto trials ({study.study_name})"
     )
-    return _write_html(figure, path)
+    return figure

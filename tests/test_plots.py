@@ -16,7 +16,9 @@ from mergeopt import attrs
 from mergeopt.blocks import BlockLayout
 from mergeopt.dashboard import (
     artifact_dir_for,
+    attach_plots,
     dashboard_command,
+    refresh_dashboard,
     register_artifacts,
     write_study_note,
 )
@@ -83,27 +85,27 @@ ANCHORS = {
 
 
 @pytest.mark.slow
-def test_plot_study_writes_png_and_html_of_front_hypervolume_and_heatmap(tmp_path: Path) -> None:
+def test_plot_study_writes_png_and_one_self_contained_page_of_front_hypervolume_and_heatmap(
+    tmp_path: Path,
+) -> None:
     written = plot_study(make_study(anchors=ANCHORS), tmp_path / "plots")
     assert [p.name for p in written] == [
         "pareto_front.png",
         "hypervolume.png",
         "block_params.png",
-        "pareto_front.html",
-        "hypervolume.html",
-        "block_params.html",
+        "plots.html",
     ]
-    for path in written:
+    for path in written[:3]:
         data = path.read_bytes()
-        if path.suffix == ".png":
-            assert data.startswith(PNG_MAGIC) and len(data) > 10_000
-        else:
-            assert b"plotly.min.js" in data  # one local copy beside the pages: works offline
-    assert (tmp_path / "plots" / "plotly.min.js").is_file()
-    front = (tmp_path / "plots" / "pareto_front.html").read_text()
-    assert "anchor: base" in front and "anchor: expert 1" in front
-    heatmap = (tmp_path / "plots" / "block_params.html").read_text()
-    assert "weight of expert-steps" in heatmap and "b3 L6-7" in heatmap
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    page = (tmp_path / "plots" / "plots.html").read_text()
+    # plotly's script inlined once, nothing loaded from beside the page: it draws offline and
+    # where optuna-dashboard's artifact server serves it alone
+    assert "plotly.min.js" not in page and page.count("Plotly.newPlot") == 3
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in written)
+    assert "anchor: base" in page and "anchor: expert 1" in page
+    assert "Hypervolume of study" in page
+    assert "weight of expert-steps" in page and "b3 L6-7" in page
 
 
 def test_without_plotly_only_png_is_written(tmp_path: Path) -> None:
@@ -220,3 +222,78 @@ def test_plots_become_study_artifacts_that_optuna_dashboard_serves(tmp_path: Pat
     assert "| b3 L6-7 | 0.091 | 0.909 |" in note  # trial 10: weights 1/11 and 10/11
     status, body = _get(app, f"/artifacts/{study._study_id}/{ids[0]}")
     assert status.startswith("200") and body == paths[0].read_bytes()
+
+
+def _artifact_names(study: optuna.Study) -> dict[str, str]:
+    """filename -> artifact id of the study's current artifacts."""
+    found = {}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        meta = json.loads(value) if key.startswith("artifacts:") else None
+        if meta:
+            found[meta["filename"]] = meta["artifact_id"]
+    return found
+
+
+@pytest.mark.slow
+def test_the_end_of_a_run_refreshes_the_note_and_the_plots_study_plot_attached(
+    tmp_path: Path,
+) -> None:
+    from optuna_dashboard import get_note
+
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    study = make_study(storage)
+    artifact_dir = artifact_dir_for(storage)
+    attach_plots(study, plot_study(study, tmp_path / "plots"), artifact_dir=artifact_dir)
+    before = _artifact_names(study)
+    assert "with 12 complete trials" in get_note(study)
+
+    params = {name: 0.5 for name in GENOME.param_names}
+    study.add_trial(
+        create_trial(
+            values=[0.99, 3.0],  # a new Pareto trial, better on both objectives
+            params=params,
+            distributions=GENOME.distributions(),
+            user_attrs={attrs.RECIPE: GENOME.block_params(params)},
+        )
+    )
+    assert refresh_dashboard(study) == f"dashboard note and plots updated in {artifact_dir}"
+
+    after = _artifact_names(study)
+    assert sorted(after) == sorted(before) == sorted(p.name for p in plot_study_names())
+    assert not set(after.values()) & set(before.values())  # every plot replaced
+    assert sorted(p.name for p in artifact_dir.iterdir()) == sorted(after.values())
+    note = get_note(study)
+    assert "with 13 complete trials" in note and "### Trial 13: accuracy = 0.99" in note
+
+
+def plot_study_names() -> list[Path]:
+    return [
+        Path(n) for n in ("pareto_front.png", "hypervolume.png", "block_params.png", "plots.html")
+    ]
+
+
+def test_a_run_without_attached_plots_updates_the_note_and_says_how_to_plot(
+    tmp_path: Path,
+) -> None:
+    study = make_study(f"sqlite:///{tmp_path}/studies.db")
+    assert refresh_dashboard(study) == (
+        "dashboard note updated; plots: mergeopt study plot plots --out DIR"
+    )
+
+
+def test_plots_attached_in_a_folder_this_machine_lacks_are_reported_stale(
+    tmp_path: Path,
+) -> None:
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    study = make_study(storage)
+    elsewhere = tmp_path / "shared" / "artifacts"
+    attach_plots(study, plot_study(study, tmp_path / "plots", html=False), artifact_dir=elsewhere)
+    for path in elsewhere.iterdir():
+        path.unlink()
+    elsewhere.rmdir()
+
+    line = refresh_dashboard(study)
+    assert line == (
+        f"dashboard plots are stale ({elsewhere} not found here); refresh: "
+        f"mergeopt study plot plots --out DIR --artifact-dir {elsewhere}"
+    )
