@@ -81,10 +81,16 @@ def test_demo_study_on_sqlite_with_two_workers(
     assert result.returncode == 0, result.stderr
     assert "Pareto trials" in result.stdout
     assert "optuna-dashboard --host 127.0.0.1" in result.stdout
+    assert "dashboard note updated; plots: mergeopt study plot tiny --out DIR" in result.stdout
     study = load(sqlite_url, "tiny")
     assert_finished_study(study, 16)
     assert study.metric_names == ["accuracy", "tokens"]
-    # A second invocation continues the same count rather than adding 16 more.
+    plotted = run_cli(
+        "study", "plot", "tiny", "--out", str(tmp_path / "plots"), "--storage", sqlite_url
+    )
+    assert plotted.returncode == 0, plotted.stderr
+    # A second invocation continues the same count rather than adding 16 more, and refreshes
+    # the plots the first one attached.
     result = run_cli(
         "study",
         "run",
@@ -99,6 +105,7 @@ def test_demo_study_on_sqlite_with_two_workers(
     )
     assert result.returncode == 0, result.stderr
     assert states(load(sqlite_url, "tiny"))["COMPLETE"] == 18
+    assert "dashboard note and plots updated in" in result.stdout
 
 
 def test_readme_demo_ends_with_a_front_that_holds_merges(
