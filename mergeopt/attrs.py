@@ -31,3 +31,6 @@ LOAD_SECONDS = PREFIX + "load_seconds"
 EVAL_SECONDS = PREFIX + "eval_seconds"
 WORKER = PREFIX + "worker"  # host:pid/device of the worker that ran the trial
 FAIL_REASON = PREFIX + "fail_reason"
+# Closed unevaluated (surplus, interrupted, taken over, lost ask): not a failed candidate; the
+# candidate was requeued or never needed. Status counts these apart from failures.
+GIVEN_BACK = PREFIX + "given_back"

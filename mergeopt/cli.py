@@ -242,15 +242,12 @@ def _dashboard_command() -> str:
 def _print_status(study, console, *, throughput: bool = True) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from mergeopt.report import status_report
+    from mergeopt.report import states_text, status_report
 
     report = status_report(study)
-    states = ", ".join(
-        f"{state.lower()} {count}" for state, count in report["states"].items() if count
-    )
     show_rate = throughput and report["trials_per_minute"]
     console.print(
-        f"study [bold]{report['study']}[/]: {states or 'no trials'}"
+        f"study [bold]{report['study']}[/]: {states_text(report)}"
         + (f"; {report['trials_per_minute']} trials/min while running" if show_rate else "")
         + (
             f"; merge {report['mean_merge_seconds']} s, eval "
@@ -392,18 +389,23 @@ def study_list(storage: StorageOption = None) -> None:
     from mergeopt.storage import mask_url, open_storage, resolve_storage_url
 
     url = resolve_storage_url(storage)
-    summaries = optuna.get_all_study_summaries(
-        open_storage(url, must_exist=True), include_best_trial=False
-    )
+    backend = open_storage(url, must_exist=True)
+    summaries = optuna.get_all_study_summaries(backend, include_best_trial=False)
     table = Table(title=f"studies in {mask_url(url)}")
     for column in ("name", "objectives", "trials", "started"):
         table.add_column(column)
     for summary in summaries:
-        directions = ", ".join(d.name.lower() for d in summary.directions)
+        names = optuna.load_study(study_name=summary.study_name, storage=backend).metric_names
+        objectives = ", ".join(
+            f"{name or f'objective {i}'} {'↑' if d.name == 'MAXIMIZE' else '↓'}"
+            for i, (name, d) in enumerate(
+                zip(names or [None] * len(summary.directions), summary.directions, strict=True)
+            )
+        )
         started = (
             summary.datetime_start.strftime("%Y-%m-%d %H:%M") if summary.datetime_start else ""
         )
-        table.add_row(summary.study_name, directions, str(summary.n_trials), started)
+        table.add_row(summary.study_name, objectives, str(summary.n_trials), started)
     _console().print(table)
 
 

@@ -59,6 +59,11 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     counts = trial_counts(study)
+    given_back = sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.user_attrs.get(attrs.GIVEN_BACK)
+    )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = objective_names(study)
     genome = stored_genome(study) if attrs.GENOME in study.user_attrs else None
@@ -89,11 +94,33 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
             for n, d in zip(names, study.directions, strict=False)
         ],
         "states": counts,
+        "given_back": given_back,
         "pareto": pareto,
         "trials_per_minute": throughput,
         "mean_merge_seconds": _mean(merge_seconds),
         "mean_eval_seconds": _mean(eval_seconds),
     }
+
+
+def states_text(report: dict[str, Any]) -> str:
+    """The trial states of :func:`status_report` in words: trials closed unevaluated (a
+    surplus, an interrupted or taken-over trial, whose candidate went back to the queue) are
+    not counted as failures, and queued trials say what they are."""
+    states = dict(report["states"])
+    given_back = int(report.get("given_back", 0))
+    states["FAIL"] = states.get("FAIL", 0) - given_back
+    parts = [
+        f"{label} {states.get(state, 0)}"
+        for state, label in (("COMPLETE", "complete"), ("RUNNING", "running"), ("FAIL", "failed"))
+        if states.get(state, 0)
+    ]
+    if given_back:
+        parts.append(f"given back {given_back} (closed unevaluated, not failures)")
+    if states.get("WAITING", 0):
+        parts.append(f"queued {states['WAITING']} (evaluated first by the next run)")
+    if states.get("PRUNED", 0):
+        parts.append(f"pruned {states['PRUNED']}")
+    return ", ".join(parts) or "no trials"
 
 
 def _expert_trial_params(

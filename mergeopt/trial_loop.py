@@ -365,6 +365,7 @@ def _give_back(
     fixed = frozen.system_attrs.get("fixed_params")
     params = fixed or (dict(frozen.params) if requeue_sampled else None)
     trial.set_user_attr(attrs.FAIL_REASON, reason)
+    trial.set_user_attr(attrs.GIVEN_BACK, True)
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if params:
         study.enqueue_trial(params, user_attrs=_requeue_attrs(frozen.user_attrs, trial.number))
@@ -380,6 +381,7 @@ def _abandon(study: optuna.Study, trial_id: int, *, reason: str) -> None:
     if frozen.state != TrialState.RUNNING:
         return
     storage.set_trial_user_attr(trial_id, attrs.FAIL_REASON, reason)
+    storage.set_trial_user_attr(trial_id, attrs.GIVEN_BACK, True)
     try:
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:

@@ -167,6 +167,7 @@ def test_a_surplus_trial_is_given_back_unevaluated_and_not_counted(
     assert done.state == TrialState.COMPLETE
     assert surplus.state == TrialState.FAIL
     assert surplus.user_attrs[attrs.FAIL_REASON] == "surplus: the study already has 1"
+    assert surplus.user_attrs[attrs.GIVEN_BACK] is True  # not a failed candidate
     assert harness.runner.evaluated == []
     assert harness.ended == []
     assert "failed" not in warnings_logged.text  # given back, not reported as a failed trial

@@ -53,6 +53,8 @@ import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from mergeopt import attrs
+
 if TYPE_CHECKING:
     from optuna import Study
     from optuna.search_space import IntersectionSearchSpace
@@ -168,8 +170,6 @@ def genome_of(study: Study, genome: Genome | None) -> Genome | None:
 
     if genome is not None:
         return genome
-    from mergeopt import attrs
-
     data = study.user_attrs.get(attrs.GENOME)
     return Genome.from_dict(data) if data else None
 
@@ -350,9 +350,10 @@ class BatchCoordinator:
             storage.set_trial_system_attr(queued._trial_id, "mergeopt:taken_by", trial.number)
             storage.set_trial_user_attr(
                 queued._trial_id,
-                "mergeopt:fail_reason",
+                attrs.FAIL_REASON,
                 f"candidate taken over by waiting trial {trial.number}",
             )
+            storage.set_trial_user_attr(queued._trial_id, attrs.GIVEN_BACK, True)
             storage.set_trial_state_values(queued._trial_id, state=TrialState.FAIL)
             self._set_user_attrs(study, trial, queued.user_attrs)
             return dict(params)

@@ -1,0 +1,71 @@
+"""What `study status` and `study list` say about a study's trials and objectives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState, create_trial
+
+from mergeopt import attrs
+from mergeopt.report import states_text, status_report
+from tests.conftest import run_cli
+
+DISTRIBUTIONS = {"w": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+
+def study_with_every_kind_of_trial(url: str) -> optuna.Study:
+    """3 complete, 1 failed evaluation, 2 given back (a surplus, an interrupted trial), 2
+    queued candidates."""
+    study = optuna.create_study(
+        study_name="kinds", storage=url, directions=["maximize", "minimize"]
+    )
+    study.set_metric_names(["accuracy", "tokens"])
+    for w in (0.1, 0.5, 0.9):
+        study.add_trial(
+            create_trial(params={"w": w}, distributions=DISTRIBUTIONS, values=[w, 10 * w])
+        )
+    study.add_trial(
+        create_trial(state=TrialState.FAIL, user_attrs={attrs.FAIL_REASON: "CUDA out of memory"})
+    )
+    for reason in ("surplus: the study already has 3", "interrupted (SIGTERM); requeued"):
+        study.add_trial(
+            create_trial(
+                state=TrialState.FAIL,
+                user_attrs={attrs.FAIL_REASON: reason, attrs.GIVEN_BACK: True},
+            )
+        )
+    study.enqueue_trial({"w": 0.3})
+    study.enqueue_trial({"w": 0.7})
+    return study
+
+
+def test_trials_closed_unevaluated_are_not_counted_as_failures(tmp_path: Path) -> None:
+    report = status_report(study_with_every_kind_of_trial(f"sqlite:///{tmp_path}/s.db"))
+
+    assert report["states"]["FAIL"] == 3 and report["given_back"] == 2
+    assert states_text(report) == (
+        "complete 3, failed 1, given back 2 (closed unevaluated, not failures), "
+        "queued 2 (evaluated first by the next run)"
+    )
+
+
+def test_an_empty_study_has_no_trials() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert states_text(status_report(study)) == "no trials"
+
+
+def test_status_and_list_name_the_objectives_and_explain_the_states(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_with_every_kind_of_trial(url)
+    optuna.create_study(study_name="unnamed", storage=url, direction="minimize")
+
+    status = run_cli("study", "status", "kinds", "--storage", url)
+    listing = run_cli("study", "list", "--storage", url)
+
+    assert status.returncode == 0, status.stderr
+    assert "failed 1, given back 2" in status.stdout
+    assert "queued 2 (evaluated first by the next run)" in status.stdout
+    assert listing.returncode == 0, listing.stderr
+    assert "accuracy ↑, tokens ↓" in listing.stdout
+    assert "objective 0 ↓" in listing.stdout
