@@ -34,3 +34,9 @@ FAIL_REASON = PREFIX + "fail_reason"
 # Closed unevaluated (surplus, interrupted, taken over, lost ask): not a failed candidate; the
 # candidate was requeued or never needed. Status counts these apart from failures.
 GIVEN_BACK = PREFIX + "given_back"
+SEED = PREFIX + "seed"  # the merge seed of the trial (random masks of dare_*/della*)
+# Evaluation cost of the trial's search evaluation (EVAL_SECONDS is its time). A later
+# fidelity change adds what it skipped beside these, so totals can say the fraction saved.
+ITEMS_SCORED = PREFIX + "items_scored"  # task items the model answered or was scored on
+TOKENS_GENERATED = PREFIX + "tokens_generated"  # tokens generated over those items
+

@@ -120,6 +120,8 @@ class TrialRunner:
             attrs.METRICS: result.metrics,
             attrs.MERGE_SECONDS: round(merge_seconds, 4),
             attrs.EVAL_SECONDS: round(result.seconds, 4),
+            attrs.ITEMS_SCORED: result.items,
+            attrs.TOKENS_GENERATED: result.tokens,
             "mergeopt:blocks_merged": stats.blocks_merged,
             "mergeopt:raw_values": raw,
         }

@@ -46,11 +46,15 @@ class GenerationOptions:
 @dataclass(frozen=True)
 class EvalResult:
     """``values``: raw objective value by objective name; ``metrics``: by task label, every
-    metric computed on it (plus ``n`` items and ``seconds``); ``seconds``: the whole evaluation."""
+    metric computed on it (plus ``n`` items and ``seconds``); ``seconds``: the whole evaluation;
+    ``items``: items scored over all tasks; ``tokens``: tokens generated (generation tasks only;
+    log-likelihood tasks and evalscope generate none that are counted)."""
 
     values: dict[str, float]
     metrics: dict[str, dict[str, float]]
     seconds: float
+    items: int = 0
+    tokens: int = 0
 
 
 @dataclass
@@ -189,6 +193,7 @@ class Evaluator:
         started = time.perf_counter()
         values: dict[str, float] = {}
         all_metrics: dict[str, dict[str, float]] = {}
+        items = tokens = 0
         for group in self._groups:
             group_started = time.perf_counter()
             try:
@@ -201,6 +206,8 @@ class Evaluator:
                 ) from exc
             group_metrics["n"] = float(len(group.split.items))
             group_metrics["seconds"] = time.perf_counter() - group_started
+            items += len(group.split.items)
+            tokens += int(group_metrics.pop("tokens_generated", 0))
             values.update(group_values)
             all_metrics[group.label] = group_metrics
         for objective in self._evalscope:
@@ -211,12 +218,19 @@ class Evaluator:
                 objective, self.scorer, max_new_tokens=self.max_new_tokens, stop=self.stop
             )
             evalscope_metrics["seconds"] = time.perf_counter() - group_started
+            items += int(evalscope_metrics.get("n", 0))
             values[objective.name] = value
             all_metrics[objective.name] = evalscope_metrics
         for name, value in values.items():
             if not math.isfinite(value):
                 raise TrialEvaluationError(f"objective {name} is {value} (not finite)")
-        return EvalResult(values=values, metrics=all_metrics, seconds=time.perf_counter() - started)
+        return EvalResult(
+            values=values,
+            metrics=all_metrics,
+            seconds=time.perf_counter() - started,
+            items=items,
+            tokens=tokens,
+        )
 
     def _evaluate_group(self, group: _Group) -> tuple[dict[str, float], dict[str, float]]:
         items = group.split.items
@@ -230,6 +244,7 @@ class Evaluator:
             )
             texts = [g.text for g in generations]
             computed["mean_tokens"] = metrics.mean_tokens([g.num_tokens for g in generations])
+            computed["tokens_generated"] = float(sum(g.num_tokens for g in generations))
             for objective in group.objectives:
                 if objective.metric == "mean_tokens":
                     values[objective.name] = computed["mean_tokens"]
