@@ -40,3 +40,12 @@ SEED = PREFIX + "seed"  # the merge seed of the trial (random masks of dare_*/de
 ITEMS_SCORED = PREFIX + "items_scored"  # task items the model answered or was scored on
 TOKENS_GENERATED = PREFIX + "tokens_generated"  # tokens generated over those items
 
+# Held-out evaluation (`mergeopt study evaluate NAME --heldout`), written onto COMPLETE trials.
+# Re-evaluating a trial overwrites these keys (same merge, same seed, greedy decoding: the
+# values come out identical; the cost is that of the latest evaluation, never summed twice).
+HELDOUT_VALUES = PREFIX + "heldout_values"  # objective name -> value on the held-out split
+HELDOUT_METRICS = PREFIX + "heldout_metrics"  # raw per-task metrics on the held-out split
+HELDOUT_SEED = PREFIX + "heldout_seed"  # the merge seed used: the trial's SEED
+HELDOUT_COST = PREFIX + "heldout_cost"  # {"items_scored", "tokens_generated", "eval_seconds"}
+# Study user_attrs: anchors (see ANCHORS) measured on the held-out split, for normalize: true
+HELDOUT_ANCHORS = PREFIX + "heldout_anchors"

@@ -290,6 +290,72 @@ def study_status(
     _print_status(study, _console())
 
 
+@study_app.command("evaluate")
+def study_evaluate(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    heldout: Annotated[
+        bool,
+        typer.Option(
+            "--heldout", help="Score on the held-out split (the one split this command scores)."
+        ),
+    ] = False,
+    pareto: Annotated[
+        bool, typer.Option("--pareto", help="Evaluate every Pareto-optimal trial.")
+    ] = False,
+    trial: Annotated[
+        list[int] | None, typer.Option("--trial", help="Evaluate this trial (repeatable).")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Device of the merge and the scorer (default: the first GPU, else cpu)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage: StorageOption = None,
+) -> None:
+    """Score chosen COMPLETE trials on the held-out split of every objective, with the same
+    merge (recipe and seed), and store the values in each trial (again: the same values)."""
+    from mergeopt.heldout import check_heldout, choose_trials, evaluate_heldout
+    from mergeopt.storage import is_connection_error, load_study, resolve_storage_url
+    from mergeopt.study import stored_spec
+    from mergeopt.workers import _pin_device, parse_devices
+
+    if not heldout:
+        raise UserError("study evaluate scores the held-out split: pass --heldout")
+    url = resolve_storage_url(storage)
+    study = load_study(name, url)
+    check_heldout(stored_spec(study), name)
+    trials = choose_trials(study, pareto=pareto, numbers=trial or [])
+    chosen = parse_devices(None, device)
+    if len(chosen) != 1:
+        raise UserError(f"--device: one device, got {device!r}")
+    used = _pin_device(chosen[0]) if device is not None else chosen[0]
+    console = _console()
+    console.print(
+        f"evaluating {len(trials)} trial{'s' if len(trials) != 1 else ''} of study {name} "
+        f"on the held-out split on {chosen[0]}"
+    )
+    results = evaluate_heldout(study, trials, device=used, progress=progress)
+    failed = [r for r in results if r.error is not None]
+    for result in results:
+        if result.values is None:
+            print(f"trial {result.trial}: held-out evaluation failed: {result.error}")
+        else:
+            values = " ".join(f"{k}={v:.4g}" for k, v in result.values.items())
+            print(f"trial {result.trial} (seed {result.seed}): held-out {values}")
+    study = load_study(name, url)  # this process's copies of the trials predate the results
+    _print_status(study, console, throughput=False)
+    from mergeopt.dashboard import refresh_dashboard
+
+    try:
+        console.print(refresh_dashboard(study))
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        console.print("dashboard not updated: the database is unreachable")
+    if failed:
+        raise typer.Exit(code=1)
+
+
 @study_app.command(
     "export",
     help="Write chosen trials as Hugging Face model folders and/or "

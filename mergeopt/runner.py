@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mergeopt import attrs
 from mergeopt.study import stored_genome, stored_layout, stored_spec
@@ -21,10 +21,13 @@ class TrialRunner:
     """A worker's resident merge engine, scorer and evaluator for one study.
 
     Built once per worker: it loads base and experts onto ``device`` and keeps them there;
-    each trial merges in place into the scorer's weights and evaluates the objectives.
+    each trial merges in place into the scorer's weights and evaluates the objectives on
+    ``split``: ``"search"`` (what the study optimizes) or ``"heldout"`` (``study evaluate``).
     """
 
-    def __init__(self, study: optuna.Study, *, device: str) -> None:
+    def __init__(
+        self, study: optuna.Study, *, device: str, split: Literal["search", "heldout"] = "search"
+    ) -> None:
         import torch
 
         from mergeopt.merge.engine import MergeEngine
@@ -34,6 +37,7 @@ class TrialRunner:
         self.genome = stored_genome(study)
         self.layout = stored_layout(study)
         self.device = device
+        self.split = split
         spec = self.spec
         self.base = resolve_model(spec.models.base)
         self.experts = [resolve_model(e) for e in spec.models.experts]
@@ -65,7 +69,9 @@ class TrialRunner:
             gpu_memory_utilization=options.gpu_memory_utilization,
             trust_remote_code=self.spec.models.trust_remote_code,
         )
-        self.evaluator = Evaluator(self.spec.objectives, self.scorer, scorer_options=options)
+        self.evaluator = Evaluator(
+            self.spec.objectives, self.scorer, scorer_options=options, split=self.split
+        )
 
     def _anchors(self, study: optuna.Study) -> Any:
         """Base/expert scores for normalized objectives: measured by the first worker, then read."""
@@ -73,7 +79,8 @@ class TrialRunner:
 
         if not needs_anchors(self.spec.objectives):
             return None
-        stored = study.user_attrs.get(attrs.ANCHORS)
+        key = attrs.ANCHORS if self.split == "search" else attrs.HELDOUT_ANCHORS
+        stored = study.user_attrs.get(key)
         if stored is not None:
             return Anchors.from_json(stored)
         anchors = measure_anchors(
@@ -84,7 +91,7 @@ class TrialRunner:
             engine=self.engine,
         )
         # Workers that measured at the same time store identical values (greedy decoding).
-        study.set_user_attr(attrs.ANCHORS, anchors.to_json())
+        study.set_user_attr(key, anchors.to_json())
         return anchors
 
     def evaluate(

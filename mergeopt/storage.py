@@ -624,3 +624,35 @@ def batched_trial_writes(storage: Any) -> Iterator[None]:
             backend._set_trial_attr_without_commit(
                 session, models.TrialUserAttributeModel, trial_id, key, value
             )
+
+
+def set_finished_trial_user_attrs(
+    study: optuna.Study, trial_id: int, values: dict[str, Any]
+) -> None:
+    """Write user attrs onto a finished trial, in one transaction (insert or overwrite each key).
+
+    Optuna refuses ``set_trial_user_attr`` once a trial is finished; what is learnt about a
+    COMPLETE trial afterwards (its held-out values) is written here, straight into Optuna's
+    ``trial_user_attributes`` table. Writing the same values again changes nothing. This
+    process's cached copy of the trial is stale afterwards: load the study again to read them.
+    """
+    import json
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        raise TypeError("attrs of finished trials can only be written to an RDB storage")
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        for key, value in values.items():
+            row = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
+            if row is None:
+                session.add(
+                    models.TrialUserAttributeModel(
+                        trial_id=trial_id, key=key, value_json=json.dumps(value)
+                    )
+                )
+            else:
+                row.value_json = json.dumps(value)
