@@ -242,7 +242,7 @@ def _dashboard_command() -> str:
 def _print_status(study, console, *, throughput: bool = True) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from mergeopt.report import states_text, status_report
+    from mergeopt.report import cost_text, states_text, status_report
 
     report = status_report(study)
     show_rate = throughput and report["trials_per_minute"]
@@ -256,19 +256,35 @@ def _print_status(study, console, *, throughput: bool = True) -> None:  # noqa: 
             else ""
         )
     )
+    cost = cost_text(report["evaluation_cost"])
+    if cost:
+        console.print(f"evaluation cost: {cost}")
     if not report["pareto"]:
         return
     title = "Pareto trials" if len(report["objectives"]) > 1 else "Best trial"
     table = Table(title=title)
     table.add_column("trial", justify="right")
+    heldout = any(row["heldout"] for row in report["pareto"])
     for objective in report["objectives"]:
         arrow = "↑" if objective["direction"] == "maximize" else "↓"
         table.add_column(f"{objective['name']} {arrow}", justify="right")
+        if heldout:
+            table.add_column(f"{objective['name']} held-out", justify="right")
     table.add_column("recipe (mean over blocks)")
     for row in report["pareto"]:
         label = f"{row['trial']} ({row['expert']})" if row["expert"] else str(row["trial"])
-        table.add_row(label, *(f"{v:.4g}" for v in row["values"].values()), row["recipe"])
+        cells = []
+        for name, value in row["values"].items():
+            cells.append(f"{value:.4g}")
+            if heldout:
+                cells.append(f"{row['heldout'][name]:.4g}" if row["heldout"] else "-")
+        table.add_row(label, *cells, row["recipe"])
     console.print(table)
+    if heldout and not all(row["heldout"] for row in report["pareto"]):
+        console.print(
+            f"held-out values of every Pareto trial: mergeopt study evaluate {report['study']} "
+            "--heldout --pareto"
+        )
     if all(row["expert"] for row in report["pareto"]):
         console.print("no merge beats the experts yet: every trial above is an expert alone")
 

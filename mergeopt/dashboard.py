@@ -150,12 +150,13 @@ def dashboard_command(
 
 
 def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
-    """A Markdown note for the dashboard: what the study searches and its Pareto trials'
-    recipes as block x expert tables (at most ``max_trials``, best first objective first)."""
+    """A Markdown note for the dashboard: what the study searches, its evaluation cost, and its
+    Pareto trials' values (held-out beside search where evaluated) and recipes as block x expert
+    tables (at most ``max_trials``, best first objective first)."""
     from mergeopt import attrs
     from mergeopt.blocks import BlockLayout
     from mergeopt.plots import block_labels, pareto_trials_for_heatmap
-    from mergeopt.report import objective_names
+    from mergeopt.report import cost_text, evaluation_cost, heldout_values, objective_names
 
     spec = study.user_attrs.get(attrs.SPEC) or {}
     merge = spec.get("merge") or {}
@@ -167,6 +168,9 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     lines = [f"## mergeopt study `{study.study_name}`", ""]
     lines += [f"Updated {time.strftime('%Y-%m-%d %H:%M')} with {complete} complete trials.", ""]
+    cost = cost_text(evaluation_cost(study.get_trials(deepcopy=False)))
+    if cost:
+        lines += [f"Evaluation cost: {cost}.", ""]
     if merge:
         lines.append(
             f"**{merge.get('method')}** merge of {', '.join(experts) or 'the experts'} into "
@@ -190,6 +194,11 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
     trials = pareto_trials_for_heatmap(study)[:max_trials]
     for trial in trials:
         values = ", ".join(f"{n} = {v:.4g}" for n, v in zip(names, trial.values, strict=False))
+        held = heldout_values(trial, names)
+        if held is not None:
+            values += "; held-out: " + ", ".join(
+                f"{n} = {v:.4g}" for n, v in zip(names, held, strict=True)
+            )
         lines += [f"### Trial {trial.number}: {values}", ""]
         recipe = trial.user_attrs[attrs.RECIPE]
         searched = [p for p in merge.get("search") or {} if p in recipe[0][0]]

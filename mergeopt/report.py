@@ -1,9 +1,9 @@
-"""Status reporting: objective names, the best values line, recipe summaries and the
-``study status`` report."""
+"""Status reporting: objective names, the best values line, recipe summaries, held-out values,
+evaluation cost and the ``study status`` report."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ from mergeopt.study import stored_genome, stored_spec, trial_counts
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
 
 def objective_names(study: optuna.Study) -> list[str]:
@@ -73,6 +74,7 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
         {
             "trial": t.number,
             "values": dict(zip(names, t.values or [], strict=False)),
+            "heldout": _named(names, heldout_values(t, names)),
             "recipe": recipe_summary(t.params, genome) if genome else "",
             "expert": next((name for name, params in experts if params == t.params), None),
         }
@@ -99,6 +101,7 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
         "trials_per_minute": throughput,
         "mean_merge_seconds": _mean(merge_seconds),
         "mean_eval_seconds": _mean(eval_seconds),
+        "evaluation_cost": evaluation_cost(study.get_trials(deepcopy=False)),
     }
 
 
@@ -142,6 +145,63 @@ def _expert_trial_params(
     ]
 
 
+def _named(names: Sequence[str], values: Sequence[float] | None) -> dict[str, float] | None:
+    return None if values is None else dict(zip(names, values, strict=True))
+
+
 def _mean(values: list[Any]) -> float | None:
     numbers = [float(v) for v in values if isinstance(v, (int, float))]
     return round(sum(numbers) / len(numbers), 4) if numbers else None
+
+
+def heldout_values(trial: FrozenTrial, names: Sequence[str]) -> list[float] | None:
+    """The trial's held-out values in objective order, or None if it has none for every name."""
+    stored = trial.user_attrs.get(attrs.HELDOUT_VALUES)
+    if not isinstance(stored, dict) or any(name not in stored for name in names):
+        return None
+    return [float(stored[name]) for name in names]
+
+
+def evaluation_cost(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+    """Totals of the search and held-out evaluations stored on ``trials``.
+
+    ``{"search": {"trials", "items_scored", "tokens_generated", "eval_seconds"}, "heldout":
+    {...}, "total": {...}}``; a trial counts where it stored its cost (trials of older versions
+    did not).
+    """
+
+    def empty() -> dict[str, Any]:
+        return {"trials": 0, "items_scored": 0, "tokens_generated": 0, "eval_seconds": 0.0}
+
+    search, heldout = empty(), empty()
+    for trial in trials:
+        user_attrs = trial.user_attrs
+        if attrs.ITEMS_SCORED in user_attrs:
+            search["trials"] += 1
+            search["items_scored"] += int(user_attrs[attrs.ITEMS_SCORED])
+            search["tokens_generated"] += int(user_attrs.get(attrs.TOKENS_GENERATED, 0))
+            search["eval_seconds"] += float(user_attrs.get(attrs.EVAL_SECONDS, 0.0))
+        cost = user_attrs.get(attrs.HELDOUT_COST)
+        if isinstance(cost, dict):
+            heldout["trials"] += 1
+            heldout["items_scored"] += int(cost.get("items_scored", 0))
+            heldout["tokens_generated"] += int(cost.get("tokens_generated", 0))
+            heldout["eval_seconds"] += float(cost.get("eval_seconds", 0.0))
+    total = {key: search[key] + heldout[key] for key in ("items_scored", "tokens_generated")}
+    total["eval_seconds"] = search["eval_seconds"] + heldout["eval_seconds"]
+    for part in (search, heldout, total):
+        part["eval_seconds"] = round(part["eval_seconds"], 3)
+    return {"search": search, "heldout": heldout, "total": total}
+
+
+def cost_text(cost: dict[str, Any]) -> str:
+    """``search: 16 trials, 768 items, 5,120 tokens, 12.3 s; held-out: ...`` (parts with trials)."""
+    parts = []
+    for key, label in (("search", "search"), ("heldout", "held-out")):
+        part = cost[key]
+        if part["trials"]:
+            parts.append(
+                f"{label}: {part['trials']} trials, {part['items_scored']:,} items, "
+                f"{part['tokens_generated']:,} tokens, {part['eval_seconds']:.1f} s"
+            )
+    return "; ".join(parts)
