@@ -397,6 +397,14 @@ def study_export(
             metavar="W1,W2,...", help="Export the Pareto trial nearest these objective weights."
         ),
     ] = None,
+    on: Annotated[
+        str,
+        typer.Option(
+            "--on",
+            help="search or heldout: --best and --preference choose by the values of that split "
+            "(heldout: stored by `mergeopt study evaluate NAME --heldout`).",
+        ),
+    ] = "search",
     fmt: Annotated[str, typer.Option("--format", help="hf, mergekit or both.")] = "both",
     device: Annotated[str, typer.Option(help="Device that redoes the merge (cpu, cuda).")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
@@ -415,6 +423,7 @@ def study_export(
         best=best,
         pareto=pareto,
         preference=parse_preference(preference) if preference is not None else None,
+        on=on,
     )
     written = export_trials(
         study, trials, out, fmt=fmt, device=device, force=force, index=pareto, storage_url=url

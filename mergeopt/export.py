@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
-from mergeopt.report import objective_names
+from mergeopt.report import heldout_values, objective_names
 
 if TYPE_CHECKING:
     import optuna
@@ -60,8 +60,10 @@ PREFERENCE_RULE = (
     "divided by their sum, and the trial with the smallest max_k(w_k * regret_k) (weighted "
     "Chebyshev distance to the ideal point) is chosen; ties go to the smaller weighted sum of "
     "regrets, then to the lower trial number. A larger weight pulls the choice towards that "
-    "objective's best value."
+    "objective's best value. With --on heldout, the trials are the Pareto trials that are "
+    "also Pareto-optimal on their held-out values, and regrets are taken on held-out values."
 )
+SPLITS: tuple[str, ...] = ("search", "heldout")
 
 
 # --------------------------------------------------------------------------- choosing trials
@@ -74,6 +76,7 @@ def select_trials(
     best: str | None = None,
     pareto: bool = False,
     preference: Sequence[float] | None = None,
+    on: str = "search",
 ) -> list[FrozenTrial]:
     """The COMPLETE trials to export, chosen by exactly one of the keyword arguments.
 
@@ -83,6 +86,8 @@ def select_trials(
             ``""`` names the only objective of a single-objective study.
         pareto: every Pareto-optimal trial, in trial-number order.
         preference: one non-negative weight per objective; see :data:`PREFERENCE_RULE`.
+        on: ``"search"`` (the values the study optimized) or ``"heldout"``: ``best`` and
+            ``preference`` choose by the held-out values ``study evaluate --heldout`` stored.
 
     Raises:
         UserError: no or several choices, no COMPLETE trials, an unknown trial or objective,
@@ -94,6 +99,10 @@ def select_trials(
     chosen = [trial is not None, best is not None, pareto, preference is not None]
     if sum(chosen) != 1:
         raise UserError("choose exactly one of --trial N, --best OBJECTIVE, --pareto, --preference")
+    if on not in SPLITS:
+        raise UserError(f"--on: expected one of {', '.join(SPLITS)}, got {on!r}")
+    if on == "heldout" and (trial is not None or pareto):
+        raise UserError("--on heldout chooses by --best or --preference")
     name = study.study_name
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if trial is not None:
@@ -120,15 +129,64 @@ def select_trials(
             )
         index = 0 if best == "" else _objective_index(names, best, name)
         maximize = study.directions[index] == StudyDirection.MAXIMIZE
+        value_of = _values_on(on, names)
+        if on == "heldout":
+            complete = [t for t in complete if heldout_values(t, names) is not None]
+            if not complete:
+                raise UserError(
+                    f"no trial of study {name!r} has held-out values; first run: "
+                    f"mergeopt study evaluate {name} --heldout --pareto"
+                )
         ordered = sorted(
-            complete, key=lambda t: ((-1 if maximize else 1) * t.values[index], t.number)
+            complete, key=lambda t: ((-1 if maximize else 1) * value_of(t)[index], t.number)
         )
         return [ordered[0]]
     front = sorted(study.best_trials, key=lambda t: t.number)
     if pareto:
         return front
     assert preference is not None
-    return [preference_trial(front, study.directions, preference, names=names)]
+    if on == "heldout":
+        missing = [t.number for t in front if heldout_values(t, names) is None]
+        if missing:
+            raise UserError(
+                f"Pareto trial{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(str, missing))} of study {name!r} "
+                f"{'have' if len(missing) > 1 else 'has'} no held-out values; first run: "
+                f"mergeopt study evaluate {name} --heldout --pareto"
+            )
+        front = non_dominated(front, study.directions, _values_on(on, names))
+    return [
+        preference_trial(
+            front, study.directions, preference, names=names, value_of=_values_on(on, names)
+        )
+    ]
+
+
+def _values_on(on: str, names: Sequence[str]) -> Callable[[FrozenTrial], Sequence[float]]:
+    """A trial's objective values: those the study searched on, or its held-out values."""
+    if on == "heldout":
+        return lambda t: heldout_values(t, names) or []
+    return lambda t: list(t.values)
+
+
+def non_dominated(
+    trials: Sequence[FrozenTrial],
+    directions: Sequence[Any],
+    value_of: Callable[[FrozenTrial], Sequence[float]],
+) -> list[FrozenTrial]:
+    """The trials no other of ``trials`` dominates on ``value_of`` (at least as good on every
+    objective, better on one), in their order."""
+    from optuna.study import StudyDirection
+
+    signs = [-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in directions]
+    costs = [[s * float(v) for s, v in zip(signs, value_of(t), strict=True)] for t in trials]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+    return [
+        t for t, c in zip(trials, costs, strict=True) if not any(dominates(o, c) for o in costs)
+    ]
 
 
 def _objective_index(names: Sequence[str], wanted: str, study_name: str) -> int:
@@ -145,6 +203,7 @@ def preference_trial(
     preference: Sequence[float],
     *,
     names: Sequence[str] | None = None,
+    value_of: Callable[[FrozenTrial], Sequence[float]] | None = None,
 ) -> FrozenTrial:
     """The trial of ``front`` with the least weighted Chebyshev regret (:data:`PREFERENCE_RULE`).
 
@@ -157,6 +216,8 @@ def preference_trial(
         front: Pareto-optimal COMPLETE trials (``values`` of length M).
         directions: M ``optuna.study.StudyDirection`` values.
         preference: M non-negative weights, not all zero.
+        value_of: the values to compare (default: ``trial.values``; held-out values for
+            ``--on heldout``).
     """
     from optuna.study import StudyDirection
 
@@ -175,7 +236,7 @@ def preference_trial(
     weights = [float(w) / total for w in preference]
     regrets: list[list[float]] = [[0.0] * count for _ in front]
     for k, direction in enumerate(directions):
-        values = [float(t.values[k]) for t in front]
+        values = [float((value_of(t) if value_of else t.values)[k]) for t in front]
         low, high = min(values), max(values)
         span = high - low
         for i, value in enumerate(values):
@@ -245,6 +306,7 @@ def trial_metadata(
         },
         "metrics": trial.user_attrs.get(attrs.METRICS),
         "raw_values": trial.user_attrs.get(attrs.PREFIX + "raw_values"),
+        "heldout_values": trial.user_attrs.get(attrs.HELDOUT_VALUES),
         "method": spec.merge.method,
         "method_parameters": dict(spec.merge.parameters),
         "merge_dtype": spec.merge.dtype,
@@ -518,10 +580,16 @@ def _write_index(
             "trial": t.number,
             "folder": trial_folder_name(t),
             "values": dict(zip(names, t.values or [], strict=False)),
+            "heldout": (
+                None
+                if (held := heldout_values(t, names)) is None
+                else dict(zip(names, held, strict=True))
+            ),
             "recipe": recipe_summary(t.params, genome),
         }
         for t in trials
     ]
+    with_heldout = any(row["heldout"] for row in rows)
     index = {
         "study": study.study_name,
         "storage": mask_url(storage_url) if storage_url else None,
@@ -531,15 +599,30 @@ def _write_index(
     }
     (folder / INDEX_JSON).write_text(json.dumps(index, indent=2) + "\n", "utf-8")
     arrows = ["↑" if d == "maximize" else "↓" for d in directions]
-    header = ["trial", "folder", *(f"{n} {a}" for n, a in zip(names, arrows, strict=True))]
+    header = ["trial", "folder"]
+    for n, a in zip(names, arrows, strict=True):
+        header += [f"{n} {a}", f"{n} held-out"] if with_heldout else [f"{n} {a}"]
     lines = [
         f"# Pareto trials of study `{study.study_name}`",
         "",
+        *(
+            [
+                "Each objective on the split the study searched on and, beside it, on the "
+                "held-out split (`mergeopt study evaluate --heldout`; - where not evaluated).",
+                "",
+            ]
+            if with_heldout
+            else []
+        ),
         "| " + " | ".join([*header, "recipe (mean over blocks)"]) + " |",
         "|" + "---|" * (len(header) + 1),
     ]
     for row in rows:
-        values = [f"{row['values'][n]:.4g}" for n in names]
+        values = []
+        for n in names:
+            values.append(f"{row['values'][n]:.4g}")
+            if with_heldout:
+                values.append(f"{row['heldout'][n]:.4g}" if row["heldout"] else "-")
         lines.append(
             f"| {row['trial']} | [{row['folder']}]({row['folder']}/) | "
             + " | ".join(values)
