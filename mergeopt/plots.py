@@ -4,8 +4,9 @@
 
 - ``pareto_front``: every COMPLETE trial in objective space with the Pareto front
   (``optuna.visualization.plot_pareto_front``), the base and experts' anchor scores marked when
-  the study stored them (``mergeopt:anchors``); a single-objective study gets the optimization
-  history instead;
+  the study stored them (``mergeopt:anchors``), and each trial's held-out values (``mergeopt
+  study evaluate --heldout``) as a hollow marker joined to its search point by a line (two
+  objectives); a single-objective study gets the optimization history instead;
 - ``hypervolume``: the dominated hypervolume after each trial
   (``optuna.visualization.plot_hypervolume_history``), the reference point being the worst
   value seen on each objective pushed 10 % of its range further out;
@@ -145,6 +146,22 @@ def _normalizer(study: optuna.Study, stored: Mapping[str, Any]) -> Any:
     return lambda raw: normalize_values(raw, anchors, spec.objectives)
 
 
+def heldout_pairs(study: optuna.Study) -> list[tuple[int, list[float], list[float]]]:
+    """(trial number, search values, held-out values) of the COMPLETE trials evaluated on the
+    held-out split, in trial order."""
+    from optuna.trial import TrialState
+
+    from mergeopt.report import heldout_values
+
+    names = objective_names(study)
+    pairs = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        held = heldout_values(trial, names)
+        if held is not None and trial.values is not None:
+            pairs.append((trial.number, list(trial.values), held))
+    return pairs
+
+
 def reference_point(study: optuna.Study) -> list[float]:
     """The worst value of each objective over COMPLETE trials, pushed 10 % of its range out."""
     from optuna.study import StudyDirection
@@ -261,6 +278,19 @@ def _pareto_png(study: optuna.Study, path: Path) -> Path:
                 label=f"anchor: {label}",
             )
             axes.annotate(label, (point[0], point[1]), textcoords="offset points", xytext=(6, 6))
+        pairs = heldout_pairs(study)
+        for _, search, held in pairs:
+            axes.plot([search[0], held[0]], [search[1], held[1]], color="grey", lw=0.8, zorder=4)
+        if pairs:
+            axes.scatter(
+                [held[0] for _, _, held in pairs],
+                [held[1] for _, _, held in pairs],
+                s=60,
+                facecolors="none",
+                edgecolors="black",
+                zorder=5,
+                label="held-out (line to its search point)",
+            )
         axes.legend(loc="best", fontsize="small")
     axes.set_title(f"Pareto front of study {study.study_name}")
     axes.figure.set_size_inches(7, 5)
@@ -362,6 +392,34 @@ def _pareto_figure(study: optuna.Study) -> Any:
                     textposition="top right",
                     marker={"symbol": "star", "size": 16, "color": "black"},
                     name=f"anchor: {label}",
+                )
+            )
+        pairs = heldout_pairs(study)
+        if pairs:
+            lines_x: list[float | None] = []
+            lines_y: list[float | None] = []
+            for _, search, held in pairs:
+                lines_x += [search[0], held[0], None]
+                lines_y += [search[1], held[1], None]
+            figure.add_trace(
+                go.Scatter(
+                    x=lines_x,
+                    y=lines_y,
+                    mode="lines",
+                    line={"color": "grey", "width": 1},
+                    hoverinfo="skip",
+                    showlegend=False,
+                )
+            )
+            figure.add_trace(
+                go.Scatter(
+                    x=[held[0] for _, _, held in pairs],
+                    y=[held[1] for _, _, held in pairs],
+                    mode="markers",
+                    marker={"symbol": "circle-open", "size": 11, "color": "black"},
+                    text=[f"trial {number} held-out" for number, _, _ in pairs],
+                    hovertemplate="%{text}: %{x:.4g}, %{y:.4g}<extra></extra>",
+                    name="held-out (line to its search point)",
                 )
             )
     figure.update_layout(title=f"Pareto front of study {study.study_name}")
