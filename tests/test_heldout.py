@@ -127,35 +127,39 @@ def test_a_random_merge_is_redone_with_the_trials_seed_and_evaluating_again_chan
 ) -> None:
     before = _load(held_study)
     # The sampled trial: DARE drops weights at random (density < 1), unlike the experts alone.
-    number = 2
+    sampled = 2
     assert any(
         expert["density"] < 1.0
-        for block in before.trials[number].user_attrs[attrs.RECIPE]
+        for block in before.trials[sampled].user_attrs[attrs.RECIPE]
         for expert in block
     )
-    evaluate = ("study", "evaluate", NAME, "--heldout", "--trial", str(number), "--no-progress")
-    first = run_cli(*evaluate, "--storage", held_study)
-    assert first.returncode == 0, first.stderr
-    middle = _load(held_study)
-    trial = middle.trials[number]
+    # A Pareto trial the fixture evaluated already, evaluated again after another merge.
+    again = min(t.number for t in before.best_trials if t.number != sampled)
+    ran = run_cli(
+        "study", "evaluate", NAME, "--heldout", "--trial", str(sampled), "--trial", str(again),
+        "--device", "cpu", "--no-progress", "--storage", held_study,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    after = _load(held_study)
+    trial = after.trials[sampled]
     seed = trial.user_attrs[attrs.SEED]
-    assert f"trial {number} (seed {seed}): held-out accuracy=" in first.stdout
+    assert f"trial {sampled} (seed {seed}): held-out accuracy=" in ran.stdout
     assert trial.user_attrs[attrs.HELDOUT_SEED] == seed
     # The tokens objective is held out on its own search items: equal only with the same masks.
     assert trial.user_attrs[attrs.HELDOUT_VALUES]["tokens"] == trial.values[1]
 
-    again = run_cli(*evaluate, "--device", "cpu", "--storage", held_study)
-    assert again.returncode == 0, again.stderr
-    after = _load(held_study)
     assert len(after.trials) == len(before.trials)
-    old, new = middle.trials[number], after.trials[number]
+    old, new = before.trials[again], after.trials[again]
     assert new.user_attrs[attrs.HELDOUT_VALUES] == old.user_attrs[attrs.HELDOUT_VALUES]
+    assert (
+        new.user_attrs[attrs.HELDOUT_METRICS].keys() == old.user_attrs[attrs.HELDOUT_METRICS].keys()
+    )
     assert set(new.user_attrs) == set(old.user_attrs)
     for key in ("items_scored", "tokens_generated"):
         assert new.user_attrs[attrs.HELDOUT_COST][key] == old.user_attrs[attrs.HELDOUT_COST][key]
     report = json.loads(run_cli("study", "status", NAME, "--json", "--storage", held_study).stdout)
     evaluated = sum(attrs.HELDOUT_COST in t.user_attrs for t in after.trials)
-    assert report["evaluation_cost"]["heldout"]["trials"] == evaluated  # counted once
+    assert report["evaluation_cost"]["heldout"]["trials"] == evaluated  # each trial counted once
 
 
 def test_heldout_values_show_in_index_plot_and_dashboard_note(
@@ -258,35 +262,41 @@ def _one_line_error(result: Any, expected: str) -> None:
     assert expected in result.stderr, result.stderr
 
 
-def test_mistakes_are_one_line_and_exit_2(tmp_path: Path, zoo_dir: Path, sqlite_url: str) -> None:
+def test_mistakes_are_one_line_and_exit_2(
+    held_study: str, tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
     # A study without a held-out split: all items searched on, no heldout file.
     bare = tiny_spec(zoo_dir, name="bare")
     for objective in bare["objectives"]:
         objective.pop("heldout", None)
         objective["limit"] = None
-    created = run_cli(
-        "study", "create", str(write_spec(tmp_path / "b.yaml", bare)), "--storage", sqlite_url
-    )
+    spec = write_spec(tmp_path / "b.yaml", bare)
+    created = run_cli("study", "create", str(spec), "--storage", sqlite_url)
     assert created.returncode == 0, created.stderr
     _one_line_error(
         run_cli("study", "evaluate", "bare", "--heldout", "--pareto", "--storage", sqlite_url),
         "no held-out split for objective accuracy, tokens",
     )
-    # A study with one: a trial that does not exist, and one that is not COMPLETE.
-    created = run_cli(
-        "study", "create", str(write_spec(tmp_path / "h.yaml", tiny_spec(zoo_dir, name="h"))),
-        "--storage", sqlite_url,
-    )  # fmt: skip
-    assert created.returncode == 0, created.stderr
-    study = optuna.load_study(study_name="h", storage=sqlite_url)
-    study.tell(study.ask(), state=TrialState.FAIL)  # trial 0; the queued expert 1 waits
-    evaluate = ("study", "evaluate", "h", "--storage", sqlite_url)
-    _one_line_error(run_cli(*evaluate, "--heldout", "--trial", "7"), "has no trial 7 (trials 0..1)")
+    # The study with one: a trial that does not exist, and one that is not COMPLETE.
+    study = _load(held_study)
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    last = failed.number
+    evaluate = ("study", "evaluate", NAME, "--storage", held_study)
     _one_line_error(
-        run_cli(*evaluate, "--heldout", "--trial", "0"),
-        "trial 0 of study 'h' is FAIL; only COMPLETE trials",
+        run_cli(*evaluate, "--heldout", "--trial", "99"), f"has no trial 99 (trials 0..{last})"
     )
-    _one_line_error(run_cli(*evaluate, "--heldout", "--trial", "1"), "is WAITING")
-    _one_line_error(run_cli(*evaluate, "--heldout", "--pareto"), "has no COMPLETE trials")
+    _one_line_error(
+        run_cli(*evaluate, "--heldout", "--trial", str(last)),
+        f"trial {last} of study {NAME!r} is FAIL; only COMPLETE trials",
+    )
     _one_line_error(run_cli(*evaluate, "--pareto"), "pass --heldout")
     _one_line_error(run_cli(*evaluate, "--heldout"), "--pareto, or --trial N")
+
+
+def test_a_study_without_complete_trials_has_no_front_to_evaluate() -> None:
+    from mergeopt.heldout import choose_trials
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with pytest.raises(UserError, match="has no COMPLETE trials to evaluate"):
+        choose_trials(study, pareto=True, numbers=[])
