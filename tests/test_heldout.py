@@ -300,3 +300,28 @@ def test_a_study_without_complete_trials_has_no_front_to_evaluate() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     with pytest.raises(UserError, match="has no COMPLETE trials to evaluate"):
         choose_trials(study, pareto=True, numbers=[])
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "sqlite_url",
+        pytest.param("postgres_url", marks=pytest.mark.postgres),
+        pytest.param("mariadb_url", marks=pytest.mark.mysql),
+    ],
+)
+def test_attrs_of_a_finished_trial_are_written_and_overwritten_in_place(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    from mergeopt.storage import open_storage, set_finished_trial_user_attrs
+
+    url = request.getfixturevalue(backend)
+    name = f"finished-{backend}"
+    study = optuna.create_study(study_name=name, storage=open_storage(url), directions=["maximize"])
+    study.add_trial(_trial(0, [0.5], None))
+    trial_id = study.trials[0]._trial_id
+    for value in (0.25, 0.75, 0.75):
+        set_finished_trial_user_attrs(study, trial_id, {attrs.HELDOUT_VALUES: {"a": value}})
+    stored = optuna.load_study(study_name=name, storage=open_storage(url)).trials
+    assert len(stored) == 1 and stored[0].state == TrialState.COMPLETE
+    assert stored[0].user_attrs == {attrs.HELDOUT_VALUES: {"a": 0.75}}
