@@ -71,6 +71,9 @@ def held_study(tmp_path_factory: pytest.TempPathFactory, zoo_dir: Path) -> str:
     assert ran.returncode == 0, ran.stderr
     evaluated = run_cli("study", "evaluate", NAME, "--heldout", "--pareto", "--storage", url)
     assert evaluated.returncode == 0, evaluated.stderr
+    # Off a terminal, progress is timestamped lines (a rich bar on one).
+    assert " held-out evaluation: started (" in evaluated.stderr, evaluated.stderr
+    assert " held-out evaluation: done in " in evaluated.stderr, evaluated.stderr
     return url
 
 
