@@ -21,6 +21,16 @@ from mergeopt.export import PREFERENCE_RULE
 
 USAGE_ERROR_EXIT = 2  # the same code as a user error: a mistake in what was typed
 
+
+def _one_device(value: str | None) -> str | None:
+    """``--device``: one device name, checked before any model is read."""
+    from mergeopt.workers import DEVICE_NAMES, is_device_name
+
+    if value is not None and not is_device_name(value):
+        raise typer.BadParameter(f"{value!r} is not a device ({DEVICE_NAMES})")
+    return value
+
+
 app = typer.Typer(
     name="mergeopt",
     help="Search merge recipes (per-block weights and densities) of fine-tuned LLMs with Optuna "
@@ -323,7 +333,10 @@ def study_evaluate(
     ] = None,
     device: Annotated[
         str | None,
-        typer.Option(help="Device of the merge and the scorer (default: the first GPU, else cpu)."),
+        typer.Option(
+            help="Device of the merge and the scorer (default: the first GPU, else cpu).",
+            callback=_one_device,
+        ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage: StorageOption = None,
@@ -406,7 +419,10 @@ def study_export(
         ),
     ] = "search",
     fmt: Annotated[str, typer.Option("--format", help="hf, mergekit or both.")] = "both",
-    device: Annotated[str, typer.Option(help="Device that redoes the merge (cpu, cuda).")] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(help="Device that redoes the merge (cpu, cuda).", callback=_one_device),
+    ] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     storage: StorageOption = None,
 ) -> None:
@@ -527,7 +543,7 @@ def merge(
         Path, typer.Argument(metavar="RECIPE.yml", help="A mergekit-format merge config.")
     ],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the merged Hugging Face model.")],
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=_one_device)] = "cpu",
     seed: Annotated[
         int,
         typer.Option(
@@ -538,17 +554,60 @@ def merge(
     """Run a mergekit YAML with mergeopt's engine and write a Hugging Face model folder."""
     from mergeopt.merge.recipe import run_recipe
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder (name a new or empty folder)")
     run_recipe(recipe, out_dir, device=device, seed=seed)
     _console().print(f"merged model written to {out_dir}")
 
 
+ERRORS_DIR_ENV = "MERGEOPT_ERRORS_DIR"  # where unexpected errors' tracebacks go
+UNEXPECTED_ERROR_EXIT = 1
+INTERRUPTED_EXIT = 130
+
+
+def errors_dir() -> Path:
+    """``$MERGEOPT_ERRORS_DIR``, else ``$XDG_CACHE_HOME/mergeopt/errors`` (``~/.cache/...``)."""
+    configured = os.environ.get(ERRORS_DIR_ENV)
+    if configured:
+        return Path(configured)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mergeopt" / "errors"
+
+
+def _write_traceback(exc: BaseException) -> Path | None:
+    """The traceback of an unexpected error in a file of its own; None if none can be written."""
+    import tempfile
+    import time
+    import traceback
+
+    text = (
+        f"mergeopt {' '.join(sys.argv[1:])}\n"
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, python {sys.version.split()[0]}\n\n"
+        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    )
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (errors_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
 def main() -> None:
-    """Console entry point: user errors, command-line mistakes included, are one line on stderr
-    and exit code 2."""
+    """Console entry point. User errors, command-line mistakes included, are one line on stderr
+    and exit code 2; Ctrl-C is one line and exit code 130; any other error is one line naming
+    the file that holds its traceback, and exit code 1."""
     try:  # typer >= 0.25 ships its own copy of click
         from typer._click import exceptions as click_exceptions
     except ImportError:
         from click import exceptions as click_exceptions
+    # Not every copy of click has Abort (typer 0.29's has not): a missing name here would turn
+    # every unexpected error into an AttributeError inside this handler.
+    abort = getattr(click_exceptions, "Abort", KeyboardInterrupt)
 
     try:
         code = app(standalone_mode=False)
@@ -565,9 +624,16 @@ def main() -> None:
     except click_exceptions.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click_exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, abort):
+        print("interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
+    except Exception as exc:
+        path = _write_traceback(exc)
+        where = f"traceback in {path}" if path is not None else "no traceback file could be written"
+        summary = str(exc).strip().splitlines()
+        detail = f": {summary[0]}" if summary else ""
+        print(f"error: unexpected {type(exc).__name__}{detail} ({where})", file=sys.stderr)
+        sys.exit(UNEXPECTED_ERROR_EXIT)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -66,6 +66,15 @@ def _leave_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+DEVICE_NAMES = "cpu, cuda, cuda:N, mps"
+
+
+def is_device_name(device: str) -> bool:
+    """Whether ``device`` names one device mergeopt can run on (see ``DEVICE_NAMES``)."""
+    kind, _, index = device.partition(":")
+    return kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())
+
+
 def parse_devices(workers: int | None, devices: str | None) -> list[str]:
     """One device per worker: ``--devices cpu,cuda:0,...`` as given, or ``--workers K`` spread
     over the visible GPUs (or the CPU when there is none)."""
@@ -74,9 +83,8 @@ def parse_devices(workers: int | None, devices: str | None) -> list[str]:
     if devices is not None:
         chosen = [d.strip() for d in devices.split(",") if d.strip()]
         for device in chosen:
-            kind, _, index = device.partition(":")
-            if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
-                raise UserError(f"--devices: {device!r} is not a device (cpu, cuda, cuda:N, mps)")
+            if not is_device_name(device):
+                raise UserError(f"--devices: {device!r} is not a device ({DEVICE_NAMES})")
         if not chosen:
             raise UserError("--devices: no device given")
         return chosen

@@ -314,6 +314,10 @@ def existing_out(ctx: CaseContext) -> None:
     (out / "keep.txt").write_text("a folder the user made\n")
 
 
+def out_is_file(ctx: CaseContext) -> None:
+    Path(ctx.values["out"]).write_text("a file the user made\n")
+
+
 def small_disk(ctx: CaseContext) -> None:
     """``{out}`` on a real 2 MiB tmpfs (the zoo model is ~4.7 MB); where mounting is not
     allowed, the CLI runs with RLIMIT_FSIZE instead — a real write failure either way."""
@@ -405,6 +409,7 @@ PREPARERS: dict[str, Callable[[CaseContext], None]] = {
         task_mc_answer_out_of_range,
         binary_spec,
         existing_out,
+        out_is_file,
         small_disk,
         recipe_malformed,
         recipe_binary,
