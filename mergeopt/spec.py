@@ -201,7 +201,12 @@ class WorkerSpec(_Strict):
 
 
 class StudySpec(_Strict):
-    """A whole study: what is merged, how it is scored, and how the search runs."""
+    """A whole study: what is merged, how it is scored, and how the search runs.
+
+    ``tracking`` names experiment trackers (``mlflow``, ``wandb``) and their options; every
+    finished trial is logged to each (``mergeopt/tracking.py``). Off when empty; a list of
+    names means each with its default options.
+    """
 
     name: str | None = None
     storage: str | None = None
@@ -211,6 +216,7 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scorer: ScorerSpec = Field(default_factory=ScorerSpec)
     worker: WorkerSpec = Field(default_factory=WorkerSpec)
+    tracking: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int = 0
 
     @field_validator("name")
@@ -218,6 +224,18 @@ class StudySpec(_Strict):
     def _study_name(cls, value: str | None) -> str | None:
         if value is not None and not STUDY_NAME_RE.match(value):
             raise ValueError("a study name is 1-100 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        """``[mlflow, wandb]`` or ``{mlflow: }`` mean the trackers' default options."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(name, str) for name in value):
+            return {name: {} for name in value}
+        if isinstance(value, dict):
+            return {name: {} if options is None else options for name, options in value.items()}
         return value
 
     @field_validator("objectives")

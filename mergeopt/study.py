@@ -65,7 +65,9 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     from mergeopt.models import check_model_folder
     from mergeopt.objectives.evaluate import validate_objectives
     from mergeopt.samplers import validate_sampler_options
+    from mergeopt.tracking import check_tracking
 
+    check_tracking(spec.tracking)
     models = spec.models
     folders = [
         check_model_folder(
@@ -205,6 +207,10 @@ def _create_study(
         return study
 
     plan = plan_study(spec)
+    if spec.tracking:  # the trackers' packages, and the MLflow experiment, before any worker
+        from mergeopt.tracking import prepare_tracking
+
+        prepare_tracking(spec.tracking, study_name)
     directions = [objective.direction for objective in spec.objectives]
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI says what it created
     study = optuna.create_study(study_name=study_name, storage=storage, directions=directions)
