@@ -38,6 +38,7 @@ from mergeopt.storage import (
     trial_state,
 )
 from mergeopt.study import stored_genome, stored_spec, trial_counts
+from mergeopt.tracking import WorkerTrackers
 
 if TYPE_CHECKING:
     import optuna
@@ -157,6 +158,12 @@ def run_worker(
     runner = (runner_factory or _default_runner)(study, device)
     distributions = genome.distributions()
     label = worker_label(device)
+    trackers = WorkerTrackers.open(
+        spec.tracking,
+        study_name=study_name,
+        metric_names=[objective.name for objective in spec.objectives],
+        worker=label,
+    )
     # After an outage every heartbeat is old: wait until the other workers' heartbeats had
     # time to resume before failing their trials as stale.
     stale_check_pause = 2 * worker.heartbeat_interval + 1
@@ -235,11 +242,13 @@ def run_worker(
                 finally:
                     for trial_id in heartbeats.held():  # finished or given back
                         heartbeats.release(trial_id)
+                trackers.report(study, trial)  # never raises: a tracker cannot fail a trial
                 if outcome is TrialState.COMPLETE:
                     completed += 1
                     if on_trial_end is not None:
                         on_trial_end(trial.number)
         finally:
+            trackers.close()
             runner.close()
     return completed
 
