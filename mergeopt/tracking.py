@@ -200,6 +200,9 @@ def _create_wandb(
         "name": context.worker,
         "tags": [*options.tags, context.study_name],
         "config": {"study": context.study_name, "worker": context.worker},
+        # No capture of the worker's output, and no run summary printed by every worker at
+        # the end of `study run`.
+        "settings": wandb.Settings(console="off", quiet=True),
     }
     with _quiet_deprecation():
         callback = WeightsAndBiasesCallback(
