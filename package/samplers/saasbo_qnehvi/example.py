@@ -16,9 +16,11 @@ def objective(trial: optuna.Trial) -> tuple[float, float]:
 
 if __name__ == "__main__":
     module = optunahub.load_module("samplers/saasbo_qnehvi")
-    sampler = module.SaasQnehviSampler(n_startup_trials=8, batch_size=2, seed=0)
+    # 8 design points, then two fits that propose 4 candidates each: a fit and its
+    # acquisition take seconds to a minute on a CPU, depending on its cores and their load.
+    sampler = module.SaasQnehviSampler(n_startup_trials=8, batch_size=4, seed=0)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    study.optimize(objective, n_trials=24)
+    study.optimize(objective, n_trials=16)
     print(f"{len(study.best_trials)} Pareto-optimal trials")
     for trial in study.best_trials:
         print(trial.number, [round(v, 4) for v in trial.values])
