@@ -14,8 +14,9 @@ use ask/tell, so ``trial_loop.run_worker`` hands each trial it finished (COMPLET
 after an evaluation error) to ``WorkerTrackers.report``, in every worker process.
 
 What each trial logs: the objective values as metrics named after the objectives, its cost as
-the metrics ``cost/trial_seconds`` (start to tell), ``cost/merge_seconds`` and
-``cost/eval_seconds`` (the runner's user attrs), and its recipe (the trial parameters,
+the metrics ``cost/trial_seconds`` (start to tell), ``cost/merge_seconds``,
+``cost/eval_seconds``, ``cost/items_scored`` and ``cost/tokens_generated`` (the runner's user
+attrs), and its recipe (the trial parameters,
 ``b03.e1.weight``) as parameters. Several workers never share a tracker run: MLflow gets one
 run per trial (named by the trial number) in one experiment named after the study, created by
 ``study create`` so that workers starting together do not race to create it; W&B gets one run
@@ -55,6 +56,8 @@ COST_METRICS = {
     "cost/trial_seconds": None,  # datetime_complete - datetime_start
     "cost/merge_seconds": attrs.MERGE_SECONDS,
     "cost/eval_seconds": attrs.EVAL_SECONDS,
+    "cost/items_scored": attrs.ITEMS_SCORED,
+    "cost/tokens_generated": attrs.TOKENS_GENERATED,
 }
 
 TrialCallback = Callable[["optuna.Study", "optuna.trial.FrozenTrial"], None]

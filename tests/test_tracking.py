@@ -23,7 +23,13 @@ from mergeopt.tracking import TRACKERS, WorkerTrackers, check_tracking, prepare_
 from tests.conftest import run_cli, tiny_spec, write_spec
 
 OBJECTIVES = ["accuracy", "tokens"]
-COSTS = ["cost/trial_seconds", "cost/merge_seconds", "cost/eval_seconds"]
+COSTS = [
+    "cost/trial_seconds",
+    "cost/merge_seconds",
+    "cost/eval_seconds",
+    "cost/items_scored",
+    "cost/tokens_generated",
+]
 
 
 def wandb_env(tmp_path: Path) -> dict[str, str]:
@@ -128,6 +134,8 @@ def test_a_study_logs_every_trial_to_mlflow_and_wandb(tmp_path: Path, zoo_dir: P
             trial.user_attrs["mergeopt:eval_seconds"]
         )
         assert run.data.metrics["cost/merge_seconds"] >= 0
+        for name in ("items_scored", "tokens_generated"):
+            assert run.data.metrics[f"cost/{name}"] == trial.user_attrs[f"mergeopt:{name}"] > 0
         assert run.data.metrics["cost/trial_seconds"] >= run.data.metrics["cost/eval_seconds"]
         assert {k: float(v) for k, v in run.data.params.items()} == pytest.approx(trial.params)
         assert run.data.tags["state"] == "COMPLETE"
@@ -251,6 +259,7 @@ def test_costs_follow_the_values_and_are_nan_when_missing() -> None:
     finished_trial(study)
     frozen = with_costs(study.trials[0])
     assert frozen.values[:2] == [0.5, 7.0]
-    trial_seconds, merge_seconds, eval_seconds = frozen.values[2:]
+    trial_seconds, merge_seconds, eval_seconds, items, tokens = frozen.values[2:]
     assert trial_seconds >= 0 and math.isnan(merge_seconds) and eval_seconds == 0.5
+    assert math.isnan(items) and math.isnan(tokens)
     assert study.trials[0].values == [0.5, 7.0]  # the stored trial is untouched
