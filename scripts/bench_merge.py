@@ -327,11 +327,11 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
                 BROKEN.add("MERGEOPT_FUSED")
                 os.environ["MERGEOPT_FUSED"] = "0"
                 return lines
-            masks = None
+            drawn: list[torch.Tensor | None] | None = None
             if spec.sparsification == "random":
                 # the fused path draws DARE's masks inside its kernels (check_drawn_masks
                 # checks those); the merge arithmetic is compared on masks drawn once
-                masks = expert_masks(
+                drawn = expert_masks(
                     spec.sparsification,
                     engine._stack[name],
                     [{**spec.expert_defaults, **values} for values in params],
@@ -346,7 +346,7 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
                         params,
                         {},
                         generator=generator,
-                        masks=masks,
+                        masks=drawn,
                     )
                 )
             unequal = int((results[0] != results[1]).sum())

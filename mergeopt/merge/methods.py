@@ -130,13 +130,6 @@ class MethodSpec:
         """Top-k thresholds per expert and tensor (magnitude sparsification), else 0."""
         return MAGNITUDE_THRESHOLDS.get(self.sparsification or "", 0)
 
-    def with_defaults(
-        self, expert_params: ExpertParams, method_params: MethodParams
-    ) -> tuple[list[dict[str, float]], dict[str, float | bool]]:
-        """The parameters with the method's defaults filled in (once per block)."""
-        experts = [{**self.expert_defaults, **values} for values in expert_params]
-        return experts, {**self.global_defaults, **method_params}  # type: ignore[misc]
-
     # -- parameter checks: the one place; study creation, the engine and recipes call these
 
     def check_method_params(

@@ -129,7 +129,7 @@ class _BlockMasks:
         return {name: found[i * count : (i + 1) * count] for i, name in enumerate(self.names)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MergePlan:
     """How merges of one method run on one device in one dtype (see the module docstring).
 

@@ -414,16 +414,18 @@ def start_top_magnitude_masks(
             for index in pending:
                 brackets.append((request_index, index, _Bracket(keys, ks[index], sample)))
         results.append(masks)
-    for (n, _, device), members in small.items():
-        rows = torch.stack([requests[r][0].reshape(-1) for r, _ in members])
+    for (size, _, device), sorted_members in small.items():
+        stacked = torch.stack([requests[r][0].reshape(-1) for r, _ in sorted_members])
         order = torch.sort(
-            _magnitude_keys(rows).view(rows.shape), dim=1, descending=True, stable=True
+            _magnitude_keys(stacked).view(stacked.shape), dim=1, descending=True, stable=True
         ).indices
-        ks_column = torch.tensor([requests[r][1][i] for r, i in members]).to(device).view(-1, 1)
-        kept_ranks = torch.arange(n, device=device).view(1, -1) < ks_column
-        found_small = torch.empty(rows.shape, dtype=torch.bool, device=device)
+        ks_column = (
+            torch.tensor([requests[r][1][i] for r, i in sorted_members]).to(device).view(-1, 1)
+        )
+        kept_ranks = torch.arange(size, device=device).view(1, -1) < ks_column
+        found_small = torch.empty(stacked.shape, dtype=torch.bool, device=device)
         found_small.scatter_(1, order, kept_ranks)
-        for row, (r, index) in enumerate(members):
+        for row, (r, index) in enumerate(sorted_members):
             results[r][index] = found_small[row].view(requests[r][0].shape)
     statuses = []
     for (_, as_band, _), members in groups.items():
@@ -437,8 +439,8 @@ def start_top_magnitude_masks(
             for r, pending, _ in members
             for index in pending
         ]
-        items = [(requests[r][0], found) for r, _, found in members]
-        statuses.append(kernels.top_select_many(items, positions, lo_indices, wanted, xor=as_band))
+        pairs = [(requests[r][0], found) for r, _, found in members]
+        statuses.append(kernels.top_select_many(pairs, positions, lo_indices, wanted, xor=as_band))
     return PendingTopMasks(requests, results, band, brackets, groups, statuses)
 
 
