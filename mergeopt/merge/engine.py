@@ -5,6 +5,8 @@ shard) and calls :meth:`MergeEngine.merge` for every trial with the trial's per-
 parameters; merged tensors go straight into a :class:`MergeTarget` — the scorer's module
 (:class:`ModuleTarget`) or a callback such as vLLM's ``reload_weights`` (:class:`CallbackTarget`).
 Only blocks whose parameters changed since the last merge into the same target are re-merged.
+How a block is merged (which kernels, where masks come from) is the engine's
+:class:`~mergeopt.merge.plan.MergePlan`, built with it.
 
 Device memory (see :func:`required_bytes`): the engine keeps the base and N task vectors in the
 engine dtype — ``(1 + N)·P`` elements for a model of P parameters (``N·P`` for ``linear``,
