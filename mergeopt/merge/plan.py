@@ -150,6 +150,8 @@ class MergePlan:
         draws: DARE's masks are drawn inside the kernels, never stored.
         fused_l1: the rescale's L1 norms in one Triton pass, without a masked copy.
         in_place: results may be written straight into the target's storage.
+        randomized, uses_base, expert_defaults, global_defaults: the method's facts, copied
+            here so that a block merge reads fields instead of calling into the method.
     """
 
     method: MethodSpec
@@ -236,8 +238,9 @@ class MergePlan:
         if masks is not None and not deferred:
             masks.pending.finish()  # the torch path's masks need the sync first
         merged = self._merge_tensors(tensors, experts, params, seed, masks)
-        if masks is None or not deferred:
+        if not deferred:
             return BlockMerge(merged)
+        assert masks is not None
         return BlockMerge(merged, (self, tensors, experts, params, seed, masks))
 
     def _weighted_sums(
