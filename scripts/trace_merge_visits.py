@@ -23,6 +23,7 @@ Not a test; the numbers describe the code's structure, not its speed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections import Counter
@@ -82,6 +83,15 @@ def route_engine(route: str, method: str, zoo: Path) -> Any:
 
     if route == "triton":
         from mergeopt.merge import triton_kernels
+
+        # the zoo's tensors are small enough for the one-sort path; a real model's are not:
+        # send every top-k through the Triton passes, as on a GPU with a full-size model
+        try:
+            small_sort = importlib.import_module("mergeopt.merge.selection")
+        except ImportError:  # before the split: methods.py held the selection
+            small_sort = importlib.import_module("mergeopt.merge.methods")
+        setattr(small_sort, "_SORT_BELOW", 0)  # noqa: B010 - either module, same names
+        setattr(small_sort, "_SAMPLE_SIZE", 4096)  # noqa: B010
 
         try:
             from mergeopt.merge import backend, plan
