@@ -104,35 +104,19 @@ def plan_study(spec: StudySpec) -> StudyPlan:
 
 
 def check_method(spec: StudySpec, *, num_experts: int) -> None:
-    """The method exists, knows the global parameters, and every per-expert parameter it needs
-    is searched or fixed (and every searched or fixed one is one it uses)."""
-    from mergeopt.merge.methods import METHODS
+    """The method exists, knows the global parameters, takes this many experts, and every
+    per-expert parameter it needs is searched or fixed (and every searched or fixed one is one
+    it uses). The checks are the method's own (``MethodSpec.check_*``), as the engine's are."""
+    from mergeopt.merge.methods import get_method
 
     merge = spec.merge
-    method = METHODS.get(merge.method)
-    if method is None:
-        raise UserError(
-            f"merge.method: unknown method {merge.method!r}; expected one of {', '.join(METHODS)}"
-        )
-    for name in merge.parameters:
-        if name not in method.global_defaults:
-            known = ", ".join(method.global_defaults) or "none"
-            raise UserError(
-                f"merge.parameters.{name}: {merge.method} has no such parameter (it has: {known})"
-            )
-    given = {*merge.search, *merge.fixed}
-    for name in sorted(given - set(method.expert_defaults)):
-        raise UserError(
-            f"merge.search/fixed: {merge.method} uses no per-expert {name!r} "
-            f"(it uses: {', '.join(method.expert_defaults) or 'none'})"
-        )
-    for name, default in method.expert_defaults.items():
-        if default is None and name not in given:
-            raise UserError(f"merge.search: {merge.method} needs {name!r} searched or fixed")
-    if method.kind == "slerp" and num_experts != 1:
-        raise UserError(
-            f"models.experts: slerp merges exactly one expert into the base, got {num_experts}"
-        )
+    method = get_method(merge.method, "merge.method")
+    method.check_method_params(merge.parameters, "merge.parameters")
+    # searched or fixed per-expert values are numbers for every block: no per-tensor overrides
+    method.check_expert_params(merge.search, "merge.search", required=False, overrides=False)
+    method.check_expert_params(merge.fixed, "merge.fixed", required=False, overrides=False)
+    method.check_required({*merge.search, *merge.fixed}, "merge.search", hint="search or fix it")
+    method.check_experts(num_experts, "models.experts")
 
 
 def _layout_and_importance(

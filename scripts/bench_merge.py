@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mergeopt.blocks import BlockLayout  # noqa: E402
 from mergeopt.merge.engine import MergeEngine, MergeTarget, NamedTensors  # noqa: E402
+from mergeopt.merge.methods import METHODS  # noqa: E402
 
 SHAPES = {
     # name: layers, hidden, intermediate, q heads, kv heads, head_dim, vocab, tied
@@ -191,10 +192,8 @@ def prefix_mask(order: torch.Tensor, k: int) -> torch.Tensor:
 
 def check_l1_kernel(engine: MergeEngine, name: str) -> list[str]:
     """The one-pass L1 norms (dare/della rescale) against vector_norm on a masked copy."""
-    from mergeopt.merge.methods import _fused_kernels
-
     stack = engine._stack[name]
-    kernels = _fused_kernels(stack)
+    kernels = engine.plan.kernels
     if kernels is None:
         return ["check l1 kernel: not used (no Triton)"]
     masks = torch.rand(stack.shape, device=stack.device) < 0.5
@@ -218,10 +217,10 @@ def check_l1_kernel(engine: MergeEngine, name: str) -> list[str]:
 def check_drawn_masks(engine: MergeEngine, name: str) -> list[str]:
     """DARE's in-kernel draws: kept fractions within 6 binomial sigmas of the densities, the
     same masks for the same seed, and the merge's draws equal to the written-out masks."""
-    from mergeopt.merge.methods import _coefficients, _fused_kernels
+    from mergeopt.merge.methods import _coefficients
 
     stack, base = engine._stack[name], engine._base[name]
-    kernels = _fused_kernels(stack)
+    kernels = engine.plan.kernels
     if kernels is None:
         return ["check drawn masks: not used (no Triton)"]
     densities = (0.5, 0.9)[: stack.shape[0]] + (0.3,) * max(0, stack.shape[0] - 2)
@@ -254,33 +253,37 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     """Lines saying whether the fast paths equal the reference paths on the engine's tensors:
     the bracketed top-k select against a stable sort, the fused GTA kernel against the torch
     path (bitwise; rescaling methods may differ where the L1 factor's last bit does)."""
-    from mergeopt.merge.methods import (
-        METHODS,
-        _magnitude_keys,
-        _select_kernels,
-        expert_masks,
-        generalized_task_arithmetic,
-        magnitude_masks_batch,
-        top_magnitude_masks,
-    )
+    from dataclasses import replace
 
+    from mergeopt.merge import plan as plan_module
+    from mergeopt.merge.backend import Switches
+    from mergeopt.merge.methods import METHODS
+    from mergeopt.merge.plan import MergePlan
+    from mergeopt.merge.selection import _magnitude_keys, _triton_selectable, top_magnitude_masks
+    from mergeopt.merge.sparsification import expert_masks, magnitude_masks_batch
+
+    switches = Switches.from_env()
+    select = plan_module._select_kernels(engine.device, engine.dtype, switches)
     lines = []
     for name in names:
         delta = engine._stack[name][0]
-        path = "triton" if _select_kernels(delta) is not None else "bracket"
+        path = "triton" if select is not None and _triton_selectable(delta) else "bracket"
         keys = _magnitude_keys(delta)
         order = torch.sort(keys, descending=True, stable=True).indices
         n = delta.numel()
         ks = [n // 2, int(0.51 * n), n // 100, 1, n - 1]
 
         try:
-            masks = top_magnitude_masks(delta, ks)
-            band = magnitude_masks_batch("magnitude_outliers", [(delta, 0.5, 0.01)])[0]
+            masks = top_magnitude_masks(delta, ks, select=select)
+            bands = magnitude_masks_batch("magnitude_outliers", [(delta, 0.5, 0.01)], select=select)
+            band = bands[0]
         except Exception as exc:  # a selection kernel that fails to build: time without it
             lines.append(f"check top-k ({path}): FAIL ({exc!r:.300}); timing without it")
-            os.environ["MERGEOPT_FUSED_SELECT"] = "0"
-            masks = top_magnitude_masks(delta, ks)
-            band = magnitude_masks_batch("magnitude_outliers", [(delta, 0.5, 0.01)])[0]
+            os.environ["MERGEOPT_FUSED_SELECT"] = "0"  # the engine's next plan reads it
+            select = None
+            masks = top_magnitude_masks(delta, ks, select=None)
+            bands = magnitude_masks_batch("magnitude_outliers", [(delta, 0.5, 0.01)], select=None)
+            band = bands[0]
             path = "bracket"
         for k, mask in zip(ks, masks, strict=True):
             ok = torch.equal(mask.view(-1), prefix_mask(order, k))
@@ -296,48 +299,54 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     lines += check_drawn_masks(engine, names[0])
     for method in methods:
         spec = METHODS.get(method)
-        if spec is None or spec.kind != "gta" or spec.sparsification is None:
+        if spec is None or not spec.fused_gta or spec.sparsification is None:
             continue
         params = [dict(METHOD_PARAMS[method]) for _ in range(engine.num_experts)]
+        fused_plan, torch_plan = (
+            MergePlan.build(
+                spec,
+                device=engine.device,
+                dtype=engine.dtype,
+                exact=True,
+                switches=replace(switches, fused=fused),
+            )
+            for fused in (True, False)
+        )
         for name in names:
             results = []
             try:
-                generalized_task_arithmetic(
+                fused_plan.merge_tensor(
                     engine._base[name],
                     engine._stack[name],
-                    spec=spec,
-                    expert_params=params,
-                    method_params={},
+                    params,
+                    {},
                     generator=torch.Generator(device=engine.device).manual_seed(11),
-                    fused=True,
                 )
             except Exception as exc:  # a kernel that fails to build: time the torch path
                 lines.append(f"check fused {method}: FAIL ({exc!r:.300}); timing without it")
                 BROKEN.add("MERGEOPT_FUSED")
                 os.environ["MERGEOPT_FUSED"] = "0"
                 return lines
-            masks = None
+            drawn: list[torch.Tensor | None] | None = None
             if spec.sparsification == "random":
                 # the fused path draws DARE's masks inside its kernels (check_drawn_masks
                 # checks those); the merge arithmetic is compared on masks drawn once
-                masks = expert_masks(
-                    spec,
+                drawn = expert_masks(
+                    spec.sparsification,
                     engine._stack[name],
                     [{**spec.expert_defaults, **values} for values in params],
                     torch.Generator(device=engine.device).manual_seed(11),
                 )
-            for fused in (True, False):
+            for plan in (fused_plan, torch_plan):
                 generator = torch.Generator(device=engine.device).manual_seed(11)
                 results.append(
-                    generalized_task_arithmetic(
+                    plan.merge_tensor(
                         engine._base[name],
                         engine._stack[name],
-                        spec=spec,
-                        expert_params=params,
-                        method_params={},
+                        params,
+                        {},
                         generator=generator,
-                        fused=fused,
-                        masks=masks,
+                        masks=drawn,
                     )
                 )
             unequal = int((results[0] != results[1]).sum())
@@ -345,30 +354,36 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
             verdict = "ok" if unequal == 0 else f"{unequal} unequal, max diff {worst:.3g}"
             lines.append(f"check fused {method} {name}: {verdict}")
     # task_arithmetic's one-launch block kernel against per-tensor addmm (1 ulp allowed)
-    from mergeopt.merge.methods import fast_merge_block, fused_weighted_sum
+    from mergeopt.merge.methods import _coefficients
+    from mergeopt.merge.plan import fused_weighted_sum
 
     params = [{"weight": 0.6} for _ in range(engine.num_experts)]
     block = engine.block_names[0]
-    items = [(engine._base[n], engine._stack[n], None) for n in block if n in engine._stack]
-    try:
-        merged = fast_merge_block(
-            METHODS["task_arithmetic"], items=items, expert_params=params, method_params={}
-        )
-    except Exception as exc:  # a kernel that fails to build: time the per-tensor path
-        lines.append(f"check block kernel: FAIL ({exc!r:.300}); timing without it")
-        os.environ["MERGEOPT_FUSED_BLOCK"] = "0"
-        return lines
-    if merged is None:
+    inputs = [(n, engine._base[n], engine._stack[n], None) for n in block if n in engine._stack]
+    block_plan = MergePlan.build(
+        METHODS["task_arithmetic"],
+        device=engine.device,
+        dtype=engine.dtype,
+        exact=False,
+        switches=switches,
+    )
+    if not block_plan.block_launch:
         lines.append("check block kernel: not used (no Triton)")
         return lines
-    os.environ["MERGEOPT_FUSED"] = "0"
+    try:
+        merged = block_plan.merge_block(inputs, params, {}, seed=0).tensors
+    except Exception as exc:  # a kernel that fails to build: time the per-tensor path
+        lines.append(f"check block kernel: FAIL ({exc!r:.300}); timing without it")
+        os.environ["MERGEOPT_FUSED_BLOCK"] = "0"  # the engine's next plan reads it
+        return lines
+    coefficients = _coefficients((0.6,) * engine.num_experts, engine.dtype, engine.device)
     worst = 0.0
-    for (base, stack, _), fast in zip(items, merged, strict=True):
-        # task_arithmetic: base + Σ 0.6·δ_i (no normalization by default)
-        reference = fused_weighted_sum(stack, [0.6] * engine.num_experts, base=base)
+    for (_, base, stack, _), (_, fast) in zip(inputs, merged, strict=True):
+        # task_arithmetic: base + Σ 0.6·δ_i (no normalization by default), by addmm
+        assert base is not None and stack is not None
+        reference = fused_weighted_sum(stack, coefficients, base=base)
         error = (fast.float() - reference.float()).abs() / reference.float().abs().clamp_min(1e-3)
         worst = max(worst, float(error.max()))
-    os.environ["MERGEOPT_FUSED"] = "0" if "MERGEOPT_FUSED" in BROKEN else "1"
     lines.append(f"check block kernel task_arithmetic vs addmm: max rel diff {worst:.2e}")
     return lines
 
@@ -460,9 +475,13 @@ def main() -> None:
     engine: MergeEngine | None = None
     for row_name in methods:
         method, _, variant = row_name.partition(":")
-        experts = paths[1:2] if method == "slerp" else paths[1:]
-        kind = "slerp" if method == "slerp" else "linear" if method == "linear" else "gta"
-        if engine is None or engine.spec.kind != kind or engine.num_experts != len(experts):
+        spec = METHODS[method]
+        experts = paths[1 : 1 + (spec.max_experts or len(paths))]
+        if (
+            engine is None
+            or engine.spec.resident != spec.resident
+            or engine.num_experts != len(experts)
+        ):
             engine = None
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -472,19 +491,24 @@ def main() -> None:
                 device=args.device, dtype=dtype,
             )  # fmt: skip
             load_seconds = time.perf_counter() - started
-            print(f"# {kind} engine loaded in {load_seconds:.1f} s", file=sys.stderr)
-        engine.set_method(method)
-        engine.exact = variant == "exact" or (variant != "fast" and args.device == "cpu")
+            print(f"# {method} engine loaded in {load_seconds:.1f} s", file=sys.stderr)
+        # the engine's plan reads the switches when it is built: set them first
         os.environ["MERGEOPT_FUSED"] = (
             "0" if variant == "unfused" or "MERGEOPT_FUSED" in BROKEN else "1"
         )
-        if args.check and kind == "gta" and not checked:
+        exact = variant == "exact" or (variant != "fast" and args.device == "cpu")
+        engine.set_method(method, exact=exact)
+        if args.check and spec.task_vectors and not checked:
             layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
             check_names = [layer, "model.embed_tokens.weight"]
             check_methods = [m.partition(":")[0] for m in methods]
             for line in check_gpu_paths(engine, check_names, check_methods):
                 print(line, flush=True)
             checked = True
+            # a check that failed turned its fast path off: plan again with that switch
+            if "MERGEOPT_FUSED" in BROKEN:
+                os.environ["MERGEOPT_FUSED"] = "0"
+            engine.set_method(method, exact=exact)
         params = METHOD_PARAMS[method]
         per_block = [[dict(params) for _ in experts] for _ in range(layout.num_blocks)]
         if args.device.startswith("cuda"):
@@ -513,7 +537,7 @@ def main() -> None:
         one_block = statistics.median(block_times)
         if row_name in args.profile.split(","):
             profile_merge(engine, per_block, target, row_name, args.profile_dir)
-        models_read = len(experts) + (0 if kind == "linear" else 1)
+        models_read = spec.resident_models(len(experts))
         floor = (models_read + 1) * parameters * element / bandwidth
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
         mergekit = None
@@ -527,7 +551,7 @@ def main() -> None:
                 config["models"] = [{"model": str(paths[0])}, {"model": str(experts[0])}]
                 config["parameters"] = {"t": params["t"]}
                 config["models"][1].pop("parameters", None)
-            if kind != "linear":
+            if spec.base_input:
                 config["base_model"] = str(paths[0])
             if method == "slerp":
                 config["base_model"] = str(paths[0])

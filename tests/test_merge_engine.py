@@ -232,7 +232,7 @@ def test_a_missed_window_found_after_the_next_block_remerges_its_block(
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
     pytest.importorskip("triton")
-    from mergeopt.merge import methods, triton_kernels
+    from mergeopt.merge import plan, selection, triton_kernels
 
     params = uniform([{"weight": 0.6, "density": 0.5}, {"weight": 0.3, "density": 0.8}])
 
@@ -252,14 +252,10 @@ def test_a_missed_window_found_after_the_next_block_remerges_its_block(
         return got, writes
 
     expected, _ = final_tensors()  # the torch path: brackets, checked before merging
-    monkeypatch.setattr(
-        methods,
-        "_select_kernels",
-        lambda x: triton_kernels if triton_kernels.select_supported(x) else None,
-    )
-    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
-    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 64)
-    methods._sample_positions.cache_clear()
+    monkeypatch.setattr(plan, "_select_kernels", lambda device, dtype, switches: triton_kernels)
+    monkeypatch.setattr(selection, "_SORT_BELOW", 0)
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 64)
+    selection._sample_positions.cache_clear()
     monkeypatch.setattr(triton_kernels, "SELECT_BINS", 2)  # windows of one key: misses
     got, writes = final_tensors()
     assert len(writes) > len(set(writes))  # some block was written twice: merged again

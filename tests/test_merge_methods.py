@@ -8,13 +8,12 @@ import os
 import pytest
 import torch
 
-from mergeopt.merge import methods
-from mergeopt.merge.methods import (
-    METHODS,
-    generalized_task_arithmetic,
-    sparsify,
-    top_magnitude_mask,
-)
+from mergeopt.merge import methods, selection, sparsification
+from mergeopt.merge.backend import Switches
+from mergeopt.merge.methods import METHODS, generalized_task_arithmetic
+from mergeopt.merge.plan import MergePlan
+from mergeopt.merge.selection import top_magnitude_mask
+from mergeopt.merge.sparsification import sparsify
 
 
 def reference_top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -29,9 +28,9 @@ def reference_top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 def selection_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through the sampled-bracket path (a sample smaller than the tensors) and
     through the small-tensor sort path."""
-    monkeypatch.setattr(methods, "_SORT_BELOW", 0 if request.param == "bracket" else 1 << 30)
-    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 128)
-    methods._sample_positions.cache_clear()
+    monkeypatch.setattr(selection, "_SORT_BELOW", 0 if request.param == "bracket" else 1 << 30)
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 128)
+    selection._sample_positions.cache_clear()
     return request.param
 
 
@@ -39,13 +38,13 @@ def selection_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 def radix_fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the k of every bracket miss (the radix select that runs instead)."""
     calls: list[int] = []
-    radix = methods._radix_top_mask
+    radix = selection._radix_top_mask
 
     def counted(keys: torch.Tensor, k: int) -> torch.Tensor:
         calls.append(k)
         return radix(keys, k)
 
-    monkeypatch.setattr(methods, "_radix_top_mask", counted)
+    monkeypatch.setattr(selection, "_radix_top_mask", counted)
     return calls
 
 
@@ -70,9 +69,9 @@ def tie_heavy_inputs(n: int) -> dict[str, torch.Tensor]:
 def test_bracketed_select_equals_a_stable_sort_on_tie_heavy_inputs(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
-    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 512)
-    methods._sample_positions.cache_clear()
+    monkeypatch.setattr(selection, "_SORT_BELOW", 0)
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 512)
+    selection._sample_positions.cache_clear()
     x = tie_heavy_inputs(20_000)[kind]
     n = x.numel()
     for k in (1, 2, 200, 5_000, n // 2, int(0.51 * n), 19_000, n - 1):
@@ -82,8 +81,8 @@ def test_bracketed_select_equals_a_stable_sort_on_tie_heavy_inputs(
 def test_bracketed_select_rarely_needs_the_radix_fallback(
     monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
 ) -> None:
-    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 4096)
-    methods._sample_positions.cache_clear()
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 4096)
+    selection._sample_positions.cache_clear()
     x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(3)).bfloat16()
     for k in (10, 3_000, 150_000, 153_000, 299_000):
         assert torch.equal(top_magnitude_mask(x, k), reference_top_mask(x, k))
@@ -95,8 +94,8 @@ def test_a_missed_bracket_falls_back_to_the_exact_radix_select(
 ) -> None:
     # a negative half-width puts hi below lo: brackets miss (except where clamping at the
     # sample's ends still happens to catch the k-th key)
-    monkeypatch.setattr(methods, "_SAMPLE_SIGMAS", -30.0)
-    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
+    monkeypatch.setattr(selection, "_SAMPLE_SIGMAS", -30.0)
+    monkeypatch.setattr(selection, "_SORT_BELOW", 0)
     x = tie_heavy_inputs(20_000)["bf16 task vector"]
     for k in (7, 10_000, 19_993):
         assert torch.equal(top_magnitude_mask(x, k), reference_top_mask(x, k))
@@ -113,9 +112,11 @@ def test_batched_masks_equal_one_tensor_at_a_time(selection_path: str) -> None:
     ]
     for method, gamma in (("magnitude", 0.0), ("magnitude_outliers", 0.05)):
         items = [(delta, density, gamma) for delta in deltas for density in (0.3, 0.5, 1.0)]
-        batched = methods.magnitude_masks_batch(method, items)
+        batched = sparsification.magnitude_masks_batch(method, items)
         for (delta, density, _), mask in zip(items, batched, strict=True):
-            alone = methods.sparsification_mask(delta, method=method, density=density, gamma=gamma)
+            alone = sparsification.sparsification_mask(
+                delta, method=method, density=density, gamma=gamma
+            )
             if alone is None:
                 assert mask is None
             else:
@@ -282,8 +283,8 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
     for method_params in ({}, {"lambda": 0.7, "normalize": True}):
         merged = {}
         for fused in (True, False):
-            masks = methods.expert_masks(
-                spec,
+            masks = sparsification.expert_masks(
+                spec.sparsification,
                 task_vectors,
                 [{**spec.expert_defaults, **p} for p in params],
                 torch.Generator(device=device).manual_seed(1),
@@ -291,7 +292,7 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
             if fused and device == "cpu":  # the interpreter: call the kernel directly
                 options = {**spec.global_defaults, **method_params}
                 weights = methods._coefficients((0.6, -0.3, 0.45), dtype, base.device)
-                stacked = methods._stack_masks(masks, base)
+                stacked = sparsification._stack_masks(masks, base)
                 norms = None
                 if options["rescale"]:  # mergekit's abs().sum(), as the torch path
                     kept = torch.where(stacked, task_vectors, 0)
@@ -311,15 +312,16 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
                     normalize=bool(options["normalize"]),
                     lam=float(options["lambda"]),
                 )
-            else:
-                merged[fused] = generalized_task_arithmetic(
-                    base,
-                    task_vectors,
-                    spec=spec,
-                    expert_params=params,
-                    method_params=method_params,
-                    masks=masks,
-                    fused=fused,
+            else:  # the fused route (a plan with the kernels) or the torch reference
+                plan = MergePlan.build(
+                    spec,
+                    device=base.device,
+                    dtype=dtype,
+                    exact=True,
+                    switches=Switches(fused=fused),
+                )
+                merged[fused] = plan.merge_tensor(
+                    base, task_vectors, params, method_params, masks=masks
                 )
         assert torch.equal(merged[True], merged[False]), method_params
 
@@ -368,10 +370,10 @@ def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     def kernels_for(x: torch.Tensor) -> object | None:
         return triton_kernels if triton_kernels.select_supported(x) else None
 
-    monkeypatch.setattr(methods, "_select_kernels", kernels_for)
-    monkeypatch.setattr(methods, "_SORT_BELOW", 0)
-    monkeypatch.setattr(methods, "_SAMPLE_SIZE", 4096)
-    methods._sample_positions.cache_clear()
+    monkeypatch.setattr(selection, "_select_kernels", kernels_for)
+    monkeypatch.setattr(selection, "_SORT_BELOW", 0)
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 4096)
+    selection._sample_positions.cache_clear()
 
 
 def on_device(x: torch.Tensor) -> torch.Tensor:
@@ -386,7 +388,7 @@ def test_triton_select_equals_a_stable_sort_on_tie_heavy_inputs(
         x = tie_heavy_inputs(20_000)[kind].to(dtype)
         n = x.numel()
         ks = [1, 2, 200, 5_000, n // 2, int(0.51 * n), 19_000, n - 1]
-        masks = methods.top_magnitude_masks(on_device(x), ks)
+        masks = selection.top_magnitude_masks(on_device(x), ks)
         for k, mask in zip(ks, masks, strict=True):
             assert torch.equal(mask.cpu(), reference_top_mask(x, k)), (kind, dtype, k)
         if kind == "bf16 task vector" and dtype == torch.bfloat16:
@@ -400,7 +402,9 @@ def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None)
     x = (torch.randint(-3, 4, (20_000,), generator=torch.Generator().manual_seed(4))).bfloat16()
     n = x.numel()
     for density, gamma in ((0.3, 0.05), (0.5, 0.2), (0.01, 0.01)):
-        mask = methods.magnitude_masks_batch("magnitude_outliers", [(on_device(x), density, gamma)])
+        mask = sparsification.magnitude_masks_batch(
+            "magnitude_outliers", [(on_device(x), density, gamma)]
+        )
         dropped = int(gamma * n)
         band = reference_top_mask(x, dropped + int(density * n)) ^ reference_top_mask(x, dropped)
         assert mask[0] is not None and torch.equal(mask[0].cpu(), band), (density, gamma)
@@ -434,7 +438,7 @@ def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
     ]
     outs = [rows[i] for rows in stacked for i in range(2)]
     for method in ("magnitude", "magnitude_outliers"):
-        masks = methods.magnitude_masks_batch(method, items, outs=outs)
+        masks = sparsification.magnitude_masks_batch(method, items, outs=outs)
         for (delta, density, gamma), mask, out in zip(items, masks, outs, strict=True):
             n = delta.numel()
             if method == "magnitude":
@@ -448,7 +452,9 @@ def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
             assert mask.data_ptr() == out.data_ptr()  # written in place
         for tensor_index, rows in enumerate(stacked):
             pair = masks[2 * tensor_index : 2 * tensor_index + 2]
-            assert methods._stack_masks(pair, rows[0]) is rows  # the fused merge copies nothing
+            assert (
+                sparsification._stack_masks(pair, rows[0]) is rows
+            )  # the fused merge copies nothing
     # one call per method for the tensors with a full sample, one for the small one
     assert sorted(launches) == [2, 2, 4, 4]
 
@@ -463,7 +469,9 @@ def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     x = (torch.randn(20_000, generator=torch.Generator().manual_seed(5)) * 0.02).bfloat16()
     for k in (7, 10_000, 19_993):
         assert torch.equal(top_magnitude_mask(on_device(x), k).cpu(), reference_top_mask(x, k))
-    band = methods.magnitude_masks_batch("magnitude_outliers", [(on_device(x), 0.3, 0.05)])[0]
+    band = sparsification.magnitude_masks_batch("magnitude_outliers", [(on_device(x), 0.3, 0.05)])[
+        0
+    ]
     expected = reference_top_mask(x, 7000) ^ reference_top_mask(x, 1000)
     assert band is not None and torch.equal(band.cpu(), expected)
     assert 10_000 in radix_fallbacks and 7000 in radix_fallbacks

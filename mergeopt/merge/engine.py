@@ -5,6 +5,8 @@ shard) and calls :meth:`MergeEngine.merge` for every trial with the trial's per-
 parameters; merged tensors go straight into a :class:`MergeTarget` — the scorer's module
 (:class:`ModuleTarget`) or a callback such as vLLM's ``reload_weights`` (:class:`CallbackTarget`).
 Only blocks whose parameters changed since the last merge into the same target are re-merged.
+How a block is merged (which kernels, where masks come from) is the engine's
+:class:`~mergeopt.merge.plan.MergePlan`, built with it.
 
 Device memory (see :func:`required_bytes`): the engine keeps the base and N task vectors in the
 engine dtype — ``(1 + N)·P`` elements for a model of P parameters (``N·P`` for ``linear``,
@@ -19,11 +21,10 @@ from __future__ import annotations
 import sys
 import time
 import weakref
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -36,22 +37,12 @@ from mergeopt.checkpoints import (
     iter_shards,
 )
 from mergeopt.errors import UserError
-from mergeopt.merge.methods import (
-    SPARSIFY_MAGNITUDE,
-    SPARSIFY_OUTLIERS,
-    MethodSpec,
-    PendingMagnitudeMasks,
-    fast_merge_block,
-    fast_merge_tensor,
-    get_method,
-    merge_tensor,
-    start_magnitude_masks,
-)
+from mergeopt.merge.methods import MethodSpec, get_method
+from mergeopt.merge.plan import BlockMerge, BlockTensor, MergePlan, NamedTensors
 
-if TYPE_CHECKING:
-    from mergeopt.genome import BlockParams  # genome imports optuna: type-only here
-
-NamedTensors = list[tuple[str, torch.Tensor]]
+BlockParams = Sequence[Sequence[Mapping[str, float]]]
+"""``block_params[block][expert]`` -> that expert's per-expert parameters in that block (what
+``genome.Genome.block_params`` makes; merge sits below genome and names the shape itself)."""
 
 
 @runtime_checkable
@@ -127,10 +118,6 @@ class MergeStats:
     seconds: float
 
 
-_StartedMasks = tuple[list[str], PendingMagnitudeMasks]
-"""A block's weight names and their experts' magnitude masks, started together."""
-
-
 def bytes_per_element(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -149,9 +136,9 @@ def required_bytes(
     sync: per expert and element, the magnitude key and two bool masks per threshold)."""
     size = bytes_per_element(dtype)
     spec = get_method(method)
-    resident_models = {"gta": 1 + num_experts, "linear": num_experts, "slerp": 2}[spec.kind]
+    resident_models = spec.resident_models(num_experts)
     scratch = largest_block_parameters + (2 * num_experts + 3) * largest_tensor_parameters
-    thresholds = {SPARSIFY_MAGNITUDE: 1, SPARSIFY_OUTLIERS: 2}.get(spec.sparsification or "", 0)
+    thresholds = spec.selection_thresholds
     selection = (
         num_experts * largest_block_parameters * (size + 2 * thresholds) if thresholds else 0
     )
@@ -173,13 +160,12 @@ def _params_key(block: Sequence[Mapping[str, float | bool]]) -> tuple[object, ..
     return tuple(tuple(sorted((k, float(v)) for k, v in expert.items())) for expert in block)
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """A generator seed for one tensor: the trial seed plus a stable offset of its name."""
-    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
-
-
 class MergeEngine:
     """Base and experts resident on a device; merges per block into targets.
+
+    At construction (and :meth:`set_method`) the engine builds its :class:`MergePlan`: the
+    route every block merge of this method on this device takes (see
+    :mod:`mergeopt.merge.plan`); :meth:`merge` calls it once per changed block.
 
     Args:
         base: the base model folder (safetensors).
@@ -212,24 +198,18 @@ class MergeEngine:
         progress: bool = False,
         exact: bool | None = None,
     ) -> None:
-        try:
-            self.spec: MethodSpec = get_method(method)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        self.spec: MethodSpec = get_method(method, "method")
         self.method_params = dict(method_params or {})
-        unknown = sorted(set(self.method_params) - set(self.spec.global_defaults))
-        if unknown:
-            raise UserError(
-                f"merge method {method}: unknown parameter {unknown[0]!r} "
-                f"(method-level parameters: {', '.join(self.spec.global_defaults) or 'none'})"
-            )
-        if not experts:
-            raise UserError("a merge needs at least one expert model")
-        if self.spec.kind == "slerp" and len(experts) != 1:
-            raise UserError(f"slerp merges the base with exactly one expert, got {len(experts)}")
+        self.spec.check_method_params(self.method_params, "method_params")
+        self.spec.check_experts(len(experts), "experts")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.exact = self.device.type == "cpu" if exact is None else exact
+        self.plan = MergePlan.build(
+            self.spec,
+            device=self.device,
+            dtype=dtype,
+            exact=self.device.type == "cpu" if exact is None else exact,
+        )
         self.layout = layout
         self.base_checkpoint = Checkpoint(path=Path(base))
         self.expert_checkpoints = [Checkpoint(path=Path(p)) for p in experts]
@@ -248,6 +228,11 @@ class MergeEngine:
         self._stack: dict[str, torch.Tensor] = {}
         self._load(progress)
         self._merged: weakref.WeakKeyDictionary[object, list[object]] = weakref.WeakKeyDictionary()
+
+    @property
+    def exact(self) -> bool:
+        """Whether weighted sums follow mergekit's operation order (see the class)."""
+        return not self.plan.in_place
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -294,9 +279,9 @@ class MergeEngine:
                         stack[index] = reader.read(
                             index + 1, name, dtype=self.dtype, device=self.device
                         )
-                    if self.spec.kind == "gta":
+                    if self.spec.task_vectors:
                         stack -= base
-                    if self.spec.kind != "linear":
+                    if self.spec.base_input:
                         self._base[name] = base
                     self._stack[name] = stack
                 if progress:
@@ -308,25 +293,33 @@ class MergeEngine:
     # -- merging ---------------------------------------------------------------------------
 
     def set_method(
-        self, method: str, method_params: Mapping[str, float | bool] | None = None
+        self,
+        method: str,
+        method_params: Mapping[str, float | bool] | None = None,
+        *,
+        exact: bool | None = None,
     ) -> None:
         """Switch to another method that uses the same resident tensors (any two of the
-        task-vector methods) without reloading; the next merge rewrites every block."""
-        try:
-            spec = get_method(method)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if spec.kind != self.spec.kind:
+        task-vector methods) without reloading, and plan it anew (reading the environment
+        switches again; ``exact``: None keeps the current choice); the next merge rewrites
+        every block."""
+        spec = get_method(method, "method")
+        if spec.resident != self.spec.resident:
             raise UserError(
-                f"merge method {method} needs {spec.kind} inputs, this engine holds "
-                f"{self.spec.kind} inputs; build a new engine"
+                f"merge method {method} needs other resident inputs than {self.spec.name} "
+                f"(task vectors, base: {spec.resident} vs {self.spec.resident}); "
+                "build a new engine"
             )
         params = dict(method_params or {})
-        unknown = sorted(set(params) - set(spec.global_defaults))
-        if unknown:
-            raise UserError(f"merge method {method}: unknown parameter {unknown[0]!r}")
+        spec.check_method_params(params, "method_params")
         self.spec = spec
         self.method_params = params
+        self.plan = MergePlan.build(
+            spec,
+            device=self.device,
+            dtype=self.dtype,
+            exact=self.exact if exact is None else exact,
+        )
         self._merged.clear()
 
     def _validate(self, block_params: BlockParams) -> None:
@@ -334,167 +327,27 @@ class MergeEngine:
             raise ValueError(
                 f"expected parameters for {self.layout.num_blocks} blocks, got {len(block_params)}"
             )
-        allowed = set(self.spec.expert_defaults) | ({"t"} if self.spec.kind == "slerp" else set())
         for block, experts in enumerate(block_params):
             if len(experts) != self.num_experts:
                 raise ValueError(
                     f"block {block}: expected {self.num_experts} experts, got {len(experts)}"
                 )
             for expert, values in enumerate(experts):
-                unknown = set(values) - allowed
-                if unknown:
-                    raise ValueError(
-                        f"block {block} expert {expert}: {self.spec.name} has no per-expert "
-                        f"parameter {sorted(unknown)[0]!r}"
-                    )
-                for name, default in self.spec.expert_defaults.items():
-                    if default is None and name not in values:
-                        raise ValueError(f"block {block} expert {expert}: {name!r} is required")
+                self.spec.check_expert_params(values, f"block {block} expert {expert}")
 
-    def _block_magnitude_masks(
-        self, block: int, experts: Sequence[Mapping[str, float]]
-    ) -> _StartedMasks | None:
-        """Every expert's magnitude mask (TIES, breadcrumbs) of every tensor of ``block``,
-        started together: one host sync for the block instead of one per tensor (see
-        :class:`PendingMagnitudeMasks`). None for other methods (their masks need no host
-        value)."""
-        method = self.spec.sparsification
-        if method not in (SPARSIFY_MAGNITUDE, SPARSIFY_OUTLIERS):
-            return None
-        params = [{**self.spec.expert_defaults, **values} for values in experts]
-        names = [name for name in self.block_names[block] if name in self._stack]
-        items = [
-            (self._stack[name][index], float(p["density"]), float(p.get("gamma") or 0.0))  # type: ignore[arg-type]
-            for name in names
-            for index, p in enumerate(params)
-        ]
-        outs = None
-        if self.device.type == "cuda":
-            # the fused path writes each expert's mask into a row of one N x shape tensor per
-            # weight, which the fused merge then reads as it is (no stacking copy)
-            stacked = {
-                name: torch.empty(self._stack[name].shape, dtype=torch.bool, device=self.device)
-                for name in names
-            }
-            outs = [stacked[name][index] for name in names for index in range(len(params))]
-        return names, start_magnitude_masks(method, items, outs=outs)
-
-    @staticmethod
-    def _masks_by_name(
-        started: _StartedMasks | None, count: int
-    ) -> dict[str, list[torch.Tensor | None]]:
-        if started is None:
-            return {}
-        names, pending = started
-        found = pending.masks()
-        return {name: found[i * count : (i + 1) * count] for i, name in enumerate(names)}
-
-    def _fast_block(
-        self, block: int, experts: Sequence[Mapping[str, float]], target: MergeTarget | None
-    ) -> NamedTensors | None:
-        """A weighted-sum block in one kernel launch, straight into the target's storage
-        where it allows; None where that path does not apply."""
-        names = self.block_names[block]
-        items = []
-        for name in names:
-            stack = self._stack.get(name)
-            if stack is None:
-                continue
-            out = _destination(target, name, stack[0]) if target is not None else None
-            items.append((self._base.get(name), stack, out))
-        merged = fast_merge_block(
-            self.spec, items=items, expert_params=experts, method_params=self.method_params
-        )
-        if merged is None:
-            return None
-        found = iter(merged)
-        return [(name, next(found) if name in self._stack else self._base[name]) for name in names]
-
-    def merge_block_tensors(
-        self,
-        block: int,
-        experts: Sequence[Mapping[str, float]],
-        *,
-        seed: int = 0,
-        target: MergeTarget | None = None,
-    ) -> NamedTensors:
-        """The merged tensors of one block: new tensors on the engine's device, or the
-        target's own storage where the fast path wrote into it directly."""
-        merged, started = self._merge_block(block, experts, seed=seed, target=target)
-        if started is not None and started[1].finish():
-            merged = self._merge_block_with(block, experts, seed, target, started)
-        return merged
-
-    def _merge_block(
-        self,
-        block: int,
-        experts: Sequence[Mapping[str, float]],
-        *,
-        seed: int,
-        target: MergeTarget | None,
-    ) -> tuple[NamedTensors, _StartedMasks | None]:
-        """One block's merge, launched, and the block's magnitude masks (their host sync may
-        still be to come: a miss found by it means merging again with the redone masks)."""
-        if not self.exact:
-            fast_block = self._fast_block(block, experts, target)
-            if fast_block is not None:
-                return fast_block, None
-        started = self._block_magnitude_masks(block, experts)
-        if started is None:
-            return self._merge_block_with(block, experts, seed, target, None), None
-        if not started[1].ready:
-            started[1].finish()  # the torch path's masks need the sync first
-        return self._merge_block_with(block, experts, seed, target, started), started
-
-    def _merge_block_with(
-        self,
-        block: int,
-        experts: Sequence[Mapping[str, float]],
-        seed: int,
-        target: MergeTarget | None,
-        started: _StartedMasks | None,
-    ) -> NamedTensors:
-        block_masks = self._masks_by_name(started, len(experts))
-        merged: NamedTensors = []
+    def _inputs(self, block: int, target: MergeTarget | None) -> list[BlockTensor]:
+        """The block's tensors as the plan takes them, with the target's own storage where
+        the plan may write results in place."""
+        in_place = target is not None and self.plan.in_place
+        inputs: list[BlockTensor] = []
         for name in self.block_names[block]:
             stack = self._stack.get(name)
-            if stack is None:  # a non-floating buffer: the base's value
-                merged.append((name, self._base[name]))
-                continue
             out = None
-            if not self.exact:
-                out = _destination(target, name, stack[0]) if target is not None else None
-                fast = fast_merge_tensor(
-                    self.spec,
-                    base=self._base.get(name),
-                    stack=stack,
-                    expert_params=experts,
-                    method_params=self.method_params,
-                    out=out,
-                )
-                if fast is not None:
-                    merged.append((name, fast))
-                    continue
-            generator = None
-            if self.spec.randomized:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(tensor_seed(seed, name))
-            merged.append(
-                (
-                    name,
-                    merge_tensor(
-                        self.spec,
-                        base=self._base.get(name),
-                        stack=stack,
-                        expert_params=experts,
-                        method_params=self.method_params,
-                        generator=generator,
-                        masks=block_masks.get(name),
-                        out=out,
-                    ),
-                )
-            )
-        return merged
+            if in_place and stack is not None:
+                assert target is not None
+                out = _destination(target, name, stack[0])
+            inputs.append((name, self._base.get(name), stack, out))
+        return inputs
 
     def merge(self, block_params: BlockParams, *, target: MergeTarget, seed: int = 0) -> MergeStats:
         """Merge every block whose parameters (or, for random methods, seed) changed since the
@@ -510,24 +363,27 @@ class MergeEngine:
         previous = self._merged.get(target) or [None] * self.layout.num_blocks
         current: list[object] = []
         blocks_merged = tensors_written = 0
+        randomized = self.plan.randomized
         # A block's top-k windows are checked (one host sync) after the next block is
         # launched, so the GPU never waits for the host; a window that missed (rare) merges
         # its block again with the redone masks. At most two blocks of masks are alive.
-        unchecked: tuple[int, Sequence[Mapping[str, float]], _StartedMasks] | None = None
+        unchecked: BlockMerge | None = None
         for block, experts in enumerate(block_params):
-            key: object = (_params_key(experts), seed if self.spec.randomized else None)
+            key: object = (_params_key(experts), seed if randomized else None)
             current.append(key)
             if previous[block] == key:
                 continue
-            tensors, masks = self._merge_block(block, experts, seed=seed, target=target)
-            target.write(tensors)
+            merged = self.plan.merge_block(
+                self._inputs(block, target), experts, self.method_params, seed=seed
+            )
+            target.write(merged.tensors)
             if unchecked is not None:
-                self._check_block(*unchecked, seed=seed, target=target)
-            unchecked = (block, experts, masks) if masks is not None else None
+                _write_checked(unchecked, target)
+            unchecked = None if merged.checked else merged
             blocks_merged += 1
-            tensors_written += len(tensors)
+            tensors_written += len(merged.tensors)
         if unchecked is not None:
-            self._check_block(*unchecked, seed=seed, target=target)
+            _write_checked(unchecked, target)
         self._merged[target] = current
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -537,18 +393,13 @@ class MergeEngine:
             seconds=time.perf_counter() - started,
         )
 
-    def _check_block(
-        self,
-        block: int,
-        experts: Sequence[Mapping[str, float]],
-        started: _StartedMasks,
-        *,
-        seed: int,
-        target: MergeTarget,
-    ) -> None:
-        if started[1].finish():
-            target.write(self._merge_block_with(block, experts, seed, target, started))
-
     def forget(self, target: MergeTarget) -> None:
         """Make the next merge into ``target`` write every block (e.g. after it was reloaded)."""
         self._merged.pop(target, None)
+
+
+def _write_checked(merged: BlockMerge, target: MergeTarget) -> None:
+    """A block's deferred top-k check; the block again into ``target`` where it missed."""
+    redone = merged.check()
+    if redone is not None:
+        target.write(redone)

@@ -129,10 +129,7 @@ class Recipe:
             raise UserError(f"{where}: unsupported key {unknown[0]!r}")
         if "merge_method" not in config:
             raise UserError(f"{where}: merge_method is required")
-        try:
-            self.spec = get_method(str(config["merge_method"]))
-        except ValueError as exc:
-            raise UserError(f"{where}: merge_method: {exc}") from None
+        self.spec = get_method(str(config["merge_method"]), f"{where}: merge_method")
         tokenizer_source = config.get("tokenizer_source")
         if tokenizer_source not in (None, "base"):
             raise UserError(f"{where}: tokenizer_source {tokenizer_source!r} (only 'base')")
@@ -183,15 +180,11 @@ class Recipe:
     def _check_params(self, params: Any, key: str, *, global_scope: bool) -> None:
         if not isinstance(params, Mapping):
             raise UserError(f"{self.where}: {key}: expected a mapping")
-        allowed = set(self.spec.expert_defaults)
-        if global_scope or self.spec.kind == "slerp":
-            allowed |= set(self.spec.global_defaults)
-        for name in params:
-            if name not in allowed:
-                raise UserError(
-                    f"{self.where}: {key}.{name}: not a parameter of {self.spec.name} "
-                    f"(known: {', '.join(sorted(allowed))})"
-                )
+        where = f"{self.where}: {key}"
+        if global_scope:  # mergekit: per-model defaults may be set here too
+            self.spec.check_method_params(params, where, shared=True)
+        else:
+            self.spec.check_expert_params(params, where, required=False)
 
     def _source(self, entry: Any, key: str) -> _Source:
         if not isinstance(entry, Mapping):
@@ -228,9 +221,10 @@ class Recipe:
         return _Slice(start=start, end=end, sources=sources, parameters=params)
 
     def _split_inputs(self) -> None:
-        """Which inputs are experts: GTA and slerp exclude the base; linear merges them all."""
+        """Which inputs are experts: methods that take a base exclude it; linear merges them
+        all."""
         paths = [s.path for s in self.slices[0].sources]
-        if self.spec.kind == "linear":
+        if not self.spec.base_input:
             if self.base_path is not None and self.base_path not in paths:
                 raise UserError(
                     f"{self.where}: base_model of a linear merge must be one of the models"
@@ -238,16 +232,14 @@ class Recipe:
             self.input_paths = paths
             self.base_or_first = self.base_path or paths[0]
             self.expert_indices = list(range(len(paths)))
+            self.spec.check_experts(len(paths), f"{self.where}: models")
             return
         if self.base_path is None:
             raise UserError(f"{self.where}: {self.spec.name} needs base_model")
         self.expert_indices = [i for i, p in enumerate(paths) if p != self.base_path]
         self.input_paths = [paths[i] for i in self.expert_indices]
         self.base_or_first = self.base_path
-        if not self.input_paths:
-            raise UserError(f"{self.where}: no models besides the base")
-        if self.spec.kind == "slerp" and len(self.input_paths) != 1:
-            raise UserError(f"{self.where}: slerp takes the base and exactly one other model")
+        self.spec.check_experts(len(self.input_paths), f"{self.where}: models besides the base")
 
     # -- per-tensor parameters ---------------------------------------------------------------
 
@@ -272,28 +264,26 @@ class Recipe:
         shared_scopes = [piece.parameters, self.parameters]
         method_params: dict[str, float | bool] = {}
         for key, default in self.spec.global_defaults.items():
-            if self.spec.kind == "slerp" and key == "t":
-                continue
+            if key in self.spec.expert_overrides:
+                continue  # given per tensor with the experts' values, below
             value = _resolve(shared_scopes, key, name, t)
             if value is not None:
                 method_params[key] = type(default)(value)
         experts: list[dict[str, float]] = []
         for index in self.expert_indices:
             source = piece.sources[index]
-            scopes = [source.parameters, *shared_scopes]
             values: dict[str, float] = {}
-            keys = dict(self.spec.expert_defaults)
-            if self.spec.kind == "slerp":
-                keys = {"t": None}
-                scopes = shared_scopes
-            for key, default in keys.items():
-                value = _resolve(scopes, key, name, t)
-                if value is None and default is None:
-                    raise UserError(
-                        f"{self.where}: {key} of {source.path.name} is missing for {name}"
-                    )
+            for key in self.spec.expert_defaults:
+                value = _resolve([source.parameters, *shared_scopes], key, name, t)
                 if value is not None:
                     values[key] = float(value)
+            for key in self.spec.expert_overrides:  # mergekit reads these from shared scopes
+                value = _resolve(shared_scopes, key, name, t)
+                if value is not None:
+                    values[key] = float(value)
+            self.spec.check_required(
+                values, f"{self.where}: {source.path.name}, {name}", overrides=True
+            )
             experts.append(values)
         return experts, method_params
 
@@ -309,9 +299,10 @@ def run_recipe(
     """Merge the models of a mergekit YAML recipe and write a Hugging Face folder to ``out_dir``.
 
     Reads one tensor of each model at a time (safetensors, memory-mapped), merges it on
-    ``device`` with :mod:`mergeopt.merge.methods`, and writes ``model-XXXXX-of-XXXXX.safetensors``
-    shards of at most ``max_shard_bytes`` plus ``model.safetensors.index.json``, the base's
-    ``config.json`` (dtype updated) and tokenizer files. ``seed`` seeds random methods.
+    ``device`` by a :class:`~mergeopt.merge.plan.MergePlan` (mergekit's operation order), and
+    writes ``model-XXXXX-of-XXXXX.safetensors`` shards of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``, the base's ``config.json`` (dtype updated) and tokenizer
+    files. ``seed`` seeds random methods.
 
     Raises:
         UserError: unreadable or unsupported recipe, missing models, ``out_dir`` exists.
@@ -320,8 +311,7 @@ def run_recipe(
     from safetensors.torch import save_file
 
     from mergeopt.checkpoints import Checkpoint, CheckpointReader, check_mergeable
-    from mergeopt.merge.engine import tensor_seed
-    from mergeopt.merge.methods import merge_tensor
+    from mergeopt.merge.plan import MergePlan, tensor_seed
 
     config_path = Path(config_path)
     out_dir = Path(out_dir)
@@ -343,6 +333,9 @@ def run_recipe(
     num_layers = reference.num_layers
     torch_device = torch.device(device)
     dtype_of = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    # one plan per dtype met (without a recipe dtype, tensors keep their stored dtypes);
+    # exact: mergekit's operation order everywhere, as mergekit-yaml would merge
+    plans: dict[torch.dtype, MergePlan] = {}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -363,18 +356,23 @@ def run_recipe(
                             for i in range(len(inputs))
                         ]
                     )
-                    if recipe.spec.kind == "gta":
+                    plan = plans.get(base.dtype)
+                    if plan is None:
+                        plan = MergePlan.build(
+                            recipe.spec, device=torch_device, dtype=base.dtype, exact=True
+                        )
+                        plans[base.dtype] = plan
+                    if recipe.spec.task_vectors:
                         stack -= base
                     generator = None
-                    if recipe.spec.randomized:
+                    if plan.randomized:
                         generator = torch.Generator(device=torch_device)
                         generator.manual_seed(tensor_seed(seed, name))
-                    merged = merge_tensor(
-                        recipe.spec,
-                        base=None if recipe.spec.kind == "linear" else base,
-                        stack=stack,
-                        expert_params=experts,
-                        method_params=method_params,
+                    merged = plan.merge_tensor(
+                        base if recipe.spec.base_input else None,
+                        stack,
+                        experts,
+                        method_params,
                         generator=generator,
                     )
                     if recipe.out_dtype:
