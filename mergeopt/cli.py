@@ -12,12 +12,15 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mergeopt.errors import UserError
 from mergeopt.export import PREFERENCE_RULE
+
+if TYPE_CHECKING:
+    from mergeopt.workers import RunSummary
 
 USAGE_ERROR_EXIT = 2  # the same code as a user error: a mistake in what was typed
 
@@ -181,14 +184,23 @@ def study_run(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Run workers against a study until it holds N complete trials."""
+    """Run workers against a study until it holds N complete trials.
+
+    A worker that crashes or is killed is restarted (at most twice per device in a row without
+    a new complete trial). Exit codes: 0 the study holds N complete trials (or the sampler's
+    grid is used up, or --timeout was reached); 2 a mistake (one `error:` line); 3 the database
+    stayed unreachable; 4 work was lost (a crashed worker was not restarted, or the workers
+    stopped short of N); 128 + the signal when interrupted (130 Ctrl-C, 143 SIGTERM, 129
+    SIGHUP).
+    """
     from mergeopt.storage import load_study, open_storage, resolve_storage_url
     from mergeopt.study import stored_spec
-    from mergeopt.workers import parse_devices, run_workers
+    from mergeopt.workers import WORK_LOST_EXIT, check_device_options, parse_devices, run_workers
 
     url = resolve_storage_url(storage)
     study = load_study(name, open_storage(url, must_exist=True))
     stored_spec(study)
+    check_device_options(workers, devices)
     chosen = parse_devices(workers, devices)
     summary = run_workers(
         study, url, n_trials=n_trials, devices=chosen, timeout=timeout, progress=progress
@@ -198,19 +210,15 @@ def study_run(
         raise typer.Exit(code=2)
     if summary.database_unreachable and summary.completed_after < n_trials:
         raise typer.Exit(code=3)  # each worker printed its `error: database ...` line
-    if summary.crashed and summary.completed_after < n_trials:
-        print(
-            f"error: worker on {', '.join(summary.crashed)} stopped with the error above; "
-            f"{summary.completed_after}/{n_trials} trials complete",
-            file=sys.stderr,
-        )
-        raise typer.Exit(code=1)
     if summary.interrupted:
         console.print(
             f"interrupted ({summary.signal_name}): {summary.completed_after}/{n_trials} trials "
             "complete; run the same command again to continue"
         )
         raise typer.Exit(code=128 + signal.Signals[summary.signal_name].value)
+    if summary.work_lost:
+        print(f"error: {_work_lost_text(summary)}", file=sys.stderr)
+        raise typer.Exit(code=WORK_LOST_EXIT)
     completed = summary.completed_after - summary.completed_before
     rate = f", {60 * completed / summary.seconds:.1f} per minute" if summary.seconds else ""
     console.print(
@@ -230,6 +238,17 @@ def study_run(
             raise
         console.print("dashboard not updated: the database is unreachable")
     print(f"inspect: {_dashboard_command()} --host 127.0.0.1 '{mask_url(url)}'")
+
+
+def _work_lost_text(summary: RunSummary) -> str:
+    """One line: what was lost, with the study's complete trials out of those asked for."""
+    counts = f"{summary.completed_after}/{summary.n_trials} trials complete"
+    if summary.crashed:
+        return (
+            f"work lost: worker on {', '.join(summary.crashed)} died and was not restarted "
+            f"(see above); {counts}; run the same command again to continue"
+        )
+    return f"work lost: the workers stopped with {counts}; run the same command again to continue"
 
 
 def _dashboard_command() -> str:

@@ -1,8 +1,9 @@
 """Worker processes: one per device, all sharing one study through its storage.
 
 The parent process starts the workers, shows a progress bar read from the storage (so it counts
-the trials of workers on other machines too), restarts a worker that died from a signal (its
-trial is failed and retried by the heartbeat mechanism), and forwards Ctrl-C, SIGTERM and SIGHUP
+the trials of workers on other machines too), restarts a worker that died from a signal or
+crashed (an uncaught exception; its trial is failed and retried by the heartbeat mechanism), a
+bounded number of times, and forwards Ctrl-C, SIGTERM and SIGHUP
 (SLURM ends and pre-empts jobs with SIGTERM) so that every worker fails and requeues its running
 trial before it exits. A worker whose parent is gone, however it died, does the same: no
 orphan keeps running the study.
@@ -30,9 +31,16 @@ if TYPE_CHECKING:
 USER_ERROR_EXIT = 2
 DATABASE_EXIT = 3  # the database stayed unreachable past worker.database_outage_limit
 INTERRUPTED_EXIT = 130
-# A worker killed by a signal is restarted; without progress (no new COMPLETE trial since the
-# last restart) at most this many times per device in a row, so a worker that dies at start
-# (out of memory while loading) does not loop forever.
+CRASH_EXIT = 1  # an uncaught exception in a worker
+# `study run` when work was lost: a crashed worker was not restarted (its restarts were spent),
+# or the workers stopped before the study held the requested COMPLETE trials.
+WORK_LOST_EXIT = 4
+# Worker exit codes that say why it stopped; any other code (1: an uncaught exception) or a
+# signal is a crash.
+EXPECTED_EXITS = (0, USER_ERROR_EXIT, DATABASE_EXIT, INTERRUPTED_EXIT)
+# A worker killed by a signal or crashed is restarted; without progress (no new COMPLETE trial
+# since the last restart) at most this many times per device in a row, so a worker that dies
+# at start (out of memory while loading) or on every trial does not loop forever.
 RESTARTS_WITHOUT_PROGRESS_PER_DEVICE = 2
 PARENT_POLL_SECONDS = 0.5
 # After its parent died, a worker that has not requeued its trial and exited by then is ended.
@@ -75,22 +83,31 @@ def is_device_name(device: str) -> bool:
     return kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())
 
 
+def check_device_options(workers: int | None, devices: str | None) -> list[str] | None:
+    """The devices ``--devices`` names, or None for ``--workers``; a mistake in either is a
+    ``UserError``. Cheap (no torch), so ``study run`` reports mistakes before anything else."""
+    if workers is not None and devices is not None:
+        raise UserError("give --workers or --devices, not both")
+    if devices is None:
+        if workers is not None and workers < 1:
+            raise UserError("--workers must be at least 1")
+        return None
+    chosen = [d.strip() for d in devices.split(",") if d.strip()]
+    for device in chosen:
+        if not is_device_name(device):
+            raise UserError(f"--devices: {device!r} is not a device ({DEVICE_NAMES})")
+    if not chosen:
+        raise UserError("--devices: no device given")
+    return chosen
+
+
 def parse_devices(workers: int | None, devices: str | None) -> list[str]:
     """One device per worker: ``--devices cpu,cuda:0,...`` as given, or ``--workers K`` spread
     over the visible GPUs (or the CPU when there is none)."""
-    if workers is not None and devices is not None:
-        raise UserError("give --workers or --devices, not both")
-    if devices is not None:
-        chosen = [d.strip() for d in devices.split(",") if d.strip()]
-        for device in chosen:
-            if not is_device_name(device):
-                raise UserError(f"--devices: {device!r} is not a device ({DEVICE_NAMES})")
-        if not chosen:
-            raise UserError("--devices: no device given")
+    chosen = check_device_options(workers, devices)
+    if chosen is not None:
         return chosen
     count = 1 if workers is None else workers
-    if count < 1:
-        raise UserError("--workers must be at least 1")
     gpus = _visible_gpus()
     if gpus:
         return [f"cuda:{i % gpus}" for i in range(count)]
@@ -158,10 +175,22 @@ def _worker_main(
         sys.exit(DATABASE_EXIT)
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED_EXIT)
+    except Exception:  # a bug: the parent reports it and restarts the worker
+        import traceback
+
+        print(f"[worker {os.getpid()}] crashed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(CRASH_EXIT)
 
 
 @dataclass
 class RunSummary:
+    """What ``run_workers`` saw. ``crashed``: workers that crashed or died from a signal while
+    trials remained and were not restarted (their restarts were spent), as "cpu (exit code 1)".
+    ``timed_out``: the run reached ``--timeout``; ``exhausted``: the sampler ran out of
+    candidates (a model-level grid); either ends a run short of ``n_trials`` on purpose."""
+
     completed_before: int
     completed_after: int
     n_trials: int
@@ -171,7 +200,20 @@ class RunSummary:
     crashed: list[str] = field(default_factory=list)
     interrupted: bool = False
     signal_name: str = "SIGINT"  # what interrupted the run
+    timed_out: bool = False
+    exhausted: bool = False
     seconds: float = 0.0
+
+    @property
+    def work_lost(self) -> bool:
+        """A crashed worker was not restarted, or the workers stopped short of ``n_trials``
+        with no reason to (not interrupted, no timeout, candidates left, no user or database
+        error, which have their own exit codes)."""
+        if self.crashed:
+            return True
+        stopped_early = self.interrupted or self.timed_out or self.exhausted
+        explained = self.user_errors or self.database_unreachable
+        return self.completed_after < self.n_trials and not stopped_early and not explained
 
 
 def run_workers(
@@ -186,8 +228,10 @@ def run_workers(
 ) -> RunSummary:
     """Run one worker process per entry of ``devices`` until the study has ``n_trials``.
 
-    A worker killed by a signal is restarted (its trial is failed and retried through its
-    heartbeat). With ``max_restarts=None`` there is no total limit as long as the study
+    A worker killed by a signal or crashed (any exit code but those of ``EXPECTED_EXITS``) is
+    restarted, with one line saying so (a crash's traceback is on the worker's stderr, which is
+    this process's); its trial is failed and retried through its heartbeat. With
+    ``max_restarts=None`` there is no total limit as long as the study
     progresses: only ``RESTARTS_WITHOUT_PROGRESS_PER_DEVICE * len(devices)`` restarts in a row
     without a new COMPLETE trial; an integer caps the total. The parent reads the study for
     its progress bar and tolerates the database being unreachable meanwhile (the workers
@@ -232,20 +276,31 @@ def run_workers(
                     done = complete >= n_trials
                     if max_restarts is None and complete > progress_mark:
                         progress_mark, restarts_left = complete, stalled_restarts
-                    if code is not None and code < 0 and not done and restarts_left > 0:
-                        restarts_left -= 1
-                        summary.restarts += 1
-                        display.log(
-                            f"worker on {devices[slot]} died from signal {-code}; "
-                            "restarting it (its trial is retried)"
-                        )
-                        processes[slot] = start(devices[slot])
-                    elif code == USER_ERROR_EXIT:
+                    if code == USER_ERROR_EXIT:
                         summary.user_errors.append(devices[slot])
                     elif code == DATABASE_EXIT:
                         summary.database_unreachable.append(devices[slot])
-                    elif code not in (0, INTERRUPTED_EXIT):
+                    elif code in EXPECTED_EXITS:
+                        pass
+                    elif done:
+                        display.log(f"{_death(devices[slot], process)} after the study was done")
+                    elif restarts_left > 0:
+                        restarts_left -= 1
+                        summary.restarts += 1
+                        display.log(
+                            f"{_death(devices[slot], process)}; restarting it (its trial is "
+                            "retried)"
+                        )
+                        processes[slot] = start(devices[slot])
+                    else:
                         summary.crashed.append(f"{devices[slot]} (exit code {code})")
+                        spent = (
+                            f"all {max_restarts} restarts used"
+                            if max_restarts is not None
+                            else f"{stalled_restarts} restarts in a row without a new complete "
+                            "trial"
+                        )
+                        display.log(f"{_death(devices[slot], process)}; not restarted ({spent})")
                 time.sleep(0.5)
             display.refresh()
     except KeyboardInterrupt as exc:
@@ -258,7 +313,38 @@ def run_workers(
             signal.signal(signum, handler)
     summary.completed_after = counter.read()
     summary.seconds = time.monotonic() - started
+    summary.timed_out = timeout is not None and summary.seconds >= timeout
+    summary.exhausted = _sampler_exhausted(study)
     return summary
+
+
+def _death(device: str, process: BaseProcess) -> str:
+    """How a worker ended, in words: a signal, or a crash whose traceback is on its stderr."""
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"worker on {device} (pid {process.pid}) died from signal {-code} ({name})"
+    return (
+        f"worker on {device} (pid {process.pid}) crashed with exit code {code} (its traceback "
+        f"is above on stderr, after '[worker {process.pid}] crashed')"
+    )
+
+
+def _sampler_exhausted(study: optuna.Study) -> bool:
+    """The sampler handed out its whole finite design (a model-level grid); False when the
+    database cannot say."""
+    from mergeopt.samplers.model_level import is_exhausted
+    from mergeopt.storage import is_connection_error
+
+    try:
+        return is_exhausted(study)
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        return False
 
 
 class _CompleteCounter:

@@ -1,0 +1,145 @@
+"""Crashed workers and lost work: a worker that crashes (an uncaught exception) is restarted
+and reported in one line, a bounded number of times; `study run` exits 4 when work was lost.
+
+The crashes are real: ``tests/crashing_cli.py`` is mergeopt's command line with a bug planted
+in its workers' evaluation (mergeopt has no test hook for it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mergeopt.workers import RESTARTS_WITHOUT_PROGRESS_PER_DEVICE, WORK_LOST_EXIT, RunSummary
+from tests.conftest import REPO, run_cli, tiny_spec, write_spec
+
+# A crashed worker's trial is failed (and its candidate retried) 3 s after its last heartbeat.
+FAST_RECOVERY = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
+CRASH_LINE = re.compile(
+    r"worker on cpu \(pid (\d+)\) crashed with exit code 1 \(its traceback is above on stderr, "
+    r"after '\[worker (\d+)\] crashed'\); (restarting it|not restarted)"
+)
+
+
+def create(tmp_path: Path, zoo: Path, url: str, name: str) -> None:
+    spec = tiny_spec(zoo, name=name, worker=FAST_RECOVERY)
+    for objective in spec["objectives"]:
+        objective["limit"] = 8
+    result = run_cli(
+        "study", "create", str(write_spec(tmp_path / f"{name}.yaml", spec)), "--storage", url
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def run_with_crashes(
+    tmp_path: Path, name: str, url: str, n_trials: int, crashes: int
+) -> subprocess.CompletedProcess[str]:
+    """`study run NAME -n N -w 1` whose workers crash on the study's first ``crashes``
+    evaluations."""
+    crash_dir = tmp_path / "crashes"
+    crash_dir.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CRASHES": str(crashes),
+        "CRASH_DIR": str(crash_dir),
+    }
+    env.pop("MERGEOPT_STORAGE", None)
+    command = ["study", "run", name, "-n", str(n_trials), "-w", "1", "--storage", url]
+    return subprocess.run(
+        [sys.executable, "-m", "tests.crashing_cli", *command, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
+
+
+def load(url: str, name: str) -> optuna.Study:
+    from mergeopt.storage import load_study
+
+    return load_study(name, url)
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_is_restarted_reported_and_its_trial_retried(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    create(tmp_path, zoo_dir, sqlite_url, "crash-once")
+    result = run_with_crashes(tmp_path, "crash-once", sqlite_url, n_trials=3, crashes=1)
+    assert result.returncode == 0, result.stderr
+    reports = CRASH_LINE.findall(result.stderr)
+    assert len(reports) == 1, result.stderr
+    pid, traceback_pid, action = reports[0]
+    assert pid == traceback_pid and action == "restarting it"
+    # Its traceback is on stderr, under the pid the report names, before the report.
+    traceback_at = result.stderr.index(f"[worker {pid}] crashed:\nTraceback")
+    assert traceback_at < result.stderr.index("crashed with exit code 1")
+    assert "RuntimeError: planted bug" in result.stderr[traceback_at:]
+    assert "(3/3 in the study, 1 worker restarts)" in " ".join(result.stdout.split())
+    study = load(sqlite_url, "crash-once")
+    crashed = study.trials[0]  # the first expert, whose evaluation crashed
+    assert crashed.state == TrialState.FAIL
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3 and crashed.params in [t.params for t in complete]
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_crashing_ends_the_run_with_work_lost(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    create(tmp_path, zoo_dir, sqlite_url, "crash-always")
+    result = run_with_crashes(tmp_path, "crash-always", sqlite_url, n_trials=3, crashes=100)
+    assert result.returncode == WORK_LOST_EXIT, result.stderr
+    actions = [action for _, _, action in CRASH_LINE.findall(result.stderr)]
+    restarts = RESTARTS_WITHOUT_PROGRESS_PER_DEVICE
+    assert actions == ["restarting it"] * restarts + ["not restarted"], result.stderr
+    assert f"not restarted ({restarts} restarts in a row without a new complete trial)" in (
+        result.stderr
+    )
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        "error: work lost: worker on cpu (exit code 1) died and was not restarted (see above); "
+        "0/3 trials complete; run the same command again to continue"
+    )
+    assert "Pareto" not in result.stdout
+
+
+def test_work_is_lost_when_a_crashed_worker_stays_down_even_if_others_finish() -> None:
+    summary = RunSummary(0, 10, 10, crashed=["cuda:1 (exit code 1)"])
+    assert summary.work_lost
+
+
+@pytest.mark.parametrize(
+    ("why", "summary", "lost"),
+    [
+        ("done", RunSummary(0, 10, 10), False),
+        ("stopped short", RunSummary(0, 7, 10), True),
+        ("interrupted", RunSummary(0, 7, 10, interrupted=True), False),
+        ("past --timeout", RunSummary(0, 7, 10, timed_out=True), False),
+        ("grid used up", RunSummary(0, 4, 10, exhausted=True), False),
+        ("a mistake (exit 2)", RunSummary(0, 7, 10, user_errors=["cpu"]), False),
+        ("database down (exit 3)", RunSummary(0, 7, 10, database_unreachable=["cpu"]), False),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_a_run_short_of_its_trials_lost_work_unless_it_was_told_to_stop(
+    why: str, summary: RunSummary, lost: bool
+) -> None:
+    assert summary.work_lost is lost, why
+
+
+def test_a_run_that_stopped_short_says_how_many_of_how_many_in_one_line() -> None:
+    from mergeopt.cli import _work_lost_text
+
+    assert _work_lost_text(RunSummary(2, 7, 10)) == (
+        "work lost: the workers stopped with 7/10 trials complete; run the same command again "
+        "to continue"
+    )
