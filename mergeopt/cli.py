@@ -194,13 +194,20 @@ def study_run(
     SIGHUP).
     """
     from mergeopt.storage import load_study, open_storage, resolve_storage_url
-    from mergeopt.study import stored_spec
+    from mergeopt.study import stored_spec, trial_counts
     from mergeopt.workers import WORK_LOST_EXIT, check_device_options, parse_devices, run_workers
 
     url = resolve_storage_url(storage)
     study = load_study(name, open_storage(url, must_exist=True))
     stored_spec(study)
     check_device_options(workers, devices)
+    complete = trial_counts(study)["COMPLETE"]
+    if complete >= n_trials:  # no worker starts, no model is loaded
+        print(
+            f"study {name} already holds {complete} complete trials ({n_trials} asked for); "
+            "nothing to run"
+        )
+        return
     chosen = parse_devices(workers, devices)
     summary = run_workers(
         study, url, n_trials=n_trials, devices=chosen, timeout=timeout, progress=progress

@@ -1,5 +1,6 @@
 """Crashed workers and lost work: a worker that crashes (an uncaught exception) is restarted
-and reported in one line, a bounded number of times; `study run` exits 4 when work was lost.
+and reported in one line, a bounded number of times; `study run` exits 4 when work was lost,
+and returns at once, starting no worker, when the study already holds the trials asked for.
 
 The crashes are real: ``tests/crashing_cli.py`` is mergeopt's command line with a bug planted
 in its workers' evaluation (mergeopt has no test hook for it)."""
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -143,3 +146,36 @@ def test_a_run_that_stopped_short_says_how_many_of_how_many_in_one_line() -> Non
         "work lost: the workers stopped with 7/10 trials complete; run the same command again "
         "to continue"
     )
+
+
+def test_a_study_that_already_holds_the_trials_runs_no_worker(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    from mergeopt.storage import load_study
+    from mergeopt.study import stored_genome
+
+    # The study's models are deleted after it is created: a worker would fail to load them.
+    zoo = shutil.copytree(zoo_dir, tmp_path / "zoo")
+    create(tmp_path, zoo, sqlite_url, "done")
+    shutil.rmtree(zoo)
+    study = load_study("done", sqlite_url)
+    genome = stored_genome(study)
+    queued = len(study.trials)  # the experts, enqueued by `study create`
+    for expert in range(2):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=genome.expert_alone(expert),
+                distributions=genome.distributions(),
+                values=[0.5, 10.0],
+            )
+        )
+    started = time.monotonic()
+    result = run_cli("study", "run", "done", "-n", "2", "-w", "2", "--storage", sqlite_url)
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "study done already holds 2 complete trials (2 asked for); nothing to run\n"
+    )
+    assert result.stderr == ""
+    assert seconds < 20, f"{seconds:.1f} s"
+    assert len(load_study("done", sqlite_url).trials) == queued + 2
