@@ -1,11 +1,12 @@
 """Chaos: `mergeopt study run --workers 4` on the zoo while a driver SIGKILLs a random worker
-every few seconds and the parent restarts it, on SQLite (TPE), PostgreSQL (CMA-ES) and MariaDB
-(SAASBO + qLogNEHVI).
+every few seconds and the parent restarts it: on SQLite with TPE (from scratch, and with the
+experts enqueued first as the demo does), CMA-ES and SAASBO + qLogNEHVI; on PostgreSQL with
+CMA-ES; on MariaDB with SAASBO + qLogNEHVI.
 
 Each run must end with exactly the requested number of COMPLETE trials, no RUNNING trial, no
 candidate completed twice, and the batch sampler's state consistent with the trials it was
 told. Each run prints one figures line (run with ``pytest -s`` to see it) and writes it to
-``.cache/chaos/<backend>.json``:
+``.cache/chaos/<backend>-<sampler>[-experts].json``:
 
 - ``kills``: SIGKILLs delivered to workers (every one survived: the run still finished);
 - ``restarts``: workers the parent started again;
@@ -40,7 +41,24 @@ from tests.test_study_run import start_run
 pytestmark = pytest.mark.slow
 
 N_TRIALS = 60
+# The SQLite cases of the queue-based set-ups (experts first, CMA-ES, SAASBO) run fewer trials,
+# to keep the suite's time on CI's 2-core machine in check.
+N_TRIALS_SHORT = 40
 WORKERS = 4
+SAASBO_OPTIONS = {
+    "batch_size": 4,
+    "n_startup_trials": 8,
+    "num_restarts": 2,
+    "raw_samples": 32,
+    "maxiter": 20,
+    "mc_samples": 32,
+    "num_threads": 1,
+    "lock_ttl_seconds": 30.0,  # a killed fitter's lock is taken over after 30 s
+}
+# Two rounds of the 4 workers per generation. A killed fitter's lock is taken over after 10 s
+# (CMA-ES fits take milliseconds; the default, 120 s, would stall every worker that long after
+# such a kill).
+CMAES_OPTIONS = {"popsize": 8, "lock_ttl_seconds": 10.0}
 # Killed trials are noticed within ~4 s; a candidate may be killed several times in a row.
 FAST_RECOVERY = {"heartbeat_interval": 1, "grace_period": 4, "max_retry": 20}
 # Seconds between two kills (uniform). A trial takes about a second and a restarted worker
@@ -54,6 +72,7 @@ FIGURES_DIR = REPO / ".cache" / "chaos"
 class Figures:
     backend: str
     sampler: str
+    case: str  # "" or, e.g., "+experts"
     n_trials: int
     kills: int
     restarts: int
@@ -63,7 +82,8 @@ class Figures:
 
     def line(self) -> str:
         return (
-            f"chaos {self.backend}/{self.sampler}: {self.n_trials} trials, {WORKERS} workers, "
+            f"chaos {self.backend}/{self.sampler}{self.case}: {self.n_trials} trials, "
+            f"{WORKERS} workers, "
             f"{self.kills} kills survived, {self.restarts} restarts, {self.retried} trials "
             f"retried, {self.seconds_lost:.1f} s lost, {self.wall_seconds:.1f} s wall"
         )
@@ -97,7 +117,10 @@ class Killer(threading.Thread):
     Victims are workers that have already asked for a trial (their pid is in a trial's
     ``mergeopt:worker`` attr), so a kill lands in a worker's loop — asking, waiting for a
     batch, merging, scoring or telling — rather than in a worker still loading the zoo, which
-    would only slow the run down.
+    would only slow the run down. A kill waits for a new COMPLETE trial since the previous one:
+    on a busy machine restarted workers load for tens of seconds, and kills at a fixed pace
+    would then outrun the study's progress (and spend the parent's restarts, which are bounded
+    when no trial completes in between).
     """
 
     def __init__(
@@ -111,31 +134,35 @@ class Killer(threading.Thread):
         self.every = every
         self.stop = threading.Event()
         self.kills = 0
+        self.complete_at_last_kill = -1
 
-    def ready_workers(self) -> list[int]:
+    def ready_workers(self) -> tuple[int, list[int]]:
+        """The study's COMPLETE count, and the workers to choose a victim from."""
         from mergeopt.storage import load_study
 
         try:
             trials = load_study(self.name, self.url).get_trials(deepcopy=False)
         except Exception:  # noqa: BLE001 - the study is read while four workers write it
-            return []
+            return -1, []
+        complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
         pids = {
             int(t.user_attrs[attrs.WORKER].split(":")[1].split("/")[0])
             for t in trials
             if attrs.WORKER in t.user_attrs
         }
-        return sorted(pid for pid in pids if parent_of(pid) == self.parent_pid)
+        return complete, sorted(pid for pid in pids if parent_of(pid) == self.parent_pid)
 
     def run(self) -> None:
         while not self.stop.wait(self.random.uniform(*self.every)):
-            candidates = self.ready_workers()
-            if not candidates:
+            complete, candidates = self.ready_workers()
+            if not candidates or complete <= self.complete_at_last_kill:
                 continue
             try:
                 os.kill(self.random.choice(candidates), signal.SIGKILL)
             except ProcessLookupError:
                 continue
             self.kills += 1
+            self.complete_at_last_kill = complete
 
 
 def trial_line(trial: optuna.trial.FrozenTrial) -> str:
@@ -167,14 +194,17 @@ def run_chaos(
     backend: str,
     sampler: dict,
     kill_every: tuple[float, float] = FAST_KILLS,
+    n_trials: int = N_TRIALS,
 ) -> optuna.Study:
     from mergeopt.storage import load_study
     from mergeopt.study import trial_counts
 
-    name = f"chaos-{backend}"
+    case = "+experts" if sampler.get("enqueue_experts") else ""
+    label = f"{backend}-{sampler['name']}{case.replace('+', '-')}"
+    name = f"chaos-{label}"
     create_fast_study(tmp_path, zoo, url, name, sampler)
     started = time.monotonic()
-    process = start_run(name, url, n_trials=N_TRIALS, workers=WORKERS)
+    process = start_run(name, url, n_trials=n_trials, workers=WORKERS)
     killer = Killer(process.pid, url, name, seed=len(backend), every=kill_every)
     killer.start()
     try:
@@ -194,7 +224,8 @@ def run_chaos(
     figures = Figures(
         backend=backend,
         sampler=sampler["name"],
-        n_trials=N_TRIALS,
+        case=case,
+        n_trials=n_trials,
         kills=killer.kills,
         restarts=stderr.count("restarting it"),
         retried=sum(
@@ -214,12 +245,12 @@ def run_chaos(
     )
     print(figures.line())
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-    (FIGURES_DIR / f"{backend}.json").write_text(json.dumps(asdict(figures), indent=2) + "\n")
-    (FIGURES_DIR / f"{backend}.log").write_text(
+    (FIGURES_DIR / f"{label}.json").write_text(json.dumps(asdict(figures), indent=2) + "\n")
+    (FIGURES_DIR / f"{label}.log").write_text(
         stderr + "\n".join(trial_line(t) for t in trials) + "\n"
     )
 
-    assert counts["COMPLETE"] == N_TRIALS, counts
+    assert counts["COMPLETE"] == n_trials, counts
     assert counts["RUNNING"] == 0, counts
     assert killer.kills >= 3, f"only {killer.kills} kills: the run was too short to mean much"
     duplicates = [p for p, n in Counter(complete_params(study)).items() if n > 1]
@@ -237,7 +268,7 @@ def assert_cmaes_state_consistent(study: optuna.Study) -> None:
     state = read_json_state(study, STATE_KEY)
     assert state is not None
     generation, popsize = int(state["generation"]), int(state["popsize"])
-    assert generation >= 2, f"only {generation} generations told in {N_TRIALS} trials"
+    assert generation >= 2, f"only {generation} generations told"
     finished: dict[int, Counter] = {}
     for trial in study.get_trials(deepcopy=False):
         member = trial.user_attrs.get(GENERATION_ATTR)
@@ -271,32 +302,62 @@ def assert_saasbo_queue_consistent(study: optuna.Study) -> None:
     assert fitted, "no trial came from a SAASBO fit: the sampler never left its initial design"
 
 
+def assert_experts_completed_once(study: optuna.Study) -> None:
+    """Each enqueued expert was evaluated to COMPLETE exactly once, however often its trial was
+    killed and retried."""
+    from mergeopt.study import stored_genome
+
+    genome = stored_genome(study)
+    done = Counter(complete_params(study))
+    for expert in range(genome.num_experts):
+        alone = tuple(sorted(genome.expert_alone(expert).items()))
+        assert done[alone] == 1, f"expert {expert} completed {done[alone]} times"
+
+
 def test_chaos_on_sqlite_with_tpe(tmp_path: Path, zoo_dir: Path, sqlite_url: str) -> None:
     run_chaos(tmp_path, zoo_dir, sqlite_url, "sqlite", {"name": "tpe"})
 
 
+def test_chaos_on_sqlite_with_enqueued_experts(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    # The demo's set-up: the experts are queued trials, handed out first.
+    sampler = {"name": "tpe", "enqueue_experts": True}
+    study = run_chaos(tmp_path, zoo_dir, sqlite_url, "sqlite", sampler, n_trials=N_TRIALS_SHORT)
+    assert_experts_completed_once(study)
+
+
+def test_chaos_on_sqlite_with_cmaes(tmp_path: Path, zoo_dir: Path, sqlite_url: str) -> None:
+    # 5 generations of 8 in 40 trials.
+    sampler = {"name": "cmaes", "options": CMAES_OPTIONS}
+    study = run_chaos(tmp_path, zoo_dir, sqlite_url, "sqlite", sampler, n_trials=N_TRIALS_SHORT)
+    assert_cmaes_state_consistent(study)
+
+
+def test_chaos_on_sqlite_with_saasbo(tmp_path: Path, zoo_dir: Path, sqlite_url: str) -> None:
+    sampler = {"name": "saasbo-qnehvi", "options": SAASBO_OPTIONS}
+    study = run_chaos(
+        tmp_path,
+        zoo_dir,
+        sqlite_url,
+        "sqlite",
+        sampler,
+        kill_every=SLOW_KILLS,
+        n_trials=N_TRIALS_SHORT,
+    )
+    assert_saasbo_queue_consistent(study)
+
+
 @pytest.mark.postgres
 def test_chaos_on_postgres_with_cmaes(tmp_path: Path, zoo_dir: Path, postgres_url: str) -> None:
-    # Two rounds of the 4 workers per generation: 7 to 8 generations in 60 trials.
-    # A killed fitter's lock is taken over after 10 s (CMA-ES fits take milliseconds; the
-    # default, 120 s, would stall every worker that long after such a kill).
-    sampler = {"name": "cmaes", "options": {"popsize": 8, "lock_ttl_seconds": 10.0}}
+    # 7 to 8 generations in 60 trials.
+    sampler = {"name": "cmaes", "options": CMAES_OPTIONS}
     study = run_chaos(tmp_path, zoo_dir, postgres_url, "postgresql", sampler)
     assert_cmaes_state_consistent(study)
 
 
 @pytest.mark.mysql
 def test_chaos_on_mariadb_with_saasbo(tmp_path: Path, zoo_dir: Path, mariadb_url: str) -> None:
-    options = {
-        "batch_size": 4,
-        "n_startup_trials": 8,
-        "num_restarts": 2,
-        "raw_samples": 32,
-        "maxiter": 20,
-        "mc_samples": 32,
-        "num_threads": 1,
-        "lock_ttl_seconds": 30.0,  # a killed fitter's lock is taken over after 30 s
-    }
-    sampler = {"name": "saasbo-qnehvi", "options": options}
+    sampler = {"name": "saasbo-qnehvi", "options": SAASBO_OPTIONS}
     study = run_chaos(tmp_path, zoo_dir, mariadb_url, "mariadb", sampler, kill_every=SLOW_KILLS)
     assert_saasbo_queue_consistent(study)
