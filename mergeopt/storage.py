@@ -318,13 +318,17 @@ class DatabaseUnreachable(Exception):
 
 @functools.cache
 def _claiming_storage_class() -> type[RDBStorage]:
-    """Optuna's RDB storage whose hand-out of a queued (WAITING) trial is one conditional
-    ``UPDATE ... WHERE state = WAITING``, atomic on every backend.
+    """Optuna's RDB storage whose state changes are conditional ``UPDATE``s, atomic on every
+    backend: the hand-out of a queued trial (``... WHERE state = WAITING``) and the end of an
+    unfinished one (``... WHERE state IN (WAITING, RUNNING)``, its values written in the same
+    transaction).
 
     Optuna reads the state and then writes it, relying on ``SELECT ... FOR UPDATE``, which
     SQLite ignores: two SQLite workers could both take the same enqueued trial (the demo's
     expert trials, a CMA-ES generation, a SAASBO batch) and one then failed on the unique
-    constraint of its parameters.
+    constraint of its parameters; and two workers that found the same trial stale both failed
+    it, so Optuna's retry callback ran twice and its candidate was evaluated twice (the SQLite
+    CMA-ES chaos run). The loser now gets ``UpdateFinishedTrialError``, as on PostgreSQL.
     """
     from datetime import datetime
 
@@ -333,11 +337,14 @@ def _claiming_storage_class() -> type[RDBStorage]:
     from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial import TrialState
     from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
 
     class ClaimingRDBStorage(optuna.storages.RDBStorage):
         def set_trial_state_values(
             self, trial_id: int, state: TrialState, values: Any = None
         ) -> bool:
+            if state.is_finished():
+                return self._finish(trial_id, state, values)
             if state != TrialState.RUNNING or values is not None:
                 return super().set_trial_state_values(trial_id, state, values)
             with _create_scoped_session(self.scoped_session) as session:
@@ -356,6 +363,42 @@ def _claiming_storage_class() -> type[RDBStorage]:
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
                 self.check_trial_is_updatable(trial_id, trial.state)
                 return False
+
+        def _finish(self, trial_id: int, state: TrialState, values: Any) -> bool:
+            """End an unfinished trial; ``UpdateFinishedTrialError`` when another process
+            ended it first. The conditional ``UPDATE`` comes first: it takes the row's (on
+            SQLite the database's) write lock, so the values belong to the winner alone."""
+            try:
+                return self._finish_once(trial_id, state, values)
+            except IntegrityError:  # values already stored: as Optuna's own path answers
+                return False
+
+        def _finish_once(self, trial_id: int, state: TrialState, values: Any) -> bool:
+            with _create_scoped_session(self.scoped_session) as session:
+                ended = session.execute(
+                    update(models.TrialModel)
+                    .where(
+                        models.TrialModel.trial_id == trial_id,
+                        models.TrialModel.state.in_((TrialState.WAITING, TrialState.RUNNING)),
+                    )
+                    .values(state=state, datetime_complete=datetime.now())
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if ended != 1:
+                    trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                    self.check_trial_is_updatable(trial_id, trial.state)
+                    return False  # not reached: a trial that is not unfinished is finished
+                for objective, value in enumerate(values or ()):
+                    stored, value_type = models.TrialValueModel.value_to_stored_repr(value)
+                    session.add(
+                        models.TrialValueModel(
+                            trial_id=trial_id,
+                            objective=objective,
+                            value=stored,
+                            value_type=value_type,
+                        )
+                    )
+            return True
 
     return ClaimingRDBStorage
 

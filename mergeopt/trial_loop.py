@@ -439,6 +439,7 @@ def _tell_result(
     ``RetryFailedTrialCallback`` queued for the same candidate is taken (atomic WAITING ->
     RUNNING) and completed with these values, so the candidate is evaluated once.
     """
+    import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
@@ -455,11 +456,15 @@ def _tell_result(
                 trial.number,
             )
             return TrialState.FAIL
-    with batched_trial_writes(storage):
-        for key, value in user_attrs.items():
-            storage.set_trial_user_attr(target, key, value)
-    number = trial.number if target == trial._trial_id else storage.get_trial(target).number
-    study.tell(number, values, skip_if_finished=True)
+    try:
+        with batched_trial_writes(storage):
+            for key, value in user_attrs.items():
+                storage.set_trial_user_attr(target, key, value)
+        number = trial.number if target == trial._trial_id else storage.get_trial(target).number
+        study.tell(number, values, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Failed as stale by another worker since the state was read: report it as its retry.
+        return _tell_result(study, trial, values, user_attrs)
     return TrialState.COMPLETE
 
 

@@ -224,3 +224,88 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     assert retry.state == TrialState.COMPLETE
     assert retry.params == CANDIDATE
     assert harness.runner.evaluated == [CANDIDATE]
+
+
+def stale_trial_seen_by_two_workers(url: str, name: str) -> tuple[optuna.Study, optuna.Study]:
+    """Two workers' studies (storages of their own, retries on) and one RUNNING trial whose
+    heartbeat is past the grace period."""
+    import datetime
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    storages = [
+        open_storage(url, heartbeat_interval=60, grace_period=180, max_retry=3) for _ in range(2)
+    ]
+    first, second = (optuna.load_study(study_name=name, storage=s) for s in storages)
+    first.enqueue_trial(CANDIDATE)
+    dead = first.ask()
+    storages[0].record_heartbeat(dead._trial_id)
+    with storages[0].engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.update(models.TrialHeartbeatModel)
+            .where(models.TrialHeartbeatModel.trial_id == dead._trial_id)
+            .values(heartbeat=datetime.datetime(2000, 1, 1))
+        )
+    return first, second
+
+
+def test_a_stale_trial_failed_by_two_workers_at_once_is_retried_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other worker fails the trial while this one is failing it too, after this one read
+    the trial RUNNING (the SQLite CMA-ES chaos run: SQLite ignores Optuna's SELECT ... FOR
+    UPDATE). Only one may fail it: each failure queues a retry copy, and two copies had the
+    candidate evaluated twice."""
+    from optuna.storages._rdb import models
+
+    create_study(harness.url)
+    first, second = stale_trial_seen_by_two_workers(harness.url, harness.name)
+    read_row = models.TrialModel.find_or_raise_by_id
+    racing: list[bool] = []
+
+    def read_while_the_other_worker_fails_it(*args: object, **kwargs: object) -> object:
+        row = read_row(*args, **kwargs)
+        if racing and racing.pop():
+            optuna.storages.fail_stale_trials(second)
+        return row
+
+    monkeypatch.setattr(
+        models.TrialModel, "find_or_raise_by_id", read_while_the_other_worker_fails_it
+    )
+    racing.append(True)
+    optuna.storages.fail_stale_trials(first)
+
+    stale, *retries = harness.trials()
+    assert stale.state == TrialState.FAIL
+    assert len(retries) == 1, "the candidate was queued again twice"
+    assert retries[0].state == TrialState.WAITING
+    assert retries[0].system_attrs["fixed_params"] == CANDIDATE
+    assert retries[0].system_attrs["retry_history"] == [stale.number]
+
+
+def test_a_tell_that_loses_the_race_to_a_stale_failure_completes_the_retry_copy(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker fails the trial as stale between the loop's read of its state and its
+    tell: the tell loses (the trial is FAIL, its retry queued), and the result is reported as
+    the retry copy instead of crashing the worker or completing a failed trial."""
+    from mergeopt import trial_loop
+
+    create_study(harness.url, enqueue=[CANDIDATE])
+    read_state = trial_loop.trial_state
+
+    def read_then_failed_as_stale(storage: object, trial_id: int) -> TrialState:
+        state = read_state(storage, trial_id)
+        if state == TrialState.RUNNING:
+            fail_running_trials_as_stale(harness.url, harness.name)
+        return state
+
+    monkeypatch.setattr(trial_loop, "trial_state", read_then_failed_as_stale)
+    assert harness.run(1) == 1
+
+    stale, retry = harness.trials()
+    assert (stale.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert retry.params == stale.params == CANDIDATE
+    assert retry.user_attrs["mergeopt:adopted_from"] == stale.number
+    assert len(harness.runner.evaluated) == 1
