@@ -1,5 +1,6 @@
 """The batch samplers' fit lock: a fitter that died holding it does not stall the others for the
-whole lock TTL — its lock is free as soon as its trial is failed as stale."""
+whole lock TTL — its lock is free as soon as its trial is failed as stale; and a waiting trial
+whose worker died during the fit does not take its candidate down with it."""
 
 from __future__ import annotations
 
@@ -55,3 +56,23 @@ def test_the_waiter_fits_instead_of_waiting_for_the_ttl() -> None:
     params = coordinator.run(study, waiter, produce)
     assert params == {"x": 0.25}
     assert produced == [1]
+
+
+def test_a_candidate_for_a_waiter_that_died_during_the_fit_is_queued() -> None:
+    """The fitter lists the waiting trials, fits (SAASBO: seconds to minutes), then assigns
+    each a candidate; a waiter failed as stale meanwhile cannot take one (assigning it
+    crashed the fitter's worker, again and again in the SQLite SAASBO chaos run)."""
+    study, fitter, waiter_id = _study_with_two_trials()
+    coordinator = _coordinator()
+    study._storage.set_trial_system_attr(waiter_id, coordinator.waiting_key, True)
+
+    def produce(needed: int) -> list[Candidate]:
+        # The waiter's worker was SIGKILLed; the heartbeat check fails its trial mid-fit.
+        study._storage.set_trial_state_values(waiter_id, state=TrialState.FAIL)
+        return [({"x": 0.25}, {"batch": 0}), ({"x": 0.75}, {"batch": 1})][:needed]
+
+    assert coordinator.run(study, fitter, produce) == {"x": 0.25}
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs) for t in queued] == [
+        ({"x": 0.75}, {"batch": 1})
+    ]

@@ -366,15 +366,26 @@ class BatchCoordinator:
         waiting: list[FrozenTrial],
         candidates: list[Candidate],
     ) -> dict[str, Any]:
+        """Keep the first candidate for ``trial``, assign one to each waiting trial and queue
+        the rest. A waiting trial failed as stale during the fit (its worker died) cannot
+        take one: its candidate is queued instead (assigning it crashed the fitter)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
         storage = study._storage
         own_params, own_attrs = candidates[0]
         self._set_user_attrs(study, trial, own_attrs)
         rest = candidates[1:]
+        unassigned = list(rest[len(waiting) :])
         for other, (params, user_attrs) in zip(waiting, rest, strict=False):
-            storage.set_trial_system_attr(
-                other._trial_id, self.assigned_key, {"params": params, "user_attrs": user_attrs}
-            )
-        for params, user_attrs in rest[len(waiting) :]:
+            try:
+                storage.set_trial_system_attr(
+                    other._trial_id,
+                    self.assigned_key,
+                    {"params": params, "user_attrs": user_attrs},
+                )
+            except UpdateFinishedTrialError:
+                unassigned.append((params, user_attrs))
+        for params, user_attrs in unassigned:
             study.enqueue_trial(params, user_attrs=user_attrs)
         return dict(own_params)
 
