@@ -620,7 +620,9 @@ def batched_trial_writes(storage: Any) -> Iterator[None]:
     this block those calls on ``storage`` (a study's ``_storage``) are collected and written
     together when the block ends without an exception. If it raises, nothing collected is
     written: the trial stays RUNNING without parameters and is failed like any abandoned trial.
-    Storages other than Optuna's RDB storage are written to directly.
+    A trial ended inside the block (a batch sampler closes a queued trial it takes over) gets
+    its collected writes first, while it can still take them. Storages other than Optuna's RDB
+    storage are written to directly.
     """
     backend = _rdb_backend(storage)
     if backend is None or not all(
@@ -635,38 +637,60 @@ def batched_trial_writes(storage: Any) -> Iterator[None]:
 
     params: list[tuple[int, str, float, Any]] = []
     user_attrs: list[tuple[int, str, Any]] = []
+
+    def write(trial_ids: set[int] | None = None) -> None:
+        """Write the collected writes (of ``trial_ids`` only, when given) in one transaction."""
+        chosen_params = [p for p in params if trial_ids is None or p[0] in trial_ids]
+        chosen_attrs = [a for a in user_attrs if trial_ids is None or a[0] in trial_ids]
+        params[:] = [p for p in params if trial_ids is not None and p[0] not in trial_ids]
+        user_attrs[:] = [a for a in user_attrs if trial_ids is not None and a[0] not in trial_ids]
+        if not chosen_params and not chosen_attrs:
+            return
+        with _create_scoped_session(backend.scoped_session) as session:
+            # Optuna's per-parameter path re-reads the trial and an earlier trial's
+            # distribution for every parameter; the trial is checked once, and the genome's
+            # distributions are the study's by construction.
+            for trial_id in {trial_id for trial_id, *_ in chosen_params}:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                backend.check_trial_is_updatable(trial_id, trial.state)
+            session.add_all(
+                models.TrialParamModel(
+                    trial_id=trial_id,
+                    param_name=name,
+                    param_value=value,
+                    distribution_json=distribution_to_json(distribution),
+                )
+                for trial_id, name, value, distribution in chosen_params
+            )
+            for trial_id, key, value in chosen_attrs:
+                backend._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+
+    set_state = storage.set_trial_state_values
+    own_set_state = "set_trial_state_values" in vars(storage)  # e.g. TrialHeartbeats' wrapper
+
+    def write_then_set_state(trial_id: int, state: Any, values: Any = None) -> bool:
+        if state.is_finished():
+            write({trial_id})
+        return set_state(trial_id, state, values)
+
     storage.set_trial_param = lambda trial_id, name, value, distribution: params.append(
         (trial_id, name, value, distribution)
     )
     storage.set_trial_user_attr = lambda trial_id, key, value: user_attrs.append(
         (trial_id, key, value)
     )
+    storage.set_trial_state_values = write_then_set_state
     try:
         yield
     finally:
         del storage.set_trial_param, storage.set_trial_user_attr  # the class's methods again
-    if not params and not user_attrs:
-        return
-    with _create_scoped_session(backend.scoped_session) as session:
-        # Optuna's per-parameter path re-reads the trial and an earlier trial's distribution
-        # for every parameter; the trial is checked once, and the genome's distributions are
-        # the study's by construction.
-        for trial_id in {trial_id for trial_id, *_ in params}:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            backend.check_trial_is_updatable(trial_id, trial.state)
-        session.add_all(
-            models.TrialParamModel(
-                trial_id=trial_id,
-                param_name=name,
-                param_value=value,
-                distribution_json=distribution_to_json(distribution),
-            )
-            for trial_id, name, value, distribution in params
-        )
-        for trial_id, key, value in user_attrs:
-            backend._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial_id, key, value
-            )
+        if own_set_state:
+            storage.set_trial_state_values = set_state
+        else:
+            del storage.set_trial_state_values
+    write()
 
 
 def set_finished_trial_user_attrs(

@@ -89,3 +89,27 @@ def test_a_failing_batch_writes_nothing(sqlite_url: str) -> None:
     # The storage's own methods are back: a later write goes straight in.
     study._storage.set_trial_user_attr(stored._trial_id, "later", 1)
     assert study._storage.get_trial(stored._trial_id).user_attrs == {"later": 1}
+
+
+def test_a_trial_ended_inside_the_batch_gets_its_writes_first(sqlite_url: str) -> None:
+    """A batch sampler, inside a worker's ask, takes over a queued candidate and closes its
+    trial: the closed trial's reason is written before it ends (written after, it crashed the
+    worker in the SQLite SAASBO chaos run: a finished trial takes no more attrs)."""
+    study = _study(sqlite_url, "taken-over")
+    other_worker = optuna.load_study(study_name="taken-over", storage=open_storage(sqlite_url))
+    storage = study._storage
+    with batched_trial_writes(storage):
+        asked = study.ask(DISTRIBUTIONS)
+        other_worker.enqueue_trial({name: 0.5 for name in DISTRIBUTIONS})
+        (queued,) = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        assert storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING)
+        storage.set_trial_user_attr(queued._trial_id, "mergeopt:fail_reason", "taken over")
+        storage.set_trial_state_values(queued._trial_id, state=TrialState.FAIL)
+        asked.set_user_attr("mergeopt:worker", "w")
+    own, taken = optuna.load_study(study_name="taken-over", storage=sqlite_url).get_trials()
+    assert (own.state, own.user_attrs) == (TrialState.RUNNING, {"mergeopt:worker": "w"})
+    assert set(own.params) == set(DISTRIBUTIONS)
+    assert (taken.state, taken.user_attrs) == (
+        TrialState.FAIL,
+        {"mergeopt:fail_reason": "taken over"},
+    )
