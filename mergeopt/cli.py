@@ -235,8 +235,17 @@ def study_run(
         + ")"
     )
     _print_status(study, console, throughput=False)
+    _refresh_dashboard(study, console)
+    from mergeopt.storage import mask_url
+
+    print(f"inspect: {_dashboard_command()} --host 127.0.0.1 '{mask_url(url)}'")
+
+
+def _refresh_dashboard(study, console) -> None:  # noqa: ANN001
+    """The dashboard's note and plots brought up to date after a command changed the study;
+    a database outage leaves them as they were, with one line saying so."""
     from mergeopt.dashboard import refresh_dashboard
-    from mergeopt.storage import is_connection_error, mask_url
+    from mergeopt.storage import is_connection_error
 
     try:
         console.print(refresh_dashboard(study))
@@ -244,7 +253,6 @@ def study_run(
         if not is_connection_error(exc):
             raise
         console.print("dashboard not updated: the database is unreachable")
-    print(f"inspect: {_dashboard_command()} --host 127.0.0.1 '{mask_url(url)}'")
 
 
 def _work_lost_text(summary: RunSummary) -> str:
@@ -370,7 +378,7 @@ def study_evaluate(
     """Score chosen COMPLETE trials on the held-out split of every objective, with the same
     merge (recipe and seed), and store the values in each trial (again: the same values)."""
     from mergeopt.heldout import check_heldout, choose_trials, evaluate_heldout
-    from mergeopt.storage import is_connection_error, load_study, resolve_storage_url
+    from mergeopt.storage import load_study, resolve_storage_url
     from mergeopt.study import stored_spec
     from mergeopt.workers import _pin_device, parse_devices
 
@@ -399,14 +407,7 @@ def study_evaluate(
             print(f"trial {result.trial} (seed {result.seed}): held-out {values}")
     study = load_study(name, url)  # this process's copies of the trials predate the results
     _print_status(study, console, throughput=False)
-    from mergeopt.dashboard import refresh_dashboard
-
-    try:
-        console.print(refresh_dashboard(study))
-    except Exception as exc:
-        if not is_connection_error(exc):
-            raise
-        console.print("dashboard not updated: the database is unreachable")
+    _refresh_dashboard(study, console)
     if failed:
         raise typer.Exit(code=1)
 
