@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergeopt.errors import UserError
+from mergeopt.optuna_compat import set_study_system_attr, study_artifact_attrs, study_system_attrs
 
 if TYPE_CHECKING:
     import optuna
 
-ARTIFACTS_PREFIX = "artifacts:"  # optuna.artifacts' study system attr prefix
 ARTIFACTS_SUFFIX = ".artifacts"
 
 
@@ -79,16 +79,13 @@ def register_artifacts(
     except OSError as exc:
         raise UserError(f"cannot create artifact folder {artifact_dir}: {exc.strerror}") from None
     store = FileSystemArtifactStore(str(artifact_dir))
-    storage = study._storage
     names = {Path(p).name for p in paths}
-    for key, value in storage.get_study_system_attrs(study._study_id).items():
-        if not key.startswith(ARTIFACTS_PREFIX):
-            continue
+    for key, value in study_artifact_attrs(study).items():
         meta = json.loads(value) if isinstance(value, str) else value
         if isinstance(meta, dict) and meta.get("filename") in names:
             with contextlib.suppress(ArtifactNotFound):  # already gone from the store
                 store.remove(meta["artifact_id"])
-            storage.set_study_system_attr(study._study_id, key, json.dumps(None))
+            set_study_system_attr(study, key, json.dumps(None))
     return [
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
         for path in paths
@@ -101,9 +98,7 @@ def attach_plots(study: optuna.Study, paths: Sequence[Path], *, artifact_dir: Pa
     from mergeopt import attrs
 
     register_artifacts(study, paths, artifact_dir=artifact_dir)
-    study._storage.set_study_system_attr(
-        study._study_id, attrs.ARTIFACT_DIR, str(Path(artifact_dir).resolve())
-    )
+    set_study_system_attr(study, attrs.ARTIFACT_DIR, str(Path(artifact_dir).resolve()))
     write_study_note(study)
 
 
@@ -121,7 +116,7 @@ def refresh_dashboard(study: optuna.Study) -> str:
     from mergeopt.plots import plot_study
 
     write_study_note(study)
-    folder = study._storage.get_study_system_attrs(study._study_id).get(attrs.ARTIFACT_DIR)
+    folder = study_system_attrs(study).get(attrs.ARTIFACT_DIR)
     if folder is None:
         return f"dashboard note updated; plots: mergeopt study plot {study.study_name} --out DIR"
     refresh = f"mergeopt study plot {study.study_name} --out DIR --artifact-dir {folder}"

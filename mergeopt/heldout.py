@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
+from mergeopt.optuna_compat import trial_id_of
 from mergeopt.report import objective_names
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def evaluate_heldout(
                     by_name = dict(zip(names, values, strict=True))
                     set_finished_trial_user_attrs(
                         study,
-                        trial._trial_id,
+                        trial_id_of(trial),
                         {
                             attrs.HELDOUT_VALUES: by_name,
                             attrs.HELDOUT_METRICS: user_attrs[attrs.METRICS],

@@ -21,6 +21,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt.errors import UserError
+from mergeopt.optuna_compat import (
+    CreateTrial,
+    SetTrialState,
+    can_write_trial_rows,
+    claim_waiting_trial,
+    count_trial_states,
+    finish_unfinished_trial,
+    rdb_backend,
+    read_trial_state,
+    redirect_trial_writes,
+    storage_of,
+    study_id_of,
+    trial_id_of,
+    trial_state_changes_wrapped,
+    wrap_trial_creation,
+    wrap_trial_state_changes,
+    write_finished_trial_user_attrs,
+    write_trial_rows,
+)
+from mergeopt.optuna_compat import (  # re-exported for the worker loop
+    clock_unbeaten_trials as clock_unbeaten_trials,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -206,45 +228,6 @@ def load_study(
         ) from None
 
 
-class Heartbeat:
-    """Records a running trial's heartbeat every ``interval`` seconds on a daemon thread.
-
-    Optuna's own heartbeat thread is started by ``study.optimize`` only; mergeopt's workers use
-    ask/tell so that they can keep the study at exactly the requested number of trials.
-    """
-
-    def __init__(
-        self,
-        storage: RDBStorage,
-        trial_id: int,
-        interval: float,
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self._storage = storage
-        self._trial_id = trial_id
-        self._interval = interval
-        self._on_error = on_error
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._storage.record_heartbeat(self._trial_id)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial
-                if self._on_error is not None:
-                    self._on_error(exc)
-
-
 # --------------------------------------------------------------------------- database outages
 
 _DRIVER_MODULES = ("psycopg", "psycopg2", "pymysql", "MySQLdb", "sqlite3")
@@ -330,13 +313,8 @@ def _claiming_storage_class() -> type[RDBStorage]:
     it, so Optuna's retry callback ran twice and its candidate was evaluated twice (the SQLite
     CMA-ES chaos run). The loser now gets ``UpdateFinishedTrialError``, as on PostgreSQL.
     """
-    from datetime import datetime
-
     import optuna
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial import TrialState
-    from sqlalchemy import update
     from sqlalchemy.exc import IntegrityError
 
     class ClaimingRDBStorage(optuna.storages.RDBStorage):
@@ -347,22 +325,8 @@ def _claiming_storage_class() -> type[RDBStorage]:
                 return self._finish(trial_id, state, values)
             if state != TrialState.RUNNING or values is not None:
                 return super().set_trial_state_values(trial_id, state, values)
-            with _create_scoped_session(self.scoped_session) as session:
-                claimed = session.execute(
-                    update(models.TrialModel)
-                    .where(
-                        models.TrialModel.trial_id == trial_id,
-                        models.TrialModel.state == TrialState.WAITING,
-                    )
-                    .values(state=TrialState.RUNNING, datetime_start=datetime.now())
-                    .execution_options(synchronize_session=False)
-                ).rowcount
-                if claimed == 1:
-                    return True
-                # Taken by another worker (False) or already finished (Optuna's error).
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-                self.check_trial_is_updatable(trial_id, trial.state)
-                return False
+            # Taken by another worker (False) or already finished (Optuna's error).
+            return claim_waiting_trial(self, trial_id)
 
         def _finish(self, trial_id: int, state: TrialState, values: Any) -> bool:
             """End an unfinished trial; ``UpdateFinishedTrialError`` when another process
@@ -374,31 +338,7 @@ def _claiming_storage_class() -> type[RDBStorage]:
                 return False
 
         def _finish_once(self, trial_id: int, state: TrialState, values: Any) -> bool:
-            with _create_scoped_session(self.scoped_session) as session:
-                ended = session.execute(
-                    update(models.TrialModel)
-                    .where(
-                        models.TrialModel.trial_id == trial_id,
-                        models.TrialModel.state.in_((TrialState.WAITING, TrialState.RUNNING)),
-                    )
-                    .values(state=state, datetime_complete=datetime.now())
-                    .execution_options(synchronize_session=False)
-                ).rowcount
-                if ended != 1:
-                    trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-                    self.check_trial_is_updatable(trial_id, trial.state)
-                    return False  # not reached: a trial that is not unfinished is finished
-                for objective, value in enumerate(values or ()):
-                    stored, value_type = models.TrialValueModel.value_to_stored_repr(value)
-                    session.add(
-                        models.TrialValueModel(
-                            trial_id=trial_id,
-                            objective=objective,
-                            value=stored,
-                            value_type=value_type,
-                        )
-                    )
-            return True
+            return finish_unfinished_trial(self, trial_id, state, values)
 
     return ClaimingRDBStorage
 
@@ -439,27 +379,28 @@ class TrialHeartbeats:
         """Wrap the storage's trial creation and state changes (see the class docstring)."""
         from optuna.trial import TrialState
 
-        storage = self._storage
-        # Optuna's cached storage calls the private ``_create_new_trial`` of the RDB storage.
-        create_new_trial = storage._create_new_trial
-        set_trial_state_values = storage.set_trial_state_values
+        def holding_created(create_new_trial: CreateTrial) -> CreateTrial:
+            def create_and_hold(study_id: int, template_trial: Any = None) -> Any:
+                frozen = create_new_trial(study_id, template_trial)
+                if frozen.state == TrialState.RUNNING:
+                    self.hold(trial_id_of(frozen))
+                return frozen
 
-        def create_and_hold(study_id: int, template_trial: Any = None) -> Any:
-            frozen = create_new_trial(study_id, template_trial)
-            if frozen.state == TrialState.RUNNING:
-                self.hold(frozen._trial_id)
-            return frozen
+            return create_and_hold
 
-        def set_state_and_track(trial_id: int, state: Any, values: Any = None) -> bool:
-            changed = set_trial_state_values(trial_id, state, values)
-            if state == TrialState.RUNNING and changed:
-                self.hold(trial_id)
-            elif state.is_finished():
-                self.release(trial_id)
-            return changed
+        def tracking_states(set_trial_state_values: SetTrialState) -> SetTrialState:
+            def set_state_and_track(trial_id: int, state: Any, values: Any = None) -> bool:
+                changed = set_trial_state_values(trial_id, state, values)
+                if state == TrialState.RUNNING and changed:
+                    self.hold(trial_id)
+                elif state.is_finished():
+                    self.release(trial_id)
+                return changed
 
-        storage._create_new_trial = create_and_hold  # type: ignore[method-assign]
-        storage.set_trial_state_values = set_state_and_track  # type: ignore[method-assign]
+            return set_state_and_track
+
+        wrap_trial_creation(self._storage, holding_created)
+        wrap_trial_state_changes(self._storage, tracking_states)
         return self
 
     def hold(self, trial_id: int) -> None:
@@ -515,100 +456,32 @@ class TrialHeartbeats:
 # bottleneck (scripts/bench_storage.py, docs/bench/storage-*.md).
 
 
-def _rdb_backend(storage: Any) -> Any:
-    """The ``RDBStorage`` behind ``storage`` (a study holds it inside Optuna's in-memory cache
-    of finished trials)."""
-    from optuna.storages import RDBStorage
-
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, RDBStorage) else None
-
-
-def clock_unbeaten_trials(study: optuna.Study) -> list[int]:
-    """Start the heartbeat clock of RUNNING trials that never beat; return their ids.
-
-    Optuna's ``study.optimize`` starts a trial's heartbeat thread only after ``study.ask``
-    returned, and ``fail_stale_trials`` ignores trials without a heartbeat. A worker killed in
-    that gap (a few milliseconds, but right after a trial finishes, which is when a generation
-    completes) leaves a trial RUNNING forever, and a batch sampler waiting for it waits
-    forever. A trial whose start lies more than the grace period back and that has no
-    heartbeat row gets one beat here, so it is failed as stale one grace period later unless
-    its worker beats it. (``mergeopt study run`` beats trials from creation and never leaves
-    such a gap; this covers plain Optuna code using the samplers.) Only for RDB storages with
-    heartbeats on: ask-and-tell code must not enable them, as Optuna itself warns.
-    """
-    import datetime
-
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-    from optuna.trial import TrialState
-
-    backend = _rdb_backend(study._storage)
-    if backend is None or backend.heartbeat_interval is None:
-        return []
-    grace = backend.grace_period or 2 * backend.heartbeat_interval
-    started_before = datetime.datetime.now() - datetime.timedelta(seconds=grace)
-    old = [
-        t._trial_id
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.datetime_start is not None and t.datetime_start < started_before
-    ]
-    if not old:
-        return []
-    with _create_scoped_session(backend.scoped_session) as session:
-        beaten = {
-            int(row[0])
-            for row in session.query(models.TrialHeartbeatModel.trial_id)
-            .filter(models.TrialHeartbeatModel.trial_id.in_(old))
-            .all()
-        }
-    unbeaten = [trial_id for trial_id in old if trial_id not in beaten]
-    for trial_id in unbeaten:
-        backend.record_heartbeat(trial_id)
-    return unbeaten
-
-
 def count_trials(study: optuna.Study, *, below_number: int | None = None) -> dict[str, int]:
     """Trials of ``study`` per state name (``COMPLETE``, ``RUNNING``, ...), optionally only those
     numbered below ``below_number``: one ``COUNT ... GROUP BY`` on an RDB storage."""
     from optuna.trial import TrialState
 
     counts = {state.name: 0 for state in TrialState}
-    backend = _rdb_backend(study._storage)
+    backend = rdb_backend(storage_of(study))
     if backend is None:
         for trial in study.get_trials(deepcopy=False):
             if below_number is None or trial.number < below_number:
                 counts[trial.state.name] += 1
         return counts
-    import sqlalchemy
-    from optuna.storages._rdb import models
-
-    query = (
-        sqlalchemy.select(models.TrialModel.state, sqlalchemy.func.count())
-        .where(models.TrialModel.study_id == study._study_id)
-        .group_by(models.TrialModel.state)
-    )
-    if below_number is not None:
-        query = query.where(models.TrialModel.number < below_number)
-    with backend.engine.connect() as connection:
-        for state, count in connection.execute(query):
-            counts[TrialState(state).name if isinstance(state, int) else state.name] += count
+    for state, count in count_trial_states(
+        backend, study_id_of(study), below_number=below_number
+    ).items():
+        counts[state.name] += count
     return counts
 
 
 def trial_state(storage: Any, trial_id: int) -> optuna.trial.TrialState:
     """The state of one trial, read alone (``get_trial`` also loads its params and attrs)."""
-    backend = _rdb_backend(storage)
+
+    backend = rdb_backend(storage)
     if backend is None:
         return storage.get_trial(trial_id).state
-    import sqlalchemy
-    from optuna.storages._rdb import models
-    from optuna.trial import TrialState
-
-    query = sqlalchemy.select(models.TrialModel.state).where(models.TrialModel.trial_id == trial_id)
-    with backend.engine.connect() as connection:
-        state = connection.execute(query).scalar_one()
-    return TrialState(state) if isinstance(state, int) else state
+    return read_trial_state(backend, trial_id)
 
 
 @contextlib.contextmanager
@@ -617,24 +490,17 @@ def batched_trial_writes(storage: Any) -> Iterator[None]:
 
     ``study.ask(distributions)`` stores each parameter with its own commit (148 for a 37-block,
     2-expert, 2-parameter genome) and ``trial.set_user_attr`` does the same per key; inside
-    this block those calls on ``storage`` (a study's ``_storage``) are collected and written
-    together when the block ends without an exception. If it raises, nothing collected is
-    written: the trial stays RUNNING without parameters and is failed like any abandoned trial.
-    A trial ended inside the block (a batch sampler closes a queued trial it takes over) gets
-    its collected writes first, while it can still take them. Storages other than Optuna's RDB
-    storage are written to directly.
+    this block those calls on ``storage`` (``optuna_compat.storage_of(study)``) are collected
+    and written together when the block ends without an exception. If it raises, nothing
+    collected is written: the trial stays RUNNING without parameters and is failed like any
+    abandoned trial. A trial ended inside the block (a batch sampler closes a queued trial it
+    takes over) gets its collected writes first, while it can still take them. Storages other
+    than Optuna's RDB storage are written to directly.
     """
-    backend = _rdb_backend(storage)
-    if backend is None or not all(
-        hasattr(backend, name)
-        for name in ("_set_trial_attr_without_commit", "check_trial_is_updatable")
-    ):
+    backend = rdb_backend(storage)
+    if backend is None or not can_write_trial_rows(backend):
         yield
         return
-    from optuna.distributions import distribution_to_json
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
     params: list[tuple[int, str, float, Any]] = []
     user_attrs: list[tuple[int, str, Any]] = []
 
@@ -644,52 +510,30 @@ def batched_trial_writes(storage: Any) -> Iterator[None]:
         chosen_attrs = [a for a in user_attrs if trial_ids is None or a[0] in trial_ids]
         params[:] = [p for p in params if trial_ids is not None and p[0] not in trial_ids]
         user_attrs[:] = [a for a in user_attrs if trial_ids is not None and a[0] not in trial_ids]
-        if not chosen_params and not chosen_attrs:
-            return
-        with _create_scoped_session(backend.scoped_session) as session:
-            # Optuna's per-parameter path re-reads the trial and an earlier trial's
-            # distribution for every parameter; the trial is checked once, and the genome's
-            # distributions are the study's by construction.
-            for trial_id in {trial_id for trial_id, *_ in chosen_params}:
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-                backend.check_trial_is_updatable(trial_id, trial.state)
-            session.add_all(
-                models.TrialParamModel(
-                    trial_id=trial_id,
-                    param_name=name,
-                    param_value=value,
-                    distribution_json=distribution_to_json(distribution),
-                )
-                for trial_id, name, value, distribution in chosen_params
-            )
-            for trial_id, key, value in chosen_attrs:
-                backend._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, trial_id, key, value
-                )
+        if chosen_params or chosen_attrs:
+            write_trial_rows(backend, chosen_params, chosen_attrs)
 
-    set_state = storage.set_trial_state_values
-    own_set_state = "set_trial_state_values" in vars(storage)  # e.g. TrialHeartbeats' wrapper
+    def writing_first(set_state: SetTrialState) -> SetTrialState:
+        def write_then_set_state(trial_id: int, state: Any, values: Any = None) -> bool:
+            if state.is_finished():
+                write({trial_id})
+            return set_state(trial_id, state, values)
 
-    def write_then_set_state(trial_id: int, state: Any, values: Any = None) -> bool:
-        if state.is_finished():
-            write({trial_id})
-        return set_state(trial_id, state, values)
+        return write_then_set_state
 
-    storage.set_trial_param = lambda trial_id, name, value, distribution: params.append(
-        (trial_id, name, value, distribution)
-    )
-    storage.set_trial_user_attr = lambda trial_id, key, value: user_attrs.append(
-        (trial_id, key, value)
-    )
-    storage.set_trial_state_values = write_then_set_state
-    try:
+    with (
+        redirect_trial_writes(
+            storage,
+            set_trial_param=lambda trial_id, name, value, distribution: params.append(
+                (trial_id, name, value, distribution)
+            ),
+            set_trial_user_attr=lambda trial_id, key, value: user_attrs.append(
+                (trial_id, key, value)
+            ),
+        ),
+        trial_state_changes_wrapped(storage, writing_first),
+    ):
         yield
-    finally:
-        del storage.set_trial_param, storage.set_trial_user_attr  # the class's methods again
-        if own_set_state:
-            storage.set_trial_state_values = set_state
-        else:
-            del storage.set_trial_state_values
     write()
 
 
@@ -703,23 +547,7 @@ def set_finished_trial_user_attrs(
     ``trial_user_attributes`` table. Writing the same values again changes nothing. This
     process's cached copy of the trial is stale afterwards: load the study again to read them.
     """
-    import json
-
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    backend = _rdb_backend(study._storage)
+    backend = rdb_backend(storage_of(study))
     if backend is None:
         raise TypeError("attrs of finished trials can only be written to an RDB storage")
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        for key, value in values.items():
-            row = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
-            if row is None:
-                session.add(
-                    models.TrialUserAttributeModel(
-                        trial_id=trial_id, key=key, value_json=json.dumps(value)
-                    )
-                )
-            else:
-                row.value_json = json.dumps(value)
+    write_finished_trial_user_attrs(backend, trial_id, values)

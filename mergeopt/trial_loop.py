@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mergeopt import attrs
+from mergeopt.optuna_compat import fixed_params, retry_history, storage_of, trial_id_of
 from mergeopt.runner import TrialRunner
 from mergeopt.storage import (
     DatabaseUnreachable,
@@ -195,7 +196,7 @@ def run_worker(
             # A trial row must never exist without its handle; its parameters and worker
             # label go to the database in one transaction.
             asked = None
-            with interrupts.deferred(), batched_trial_writes(study._storage):
+            with interrupts.deferred(), batched_trial_writes(storage_of(study)):
                 asked = study.ask(distributions)
                 asked.set_user_attr(attrs.WORKER, label)
             return asked
@@ -368,10 +369,10 @@ def _give_back(
     """
     from optuna.trial import TrialState
 
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = storage_of(study).get_trial(trial_id_of(trial))
     if frozen.state.is_finished():
         return
-    fixed = frozen.system_attrs.get("fixed_params")
+    fixed = fixed_params(frozen)
     params = fixed or (dict(frozen.params) if requeue_sampled else None)
     trial.set_user_attr(attrs.FAIL_REASON, reason)
     trial.set_user_attr(attrs.GIVEN_BACK, True)
@@ -385,7 +386,7 @@ def _abandon(study: optuna.Study, trial_id: int, *, reason: str) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    storage = study._storage
+    storage = storage_of(study)
     frozen = storage.get_trial(trial_id)
     if frozen.state != TrialState.RUNNING:
         return
@@ -395,7 +396,7 @@ def _abandon(study: optuna.Study, trial_id: int, *, reason: str) -> None:
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return  # failed as stale by another worker meanwhile, and retried by it
-    fixed = frozen.system_attrs.get("fixed_params")
+    fixed = fixed_params(frozen)
     if fixed:
         study.enqueue_trial(fixed, user_attrs=_requeue_attrs(frozen.user_attrs, frozen.number))
 
@@ -419,7 +420,7 @@ def _run_one(
         reason = str(exc)
 
         def tell_failure() -> None:
-            if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            if not storage_of(study).get_trial(trial_id_of(trial)).state.is_finished():
                 trial.set_user_attr(attrs.FAIL_REASON, reason)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
@@ -442,11 +443,11 @@ def _tell_result(
     import optuna
     from optuna.trial import TrialState
 
-    storage = study._storage
-    state = trial_state(storage, trial._trial_id)
+    storage = storage_of(study)
+    state = trial_state(storage, trial_id_of(trial))
     if state == TrialState.COMPLETE:
         return TrialState.COMPLETE  # told by an attempt whose reply was lost
-    target = trial._trial_id
+    target = trial_id_of(trial)
     if state != TrialState.RUNNING:
         target = _adopt_retry(study, trial.number)
         if target is None:
@@ -460,7 +461,7 @@ def _tell_result(
         with batched_trial_writes(storage):
             for key, value in user_attrs.items():
                 storage.set_trial_user_attr(target, key, value)
-        number = trial.number if target == trial._trial_id else storage.get_trial(target).number
+        number = trial.number if target == trial_id_of(trial) else storage.get_trial(target).number
         study.tell(number, values, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Failed as stale by another worker since the state was read: report it as its retry.
@@ -473,24 +474,24 @@ def _adopt_retry(study: optuna.Study, failed_number: int) -> int | None:
     import optuna
     from optuna.trial import TrialState
 
-    storage = study._storage
+    storage = storage_of(study)
     for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        history = queued.system_attrs.get("retry_history") or []
+        history = retry_history(queued)
         if not history or history[-1] != failed_number:
             continue
         try:
-            won = storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING)
+            won = storage.set_trial_state_values(trial_id_of(queued), state=TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:
             won = False
         if won:
-            storage.set_trial_user_attr(queued._trial_id, "mergeopt:adopted_from", failed_number)
+            storage.set_trial_user_attr(trial_id_of(queued), "mergeopt:adopted_from", failed_number)
             logger.warning(
                 "trial %d was failed while its result was on the way; reported as its retry, "
                 "trial %d",
                 failed_number,
                 queued.number,
             )
-            return queued._trial_id
+            return trial_id_of(queued)
     return None
 
 

@@ -54,6 +54,15 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from optuna.trial import FrozenTrial, TrialState
 
 from mergeopt import attrs
+from mergeopt.optuna_compat import (
+    clock_unbeaten_trials,
+    fixed_params,
+    set_study_system_attr,
+    storage_of,
+    study_system_attrs,
+    trial_id_of,
+    uses_in_memory_storage,
+)
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -188,7 +197,7 @@ def relative_search_space(
 
 def trial_unit_params(trial: FrozenTrial, cube: UnitCube) -> np.ndarray | None:
     """The trial's point in the unit cube: its params, else its enqueued/assigned params."""
-    for params in (trial.params, trial.system_attrs.get("fixed_params") or {}):
+    for params in (trial.params, fixed_params(trial) or {}):
         if all(name in params for name in cube.names):
             return cube.to_unit(params)
     return None
@@ -216,14 +225,11 @@ class BatchCoordinator:
     def _settle(self, study: Study) -> float:
         if self.settle_seconds is not None:
             return self.settle_seconds
-        from optuna.storages import InMemoryStorage
-
         # In one process the in-memory storage is guarded by a lock: no race to wait out.
-        return 0.0 if isinstance(study._storage, InMemoryStorage) else 0.25
+        return 0.0 if uses_in_memory_storage(study) else 0.25
 
     def _try_lock(self, study: Study, trial_id: int | None = None) -> str | None:
-        storage = study._storage
-        current = storage.get_study_system_attrs(study._study_id).get(self.lock_key)
+        current = study_system_attrs(study).get(self.lock_key)
         now = time.time()
         if (
             current
@@ -233,15 +239,15 @@ class BatchCoordinator:
         ):
             return None
         token = uuid.uuid4().hex
-        storage.set_study_system_attr(
-            study._study_id,
+        set_study_system_attr(
+            study,
             self.lock_key,
             {"token": token, "expires": now + self.lock_ttl_seconds, "trial_id": trial_id},
         )
         settle = self._settle(study)
         if settle > 0:
             time.sleep(settle)
-        current = storage.get_study_system_attrs(study._study_id).get(self.lock_key)
+        current = study_system_attrs(study).get(self.lock_key)
         return token if current and current.get("token") == token else None
 
     @staticmethod
@@ -252,18 +258,17 @@ class BatchCoordinator:
         if holder_trial_id is None:
             return False
         try:
-            return study._storage.get_trial(holder_trial_id).state.is_finished()
+            return storage_of(study).get_trial(holder_trial_id).state.is_finished()
         except KeyError:
             return True
 
     def _release(self, study: Study, token: str) -> None:
-        storage = study._storage
-        current = storage.get_study_system_attrs(study._study_id).get(self.lock_key)
+        current = study_system_attrs(study).get(self.lock_key)
         if current and current.get("token") == token:
-            storage.set_study_system_attr(study._study_id, self.lock_key, {"token": None})
+            set_study_system_attr(study, self.lock_key, {"token": None})
 
     def lock_holder(self, study: Study) -> str | None:
-        current = study._storage.get_study_system_attrs(study._study_id).get(self.lock_key)
+        current = study_system_attrs(study).get(self.lock_key)
         if current and current.get("token") and current.get("expires", 0.0) > time.time():
             return str(current["token"])
         return None
@@ -280,18 +285,18 @@ class BatchCoordinator:
         candidates, or an empty list when none can be made yet (e.g. a CMA-ES generation that
         is still being evaluated), in which case the trial waits.
         """
-        storage = study._storage
+        storage = storage_of(study)
         registered = False
         while True:
-            frozen = storage.get_trial(trial._trial_id)
+            frozen = storage.get_trial(trial_id_of(trial))
             assigned = frozen.system_attrs.get(self.assigned_key)
             if assigned is not None:
                 self._set_user_attrs(study, trial, assigned.get("user_attrs", {}))
                 return dict(assigned["params"])
-            token = self._try_lock(study, trial._trial_id)
+            token = self._try_lock(study, trial_id_of(trial))
             if token is not None:
                 try:
-                    frozen = storage.get_trial(trial._trial_id)
+                    frozen = storage.get_trial(trial_id_of(trial))
                     assigned = frozen.system_attrs.get(self.assigned_key)
                     if assigned is not None:
                         self._set_user_attrs(study, trial, assigned.get("user_attrs", {}))
@@ -299,7 +304,7 @@ class BatchCoordinator:
                     waiting = [
                         t
                         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                        if t._trial_id != trial._trial_id
+                        if trial_id_of(t) != trial_id_of(trial)
                         and t.system_attrs.get(self.waiting_key)
                         and self.assigned_key not in t.system_attrs
                         and not t.params
@@ -310,7 +315,7 @@ class BatchCoordinator:
                 finally:
                     self._release(study, token)
             if not registered:
-                storage.set_trial_system_attr(trial._trial_id, self.waiting_key, True)
+                storage.set_trial_system_attr(trial_id_of(trial), self.waiting_key, True)
                 registered = True
             taken = self._take_queued(study, trial)
             if taken is not None:
@@ -327,34 +332,32 @@ class BatchCoordinator:
         attrs, and closes the popped trial as FAIL with ``mergeopt:taken_by``. Stale trials
         are failed first (``optuna.storages.fail_stale_trials``), so a lone worker restarted
         after a crash does not wait for the trial of its dead predecessor, and a trial that
-        never beat gets its clock started (``mergeopt.storage.clock_unbeaten_trials``).
+        never beat gets its clock started (``optuna_compat.clock_unbeaten_trials``).
         """
         import optuna
 
-        from mergeopt.storage import clock_unbeaten_trials
-
-        storage = study._storage
+        storage = storage_of(study)
         with contextlib.suppress(Exception):  # needs heartbeats; a no-op without them
             clock_unbeaten_trials(study)
             optuna.storages.fail_stale_trials(study)
         for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            params = queued.system_attrs.get("fixed_params")
+            params = fixed_params(queued)
             if not params:
                 continue
             try:
-                won = storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING)
+                won = storage.set_trial_state_values(trial_id_of(queued), state=TrialState.RUNNING)
             except Exception:  # noqa: BLE001 - finished or gone meanwhile
                 won = False
             if not won:
                 continue
-            storage.set_trial_system_attr(queued._trial_id, "mergeopt:taken_by", trial.number)
+            storage.set_trial_system_attr(trial_id_of(queued), "mergeopt:taken_by", trial.number)
             storage.set_trial_user_attr(
-                queued._trial_id,
+                trial_id_of(queued),
                 attrs.FAIL_REASON,
                 f"candidate taken over by waiting trial {trial.number}",
             )
-            storage.set_trial_user_attr(queued._trial_id, attrs.GIVEN_BACK, True)
-            storage.set_trial_state_values(queued._trial_id, state=TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id_of(queued), attrs.GIVEN_BACK, True)
+            storage.set_trial_state_values(trial_id_of(queued), state=TrialState.FAIL)
             self._set_user_attrs(study, trial, queued.user_attrs)
             return dict(params)
         return None
@@ -371,7 +374,7 @@ class BatchCoordinator:
         take one: its candidate is queued instead (assigning it crashed the fitter)."""
         from optuna.exceptions import UpdateFinishedTrialError
 
-        storage = study._storage
+        storage = storage_of(study)
         own_params, own_attrs = candidates[0]
         self._set_user_attrs(study, trial, own_attrs)
         rest = candidates[1:]
@@ -379,7 +382,7 @@ class BatchCoordinator:
         for other, (params, user_attrs) in zip(waiting, rest, strict=False):
             try:
                 storage.set_trial_system_attr(
-                    other._trial_id,
+                    trial_id_of(other),
                     self.assigned_key,
                     {"params": params, "user_attrs": user_attrs},
                 )
@@ -392,7 +395,7 @@ class BatchCoordinator:
     @staticmethod
     def _set_user_attrs(study: Study, trial: FrozenTrial, user_attrs: Mapping[str, Any]) -> None:
         for key, value in user_attrs.items():
-            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+            storage_of(study).set_trial_user_attr(trial_id_of(trial), key, value)
 
 
 _CHUNK_CHARS = 30_000  # MySQL/MariaDB keep attr values in TEXT columns (64 KiB)
@@ -409,15 +412,15 @@ def write_json_state(study: Study, key: str, state: Mapping[str, Any]) -> None:
     text = json.dumps(state, separators=(",", ":"))
     chunks = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)] or [""]
     for index, chunk in enumerate(chunks):
-        study._storage.set_study_system_attr(study._study_id, f"{key}:{index}", chunk)
-    study._storage.set_study_system_attr(study._study_id, key, len(chunks))
+        set_study_system_attr(study, f"{key}:{index}", chunk)
+    set_study_system_attr(study, key, len(chunks))
 
 
 def read_json_state(study: Study, key: str) -> dict[str, Any] | None:
     """The state stored by :func:`write_json_state`, or None."""
     import json
 
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = study_system_attrs(study)
     count = attrs.get(key)
     if not count:
         return None

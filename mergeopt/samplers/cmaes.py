@@ -47,6 +47,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mergeopt.optuna_compat import uses_in_memory_storage
 from mergeopt.samplers._state import (
     BatchCoordinator,
     Candidate,
@@ -276,9 +277,7 @@ class ScalarizedCmaEsSampler(BaseSampler):
         if missing:  # e.g. a fitter died between writing the state and handing out
             return self._candidates(cube, generation, state["individuals"], missing)
         if pending:
-            from optuna.storages import InMemoryStorage
-
-            if not isinstance(study._storage, InMemoryStorage):
+            if not uses_in_memory_storage(study):
                 return []  # other workers are evaluating this generation: wait for them
             # One process asks several trials before telling them (ask-K-then-tell-K): waiting
             # would deadlock on its own trials, so it gets an extra draw of this generation,

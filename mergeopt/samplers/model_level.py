@@ -31,6 +31,13 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial
 
+from mergeopt.optuna_compat import (
+    is_enqueued,
+    set_study_system_attr,
+    storage_of,
+    study_system_attrs,
+    trial_id_of,
+)
 from mergeopt.samplers._state import numerical_space, relative_search_space, snap
 
 if TYPE_CHECKING:
@@ -47,7 +54,7 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"weight": (0.05, 0.95), "densi
 
 def is_exhausted(study: Study) -> bool:
     """True when the study's grid (or other finite design) has been handed out completely."""
-    return bool(study._storage.get_study_system_attrs(study._study_id).get(EXHAUSTED_ATTR))
+    return bool(study_system_attrs(study).get(EXHAUSTED_ATTR))
 
 
 def _group_of(name: str) -> str:
@@ -168,17 +175,17 @@ class ModelLevelSampler(BaseSampler):
         earlier = [
             t
             for t in study.get_trials(deepcopy=False)
-            if t.number < trial.number and "fixed_params" not in t.system_attrs
+            if t.number < trial.number and not is_enqueued(t)
         ]
         grid = self.grid(space)
         index = len(earlier)
         if index >= len(grid) - 1:
-            study._storage.set_study_system_attr(study._study_id, EXHAUSTED_ATTR, True)
+            set_study_system_attr(study, EXHAUSTED_ATTR, True)
             # Outside study.optimize, stop() raises: the worker loop checks the attr instead.
             with contextlib.suppress(RuntimeError):
                 study.stop()
-        study._storage.set_trial_system_attr(
-            trial._trial_id, "mergeopt:model-level:grid_index", index
+        storage_of(study).set_trial_system_attr(
+            trial_id_of(trial), "mergeopt:model-level:grid_index", index
         )
         return grid[index] if index < len(grid) else None
 

@@ -76,6 +76,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mergeopt.optuna_compat import is_enqueued
 from mergeopt.samplers._state import (
     BatchCoordinator,
     Candidate,
@@ -287,7 +288,7 @@ class SaasQnehviSampler(BaseSampler):
             design_index = sum(
                 1
                 for t in study.get_trials(deepcopy=False)
-                if t.number < trial.number and "fixed_params" not in t.system_attrs
+                if t.number < trial.number and not is_enqueued(t)
             )
             n_complete = sum(1 for _ in self._complete(study, cube))
             if design_index < self.n_startup_trials or n_complete < 2:
