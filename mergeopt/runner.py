@@ -56,7 +56,7 @@ class TrialRunner:
 
     def _build_scorer(self) -> None:
         from mergeopt.objectives.evaluate import Evaluator
-        from mergeopt.objectives.scorers.base import create_scorer
+        from mergeopt.objectives.scorers import create_scorer
 
         options = self.spec.scorer
         self.scorer = create_scorer(

@@ -170,13 +170,24 @@ class SamplerSpec(_Strict):
 class ScorerSpec(_Strict):
     """How merged models are scored: backend, precision, batching and generation limits."""
 
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: str = "hf"  # a name in mergeopt.objectives.scorers.SCORERS
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=48, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     chat_template: bool = False
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        from mergeopt.objectives.scorers import SCORERS
+
+        if backend not in SCORERS:
+            names = [repr(name) for name in SCORERS]
+            expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            raise ValueError(f"Input should be {expected}")
+        return backend
 
 
 class WorkerSpec(_Strict):

@@ -43,7 +43,8 @@ import torch  # noqa: E402 - after the path fix so the script runs from a checko
 from mergeopt.blocks import BlockLayout  # noqa: E402
 from mergeopt.merge.engine import CallbackTarget, MergeEngine  # noqa: E402
 from mergeopt.objectives.evaluate import Evaluator, GenerationOptions  # noqa: E402
-from mergeopt.objectives.scorers.base import Scorer, create_scorer  # noqa: E402
+from mergeopt.objectives.scorers import create_scorer  # noqa: E402
+from mergeopt.objectives.scorers.base import Scorer  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Qwen3-4B (config of Qwen/Qwen3-4B): 4.02 B parameters + tied 151,936 x 2,560 embeddings.

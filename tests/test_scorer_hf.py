@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeopt.objectives.scorers.base import (
-    Generation,
-    Scorer,
-    TrialEvaluationError,
-    create_scorer,
-)
+from mergeopt.objectives.scorers import SCORERS, create_scorer
+from mergeopt.objectives.scorers.base import Generation, Scorer, TrialEvaluationError
 from mergeopt.objectives.scorers.hf import HFScorer
 from tests.tiny_models import build_tiny_model
 
@@ -148,6 +144,17 @@ def test_out_of_memory_fails_the_trial_with_the_reason(scorer: HFScorer) -> None
     with pytest.raises(TrialEvaluationError, match="out of memory on cpu: CUDA out of memory"):
         scorer._guarded(exhausts_memory)
     assert scorer.healthy()
+
+
+def test_the_spec_accepts_exactly_the_registered_backends() -> None:
+    from pydantic import ValidationError
+
+    from mergeopt.spec import ScorerSpec
+
+    for backend in SCORERS:
+        assert ScorerSpec(backend=backend).backend == backend
+    with pytest.raises(ValidationError, match="Input should be 'hf' or 'vllm'"):
+        ScorerSpec(backend="tgi")
 
 
 def test_an_unknown_backend_or_a_missing_chat_template_is_a_user_error(tiny_model: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 from mergeopt.blocks import BlockLayout
 from mergeopt.merge.engine import MergeEngine
 from mergeopt.objectives.evaluate import Evaluator, GenerationOptions
-from mergeopt.objectives.scorers.base import Scorer, TrialEvaluationError, create_scorer
+from mergeopt.objectives.scorers import create_scorer
+from mergeopt.objectives.scorers.base import Scorer, TrialEvaluationError
 from tests.task_files import objective, write_jsonl
 from tests.test_scorer_hf import PROMPTS
 

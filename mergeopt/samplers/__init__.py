@@ -1,7 +1,9 @@
 """Samplers selectable by name from a study spec (``sampler: {name, options}``).
 
-This module stays light: Optuna and the sampler classes are imported inside the factory, and
-nothing here imports torch or BoTorch, so ``mergeopt --help`` and ``study create`` stay fast.
+``SAMPLERS`` maps each name to the module and class that implement it; a new sampler is one
+entry there. This module stays light: the sampler classes are imported only when one is built,
+and nothing here imports torch or BoTorch, so ``mergeopt --help`` and ``study create`` stay
+fast.
 
 Names:
     ``random``, ``tpe``, ``nsga2``, ``gp``: Optuna's own samplers; ``options`` are passed as
@@ -14,6 +16,7 @@ Names:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -25,52 +28,33 @@ if TYPE_CHECKING:
 
     from mergeopt.genome import Genome
 
-SAMPLER_NAMES: tuple[str, ...] = (
-    "random",
-    "tpe",
-    "nsga2",
-    "gp",
-    "saasbo-qnehvi",
-    "cmaes",
-    "model-level",
-)
+SAMPLERS: dict[str, tuple[str, str]] = {
+    "random": ("optuna.samplers", "RandomSampler"),
+    "tpe": ("optuna.samplers", "TPESampler"),
+    "nsga2": ("optuna.samplers", "NSGAIISampler"),
+    "gp": ("optuna.samplers", "GPSampler"),
+    "saasbo-qnehvi": ("mergeopt.samplers.saasbo", "SaasQnehviSampler"),
+    "cmaes": ("mergeopt.samplers.cmaes", "ScalarizedCmaEsSampler"),
+    "model-level": ("mergeopt.samplers.model_level", "ModelLevelSampler"),
+}
+"""Samplers by the name a spec gives (``sampler.name``) -> (module, class), imported only when
+a sampler is built (BoTorch and torch are heavy)."""
+
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 
 # Constructor arguments the factory fills itself; a spec may not set them.
 _RESERVED_OPTIONS = frozenset({"seed", "genome", "num_objectives"})
 
 
-def _sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:
-    if name == "random":
-        from optuna.samplers import RandomSampler
-
-        return RandomSampler
-    if name == "tpe":
-        from optuna.samplers import TPESampler
-
-        return TPESampler
-    if name == "nsga2":
-        from optuna.samplers import NSGAIISampler
-
-        return NSGAIISampler
-    if name == "gp":
-        from optuna.samplers import GPSampler
-
-        return GPSampler
-    if name == "saasbo-qnehvi":
-        from mergeopt.samplers.saasbo import SaasQnehviSampler
-
-        return SaasQnehviSampler
-    if name == "cmaes":
-        from mergeopt.samplers.cmaes import ScalarizedCmaEsSampler
-
-        return ScalarizedCmaEsSampler
-    if name == "model-level":
-        from mergeopt.samplers.model_level import ModelLevelSampler
-
-        return ModelLevelSampler
-    raise UserError(
-        f"sampler.name: unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}"
-    )
+def sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:
+    """The class of the sampler called ``name``, imported now."""
+    entry = SAMPLERS.get(name)
+    if entry is None:
+        raise UserError(
+            f"sampler.name: unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}"
+        )
+    module, class_name = entry
+    return getattr(importlib.import_module(module), class_name)
 
 
 def _constructor_kwargs(
@@ -122,7 +106,7 @@ def create_sampler(
     Raises:
         UserError: unknown name, unknown option, or an option value the sampler rejects.
     """
-    cls = _sampler_class(name)
+    cls = sampler_class(name)
     kwargs = _constructor_kwargs(
         name, cls, options, seed=seed, genome=genome, num_objectives=num_objectives
     )
@@ -147,4 +131,10 @@ def validate_sampler_options(
     create_sampler(name, options, seed=0, genome=genome, num_objectives=num_objectives)
 
 
-__all__ = ["SAMPLER_NAMES", "create_sampler", "validate_sampler_options"]
+__all__ = [
+    "SAMPLERS",
+    "SAMPLER_NAMES",
+    "create_sampler",
+    "sampler_class",
+    "validate_sampler_options",
+]

@@ -1,5 +1,115 @@
 """Scorers: a model resident on one device that merged weights are written into in place.
 
-``base`` holds the protocol and ``create_scorer``; ``hf`` (transformers) and ``vllm`` import
-their engines only when a scorer is built.
+``SCORERS`` maps each ``scorer.backend`` name of a study spec to a factory that imports its
+scorer class (and its engine: transformers, vLLM) only when a scorer is built, so importing
+this package stays cheap. ``base`` holds the ``Scorer`` protocol the classes implement.
+
+A new backend is a module here with a class implementing ``base.Scorer`` and one entry in
+``SCORERS``; the spec accepts every name in it.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergeopt.errors import UserError
+
+if TYPE_CHECKING:
+    from mergeopt.objectives.scorers.base import Scorer
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """What a scorer is built from: the model folder and the spec's ``scorer`` options.
+
+    ``device`` is a torch device string ("cpu", "cuda:1"); the vLLM scorer runs on the device
+    the process sees (set ``CUDA_VISIBLE_DEVICES`` per worker) and ignores the index.
+    ``batch_size`` applies to hf (vLLM schedules the whole list itself);
+    ``gpu_memory_utilization``, ``max_model_len`` and ``enforce_eager`` apply to vLLM.
+    """
+
+    model_dir: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 32
+    chat_template: bool = False
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+
+
+def _hf_scorer(options: ScorerOptions) -> Scorer:
+    from mergeopt.objectives.scorers.hf import HFScorer
+
+    return HFScorer(
+        model_dir=options.model_dir,
+        device=options.device,
+        dtype=options.dtype,
+        batch_size=options.batch_size,
+        chat_template=options.chat_template,
+        trust_remote_code=options.trust_remote_code,
+    )
+
+
+def _vllm_scorer(options: ScorerOptions) -> Scorer:
+    from mergeopt.objectives.scorers.vllm import VLLMScorer
+
+    return VLLMScorer(
+        model_dir=options.model_dir,
+        device=options.device,
+        dtype=options.dtype,
+        chat_template=options.chat_template,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        max_model_len=options.max_model_len,
+        trust_remote_code=options.trust_remote_code,
+        enforce_eager=options.enforce_eager,
+    )
+
+
+SCORERS: dict[str, Callable[[ScorerOptions], Scorer]] = {
+    "hf": _hf_scorer,  # transformers
+    "vllm": _vllm_scorer,
+}
+"""Scorer backends by the name a spec gives (``scorer.backend``) -> factory."""
+
+
+def create_scorer(
+    backend: str,
+    model_dir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 32,
+    chat_template: bool = False,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    enforce_eager: bool = False,
+) -> Scorer:
+    """A resident scorer for ``backend`` (a name in ``SCORERS``) holding the model in
+    ``model_dir``; the options are those of :class:`ScorerOptions`."""
+    factory = SCORERS.get(backend)
+    if factory is None:
+        raise UserError(
+            f"scorer.backend: unknown backend {backend!r}; expected {' or '.join(SCORERS)}"
+        )
+    return factory(
+        ScorerOptions(
+            model_dir=Path(model_dir),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code,
+            enforce_eager=enforce_eager,
+        )
+    )
+
+
+__all__ = ["SCORERS", "ScorerOptions", "create_scorer"]

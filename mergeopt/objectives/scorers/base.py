@@ -1,5 +1,7 @@
 """What every scorer offers the evaluator and the merge engine, and the helpers they share.
 
+The scorers by backend name are in ``mergeopt.objectives.scorers`` (``SCORERS``).
+
 A scorer is a model resident on one device for the whole study: the merge engine writes merged
 tensors into it (``merge_target``), then the evaluator asks it for greedy generations and
 log-likelihoods. Nothing here imports torch, so the protocol can be named anywhere.
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mergeopt.errors import UserError
@@ -100,53 +101,6 @@ def first_stop(text: str, stop: Sequence[str]) -> int:
     """Index of the earliest stop string in ``text``; -1 if none occurs."""
     positions = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return min(positions) if positions else -1
-
-
-def create_scorer(
-    backend: str,
-    model_dir: str | Path,
-    *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 32,
-    chat_template: bool = False,
-    gpu_memory_utilization: float | None = None,
-    max_model_len: int | None = None,
-    trust_remote_code: bool = False,
-    enforce_eager: bool = False,
-) -> Scorer:
-    """A resident scorer for ``backend`` ("hf" or "vllm") holding the model in ``model_dir``.
-
-    ``device`` is a torch device string ("cpu", "cuda:1"); the vLLM scorer runs on the device
-    the process sees (set ``CUDA_VISIBLE_DEVICES`` per worker) and ignores the index.
-    ``batch_size`` applies to hf (vLLM schedules the whole list itself); ``gpu_memory_utilization``,
-    ``max_model_len`` and ``enforce_eager`` apply to vLLM.
-    """
-    if backend == "hf":
-        from mergeopt.objectives.scorers.hf import HFScorer
-
-        return HFScorer(
-            model_dir=Path(model_dir),
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            chat_template=chat_template,
-            trust_remote_code=trust_remote_code,
-        )
-    if backend == "vllm":
-        from mergeopt.objectives.scorers.vllm import VLLMScorer
-
-        return VLLMScorer(
-            model_dir=Path(model_dir),
-            device=device,
-            dtype=dtype,
-            chat_template=chat_template,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            trust_remote_code=trust_remote_code,
-            enforce_eager=enforce_eager,
-        )
-    raise UserError(f"scorer.backend: unknown backend {backend!r}; expected hf or vllm")
 
 
 def split_context_tokens(
