@@ -153,7 +153,7 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
     from mergeopt.plots import block_labels, pareto_trials_for_heatmap
     from mergeopt.report import cost_text, evaluation_cost, heldout_values, objective_names
 
-    spec = study.user_attrs.get(attrs.SPEC) or {}
+    spec = attrs.SPEC.get(study) or {}
     merge = spec.get("merge") or {}
     models = spec.get("models") or {}
     experts = [Path(str(e)).name for e in models.get("experts") or []]
@@ -172,7 +172,7 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
             f"{Path(str(models.get('base', 'the base'))).name}; searched per block and expert: "
             f"{', '.join(merge.get('search') or {})}."
         )
-    layout = study.user_attrs.get(attrs.LAYOUT)
+    layout = attrs.LAYOUT.get(study)
     if layout is not None:
         blocks = BlockLayout.from_dict(layout)
         labels = block_labels(study, blocks.num_blocks)
@@ -195,7 +195,7 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
                 f"{n} = {v:.4g}" for n, v in zip(names, held, strict=True)
             )
         lines += [f"### Trial {trial.number}: {values}", ""]
-        recipe = trial.user_attrs[attrs.RECIPE]
+        recipe = attrs.RECIPE.read(trial)
         searched = [p for p in merge.get("search") or {} if p in recipe[0][0]]
         params = searched or sorted(recipe[0][0])  # fixed parameters are the same everywhere
         header = [f"{expert} {param}" for expert in experts or ["e0"] for param in params]

@@ -51,7 +51,6 @@ MERGEKIT_CONFIG = "mergekit_config.yml"
 METADATA = "mergeopt.json"
 INDEX_JSON = "index.json"
 INDEX_MD = "index.md"
-SEED_ATTR = attrs.PREFIX + "seed"
 MAX_SHARD_SIZE = "5GB"
 
 PREFERENCE_RULE = (
@@ -269,7 +268,7 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> list[list[dict[str,
     """The per-block, per-expert merge parameters of a trial (stored, else from its params)."""
     from mergeopt.study import stored_genome
 
-    recipe = trial.user_attrs.get(attrs.RECIPE)
+    recipe = attrs.RECIPE.get(trial)
     if recipe is not None:
         return [[{k: float(v) for k, v in e.items()} for e in block] for block in recipe]
     return stored_genome(study).block_params(trial.params)
@@ -277,7 +276,7 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> list[list[dict[str,
 
 def trial_seed(trial: FrozenTrial) -> int:
     """The merge seed a trial was run with (0 for trials stored without one)."""
-    return int(trial.user_attrs.get(SEED_ATTR, 0))
+    return int(attrs.SEED.get(trial) or 0)
 
 
 def trial_metadata(
@@ -304,9 +303,9 @@ def trial_metadata(
                 names, trial.values or [], study.directions, strict=False
             )
         },
-        "metrics": trial.user_attrs.get(attrs.METRICS),
-        "raw_values": trial.user_attrs.get(attrs.PREFIX + "raw_values"),
-        "heldout_values": trial.user_attrs.get(attrs.HELDOUT_VALUES),
+        "metrics": attrs.METRICS.get(trial),
+        "raw_values": attrs.RAW_VALUES.get(trial),
+        "heldout_values": attrs.HELDOUT_VALUES.get(trial),
         "method": spec.merge.method,
         "method_parameters": dict(spec.merge.parameters),
         "merge_dtype": spec.merge.dtype,

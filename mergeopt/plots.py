@@ -91,7 +91,7 @@ def anchor_points(study: optuna.Study) -> dict[str, list[float]]:
     "experts": [{...}, ...], "models": [paths]}``); where the spec normalizes an objective,
     they are normalized the way the trial values were (so the anchors sit at 0 and 1).
     """
-    stored = study.user_attrs.get(attrs.ANCHORS)
+    stored = attrs.ANCHORS.get(study)
     if not isinstance(stored, Mapping):
         return {}
     names = objective_names(study)
@@ -185,7 +185,7 @@ def pareto_trials_for_heatmap(study: optuna.Study) -> list[FrozenTrial]:
     from optuna.study import StudyDirection
 
     sign = -1 if study.directions[0] == StudyDirection.MAXIMIZE else 1
-    front = [t for t in study.best_trials if t.user_attrs.get(attrs.RECIPE) is not None]
+    front = [t for t in study.best_trials if attrs.RECIPE.get(t) is not None]
     return sorted(front, key=lambda t: (sign * t.values[0], t.number))
 
 
@@ -193,7 +193,7 @@ def block_labels(study: optuna.Study, num_blocks: int) -> list[str]:
     """``"b0 L0-1"``, ... and ``"outer"`` for the embeddings/norm/head block."""
     from mergeopt.blocks import BlockLayout
 
-    layout_data = study.user_attrs.get(attrs.LAYOUT)
+    layout_data = attrs.LAYOUT.get(study)
     if layout_data is None:
         return [f"b{b}" for b in range(num_blocks)]
     layout = BlockLayout.from_dict(layout_data)
@@ -209,13 +209,13 @@ def heatmap_panels(
     trials: Sequence[FrozenTrial],
 ) -> list[tuple[str, list[list[float]]]]:
     """``[("e0.weight", rows = blocks x columns = trials), ...]`` from the trials' recipes."""
-    first = trials[0].user_attrs[attrs.RECIPE]
+    first = attrs.RECIPE.read(trials[0])
     num_blocks, num_experts = len(first), len(first[0])
     panels = []
     for expert in range(num_experts):
         for param in sorted(first[0][expert]):
             matrix = [
-                [float(t.user_attrs[attrs.RECIPE][block][expert][param]) for t in trials]
+                [float(attrs.RECIPE.read(t)[block][expert][param]) for t in trials]
                 for block in range(num_blocks)
             ]
             if len({value for row in matrix for value in row}) > 1 or param == "weight":
@@ -224,7 +224,7 @@ def heatmap_panels(
 
 
 def expert_names(study: optuna.Study) -> list[str]:
-    spec = study.user_attrs.get(attrs.SPEC) or {}
+    spec = attrs.SPEC.get(study) or {}
     experts = (spec.get("models") or {}).get("experts") or []
     return [Path(str(e)).name for e in experts]
 
@@ -313,7 +313,7 @@ def _block_params_png(study: optuna.Study, path: Path) -> Path | None:
     if not trials:
         return None
     panels = heatmap_panels(trials)
-    labels = block_labels(study, len(trials[0].user_attrs[attrs.RECIPE]))
+    labels = block_labels(study, len(attrs.RECIPE.read(trials[0])))
     columns = [f"#{t.number}" for t in trials]
     width = min(3 + 0.45 * len(trials), 14)
     figure, axes_list = plt.subplots(
@@ -442,7 +442,7 @@ def _block_params_figure(study: optuna.Study) -> Any:
     if not trials:
         return None
     panels = heatmap_panels(trials)
-    labels = block_labels(study, len(trials[0].user_attrs[attrs.RECIPE]))
+    labels = block_labels(study, len(attrs.RECIPE.read(trials[0])))
     columns = [f"#{t.number}" for t in trials]
     figure = make_subplots(
         rows=1, cols=len(panels), subplot_titles=[_panel_title(study, p) for p, _ in panels]

@@ -87,8 +87,8 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
         last = max(t.datetime_complete for t in finished)
         minutes = (last - first).total_seconds() / 60
         throughput = round(len(finished) / minutes, 3) if minutes > 0 else None
-    eval_seconds = [t.user_attrs.get(attrs.EVAL_SECONDS) for t in complete]
-    merge_seconds = [t.user_attrs.get(attrs.MERGE_SECONDS) for t in complete]
+    eval_seconds = [attrs.EVAL_SECONDS.get(t) for t in complete]
+    merge_seconds = [attrs.MERGE_SECONDS.get(t) for t in complete]
     return {
         "study": study.study_name,
         "objectives": [

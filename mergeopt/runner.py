@@ -80,7 +80,7 @@ class TrialRunner:
         if not needs_anchors(self.spec.objectives):
             return None
         key = attrs.ANCHORS if self.split == "search" else attrs.HELDOUT_ANCHORS
-        stored = study.user_attrs.get(key)
+        stored = key.get(study)
         if stored is not None:
             return Anchors.from_json(stored)
         anchors = measure_anchors(
@@ -91,7 +91,7 @@ class TrialRunner:
             engine=self.engine,
         )
         # Workers that measured at the same time store identical values (greedy decoding).
-        study.set_user_attr(key, anchors.to_json())
+        key.set(study, anchors.to_json())
         return anchors
 
     def evaluate(
@@ -129,8 +129,8 @@ class TrialRunner:
             attrs.EVAL_SECONDS: round(result.seconds, 4),
             attrs.ITEMS_SCORED: result.items,
             attrs.TOKENS_GENERATED: result.tokens,
-            "mergeopt:blocks_merged": stats.blocks_merged,
-            "mergeopt:raw_values": raw,
+            attrs.BLOCKS_MERGED: stats.blocks_merged,
+            attrs.RAW_VALUES: raw,
         }
         for name, value in values.items():
             if value != value:  # NaN: a broken merge must not enter the Pareto front

@@ -181,7 +181,7 @@ def _create_study(
                 "(use --load-if-exists to continue it, or another --name)"
             )
         study = load_study(study_name, storage)
-        stored = study.user_attrs.get(attrs.SPEC)
+        stored = attrs.SPEC.get(study)
         if stored is not None and StudySpec.from_json(stored) != spec.model_copy(
             update={"name": stored.get("name")}
         ):
@@ -203,19 +203,19 @@ def _create_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([objective.name for objective in spec.objectives])
         stored_spec = spec.model_copy(update={"name": study_name, "storage": None}).to_json()
-        study.set_user_attr(attrs.SPEC, stored_spec)
-        study.set_user_attr(attrs.SPEC_PATH, spec_path)
-        study.set_user_attr(attrs.GENOME, plan.genome.to_dict())
-        study.set_user_attr(attrs.LAYOUT, plan.layout.to_dict())
-        study.set_user_attr(attrs.BLOCK_IMPORTANCE, plan.block_importance)
+        attrs.SPEC.set(study, stored_spec)
+        attrs.SPEC_PATH.set(study, spec_path)
+        attrs.GENOME.set(study, plan.genome.to_dict())
+        attrs.LAYOUT.set(study, plan.layout.to_dict())
+        attrs.BLOCK_IMPORTANCE.set(study, plan.block_importance)
         from mergeopt import __version__
 
-        study.set_user_attr(attrs.CREATED_WITH, __version__)
+        attrs.CREATED_WITH.set(study, __version__)
         if spec.sampler.enqueue_experts:
             for expert in range(plan.genome.num_experts):
                 study.enqueue_trial(
                     plan.genome.expert_alone(expert),
-                    user_attrs={attrs.PREFIX + "source": f"expert {expert}"},
+                    user_attrs={attrs.SOURCE: f"expert {expert}"},
                 )
     except BaseException:
         optuna.delete_study(study_name=study_name, storage=storage)
@@ -224,18 +224,18 @@ def _create_study(
 
 
 def stored_spec(study: optuna.Study) -> StudySpec:
-    data = study.user_attrs.get(attrs.SPEC)
+    data = attrs.SPEC.get(study)
     if data is None:
         raise UserError(f"study {study.study_name!r} was not created by mergeopt (no spec stored)")
     return StudySpec.from_json(data)
 
 
 def stored_genome(study: optuna.Study) -> Genome:
-    return Genome.from_dict(study.user_attrs[attrs.GENOME])
+    return Genome.from_dict(attrs.GENOME.read(study))
 
 
 def stored_layout(study: optuna.Study) -> BlockLayout:
-    return BlockLayout.from_dict(study.user_attrs[attrs.LAYOUT])
+    return BlockLayout.from_dict(attrs.LAYOUT.read(study))
 
 
 # --------------------------------------------------------------------------- counting

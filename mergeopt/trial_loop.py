@@ -348,13 +348,13 @@ def _is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
 
 
 # User attrs that describe one evaluation attempt, not the candidate: not copied on requeue.
-_ATTEMPT_ATTRS = (attrs.FAIL_REASON, attrs.WORKER, "mergeopt:requeued_from")
+_ATTEMPT_ATTRS = (attrs.FAIL_REASON, attrs.WORKER, attrs.REQUEUED_FROM)
 
 
 def _requeue_attrs(user_attrs: Mapping[str, Any], number: int) -> dict[str, Any]:
     """The candidate's user attrs (a batch sampler's generation and index) for its new trial."""
     kept = {k: v for k, v in user_attrs.items() if k not in _ATTEMPT_ATTRS}
-    return {**kept, "mergeopt:requeued_from": number}
+    return {**kept, attrs.REQUEUED_FROM: number}
 
 
 def _give_back(
@@ -415,7 +415,7 @@ def _run_one(
     try:
         seed = _trial_seed(runner, trial)
         values, user_attrs = runner.evaluate(trial.params, seed=seed)
-        user_attrs["mergeopt:seed"] = seed
+        user_attrs[attrs.SEED] = seed
     except evaluation_error as exc:
         reason = str(exc)
 
@@ -484,7 +484,7 @@ def _adopt_retry(study: optuna.Study, failed_number: int) -> int | None:
         except optuna.exceptions.UpdateFinishedTrialError:
             won = False
         if won:
-            storage.set_trial_user_attr(trial_id_of(queued), "mergeopt:adopted_from", failed_number)
+            storage.set_trial_user_attr(trial_id_of(queued), attrs.ADOPTED_FROM, failed_number)
             logger.warning(
                 "trial %d was failed while its result was on the way; reported as its retry, "
                 "trial %d",

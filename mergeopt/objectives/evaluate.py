@@ -183,11 +183,6 @@ class Evaluator:
                 self._groups.append(by_key[key])
             by_key[key].objectives.append(objective)
 
-    @property
-    def num_items(self) -> int:
-        """Items scored per evaluation (over all task groups)."""
-        return sum(len(group.split.items) for group in self._groups)
-
     def evaluate(self) -> EvalResult:
         """Score the scorer's current weights; ``TrialEvaluationError`` if that fails."""
         started = time.perf_counter()

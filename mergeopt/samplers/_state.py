@@ -179,7 +179,7 @@ def genome_of(study: Study, genome: Genome | None) -> Genome | None:
 
     if genome is not None:
         return genome
-    data = study.user_attrs.get(attrs.GENOME)
+    data = attrs.GENOME.get(study)
     return Genome.from_dict(data) if data else None
 
 
@@ -350,13 +350,11 @@ class BatchCoordinator:
                 won = False
             if not won:
                 continue
-            storage.set_trial_system_attr(trial_id_of(queued), "mergeopt:taken_by", trial.number)
-            storage.set_trial_user_attr(
-                trial_id_of(queued),
-                attrs.FAIL_REASON,
-                f"candidate taken over by waiting trial {trial.number}",
+            attrs.TAKEN_BY.set_on(study, queued, trial.number)
+            attrs.FAIL_REASON.set_on(
+                study, queued, f"candidate taken over by waiting trial {trial.number}"
             )
-            storage.set_trial_user_attr(trial_id_of(queued), attrs.GIVEN_BACK, True)
+            attrs.GIVEN_BACK.set_on(study, queued, True)
             storage.set_trial_state_values(trial_id_of(queued), state=TrialState.FAIL)
             self._set_user_attrs(study, trial, queued.user_attrs)
             return dict(params)

@@ -47,6 +47,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mergeopt.attrs import TrialUserAttr, sampler_prefix
 from mergeopt.optuna_compat import uses_in_memory_storage
 from mergeopt.samplers._state import (
     BatchCoordinator,
@@ -63,10 +64,12 @@ if TYPE_CHECKING:
 
     from mergeopt.genome import Genome
 
-PREFIX = "mergeopt:cmaes:"
+PREFIX = sampler_prefix("cmaes")
 STATE_KEY = PREFIX + "state"
-GENERATION_ATTR = PREFIX + "generation"
-INDEX_ATTR = PREFIX + "index"
+"""Study system attrs (chunked JSON, ``samplers._state.write_json_state``): the optimizer."""
+GENERATION_ATTR: TrialUserAttr[int] = TrialUserAttr(PREFIX + "generation")
+INDEX_ATTR: TrialUserAttr[int] = TrialUserAttr(PREFIX + "index")
+"""The trial's individual in its generation (-1: an extra draw, not told to CMA-ES)."""
 
 
 class ScalarizedCmaEsSampler(BaseSampler):

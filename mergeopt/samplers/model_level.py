@@ -12,7 +12,7 @@ index of a trial is the number of earlier trials (smaller ``trial.number``) that
 enqueued with fixed parameters. Trial numbers are assigned atomically by the storage and the
 ``fixed_params`` system attr is written when a trial is created, so every worker computes the
 same index and no two get the same one. When the last grid point is handed out, the study
-system attr :data:`EXHAUSTED_ATTR` is set to true: the worker loop must check
+system attr ``mergeopt.attrs.SAMPLER_EXHAUSTED`` is set to true: the worker loop must check
 :func:`mergeopt.samplers.model_level.is_exhausted` before each ``ask`` and stop. Inside
 ``study.optimize`` the sampler also calls ``study.stop()``. A trial that still arrives past the
 end (it was asked concurrently with the last one) gets a uniformly random model-level point.
@@ -31,13 +31,8 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial
 
-from mergeopt.optuna_compat import (
-    is_enqueued,
-    set_study_system_attr,
-    storage_of,
-    study_system_attrs,
-    trial_id_of,
-)
+from mergeopt import attrs
+from mergeopt.optuna_compat import is_enqueued
 from mergeopt.samplers._state import numerical_space, relative_search_space, snap
 
 if TYPE_CHECKING:
@@ -45,16 +40,13 @@ if TYPE_CHECKING:
 
     from mergeopt.genome import Genome
 
-EXHAUSTED_ATTR = "mergeopt:sampler:exhausted"
-"""Study system attr set to true when a finite sampler (grid) has handed out its last point."""
-
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"weight": (0.05, 0.95), "density": (0.7, 0.9)}
 """SIPBMM's model-level search ranges; other parameters use their distribution's bounds."""
 
 
 def is_exhausted(study: Study) -> bool:
     """True when the study's grid (or other finite design) has been handed out completely."""
-    return bool(study_system_attrs(study).get(EXHAUSTED_ATTR))
+    return bool(attrs.SAMPLER_EXHAUSTED.get(study))
 
 
 def _group_of(name: str) -> str:
@@ -180,13 +172,11 @@ class ModelLevelSampler(BaseSampler):
         grid = self.grid(space)
         index = len(earlier)
         if index >= len(grid) - 1:
-            set_study_system_attr(study, EXHAUSTED_ATTR, True)
+            attrs.SAMPLER_EXHAUSTED.set(study, True)
             # Outside study.optimize, stop() raises: the worker loop checks the attr instead.
             with contextlib.suppress(RuntimeError):
                 study.stop()
-        storage_of(study).set_trial_system_attr(
-            trial_id_of(trial), "mergeopt:model-level:grid_index", index
-        )
+        attrs.GRID_INDEX.set_on(study, trial, index)
         return grid[index] if index < len(grid) else None
 
     def sample_independent(

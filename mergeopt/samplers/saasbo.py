@@ -76,6 +76,8 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mergeopt import attrs
+from mergeopt.attrs import TrialUserAttr, sampler_prefix
 from mergeopt.optuna_compat import is_enqueued
 from mergeopt.samplers._state import (
     BatchCoordinator,
@@ -94,10 +96,11 @@ if TYPE_CHECKING:
     from mergeopt.genome import Genome
 
 _logger = logging.getLogger(__name__)
-PREFIX = "mergeopt:saasbo:"
-FIT_SECONDS_ATTR = PREFIX + "fit_seconds"  # trial user attr: model fit time of its batch
-ACQ_SECONDS_ATTR = PREFIX + "acq_seconds"  # trial user attr: acquisition time of its batch
-BLOCK_IMPORTANCE_ATTR = "mergeopt:block_importance"  # == mergeopt.attrs.BLOCK_IMPORTANCE
+PREFIX = sampler_prefix("saasbo")
+FIT_SECONDS_ATTR: TrialUserAttr[float] = TrialUserAttr(PREFIX + "fit_seconds")
+"""Model fit time of the trial's batch."""
+ACQ_SECONDS_ATTR: TrialUserAttr[float] = TrialUserAttr(PREFIX + "acq_seconds")
+"""Acquisition time of the trial's batch."""
 _warned_uniform_importance = False
 
 
@@ -359,14 +362,14 @@ class SaasQnehviSampler(BaseSampler):
         global _warned_uniform_importance
         if not self.enable_importance_prior:
             return None
-        importance = dimension_importance(names, study.user_attrs.get(BLOCK_IMPORTANCE_ATTR))
+        importance = dimension_importance(names, attrs.BLOCK_IMPORTANCE.get(study))
         if (
             importance is None
             and genome_of(study, self._genome) is not None
             and not _warned_uniform_importance
         ):
             _logger.warning(
-                "study has no %s: the importance prior is uniform", BLOCK_IMPORTANCE_ATTR
+                "study has no %s: the importance prior is uniform", attrs.BLOCK_IMPORTANCE
             )
             _warned_uniform_importance = True
         return importance
@@ -399,8 +402,8 @@ class SaasQnehviSampler(BaseSampler):
             seed=(0 if self._seed is None else self._seed) + len(data),
         )
         self.last_fit_seconds, self.last_acquisition_seconds = fit_seconds, acq_seconds
-        attrs = {FIT_SECONDS_ATTR: round(fit_seconds, 3), ACQ_SECONDS_ATTR: round(acq_seconds, 3)}
-        return [(cube.from_unit(point), dict(attrs)) for point in points]
+        timings = {FIT_SECONDS_ATTR: round(fit_seconds, 3), ACQ_SECONDS_ATTR: round(acq_seconds, 3)}
+        return [(cube.from_unit(point), dict(timings)) for point in points]
 
 
 def lengthscale_prior_locations(
