@@ -24,10 +24,8 @@ the same parent and renamed into place at the end, so an interrupted export leav
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mergeopt import attrs
 from mergeopt.errors import UserError
 from mergeopt.report import heldout_values, objective_names
+from mergeopt.staging import staged_folder
 
 if TYPE_CHECKING:
     import optuna
@@ -402,38 +401,28 @@ class HFModelWriter:
 def atomic_folder(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` that becomes ``out_dir`` when the block succeeds.
 
-    The temporary folder is hidden (``.NAME.tmp-<random>``) and removed on any exception; an
-    existing ``out_dir`` is replaced only with ``force`` and only after the new one is complete.
+    The temporary folder is hidden (``mergeopt.staging``: ``.NAME.tmp-<random>``) and removed
+    on any exception; an existing ``out_dir`` is replaced only with ``force`` and only after
+    the new one is complete.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; choose another --out or pass --force")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; --force replaces folders only")
-    parent = out_dir.parent
-    created = _first_missing_ancestor(parent)  # removed again if the export fails
-    token = uuid.uuid4().hex[:8]
-    staging = parent / f".{out_dir.name}.tmp-{token}"
+    created = _first_missing_ancestor(out_dir.parent)  # removed again if the export fails
+    entered = False
     try:
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            staging.mkdir()
-        except OSError as exc:
-            raise UserError(
-                f"export to {out_dir}: cannot create {staging.parent}: {_reason(exc)}"
-            ) from None
-        yield staging
-        if out_dir.exists():
-            retired = parent / f".{out_dir.name}.old-{token}"
-            os.replace(out_dir, retired)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        with staged_folder(out_dir, replace=force) as staging:
+            entered = True
+            yield staging
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
+        if not entered and isinstance(exc, OSError):
+            raise UserError(
+                f"export to {out_dir}: cannot create {out_dir.parent}: {_reason(exc)}"
+            ) from None
         if not isinstance(exc, UserError) and _is_write_failure(exc):
             raise UserError(f"export to {out_dir}: {_reason(exc)}") from None
         raise

@@ -15,11 +15,11 @@ import json
 import os
 import re
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
 from mergeopt.errors import UserError
+from mergeopt.staging import staged_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CACHE_ENV = "MERGEOPT_CACHE"
@@ -162,23 +162,19 @@ def convert_pickle_checkpoint(folder: Path, pickled: list[Path]) -> Path:
         ):
             raise UserError(f"{file}: expected a state dict of named tensors")
         tensors.update({name: tensor.contiguous().clone() for name, tensor in state.items()})
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        staging.mkdir(parents=True)
-        for file in folder.iterdir():
-            if (
-                file.is_file()
-                and file.suffix not in PICKLE_SUFFIXES
-                and not file.name.endswith(".bin.index.json")
-            ):
-                shutil.copy2(file, staging / file.name)
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        os.replace(staging, target)
+        with staged_folder(target) as staging:
+            for file in folder.iterdir():
+                if (
+                    file.is_file()
+                    and file.suffix not in PICKLE_SUFFIXES
+                    and not file.name.endswith(".bin.index.json")
+                ):
+                    shutil.copy2(file, staging / file.name)
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     except OSError as exc:
         raise UserError(
             f"model {folder}: cannot write its safetensors conversion to {target.parent} "
             f"({exc.strerror or exc.__class__.__name__}); set ${CACHE_ENV} to a writable folder"
         ) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

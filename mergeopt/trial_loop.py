@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mergeopt import attrs
 from mergeopt.optuna_compat import fixed_params, retry_history, storage_of, trial_id_of
 from mergeopt.runner import TrialRunner
+from mergeopt.seeds import derive_seed
 from mergeopt.storage import (
     DatabaseUnreachable,
     TrialHeartbeats,
@@ -330,7 +331,7 @@ def _no_kernel_build_lock(sampler_name: str) -> None:
 
 def _worker_seed(seed: int) -> int:
     # Distinct per process, so that independent samplers do not propose identical points.
-    return (seed * 1_000_003 + os.getpid()) % (2**31)
+    return derive_seed(seed, os.getpid())
 
 
 def _sampler_exhausted(study: optuna.Study) -> bool:
@@ -496,4 +497,4 @@ def _adopt_retry(study: optuna.Study, failed_number: int) -> int | None:
 
 
 def _trial_seed(runner: TrialRunner, trial: optuna.Trial) -> int:
-    return (runner.spec.seed * 1_000_003 + trial.number) % (2**31)
+    return derive_seed(runner.spec.seed, trial.number)

@@ -58,6 +58,7 @@ from mergeopt.samplers._state import (
     relative_search_space,
     write_json_state,
 )
+from mergeopt.seeds import derive_seed
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -189,8 +190,7 @@ class ScalarizedCmaEsSampler(BaseSampler):
         )
 
     def _generation_seed(self, generation: int) -> int:
-        base = 0 if self._seed is None else self._seed
-        return (base * 1_000_003 + generation) % (2**32)
+        return derive_seed(0 if self._seed is None else self._seed, generation, bits=32)
 
     def _restore(self, state: dict[str, Any]) -> Any:
         import cmaes

@@ -4,16 +4,14 @@ from it, their scores, all in a staging folder renamed into place at the end."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mergeopt.errors import UserError
+from mergeopt.staging import staged_folder
 from mergeopt.zoo import tasks as zoo_tasks
 from mergeopt.zoo.training import (
     ModelShape,
@@ -190,8 +188,6 @@ def build(
     started = time.perf_counter()
     out_dir = out_dir.absolute()
     _prepare_out_dir(out_dir, {"zoo.json", BASE_NAME, "tasks"})
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     seconds: dict[str, float] = {}
 
     def lap(phase: str) -> None:
@@ -201,79 +197,76 @@ def build(
     bars_were_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
-        rng = random.Random(seed)
-        splits = zoo_tasks.make_splits(
-            rng, split_size=recipe.split_size, eval_word_lengths=recipe.eval_word_lengths
-        )
-        (staging / "tasks").mkdir()
-        for task, records in zoo_tasks.task_records(rng, splits).items():
-            zoo_tasks.write_jsonl(staging / "tasks" / TASK_FILES[task], records)
-        tokenizer = make_tokenizer()
-        base_steps = batches(
-            tokenizer, _base_corpus(rng, splits, recipe), recipe.batch_size, rng=rng
-        )
-        experts = dict(zip(EXPERT_NAMES, (recipe.direct, recipe.steps), strict=True))
-        expert_steps = {
-            name: batches(
-                tokenizer,
-                _expert_corpus(rng, splits, expert, recipe.batch_size),
-                recipe.batch_size,
-                rng=rng,
+        with staged_folder(out_dir, replace=True) as staging:
+            rng = random.Random(seed)
+            splits = zoo_tasks.make_splits(
+                rng, split_size=recipe.split_size, eval_word_lengths=recipe.eval_word_lengths
             )
-            for name, expert in experts.items()
-        }
-        lap("data")
-        folders = {name: staging / name for name in (BASE_NAME, *EXPERT_NAMES)}
-        losses: dict[str, float] = {}
-        delta_norms: dict[str, float] = {}
-        with deterministic_torch(seed, threads=TRAINING_THREADS):
-            model = make_model(tokenizer, recipe.shape)
-            advance = progress.begin(f"pretraining {BASE_NAME}", len(base_steps))
-            losses[BASE_NAME] = train(
-                model,
-                base_steps,
-                lr=recipe.base_lr,
-                warmup_steps=recipe.warmup_steps,
-                advance=advance,
+            (staging / "tasks").mkdir()
+            for task, records in zoo_tasks.task_records(rng, splits).items():
+                zoo_tasks.write_jsonl(staging / "tasks" / TASK_FILES[task], records)
+            tokenizer = make_tokenizer()
+            base_steps = batches(
+                tokenizer, _base_corpus(rng, splits, recipe), recipe.batch_size, rng=rng
             )
-            _save(model, tokenizer, folders[BASE_NAME])
-            lap(BASE_NAME)
-            base_state = {k: v.clone() for k, v in model.state_dict().items()}
-            for name, expert in experts.items():
-                model.load_state_dict(base_state)
-                advance = progress.begin(f"fine-tuning {name}", len(expert_steps[name]))
-                losses[name] = train(
+            experts = dict(zip(EXPERT_NAMES, (recipe.direct, recipe.steps), strict=True))
+            expert_steps = {
+                name: batches(
+                    tokenizer,
+                    _expert_corpus(rng, splits, expert, recipe.batch_size),
+                    recipe.batch_size,
+                    rng=rng,
+                )
+                for name, expert in experts.items()
+            }
+            lap("data")
+            folders = {name: staging / name for name in (BASE_NAME, *EXPERT_NAMES)}
+            losses: dict[str, float] = {}
+            delta_norms: dict[str, float] = {}
+            with deterministic_torch(seed, threads=TRAINING_THREADS):
+                model = make_model(tokenizer, recipe.shape)
+                advance = progress.begin(f"pretraining {BASE_NAME}", len(base_steps))
+                losses[BASE_NAME] = train(
                     model,
-                    expert_steps[name],
-                    lr=expert.lr,
-                    warmup_steps=min(recipe.warmup_steps, max(1, expert.steps // 4)),
-                    layer_decay=expert.layer_decay,
+                    base_steps,
+                    lr=recipe.base_lr,
+                    warmup_steps=recipe.warmup_steps,
                     advance=advance,
                 )
-                delta_norms[name] = round(relative_delta_norm(base_state, model.state_dict()), 5)
-                _save(model, tokenizer, folders[name])
-                lap(name)
-        metrics: dict[str, dict[str, Any]] = {}
-        advance = progress.begin("scoring the models", 2 * len(folders))
-        for name, folder in folders.items():
-            metrics[name] = {}
-            for task, extract in (("arith", "last_number"), ("reverse", "exact")):
-                metrics[name][task] = score_model(
-                    folder,
-                    staging / "tasks" / TASK_FILES[f"{task}.heldout"],
-                    limit=recipe.eval_limit,
-                    extract=extract,
-                )
-                advance()
-            metrics[name]["final_train_loss"] = round(losses[name], 4)
-        progress.end()
-        lap("scoring")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                _save(model, tokenizer, folders[BASE_NAME])
+                lap(BASE_NAME)
+                base_state = {k: v.clone() for k, v in model.state_dict().items()}
+                for name, expert in experts.items():
+                    model.load_state_dict(base_state)
+                    advance = progress.begin(f"fine-tuning {name}", len(expert_steps[name]))
+                    losses[name] = train(
+                        model,
+                        expert_steps[name],
+                        lr=expert.lr,
+                        warmup_steps=min(recipe.warmup_steps, max(1, expert.steps // 4)),
+                        layer_decay=expert.layer_decay,
+                        advance=advance,
+                    )
+                    delta_norms[name] = round(
+                        relative_delta_norm(base_state, model.state_dict()), 5
+                    )
+                    _save(model, tokenizer, folders[name])
+                    lap(name)
+            metrics: dict[str, dict[str, Any]] = {}
+            advance = progress.begin("scoring the models", 2 * len(folders))
+            for name, folder in folders.items():
+                metrics[name] = {}
+                for task, extract in (("arith", "last_number"), ("reverse", "exact")):
+                    metrics[name][task] = score_model(
+                        folder,
+                        staging / "tasks" / TASK_FILES[f"{task}.heldout"],
+                        limit=recipe.eval_limit,
+                        extract=extract,
+                    )
+                    advance()
+                metrics[name]["final_train_loss"] = round(losses[name], 4)
+            progress.end()
+            lap("scoring")
     finally:
         if bars_were_enabled:
             transformers_logging.enable_progress_bar()
