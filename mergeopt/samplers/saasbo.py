@@ -15,11 +15,9 @@ Algorithm:
       Improvements to Expected Improvement", NeurIPS 2023; Daulton et al., qNEHVI, NeurIPS 2021)
       for several objectives, ``qLogNoisyExpectedImprovement`` for one; pruned baseline; the
       RUNNING and queued trials are pending points (asynchronous batches, as in AP-BMM).
-    - Acquisition optimization is the cost (measured here: 30-90 s per batch with
-      ``num_restarts=10, raw_samples=512, sequential=True``), so the defaults are smaller
-      (``num_restarts=4, raw_samples=256``, joint optimization of the q points) and the raw
-      starting points include the Pareto set (best point for one objective) jittered
-      ("warm starts").
+    - Acquisition optimization: ``num_restarts=4, raw_samples=256`` by default, the q points
+      optimized jointly, and the raw starting points include the Pareto set (best point for
+      one objective) jittered ("warm starts").
 
 Structural importance prior (``enable_importance_prior``): each dimension ``d`` belongs to a
 genome block ``b`` with importance ``I_b`` (study user attr ``mergeopt:block_importance``);
@@ -40,14 +38,8 @@ genome block ``b`` with importance ``I_b`` (study user attr ``mergeopt:block_imp
     Without importance in the study (or names that are not genome names) the prior is uniform
     (a warning is logged once for genome studies).
 
-    Why kappa = 2 (was 1): on the 37-D benchmark (``scripts/bench_samplers.py``, a prior
-    pointing at the 6 relevant of 37 blocks, ``n_startup_trials=8``, the ``pareto-nadir``
-    reference point, seeds 0, 1, 3, 4) it raised the hypervolume at 48 evaluations from 0.82 to
-    0.85 of the maximum (0.87 with ``n_startup_trials=4``). With ``n_startup_trials=4`` and
-    ``observed-worst``: 0.88 at 48 (seeds 0, 1, 2, 5). A prior pointing at 6 wrong blocks then
-    slows early progress (0.68 at 48 vs 0.79 without the prior) but not the end (0.89 at 88
-    either way); see ``docs/bench/samplers-2026-11-24.md``. Set ``importance_strength`` lower
-    when the importance is a weak signal, 0 to switch its effect off.
+    Set ``importance_strength`` lower when the importance is a weak signal, 0 to switch its
+    effect off. How the defaults were measured: ``docs/bench/samplers-2026-11-24.md``.
 
 Initial design: ``custom_initial_solutions`` first (``"0.55,0.8"`` = one value per searched
 parameter in genome order — weight, density — broadcast to every block and expert), then Sobol
@@ -138,9 +130,7 @@ class SaasQnehviSampler(BaseSampler):
             maximization form): ``"observed-worst"`` (default): the worst observed value minus
             10% of the observed range; ``"pareto-nadir"`` (BoTorch's ``infer_reference_point``,
             as Ax does): the worst value on the current Pareto front minus 10% of the front's
-            range. On the 37-D benchmark (``scripts/bench_samplers.py``, prior on, 4 seeds, one
-            machine) ``pareto-nadir`` reached 0.82 of the maximum hypervolume at 48
-            evaluations, ``observed-worst`` 0.87 (better on 3 of the 4 seeds).
+            range.
         prune_baseline: prune baseline points unlikely to be on the Pareto front.
         n_startup_trials: design points before the first fit.
         startup_design: ``"sobol"`` or ``"lhs"``.
@@ -151,8 +141,8 @@ class SaasQnehviSampler(BaseSampler):
         genome: the study's genome (else ``mergeopt:genome`` from the study).
         num_objectives: number of objectives (checked against ``ref_point``).
         num_threads: torch threads during fit and acquisition (restored afterwards); set 1
-            when several workers share the CPU cores: OpenMP threads that spin on
-            oversubscribed cores made one fit ~20x slower here.
+            when several workers share the CPU cores (OpenMP threads spin on oversubscribed
+            cores).
         lock_ttl_seconds, settle_seconds, poll_seconds: batch protocol timing.
 
     Example::
