@@ -632,9 +632,16 @@ def main() -> None:
         from typer._click import exceptions as click_exceptions
     except ImportError:
         from click import exceptions as click_exceptions
-    # Not every copy of click has Abort (typer 0.29's has not): a missing name here would turn
-    # every unexpected error into an AttributeError inside this handler.
-    abort = getattr(click_exceptions, "Abort", KeyboardInterrupt)
+    # Not every copy of click has Abort (typer 0.29's has not: its Abort, raised on Ctrl-C, is
+    # typer.exceptions.Abort); a missing name here would turn every unexpected error into an
+    # AttributeError inside this handler.
+    abort: type[BaseException]
+    try:
+        from typer.exceptions import Abort
+
+        abort = Abort
+    except ImportError:
+        abort = getattr(click_exceptions, "Abort", KeyboardInterrupt)
 
     try:
         code = app(standalone_mode=False)
