@@ -90,7 +90,8 @@ class TrialSystemAttr(str, Generic[T]):
 
     def set_on(self, study: optuna.Study, trial: FrozenTrial | int, value: T) -> None:
         trial_id = trial if isinstance(trial, int) else optuna_compat.trial_id_of(trial)
-        optuna_compat.storage_of(study).set_trial_system_attr(trial_id, str(self), value)
+        stored: Any = value  # JSON by construction of the accessor's type
+        optuna_compat.storage_of(study).set_trial_system_attr(trial_id, str(self), stored)
 
 
 # Study user_attrs, written by `study create` (and ANCHORS by the first worker)

@@ -12,12 +12,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from mergeopt.errors import UserError
-from mergeopt.export import PREFERENCE_RULE
+from mergeopt.export import PREFERENCE_RULE, ExportFormat
 
 if TYPE_CHECKING:
     from mergeopt.workers import RunSummary
@@ -469,7 +469,14 @@ def study_export(
         on=on,
     )
     written = export_trials(
-        study, trials, out, fmt=fmt, device=device, force=force, index=pareto, storage_url=url
+        study,
+        trials,
+        out,
+        fmt=cast("ExportFormat", fmt),  # checked against FORMATS above
+        device=device,
+        force=force,
+        index=pareto,
+        storage_url=url,
     )
     console = _console()
     for path in written:

@@ -370,7 +370,7 @@ class HFModelWriter:
         self.model = AutoModelForCausalLM.from_pretrained(
             self.base, dtype=getattr(torch, spec.scorer.dtype), trust_remote_code=remote
         )
-        self.model.to(device).eval()
+        self.model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to badly
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base, trust_remote_code=remote)
         self.engine = MergeEngine(
@@ -563,7 +563,7 @@ def _write_index(
     names = objective_names(study)
     directions = [d.name.lower() for d in study.directions]
     genome = stored_genome(study)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "trial": t.number,
             "folder": trial_folder_name(t),

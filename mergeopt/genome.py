@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from optuna.distributions import FloatDistribution
+    from optuna.distributions import BaseDistribution
 
 _PARAM_RE = re.compile(r"^b(\d+)\.e(\d+)\.([a-z_]+)$")
 
@@ -75,7 +75,7 @@ class Genome:
     def dimension(self) -> int:
         return self.num_blocks * self.num_experts * len(self.searched)
 
-    def distributions(self) -> dict[str, FloatDistribution]:
+    def distributions(self) -> dict[str, BaseDistribution]:
         # Imported here so that the merge engine can use genomes where optuna is absent.
         from optuna.distributions import FloatDistribution
 

@@ -128,7 +128,7 @@ def study_artifact_attrs(study: optuna.Study) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- storage hooks
 
-CreateTrial = Callable[[int, Any], "FrozenTrial"]
+CreateTrial = Callable[[int, "FrozenTrial | None"], "FrozenTrial"]
 SetTrialState = Callable[..., bool]
 
 
@@ -139,7 +139,10 @@ def wrap_trial_creation(storage: RDBStorage, wrap: Callable[[CreateTrial], Creat
     ``RDBStorage.create_new_trial`` and Optuna's cache around it create trials through the
     private ``_create_new_trial``; that is the one that is wrapped.
     """
-    storage._create_new_trial = wrap(storage._create_new_trial)  # type: ignore[method-assign]
+    # Replaced on this one storage object; callers always pass template_trial.
+    storage._create_new_trial = wrap(  # type: ignore[method-assign,assignment]
+        storage._create_new_trial
+    )
 
 
 def wrap_trial_state_changes(
@@ -203,6 +206,11 @@ def _session(backend: RDBStorage, *, ignore_integrity_error: bool = False) -> It
         yield session
 
 
+def _state_of(trial_row: Any) -> TrialState:
+    """A trial row's state (Optuna's models type their attributes as SQLAlchemy columns)."""
+    return cast("TrialState", trial_row.state)
+
+
 def claim_waiting_trial(backend: RDBStorage, trial_id: int) -> bool:
     """Move a WAITING trial to RUNNING with one conditional ``UPDATE ... WHERE state =
     WAITING`` (atomic on every backend, SQLite included); True when this call moved it.
@@ -233,7 +241,7 @@ def claim_waiting_trial(backend: RDBStorage, trial_id: int) -> bool:
         if result.rowcount == 1:
             return True
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        backend.check_trial_is_updatable(trial_id, trial.state)
+        backend.check_trial_is_updatable(trial_id, _state_of(trial))
         return False
 
 
@@ -364,7 +372,7 @@ def write_trial_rows(
     with _session(backend) as session:
         for trial_id in {trial_id for trial_id, *_ in params}:
             trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            backend.check_trial_is_updatable(trial_id, trial.state)
+            backend.check_trial_is_updatable(trial_id, _state_of(trial))
         session.add_all(
             models.TrialParamModel(
                 trial_id=trial_id,

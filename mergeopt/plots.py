@@ -246,6 +246,14 @@ def _front_targets(names: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- matplotlib
 
 
+def _set_size(axes: Any, width: float, height: float) -> None:
+    from matplotlib.figure import Figure
+
+    figure = axes.figure
+    assert isinstance(figure, Figure)  # Optuna's plots draw on a figure of their own
+    figure.set_size_inches(width, height)
+
+
 def _save(axes_or_figure: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -293,7 +301,7 @@ def _pareto_png(study: optuna.Study, path: Path) -> Path:
             )
         axes.legend(loc="best", fontsize="small")
     axes.set_title(f"Pareto front of study {study.study_name}")
-    axes.figure.set_size_inches(7, 5)
+    _set_size(axes, 7, 5)
     return _save(axes, path)
 
 
@@ -302,7 +310,7 @@ def _hypervolume_png(study: optuna.Study, path: Path) -> Path:
 
     axes = optuna_mpl.plot_hypervolume_history(study, reference_point=reference_point(study))
     axes.set_title(f"Hypervolume of study {study.study_name}")
-    axes.figure.set_size_inches(7, 4)
+    _set_size(axes, 7, 4)
     return _save(axes, path)
 
 

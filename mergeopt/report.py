@@ -81,10 +81,14 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
         for t in sorted(front, key=lambda t: t.number)
     ]
     throughput = None
-    finished = [t for t in complete if t.datetime_start and t.datetime_complete]
+    finished = [
+        (t.datetime_start, t.datetime_complete)
+        for t in complete
+        if t.datetime_start and t.datetime_complete
+    ]
     if len(finished) >= 2:
-        first = min(t.datetime_start for t in finished)
-        last = max(t.datetime_complete for t in finished)
+        first = min(start for start, _ in finished)
+        last = max(end for _, end in finished)
         minutes = (last - first).total_seconds() / 60
         throughput = round(len(finished) / minutes, 3) if minutes > 0 else None
     eval_seconds = [attrs.EVAL_SECONDS.get(t) for t in complete]

@@ -122,7 +122,7 @@ class TrialRunner:
             raise
         raw = result.values
         values = normalize_values(raw, self.anchors, self.spec.objectives) if self.anchors else raw
-        user_attrs = {
+        user_attrs: dict[str, Any] = {
             attrs.RECIPE: block_params,
             attrs.METRICS: result.metrics,
             attrs.MERGE_SECONDS: round(merge_seconds, 4),

@@ -450,14 +450,15 @@ def _tell_result(
         return TrialState.COMPLETE  # told by an attempt whose reply was lost
     target = trial_id_of(trial)
     if state != TrialState.RUNNING:
-        target = _adopt_retry(study, trial.number)
-        if target is None:
+        adopted = _adopt_retry(study, trial.number)
+        if adopted is None:
             logger.warning(
                 "trial %d was failed while its result was on the way; its candidate is "
                 "retried by another trial",
                 trial.number,
             )
             return TrialState.FAIL
+        target = adopted
     try:
         with batched_trial_writes(storage):
             for key, value in user_attrs.items():

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergeopt.errors import UserError
 
@@ -397,7 +397,7 @@ class _Progress:
         self.study = study
         self.n_trials = n_trials
         self.enabled = enabled
-        self._progress = None
+        self._progress: Any = None  # a rich Progress on a terminal
         self._task = None
         self._plain = False
         self._last_line = 0.0

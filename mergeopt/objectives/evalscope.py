@@ -155,7 +155,7 @@ def run_evalscope_objective(
         )
     report = reports[benchmark]
     summary = getattr(report, "execution_summary", None)
-    if summary is not None and getattr(summary, "errored", 0):
+    if summary is not None and getattr(summary, "errored", None):
         raise TrialEvaluationError(
             f"evalscope {benchmark}: {summary.errored} of {summary.requested} requests failed"
         )

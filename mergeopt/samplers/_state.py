@@ -92,10 +92,11 @@ class UnitCube:
 
     def __init__(self, search_space: Mapping[str, BaseDistribution]) -> None:
         self.names = list(search_space)
-        self.distributions = dict(search_space)
+        self.distributions: dict[str, FloatDistribution | IntDistribution] = {}
         lows, highs = [], []
-        for dist in search_space.values():
+        for name, dist in search_space.items():
             assert isinstance(dist, (FloatDistribution, IntDistribution))
+            self.distributions[name] = dist
             low, high = float(dist.low), float(dist.high)
             if dist.log:
                 low, high = math.log(low), math.log(high)
@@ -112,7 +113,7 @@ class UnitCube:
         values = []
         for name in self.names:
             value = float(params[name])
-            if self.distributions[name].log:  # type: ignore[union-attr]
+            if self.distributions[name].log:
                 value = math.log(value)
             values.append(value)
         return np.clip((np.array(values) - self._low) / (self._high - self._low), 0.0, 1.0)
@@ -124,7 +125,6 @@ class UnitCube:
         params: dict[str, Any] = {}
         for name, value in zip(self.names, raw.tolist(), strict=True):
             dist = self.distributions[name]
-            assert isinstance(dist, (FloatDistribution, IntDistribution))
             if dist.log:
                 value = math.exp(value)
             if dist.step is not None:

@@ -392,7 +392,10 @@ class SaasQnehviSampler(BaseSampler):
             seed=(0 if self._seed is None else self._seed) + len(data),
         )
         self.last_fit_seconds, self.last_acquisition_seconds = fit_seconds, acq_seconds
-        timings = {FIT_SECONDS_ATTR: round(fit_seconds, 3), ACQ_SECONDS_ATTR: round(acq_seconds, 3)}
+        timings: dict[str, Any] = {
+            FIT_SECONDS_ATTR: round(fit_seconds, 3),
+            ACQ_SECONDS_ATTR: round(acq_seconds, 3),
+        }
         return [(cube.from_unit(point), dict(timings)) for point in points]
 
 
@@ -437,7 +440,7 @@ def _fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scal
     return model
 
 
-def _fit_saas_model(train_x: Any, train_y: Any, scales: np.ndarray, nuts: dict[str, int]) -> Any:
+def _fit_saas_model(train_x: Any, train_y: Any, scales: np.ndarray, nuts: dict[str, Any]) -> Any:
     import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as numpyro_dist
@@ -516,6 +519,7 @@ def _propose_batch(
     sampler: SaasQnehviSampler,
     seed: int,
 ) -> tuple[np.ndarray, float, float]:
+    from botorch.acquisition import AcquisitionFunction
     from botorch.acquisition.logei import qLogNoisyExpectedImprovement
     from botorch.acquisition.multi_objective.logei import (
         qLogNoisyExpectedHypervolumeImprovement,
@@ -555,7 +559,7 @@ def _propose_batch(
             ref = derived_reference_point(y, sampler.ref_point_rule)
         else:
             ref = torch.as_tensor(ref_point, dtype=dtype)
-        acquisition = qLogNoisyExpectedHypervolumeImprovement(
+        acquisition: AcquisitionFunction = qLogNoisyExpectedHypervolumeImprovement(
             model=model,
             ref_point=ref.tolist(),
             X_baseline=x,

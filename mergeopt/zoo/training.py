@@ -78,14 +78,21 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of one token of the vocabulary."""
+    ids = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(ids, int)
+    return ids
+
+
 def make_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape) -> PreTrainedModel:
     """A freshly initialized model; head_dim 64 because vLLM's CPU attention rejects small head
     sizes such as 16."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    config = Qwen2Config(
+    eos_id, pad_id = token_id(tokenizer, EOS_TOKEN), token_id(tokenizer, PAD_TOKEN)
+    # head_dim and torch_dtype are config kwargs Qwen2Config's signature does not declare.
+    config = Qwen2Config(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -126,8 +133,7 @@ def batches(
     """
     import torch
 
-    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    eos_id, pad_id = token_id(tokenizer, EOS_TOKEN), token_id(tokenizer, PAD_TOKEN)
     rows: list[tuple[str, list[int], int]] = []
     for example in examples:
         prompt = tokenizer.encode(example.prompt, add_special_tokens=False)

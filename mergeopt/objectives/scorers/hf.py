@@ -71,7 +71,7 @@ class HFScorer(LoglikelihoodFromSequences):
             raise UserError(
                 f"model {self.model_dir}: cannot load with transformers: {first_line}"
             ) from None
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to badly
         self.model.requires_grad_(False)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

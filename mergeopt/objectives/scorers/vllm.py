@@ -91,7 +91,7 @@ class VLLMScorer(LoglikelihoodFromSequences):
         try:
             self.llm = LLM(
                 model=str(self.model_dir),
-                dtype=dtype,
+                dtype=dtype,  # type: ignore[arg-type]  # ScorerSpec's dtypes are vLLM's
                 gpu_memory_utilization=gpu_memory_utilization,
                 trust_remote_code=trust_remote_code,
                 seed=seed,
@@ -257,7 +257,9 @@ class VLLMScorer(LoglikelihoodFromSequences):
 
         try:
             self.llm.generate(
-                [{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), use_tqdm=False
+                [{"prompt_token_ids": [0]}],  # type: ignore[arg-type]  # a TokensPrompt dict
+                SamplingParams(max_tokens=1),
+                use_tqdm=False,
             )
         except Exception:  # noqa: BLE001 - any failure means "rebuild the scorer"
             return False
