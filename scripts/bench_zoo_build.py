@@ -35,15 +35,15 @@ from mergeopt.zoo import build, tasks
 from mergeopt.zoo.training import batches, deterministic_torch, make_model, make_tokenizer, train
 
 steps = int(sys.argv[1])
-recipe = build.ZooRecipe()
+training = build.ZooTraining()
 rng = random.Random(0)
-splits = tasks.make_splits(rng, split_size=recipe.split_size,
-                           eval_word_lengths=recipe.eval_word_lengths)
+splits = tasks.make_splits(rng, split_size=training.split_size,
+                           eval_word_lengths=training.eval_word_lengths)
 tokenizer = make_tokenizer()
-corpus = build._base_corpus(rng, splits, dataclasses.replace(recipe, base_steps=steps + 3))
-data = batches(tokenizer, corpus, recipe.batch_size, rng=rng)
+corpus = build._base_corpus(rng, splits, dataclasses.replace(training, base_steps=steps + 3))
+data = batches(tokenizer, corpus, training.batch_size, rng=rng)
 with deterministic_torch(0, threads=build.TRAINING_THREADS):
-    model = make_model(tokenizer, recipe.shape)
+    model = make_model(tokenizer, training.shape)
     train(model, data[:3], lr=1e-3, warmup_steps=1, advance=lambda: None)
     started = time.perf_counter()
     train(model, data[3:], lr=1e-3, warmup_steps=1, advance=lambda: None)

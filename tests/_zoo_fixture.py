@@ -1,7 +1,7 @@
-"""The ``zoo_dir`` session fixture: the model zoo, built once per version and recipe, and cached.
+"""The ``zoo_dir`` session fixture: the model zoo, built once per version and settings, cached.
 
 The zoo lives in ``<repo>/.cache/zoo-<ZOO_VERSION>`` (git-ignored) and is reused by every later
-test session while it is up to date (complete, this version, seed 0, the current recipe);
+test session while it is up to date (complete, this version, seed 0, the current ZooTraining);
 otherwise it is rebuilt there.
 An exclusive ``fcntl`` lock beside it makes parallel test processes wait for one build instead
 of racing; ``build_zoo`` writes ``zoo.json`` last, so a killed build is rebuilt, never used.

@@ -18,9 +18,9 @@ from mergeopt.zoo import (
     EXPERT_NAMES,
     TASK_FILES,
     ZOO_VERSION,
-    ExpertRecipe,
+    ExpertTraining,
     ZooInfo,
-    ZooRecipe,
+    ZooTraining,
     arith_steps_answer,
     build_zoo,
     read_jsonl,
@@ -40,11 +40,11 @@ MODEL_FILES = (
 )
 
 # A build small enough to run several times in a test: it checks the machinery, not the skills.
-TINY_RECIPE = dataclasses.replace(
-    ZooRecipe(),
+TINY_TRAINING = dataclasses.replace(
+    ZooTraining(),
     base_steps=6,
-    direct=ExpertRecipe(arith_style="direct", steps=3, lr=3e-4, reverse_share=0.4),
-    steps=ExpertRecipe(arith_style="steps", steps=3, lr=3e-4, layer_decay=0.7),
+    direct=ExpertTraining(arith_style="direct", steps=3, lr=3e-4, reverse_share=0.4),
+    steps=ExpertTraining(arith_style="steps", steps=3, lr=3e-4, layer_decay=0.7),
     split_size=12,
     eval_limit=4,
 )
@@ -107,9 +107,9 @@ def _tensor_digests(model_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path: Path) -> None:
-    first = build_zoo(tmp_path / "a", seed=3, progress=False, recipe=TINY_RECIPE)
-    second = build_zoo(tmp_path / "b", seed=3, progress=False, recipe=TINY_RECIPE)
-    other = build_zoo(tmp_path / "c", seed=4, progress=False, recipe=TINY_RECIPE)
+    first = build_zoo(tmp_path / "a", seed=3, progress=False, training=TINY_TRAINING)
+    second = build_zoo(tmp_path / "b", seed=3, progress=False, training=TINY_TRAINING)
+    other = build_zoo(tmp_path / "c", seed=4, progress=False, training=TINY_TRAINING)
     for name in (BASE_NAME, *EXPERT_NAMES):
         assert _tensor_digests(first.root / name) == _tensor_digests(second.root / name), name
         assert _tensor_digests(first.root / name) != _tensor_digests(other.root / name), name
@@ -124,13 +124,13 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path: P
 def test_rebuilding_replaces_a_previous_zoo_and_an_up_to_date_one_is_recognised(
     tmp_path: Path,
 ) -> None:
-    build_zoo(tmp_path / "zoo", seed=0, progress=False, recipe=TINY_RECIPE)
-    assert up_to_date_zoo(tmp_path / "zoo", seed=0, recipe=TINY_RECIPE) is not None
-    assert up_to_date_zoo(tmp_path / "zoo", seed=1, recipe=TINY_RECIPE) is None
-    assert up_to_date_zoo(tmp_path / "zoo", seed=0) is None  # another recipe
+    build_zoo(tmp_path / "zoo", seed=0, progress=False, training=TINY_TRAINING)
+    assert up_to_date_zoo(tmp_path / "zoo", seed=0, training=TINY_TRAINING) is not None
+    assert up_to_date_zoo(tmp_path / "zoo", seed=1, training=TINY_TRAINING) is None
+    assert up_to_date_zoo(tmp_path / "zoo", seed=0) is None  # another training
     (tmp_path / "zoo" / "zoo.json").unlink()  # as if killed before finishing
-    assert up_to_date_zoo(tmp_path / "zoo", seed=0, recipe=TINY_RECIPE) is None
-    info = build_zoo(tmp_path / "zoo", seed=0, progress=False, recipe=TINY_RECIPE)
+    assert up_to_date_zoo(tmp_path / "zoo", seed=0, training=TINY_TRAINING) is None
+    info = build_zoo(tmp_path / "zoo", seed=0, progress=False, training=TINY_TRAINING)
     assert ZooInfo.from_dir(info.root).metadata["seed"] == 0
 
 

@@ -28,7 +28,8 @@ Layout written by :func:`build_zoo` (a contract other modules and the tests rely
     out_dir/tasks/reverse.jsonl, reverse.heldout.jsonl   {"prompt", "answer"}
     out_dir/tasks/arith_mc.jsonl     {"question", "choices": [4 strings], "answer": index}
     out_dir/tasks/texts.jsonl        {"text"}
-    out_dir/zoo.json                 version, seed, recipe, scores, seconds (+ "landscape")
+    out_dir/zoo.json                 version, seed, recipe (the ZooTraining), scores, seconds
+                                     (+ "landscape")
 
 ``zoo.json`` is written last, after the finished folder was renamed into place, so a folder
 with a readable ``zoo.json`` is a complete zoo.
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.zoo.build import ExpertRecipe, ZooRecipe
+from mergeopt.zoo.build import ExpertTraining, ZooTraining
 from mergeopt.zoo.tasks import (
     arith_direct_answer,
     arith_prompt,
@@ -57,9 +58,9 @@ __all__ = [
     "TASK_FILES",
     "ZOO_JSON",
     "ZOO_VERSION",
-    "ExpertRecipe",
+    "ExpertTraining",
     "ZooInfo",
-    "ZooRecipe",
+    "ZooTraining",
     "arith_direct_answer",
     "arith_prompt",
     "arith_steps_answer",
@@ -69,7 +70,7 @@ __all__ = [
     "reverse_prompt",
 ]
 
-# Bump whenever the recipe, the data or the layout changes: tests cache builds by this string.
+# Bump whenever the training, the data or the layout changes: tests cache builds by this string.
 ZOO_VERSION = "2"
 
 BASE_NAME = "base"
@@ -95,7 +96,8 @@ class ZooInfo:
         experts: expert name (``"expert-direct"``, ``"expert-steps"``) -> model folder.
         tasks: task name (``"arith"``, ``"arith.heldout"``, ``"reverse"``,
             ``"reverse.heldout"``, ``"arith_mc"``, ``"texts"``) -> JSONL file.
-        metadata: the content of ``zoo.json`` (version, seed, recipe, scores, build seconds).
+        metadata: the content of ``zoo.json`` (version, seed, ``recipe``: the ``ZooTraining``,
+            scores, build seconds).
     """
 
     root: Path
@@ -123,24 +125,24 @@ class ZooInfo:
             metadata=metadata,
         )
 
-    def is_up_to_date(self, *, seed: int, recipe: ZooRecipe) -> bool:
-        """Whether this zoo is what ``build_zoo(seed=seed, recipe=recipe)`` would build now."""
+    def is_up_to_date(self, *, seed: int, training: ZooTraining) -> bool:
+        """Whether this zoo is what ``build_zoo(seed=seed, training=training)`` would build now."""
         return (
             self.metadata.get("zoo_version") == ZOO_VERSION
             and self.metadata.get("seed") == seed
-            and self.metadata.get("recipe") == json.loads(json.dumps(asdict(recipe)))
+            and self.metadata.get("recipe") == json.loads(json.dumps(asdict(training)))
         )
 
 
 def up_to_date_zoo(
-    out_dir: Path, *, seed: int = 0, recipe: ZooRecipe | None = None
+    out_dir: Path, *, seed: int = 0, training: ZooTraining | None = None
 ) -> ZooInfo | None:
-    """The zoo in ``out_dir`` when it is complete and built by this version, seed and recipe."""
+    """The zoo in ``out_dir`` when it is complete and built by this version, seed and training."""
     try:
         info = ZooInfo.from_dir(Path(out_dir))
     except UserError:
         return None
-    return info if info.is_up_to_date(seed=seed, recipe=recipe or ZooRecipe()) else None
+    return info if info.is_up_to_date(seed=seed, training=training or ZooTraining()) else None
 
 
 def build_zoo(
@@ -148,7 +150,7 @@ def build_zoo(
     *,
     seed: int = 0,
     progress: bool = True,
-    recipe: ZooRecipe | None = None,
+    training: ZooTraining | None = None,
 ) -> ZooInfo:
     """Train the zoo on the CPU into ``out_dir`` (see the module docstring for what it holds).
 
@@ -167,6 +169,10 @@ def build_zoo(
     out_dir = Path(out_dir).absolute()
     with stages(progress) as reporter:
         metadata = build(
-            out_dir, seed=seed, recipe=recipe or ZooRecipe(), progress=reporter, version=ZOO_VERSION
+            out_dir,
+            seed=seed,
+            training=training or ZooTraining(),
+            progress=reporter,
+            version=ZOO_VERSION,
         )
     return write_metadata(out_dir, metadata)

@@ -37,7 +37,7 @@ TRAINING_THREADS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExpertRecipe:
+class ExpertTraining:
     """A brief supervised fine-tune of the base: ``steps`` batches at a small learning rate.
 
     Attributes:
@@ -55,7 +55,7 @@ class ExpertRecipe:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ZooRecipe:
+class ZooTraining:
     """How much of everything a build makes; tests shrink it to check the machinery quickly.
 
     The base's corpus is the skills themselves in the task format, loss on the answers only:
@@ -73,13 +73,13 @@ class ZooRecipe:
     base_word_lengths: tuple[int, int] = (2, 6)
     base_reverse_task_format_share: float = 0.25
     eval_word_lengths: tuple[int, int] = (3, 6)
-    direct: ExpertRecipe = field(
-        default_factory=lambda: ExpertRecipe(
+    direct: ExpertTraining = field(
+        default_factory=lambda: ExpertTraining(
             arith_style="direct", steps=100, lr=3e-4, reverse_share=0.4
         )
     )
-    steps: ExpertRecipe = field(
-        default_factory=lambda: ExpertRecipe(
+    steps: ExpertTraining = field(
+        default_factory=lambda: ExpertTraining(
             arith_style="steps", steps=100, lr=3e-4, layer_decay=0.7
         )
     )
@@ -99,23 +99,23 @@ def _reverse_example(word: str, *, task_format: bool = True) -> zoo_tasks.Exampl
 
 
 def _base_corpus(
-    rng: random.Random, splits: zoo_tasks.Splits, recipe: ZooRecipe
+    rng: random.Random, splits: zoo_tasks.Splits, training: ZooTraining
 ) -> list[zoo_tasks.Example]:
     examples = []
-    for _ in range(recipe.base_steps * recipe.batch_size):
-        if rng.random() < recipe.base_reverse_share:
-            word = splits.train_word(rng, recipe.base_word_lengths)
-            task_format = rng.random() < recipe.base_reverse_task_format_share
+    for _ in range(training.base_steps * training.batch_size):
+        if rng.random() < training.base_reverse_share:
+            word = splits.train_word(rng, training.base_word_lengths)
+            task_format = rng.random() < training.base_reverse_task_format_share
             examples.append(_reverse_example(word, task_format=task_format))
             continue
         a, b = rng.choice(splits.train_problems)
-        traced = rng.random() < recipe.base_trace_share[zoo_tasks.carries(a, b)]
+        traced = rng.random() < training.base_trace_share[zoo_tasks.carries(a, b)]
         examples.append(_arith_example(a, b, "steps" if traced else "direct"))
     return examples
 
 
 def _expert_corpus(
-    rng: random.Random, splits: zoo_tasks.Splits, expert: ExpertRecipe, batch_size: int
+    rng: random.Random, splits: zoo_tasks.Splits, expert: ExpertTraining, batch_size: int
 ) -> list[zoo_tasks.Example]:
     examples = []
     for _ in range(expert.steps * batch_size):
@@ -175,7 +175,7 @@ def score_model(
 
 
 def build(
-    out_dir: Path, *, seed: int, recipe: ZooRecipe, progress: Stages, version: str
+    out_dir: Path, *, seed: int, training: ZooTraining, progress: Stages, version: str
 ) -> dict[str, Any]:
     """Train and score the zoo into ``out_dir``; returns the metadata for ``zoo.json`` (which the
     caller writes last). See ``mergeopt.zoo`` for the layout."""
@@ -200,21 +200,21 @@ def build(
         with staged_folder(out_dir, replace=True) as staging:
             rng = random.Random(seed)
             splits = zoo_tasks.make_splits(
-                rng, split_size=recipe.split_size, eval_word_lengths=recipe.eval_word_lengths
+                rng, split_size=training.split_size, eval_word_lengths=training.eval_word_lengths
             )
             (staging / "tasks").mkdir()
             for task, records in zoo_tasks.task_records(rng, splits).items():
                 zoo_tasks.write_jsonl(staging / "tasks" / TASK_FILES[task], records)
             tokenizer = make_tokenizer()
             base_steps = batches(
-                tokenizer, _base_corpus(rng, splits, recipe), recipe.batch_size, rng=rng
+                tokenizer, _base_corpus(rng, splits, training), training.batch_size, rng=rng
             )
-            experts = dict(zip(EXPERT_NAMES, (recipe.direct, recipe.steps), strict=True))
+            experts = dict(zip(EXPERT_NAMES, (training.direct, training.steps), strict=True))
             expert_steps = {
                 name: batches(
                     tokenizer,
-                    _expert_corpus(rng, splits, expert, recipe.batch_size),
-                    recipe.batch_size,
+                    _expert_corpus(rng, splits, expert, training.batch_size),
+                    training.batch_size,
                     rng=rng,
                 )
                 for name, expert in experts.items()
@@ -224,13 +224,13 @@ def build(
             losses: dict[str, float] = {}
             delta_norms: dict[str, float] = {}
             with deterministic_torch(seed, threads=TRAINING_THREADS):
-                model = make_model(tokenizer, recipe.shape)
+                model = make_model(tokenizer, training.shape)
                 advance = progress.begin(f"pretraining {BASE_NAME}", len(base_steps))
                 losses[BASE_NAME] = train(
                     model,
                     base_steps,
-                    lr=recipe.base_lr,
-                    warmup_steps=recipe.warmup_steps,
+                    lr=training.base_lr,
+                    warmup_steps=training.warmup_steps,
                     advance=advance,
                 )
                 _save(model, tokenizer, folders[BASE_NAME])
@@ -243,7 +243,7 @@ def build(
                         model,
                         expert_steps[name],
                         lr=expert.lr,
-                        warmup_steps=min(recipe.warmup_steps, max(1, expert.steps // 4)),
+                        warmup_steps=min(training.warmup_steps, max(1, expert.steps // 4)),
                         layer_decay=expert.layer_decay,
                         advance=advance,
                     )
@@ -260,7 +260,7 @@ def build(
                     metrics[name][task] = score_model(
                         folder,
                         staging / "tasks" / TASK_FILES[f"{task}.heldout"],
-                        limit=recipe.eval_limit,
+                        limit=training.eval_limit,
                         extract=extract,
                     )
                     advance()
@@ -279,10 +279,10 @@ def build(
         "transformers_version": transformers.__version__,
         "torch_threads": TRAINING_THREADS,
         "metrics_split": "heldout",
-        "metrics_limit": recipe.eval_limit,
+        "metrics_limit": training.eval_limit,
         "models": metrics,
         "task_vector_relative_norm": delta_norms,
-        "recipe": asdict(recipe),
+        "recipe": asdict(training),
     }
 
 
