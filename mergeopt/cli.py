@@ -536,12 +536,11 @@ def study_list(storage: StorageOption = None) -> None:
     for column in ("name", "objectives", "trials", "started"):
         table.add_column(column)
     for summary in summaries:
-        names = optuna.load_study(study_name=summary.study_name, storage=backend).metric_names
+        stored = optuna.load_study(study_name=summary.study_name, storage=backend).metric_names
+        names: list[str | None] = list(stored) if stored else [None] * len(summary.directions)
         objectives = ", ".join(
             f"{name or f'objective {i}'} {'↑' if d.name == 'MAXIMIZE' else '↓'}"
-            for i, (name, d) in enumerate(
-                zip(names or [None] * len(summary.directions), summary.directions, strict=True)
-            )
+            for i, (name, d) in enumerate(zip(names, summary.directions, strict=True))
         )
         started = (
             summary.datetime_start.strftime("%Y-%m-%d %H:%M") if summary.datetime_start else ""
@@ -637,8 +636,8 @@ def main() -> None:
     the file that holds its traceback, and exit code 1."""
     try:  # typer >= 0.25 ships its own copy of click
         from typer._click import exceptions as click_exceptions
-    except ImportError:
-        from click import exceptions as click_exceptions
+    except ImportError:  # the same module of click itself
+        from click import exceptions as click_exceptions  # type: ignore[no-redef]
     # Not every copy of click has Abort (typer 0.29's has not: its Abort, raised on Ctrl-C, is
     # typer.exceptions.Abort); a missing name here would turn every unexpected error into an
     # AttributeError inside this handler.

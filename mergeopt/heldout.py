@@ -20,6 +20,7 @@ from mergeopt import attrs
 from mergeopt.errors import UserError
 from mergeopt.optuna_compat import trial_id_of
 from mergeopt.report import objective_names
+from mergeopt.seeds import derive_seed
 
 if TYPE_CHECKING:
     import optuna
@@ -97,7 +98,6 @@ def evaluate_heldout(
     from mergeopt.progress import stages
     from mergeopt.runner import TrialRunner
     from mergeopt.storage import set_finished_trial_user_attrs
-    from mergeopt.trial_loop import _trial_seed
 
     names = objective_names(study)
     results: list[HeldoutResult] = []
@@ -109,7 +109,12 @@ def evaluate_heldout(
             for trial in trials:
                 # The seed the trial was merged with; trials stored without one get the seed
                 # the worker loop derives for that number.
-                seed = int(trial.user_attrs.get(attrs.SEED, _trial_seed(runner, trial)))
+                stored_seed = attrs.SEED.get(trial)
+                seed = (
+                    int(stored_seed)
+                    if stored_seed is not None
+                    else derive_seed(runner.spec.seed, trial.number)
+                )
                 try:
                     values, user_attrs = runner.evaluate(trial.params, seed=seed)
                 except TrialEvaluationError as exc:
