@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
+from mergeopt.optuna_compat import storage_of, trial_id_of
 
 if TYPE_CHECKING:
     import optuna
@@ -388,10 +389,10 @@ def _finished_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.Fr
     (``trial_loop._adopt_retry``), that copy."""
     from optuna.trial import TrialState
 
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = storage_of(study).get_trial(trial_id_of(trial))
     # An evaluation that failed says why; a trial failed as stale by another worker does not.
     if frozen.state == TrialState.FAIL and attrs.FAIL_REASON not in frozen.user_attrs:
         for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.user_attrs.get("mergeopt:adopted_from") == frozen.number:
+            if attrs.ADOPTED_FROM.get(other) == frozen.number:
                 return other
     return frozen
