@@ -278,7 +278,7 @@ def finish_unfinished_trial(
         )
         if result.rowcount != 1:
             trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            backend.check_trial_is_updatable(trial_id, trial.state)
+            backend.check_trial_is_updatable(trial_id, _state_of(trial))
             return False  # not reached: a trial that is not unfinished is finished
         for objective, value in enumerate(values or ()):
             stored, value_type = models.TrialValueModel.value_to_stored_repr(value)
