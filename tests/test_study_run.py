@@ -133,7 +133,12 @@ def test_readme_demo_ends_with_a_front_that_holds_merges(
     front = study.best_trials
     assert len(front) >= 4, [t.values for t in front]
     assert any(t.params not in experts for t in front), "no merge on the front"
-    assert "1 (expert-steps)" in result.stdout  # the most accurate: on every front
+    # Experts on the front are labelled by name (a merge may dominate either, as the workers'
+    # samplers are seeded by process id: which trials make the front varies between runs).
+    names = {0: "expert-direct", 1: "expert-steps"}
+    for trial in front:
+        if trial.params in experts:
+            assert f"{trial.number} ({names[experts.index(trial.params)]})" in result.stdout
     assert "no merge beats the experts" not in result.stdout
 
 
