@@ -280,6 +280,10 @@ def run_workers(
                         summary.user_errors.append(devices[slot])
                     elif code == DATABASE_EXIT:
                         summary.database_unreachable.append(devices[slot])
+                    elif code == INTERRUPTED_EXIT and not done:
+                        # The terminal's Ctrl-C reached the worker before this process
+                        # raised its own KeyboardInterrupt: the run was interrupted, no work lost.
+                        summary.interrupted = True
                     elif code in EXPECTED_EXITS:
                         pass
                     elif done:
