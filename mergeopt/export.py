@@ -36,6 +36,7 @@ from mergeopt import attrs
 from mergeopt.errors import UserError
 from mergeopt.report import heldout_values, objective_names
 from mergeopt.staging import staged_folder
+from mergeopt.study import complete_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -104,18 +105,7 @@ def select_trials(
     name = study.study_name
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if trial is not None:
-        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-        if trial not in by_number:
-            count = len(by_number)
-            known = f"trials 0..{count - 1}" if count else "no trials"
-            raise UserError(f"study {name!r} has no trial {trial} ({known})")
-        found = by_number[trial]
-        if found.state != TrialState.COMPLETE:
-            raise UserError(
-                f"trial {trial} of study {name!r} is {found.state.name}; only COMPLETE trials "
-                "can be exported"
-            )
-        return [found]
+        return [complete_trial(study, trial, done_to_it="be exported")]
     if not complete:
         raise UserError(f"study {name!r} has no COMPLETE trials to export")
     names = objective_names(study)

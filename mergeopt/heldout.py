@@ -21,6 +21,7 @@ from mergeopt.errors import UserError
 from mergeopt.optuna_compat import trial_id_of
 from mergeopt.report import objective_names
 from mergeopt.seeds import derive_seed
+from mergeopt.study import complete_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -45,7 +46,6 @@ def choose_trials(
     study: optuna.Study, *, pareto: bool, numbers: Sequence[int]
 ) -> list[FrozenTrial]:
     """The Pareto trials, or the COMPLETE trials of those numbers (in the order given, once)."""
-    from optuna.trial import TrialState
 
     if pareto == bool(numbers):
         raise UserError("choose the trials: --pareto, or --trial N (repeatable)")
@@ -55,18 +55,9 @@ def choose_trials(
         if not front:
             raise UserError(f"study {name!r} has no COMPLETE trials to evaluate")
         return front
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     chosen: list[FrozenTrial] = []
     for number in dict.fromkeys(numbers):
-        if number not in by_number:
-            known = f"trials 0..{len(by_number) - 1}" if by_number else "no trials"
-            raise UserError(f"study {name!r} has no trial {number} ({known})")
-        trial = by_number[number]
-        if trial.state != TrialState.COMPLETE:
-            raise UserError(
-                f"trial {number} of study {name!r} is {trial.state.name}; only COMPLETE trials "
-                "can be evaluated on the held-out split"
-            )
+        trial = complete_trial(study, number, done_to_it="be evaluated on the held-out split")
         chosen.append(trial)
     return chosen
 

@@ -29,6 +29,7 @@ from mergeopt.storage import (
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
 
 # --------------------------------------------------------------------------- creation
@@ -244,3 +245,22 @@ def stored_layout(study: optuna.Study) -> BlockLayout:
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     """Number of trials per state name (COMPLETE, RUNNING, FAIL, WAITING, PRUNED)."""
     return count_trials(study)
+
+
+def complete_trial(study: optuna.Study, number: int, *, done_to_it: str) -> FrozenTrial:
+    """Trial ``number`` of ``study``, which must exist and be COMPLETE; otherwise a one-line
+    ``UserError`` saying what only COMPLETE trials can ``done_to_it`` (e.g. "be exported")."""
+    from optuna.trial import TrialState
+
+    name = study.study_name
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in by_number:
+        known = f"trials 0..{len(by_number) - 1}" if by_number else "no trials"
+        raise UserError(f"study {name!r} has no trial {number} ({known})")
+    trial = by_number[number]
+    if trial.state != TrialState.COMPLETE:
+        raise UserError(
+            f"trial {number} of study {name!r} is {trial.state.name}; only COMPLETE trials "
+            f"can {done_to_it}"
+        )
+    return trial
