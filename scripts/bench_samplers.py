@@ -30,7 +30,9 @@ experts themselves are the first two trials (``enqueue_experts: true``, as in
 ``studies/tiny.yaml``), for every sampler.
 
 Model-based samplers (saasbo-qnehvi, Optuna's ``gp``, optuna-integration's ``BoTorchSampler``
-with its default qLogNEHVI candidates function) start with ``STARTUP`` = 4 design points;
+with its default qLogNEHVI candidates function, and the baselines ``sipbmm-reference`` and
+``ap-bmm`` of ``scripts/sipbmm_reference.py``: the optimizer the SIPBMM / AP-BMM authors released,
+given the same importance as ``saasbo-prior``) start with ``STARTUP`` = 4 random points;
 saasbo-qnehvi otherwise runs with its defaults (MAP mode).
 
 Every sampler is run as 4 workers would run it: 4 asks, then 4 tells (Optuna's samplers see the
@@ -80,8 +82,11 @@ SAMPLERS = (
     "tpe",
     "gp",
     "botorch",
+    "sipbmm-reference",
+    "ap-bmm",
     "random",
 )
+IMPORTANCE_READERS = ("saasbo-prior", "saasbo-misleading", "sipbmm-reference", "ap-bmm")
 
 
 def problem(seed: int) -> dict[str, Any]:
@@ -151,6 +156,13 @@ def make_sampler(
 
         # Its pending-point handling, off by default: this benchmark asks 4 before telling.
         return BoTorchSampler(n_startup_trials=STARTUP, seed=seed, consider_running_trials=True)
+    if name in ("sipbmm-reference", "ap-bmm"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sipbmm_reference import SipbmmReferenceSampler
+
+        return SipbmmReferenceSampler(
+            seed=seed, n_startup_trials=STARTUP, batch_size=BATCH, rerank=name == "ap-bmm"
+        )
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=STARTUP)
     return create_sampler(name, {}, seed=seed, genome=genome, num_objectives=2)
@@ -184,7 +196,7 @@ def run_one(
     target = prob["wrong"] if name == "saasbo-misleading" else prob["relevant"]
     for d in target:
         importance[d] = 1.0
-    if name in ("saasbo-prior", "saasbo-misleading"):
+    if name in IMPORTANCE_READERS:
         study.set_user_attr("mergeopt:block_importance", importance)
     names = genome.param_names
     best, ref = true_hypervolume(prob)
