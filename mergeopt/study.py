@@ -19,13 +19,13 @@ from mergeopt.errors import UserError
 from mergeopt.genome import Genome
 from mergeopt.spec import StudySpec
 from mergeopt.storage import (
-    count_trials,
     load_study,
     mask_url,
     open_storage,
     remove_sqlite_file,
     sqlite_file,
 )
+from mergeopt.trial_io import count_trials
 
 if TYPE_CHECKING:
     import optuna

@@ -316,7 +316,8 @@ def test_a_study_without_complete_trials_has_no_front_to_evaluate() -> None:
 def test_attrs_of_a_finished_trial_are_written_and_overwritten_in_place(
     backend: str, request: pytest.FixtureRequest
 ) -> None:
-    from mergeopt.storage import open_storage, set_finished_trial_user_attrs
+    from mergeopt.storage import open_storage
+    from mergeopt.trial_io import set_finished_trial_user_attrs
 
     url = request.getfixturevalue(backend)
     name = f"finished-{backend}"
