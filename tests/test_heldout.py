@@ -21,7 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
-from mergeopt.export import select_trials
+from mergeopt.export_choice import select_trials
 from tests.conftest import run_cli, tiny_spec, write_spec
 
 ITEMS = 12

@@ -11,7 +11,8 @@ import typer
 from mergeopt.cli.common import StorageOption, new_console, one_device, study_app
 from mergeopt.cli.study_output import print_status, refresh_dashboard
 from mergeopt.errors import UserError
-from mergeopt.export import PREFERENCE_RULE, ExportFormat
+from mergeopt.export import ExportFormat
+from mergeopt.export_choice import PREFERENCE_RULE
 
 
 @study_app.command("evaluate")
@@ -117,7 +118,8 @@ def study_export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     storage: StorageOption = None,
 ) -> None:
-    from mergeopt.export import FORMATS, export_trials, parse_preference, select_trials
+    from mergeopt.export import FORMATS, export_trials
+    from mergeopt.export_choice import parse_preference, select_trials
     from mergeopt.storage import load_study, resolve_storage_url
 
     if fmt not in FORMATS:
