@@ -43,24 +43,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from mergeopt import attrs
 from mergeopt.attrs import TrialUserAttr, sampler_prefix
-from mergeopt.optuna_compat import is_enqueued
 from mergeopt.samplers._state import (
-    BatchCoordinator,
     Candidate,
     UnitCube,
     dimension_importance,
     genome_of,
     numerical_space,
-    relative_search_space,
     trial_unit_params,
 )
+from mergeopt.samplers.base import BatchedGenomeSampler, design_index
 from mergeopt.samplers.saasbo_acquisition import propose_batch
 
 if TYPE_CHECKING:
@@ -93,7 +89,7 @@ def parse_initial_solutions(solutions: str | Sequence[str] | None) -> list[list[
     return parsed
 
 
-class SaasQnehviSampler(BaseSampler):
+class SaasQnehviSampler(BatchedGenomeSampler):
     """Batched multi-objective BO (SAAS or MAP GPs + qLogNEHVI) shared by many workers.
 
     Args:
@@ -221,35 +217,16 @@ class SaasQnehviSampler(BaseSampler):
         self.enable_importance_prior = bool(enable_importance_prior)
         self.importance_strength = float(importance_strength)
         self.lengthscale_prior_scale = float(lengthscale_prior_scale)
-        self._seed = seed
-        self._genome = genome
-        self._independent = RandomSampler(seed=seed)
-        self._intersection = IntersectionSearchSpace(include_pruned=True)
-        self._coordinator = BatchCoordinator(
+        super().__init__(
             prefix=PREFIX,
+            seed=seed,
+            genome=genome,
             lock_ttl_seconds=lock_ttl_seconds,
             settle_seconds=settle_seconds,
             poll_seconds=poll_seconds,
         )
         self.last_fit_seconds = 0.0
         self.last_acquisition_seconds = 0.0
-
-    def reseed_rng(self) -> None:
-        self._independent.reseed_rng()
-
-    def infer_relative_search_space(
-        self, study: Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
-        return relative_search_space(study, self._genome, self._intersection)
-
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._independent.sample_independent(study, trial, param_name, param_distribution)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -260,22 +237,15 @@ class SaasQnehviSampler(BaseSampler):
         params: dict[str, Any] = {}
         if space:
             cube = UnitCube(space)
-            design_index = sum(
-                1
-                for t in study.get_trials(deepcopy=False)
-                if t.number < trial.number and not is_enqueued(t)
-            )
+            index = design_index(study, trial)
             n_complete = sum(1 for _ in self._complete(study, cube))
-            if design_index < self.n_startup_trials or n_complete < 2:
-                params = self._design_point(study, cube, design_index)
+            if index < self.n_startup_trials or n_complete < 2:
+                params = self._design_point(study, cube, index)
             else:
                 params = self._coordinator.run(
                     study, trial, lambda n: self._propose(study, cube, n)
                 )
-        for name, dist in search_space.items():
-            if name not in params:
-                params[name] = self._independent.sample_independent(study, trial, name, dist)
-        return params
+        return self._with_independent(study, trial, search_space, params)
 
     # -- initial design ----------------------------------------------------------------------
 
