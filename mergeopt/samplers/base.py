@@ -10,7 +10,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
 
 from mergeopt.optuna_compat import is_enqueued
-from mergeopt.samplers._state import BatchCoordinator, relative_search_space
+from mergeopt.samplers._state import BatchCoordinator, numerical_space, relative_search_space
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -48,18 +48,25 @@ class GenomeSampler(BaseSampler):
     ) -> Any:
         return self._independent.sample_independent(study, trial, param_name, param_distribution)
 
-    def _with_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        search_space: dict[str, BaseDistribution],
-        params: dict[str, Any],
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        """``params`` completed by independent draws for the names of ``search_space`` it lacks."""
+        """The numerical part of ``search_space`` from :meth:`_sample_numerical`, the rest (and
+        whatever it leaves out) drawn independently."""
+        if not search_space:
+            return {}
+        space = numerical_space(search_space)
+        params = self._sample_numerical(study, trial, space) if space else {}
         for name, dist in search_space.items():
             if name not in params:
                 params[name] = self._independent.sample_independent(study, trial, name, dist)
         return params
+
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        """Values for the numerical parameters ``space`` (not empty): the sampler's own."""
+        raise NotImplementedError
 
 
 class BatchedGenomeSampler(GenomeSampler):
@@ -68,15 +75,15 @@ class BatchedGenomeSampler(GenomeSampler):
 
     def __init__(
         self,
-        *,
         prefix: str,
+        *,
         seed: int | None,
         genome: Genome | None,
-        lock_ttl_seconds: float,
-        settle_seconds: float | None,
-        poll_seconds: float,
+        timing: tuple[float, float | None, float],
     ) -> None:
+        """``timing``: the protocol's ``(lock_ttl_seconds, settle_seconds, poll_seconds)``."""
         super().__init__(seed=seed, genome=genome)
+        lock_ttl_seconds, settle_seconds, poll_seconds = timing
         self._coordinator = BatchCoordinator(
             prefix=prefix,
             lock_ttl_seconds=lock_ttl_seconds,

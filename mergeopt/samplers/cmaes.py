@@ -50,7 +50,6 @@ from mergeopt.optuna_compat import uses_in_memory_storage
 from mergeopt.samplers._state import (
     Candidate,
     UnitCube,
-    numerical_space,
     read_json_state,
     write_json_state,
 )
@@ -129,26 +128,14 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
         self._popsize = popsize
         self._scalarization = scalarization
         self._weights = None if weights is None else [float(w) for w in weights]
-        super().__init__(
-            prefix=PREFIX,
-            seed=seed,
-            genome=genome,
-            lock_ttl_seconds=lock_ttl_seconds,
-            settle_seconds=settle_seconds,
-            poll_seconds=poll_seconds,
-        )
+        timing = (lock_ttl_seconds, settle_seconds, poll_seconds)
+        super().__init__(PREFIX, seed=seed, genome=genome, timing=timing)
 
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        space = numerical_space(search_space)
-        params: dict[str, Any] = {}
-        if space:
-            cube = UnitCube(space)
-            params = self._coordinator.run(study, trial, lambda n: self._produce(study, cube, n))
-        return self._with_independent(study, trial, search_space, params)
+        cube = UnitCube(space)
+        return self._coordinator.run(study, trial, lambda n: self._produce(study, cube, n))
 
     # -- state -------------------------------------------------------------------------------
 

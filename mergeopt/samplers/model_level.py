@@ -30,7 +30,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from optuna.trial import FrozenTrial
 
 from mergeopt import attrs
-from mergeopt.samplers._state import numerical_space, snap
+from mergeopt.samplers._state import snap
 from mergeopt.samplers.base import GenomeSampler, design_index
 
 if TYPE_CHECKING:
@@ -135,22 +135,18 @@ class ModelLevelSampler(GenomeSampler):
         axes = [np.linspace(low, high, self._grid_points).tolist() for low, high in bounds.values()]
         return [dict(zip(bounds, point, strict=True)) for point in itertools.product(*axes)]
 
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        space = numerical_space(search_space)
         values: dict[str, float] | None = None
-        if self._mode == "grid" and space:
+        if self._mode == "grid":
             values = self._grid_values(study, trial, space)
         if values is None:
             values = {
                 group: float(self._rng.uniform(low, high))
                 for group, (low, high) in self._group_bounds(space).items()
             }
-        params = {name: snap(dist, float(values[_group_of(name)])) for name, dist in space.items()}
-        return self._with_independent(study, trial, search_space, params)
+        return {name: snap(dist, float(values[_group_of(name)])) for name, dist in space.items()}
 
     def _grid_values(
         self, study: Study, trial: FrozenTrial, space: Mapping[str, BaseDistribution]

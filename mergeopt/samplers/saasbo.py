@@ -53,7 +53,6 @@ from mergeopt.samplers._state import (
     UnitCube,
     dimension_importance,
     genome_of,
-    numerical_space,
     trial_unit_params,
 )
 from mergeopt.samplers.base import BatchedGenomeSampler, design_index
@@ -217,35 +216,20 @@ class SaasQnehviSampler(BatchedGenomeSampler):
         self.enable_importance_prior = bool(enable_importance_prior)
         self.importance_strength = float(importance_strength)
         self.lengthscale_prior_scale = float(lengthscale_prior_scale)
-        super().__init__(
-            prefix=PREFIX,
-            seed=seed,
-            genome=genome,
-            lock_ttl_seconds=lock_ttl_seconds,
-            settle_seconds=settle_seconds,
-            poll_seconds=poll_seconds,
-        )
+        timing = (lock_ttl_seconds, settle_seconds, poll_seconds)
+        super().__init__(PREFIX, seed=seed, genome=genome, timing=timing)
         self.last_fit_seconds = 0.0
         self.last_acquisition_seconds = 0.0
 
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        space = numerical_space(search_space)
-        params: dict[str, Any] = {}
-        if space:
-            cube = UnitCube(space)
-            index = design_index(study, trial)
-            n_complete = sum(1 for _ in self._complete(study, cube))
-            if index < self.n_startup_trials or n_complete < 2:
-                params = self._design_point(study, cube, index)
-            else:
-                params = self._coordinator.run(
-                    study, trial, lambda n: self._propose(study, cube, n)
-                )
-        return self._with_independent(study, trial, search_space, params)
+        cube = UnitCube(space)
+        index = design_index(study, trial)
+        n_complete = sum(1 for _ in self._complete(study, cube))
+        if index < self.n_startup_trials or n_complete < 2:
+            return self._design_point(study, cube, index)
+        return self._coordinator.run(study, trial, lambda n: self._propose(study, cube, n))
 
     # -- initial design ----------------------------------------------------------------------
 

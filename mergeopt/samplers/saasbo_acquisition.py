@@ -66,41 +66,27 @@ def propose_batch(
     if sampler.num_threads is not None:
         torch.set_num_threads(sampler.num_threads)
     try:
-        return _propose_batch(
-            torch, train_x, train_y, pending_x, q, importance, ref_point, sampler, seed
-        )
+        torch.manual_seed(seed)
+        x = torch.as_tensor(train_x, dtype=torch.double)
+        y = torch.as_tensor(train_y, dtype=torch.double)
+        start = time.perf_counter()
+        model = _fit_models(x, y, importance, sampler)
+        fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        pending = None if pending_x is None else torch.as_tensor(pending_x, dtype=torch.double)
+        reference = None if ref_point is None else torch.as_tensor(ref_point, dtype=torch.double)
+        candidates = _optimize_acquisition(model, x, y, pending, q, reference, sampler, seed)
+        acq_seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous_threads)
+    return candidates.detach().clamp(0.0, 1.0).numpy(), fit_seconds, acq_seconds
 
 
-def _propose_batch(
-    torch: Any,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    pending_x: np.ndarray | None,
-    q: int,
-    importance: np.ndarray | None,
-    ref_point: np.ndarray | None,
-    sampler: ProposalSettings,
-    seed: int,
-) -> tuple[np.ndarray, float, float]:
-    from botorch.acquisition import AcquisitionFunction
-    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
-    from botorch.acquisition.multi_objective.logei import (
-        qLogNoisyExpectedHypervolumeImprovement,
-    )
+def _fit_models(x: Any, y: Any, importance: np.ndarray | None, sampler: ProposalSettings) -> Any:
+    """One GP per objective (a ``ModelListGP`` of them for several)."""
     from botorch.models import ModelListGP
-    from botorch.optim import optimize_acqf
-    from botorch.optim.initializers import initialize_q_batch
-    from botorch.sampling import SobolQMCNormalSampler
 
-    torch.manual_seed(seed)
-    dtype = torch.double
-    x = torch.as_tensor(train_x, dtype=dtype)
-    y = torch.as_tensor(train_y, dtype=dtype)
     dimension, num_objectives = x.shape[-1], y.shape[-1]
-
-    start = time.perf_counter()
     models = []
     for j in range(num_objectives):
         if sampler.use_saas:
@@ -113,17 +99,34 @@ def _propose_batch(
             models.append(
                 fit_map_model(x, y[:, j : j + 1], locations, sampler.lengthscale_prior_scale)
             )
-    model = ModelListGP(*models) if num_objectives > 1 else models[0]
-    fit_seconds = time.perf_counter() - start
+    return ModelListGP(*models) if num_objectives > 1 else models[0]
 
-    start = time.perf_counter()
-    pending = None if pending_x is None else torch.as_tensor(pending_x, dtype=dtype)
+
+def _optimize_acquisition(
+    model: Any,
+    x: Any,
+    y: Any,
+    pending: Any,
+    q: int,
+    reference: Any,
+    sampler: ProposalSettings,
+    seed: int,
+) -> Any:
+    """``q x d`` candidates maximizing qLogNEHVI (several objectives) or qLogNEI (one)."""
+    import torch
+    from botorch.acquisition import AcquisitionFunction
+    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+    from botorch.acquisition.multi_objective.logei import (
+        qLogNoisyExpectedHypervolumeImprovement,
+    )
+    from botorch.optim import optimize_acqf
+    from botorch.optim.initializers import initialize_q_batch
+    from botorch.sampling import SobolQMCNormalSampler
+
+    dimension, dtype = x.shape[-1], x.dtype
     qmc = SobolQMCNormalSampler(sample_shape=torch.Size([sampler.mc_samples]), seed=seed)
-    if num_objectives > 1:
-        if ref_point is None:
-            ref = derived_reference_point(y, sampler.ref_point_rule)
-        else:
-            ref = torch.as_tensor(ref_point, dtype=dtype)
+    if y.shape[-1] > 1:
+        ref = derived_reference_point(y, sampler.ref_point_rule) if reference is None else reference
         acquisition: AcquisitionFunction = qLogNoisyExpectedHypervolumeImprovement(
             model=model,
             ref_point=ref.tolist(),
@@ -160,8 +163,7 @@ def _propose_batch(
         options={"maxiter": sampler.maxiter, "batch_limit": sampler.num_restarts},
         **starting,
     )
-    acq_seconds = time.perf_counter() - start
-    return candidates.detach().clamp(0.0, 1.0).numpy(), fit_seconds, acq_seconds
+    return candidates
 
 
 def derived_reference_point(y: Any, rule: str) -> Any:
