@@ -88,7 +88,7 @@ def evaluate_heldout(
     from mergeopt.objectives.scorers.base import TrialEvaluationError
     from mergeopt.progress import stages
     from mergeopt.runner import TrialRunner
-    from mergeopt.storage import set_finished_trial_user_attrs
+    from mergeopt.trial_io import set_finished_trial_user_attrs
 
     names = objective_names(study)
     results: list[HeldoutResult] = []

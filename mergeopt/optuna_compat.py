@@ -211,6 +211,37 @@ def _state_of(trial_row: Any) -> TrialState:
     return cast("TrialState", trial_row.state)
 
 
+def _update_if_state_in(
+    backend: RDBStorage,
+    session: Session,
+    trial_id: int,
+    states: tuple[TrialState, ...],
+    values: dict[str, Any],
+) -> bool:
+    """One conditional ``UPDATE ... WHERE state IN (states)`` of a trial row (atomic on every
+    backend, SQLite included); True when it changed the row. Otherwise Optuna's
+    ``UpdateFinishedTrialError`` if the trial is finished, else False (another process moved
+    it to a state outside ``states``)."""
+    from optuna.storages._rdb import models
+    from sqlalchemy import update
+
+    # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(models.TrialModel)
+            .where(models.TrialModel.trial_id == trial_id, models.TrialModel.state.in_(states))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ),
+    )
+    if result.rowcount == 1:
+        return True
+    trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+    backend.check_trial_is_updatable(trial_id, _state_of(trial))
+    return False
+
+
 def claim_waiting_trial(backend: RDBStorage, trial_id: int) -> bool:
     """Move a WAITING trial to RUNNING with one conditional ``UPDATE ... WHERE state =
     WAITING`` (atomic on every backend, SQLite included); True when this call moved it.
@@ -220,29 +251,16 @@ def claim_waiting_trial(backend: RDBStorage, trial_id: int) -> bool:
     """
     from datetime import datetime
 
-    from optuna.storages._rdb import models
     from optuna.trial import TrialState
-    from sqlalchemy import update
 
     with _session(backend) as session:
-        # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
-        result = cast(
-            "CursorResult[Any]",
-            session.execute(
-                update(models.TrialModel)
-                .where(
-                    models.TrialModel.trial_id == trial_id,
-                    models.TrialModel.state == TrialState.WAITING,
-                )
-                .values(state=TrialState.RUNNING, datetime_start=datetime.now())
-                .execution_options(synchronize_session=False)
-            ),
+        return _update_if_state_in(
+            backend,
+            session,
+            trial_id,
+            (TrialState.WAITING,),
+            {"state": TrialState.RUNNING, "datetime_start": datetime.now()},
         )
-        if result.rowcount == 1:
-            return True
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        backend.check_trial_is_updatable(trial_id, _state_of(trial))
-        return False
 
 
 def finish_unfinished_trial(
@@ -260,25 +278,11 @@ def finish_unfinished_trial(
 
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
-    from sqlalchemy import update
 
     with _session(backend) as session:
-        # Session.execute is typed as returning a Result; an UPDATE's is a CursorResult.
-        result = cast(
-            "CursorResult[Any]",
-            session.execute(
-                update(models.TrialModel)
-                .where(
-                    models.TrialModel.trial_id == trial_id,
-                    models.TrialModel.state.in_((TrialState.WAITING, TrialState.RUNNING)),
-                )
-                .values(state=state, datetime_complete=datetime.now())
-                .execution_options(synchronize_session=False)
-            ),
-        )
-        if result.rowcount != 1:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            backend.check_trial_is_updatable(trial_id, _state_of(trial))
+        unfinished = (TrialState.WAITING, TrialState.RUNNING)
+        ended = {"state": state, "datetime_complete": datetime.now()}
+        if not _update_if_state_in(backend, session, trial_id, unfinished, ended):
             return False  # not reached: a trial that is not unfinished is finished
         for objective, value in enumerate(values or ()):
             stored, value_type = models.TrialValueModel.value_to_stored_repr(value)

@@ -20,7 +20,7 @@ import importlib.util
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mergeopt import attrs
 from mergeopt.report import objective_names
@@ -317,19 +317,16 @@ def _hypervolume_png(study: optuna.Study, path: Path) -> Path:
 def _block_params_png(study: optuna.Study, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    trials = pareto_trials_for_heatmap(study)
-    if not trials:
+    heatmap = _heatmap(study)
+    if heatmap is None:
         return None
-    panels = heatmap_panels(trials)
-    labels = block_labels(study, len(attrs.RECIPE.read(trials[0])))
-    columns = [f"#{t.number}" for t in trials]
-    width = min(3 + 0.45 * len(trials), 14)
+    panels, labels, columns = heatmap.panels, heatmap.labels, heatmap.columns
+    width = min(3 + 0.45 * len(columns), 14)
     figure, axes_list = plt.subplots(
         1, len(panels), figsize=(width * len(panels), 1.2 + 0.45 * len(labels)), squeeze=False
     )
-    limits = _color_limits(panels)
     for axes, (panel, matrix) in zip(axes_list[0], panels, strict=True):
-        low, high = limits[panel.partition(".")[2]]
+        low, high = heatmap.limits[panel.partition(".")[2]]
         image = axes.imshow(matrix, aspect="auto", cmap="viridis", vmin=low, vmax=high)
         axes.grid(False)
         axes.set_xticks(range(len(columns)), columns, rotation=90, fontsize="small")
@@ -339,6 +336,27 @@ def _block_params_png(study: optuna.Study, path: Path) -> Path | None:
         figure.colorbar(image, ax=axes, fraction=0.05)
     figure.suptitle(f"Per-block merge parameters of the Pareto trials ({study.study_name})")
     return _save(figure, path)
+
+
+class _Heatmap(NamedTuple):
+    """What both renderings of the block x trial heat map show."""
+
+    panels: list[tuple[str, list[list[float]]]]  # (panel, blocks x trials matrix)
+    labels: list[str]  # one per block
+    columns: list[str]  # one per Pareto trial
+    limits: dict[str, tuple[float, float]]  # color range per parameter
+
+
+def _heatmap(study: optuna.Study) -> _Heatmap | None:
+    """The heat map's panels, block labels, trial columns and color limits (None: no Pareto
+    trial has a recipe)."""
+    trials = pareto_trials_for_heatmap(study)
+    if not trials:
+        return None
+    panels = heatmap_panels(trials)
+    labels = block_labels(study, len(attrs.RECIPE.read(trials[0])))
+    columns = [f"#{t.number}" for t in trials]
+    return _Heatmap(panels, labels, columns, _color_limits(panels))
 
 
 def _color_limits(
@@ -446,25 +464,22 @@ def _block_params_figure(study: optuna.Study) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    trials = pareto_trials_for_heatmap(study)
-    if not trials:
+    heatmap = _heatmap(study)
+    if heatmap is None:
         return None
-    panels = heatmap_panels(trials)
-    labels = block_labels(study, len(attrs.RECIPE.read(trials[0])))
-    columns = [f"#{t.number}" for t in trials]
+    panels = heatmap.panels
     figure = make_subplots(
         rows=1, cols=len(panels), subplot_titles=[_panel_title(study, p) for p, _ in panels]
     )
-    limits = _color_limits(panels)
     for column, (panel, matrix) in enumerate(panels, start=1):
-        low, high = limits[panel.partition(".")[2]]
+        low, high = heatmap.limits[panel.partition(".")[2]]
         figure.add_trace(
             go.Heatmap(
                 z=matrix,
                 zmin=low,
                 zmax=high,
-                x=columns,
-                y=labels,
+                x=heatmap.columns,
+                y=heatmap.labels,
                 colorscale="Viridis",
                 colorbar={"x": column / len(panels) - 0.02, "len": 0.9},
                 hovertemplate="trial %{x}, %{y}: %{z:.3f}<extra></extra>",

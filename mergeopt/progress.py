@@ -88,22 +88,35 @@ def stages(
         finally:
             reporter.end()
         return
+    with rich_progress("{task.description:<28}", stream=out) as progress:
+        yield Stages(stream=out, rich=progress, interval=interval)
+
+
+def rich_progress(
+    description: str, *, eta_label: str = "", trailer: str = "", stream: TextIO | None = None
+) -> Any:
+    """A rich ``Progress`` (not started) with mergeopt's columns: ``description`` (a rich
+    format of the task), the bar, done/total, elapsed time, ``eta_label`` and the time
+    remaining, then ``trailer`` (a format too); written to ``stream`` (default: stdout)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    columns = (
-        TextColumn("{task.description:<28}"),
+    columns: list[ProgressColumn] = [
+        TextColumn(description),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(file=out), transient=False) as progress:
-        yield Stages(stream=out, rich=progress, interval=interval)
+    ]
+    columns += [TextColumn(eta_label)] if eta_label else []
+    columns += [TimeRemainingColumn()]
+    columns += [TextColumn(trailer)] if trailer else []
+    console = Console(file=stream) if stream is not None else None
+    return Progress(*columns, console=console, transient=False)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, read_user_text
 
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -344,18 +344,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file; every problem is a one-line ``UserError``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: spec file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a spec file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded)"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read spec file ({exc.strerror or exc})") from None
+    text = read_user_text(path, "spec file")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

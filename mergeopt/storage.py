@@ -1,4 +1,5 @@
-"""Study storage: which database URL wins, how each backend is opened, and masked URLs.
+"""Study storage: which database URL wins, how each backend is opened, masked URLs, and how a
+database outage is recognized (``is_connection_error``, ``DatabaseUnreachable``).
 
 Precedence: ``--storage`` > ``MERGEOPT_STORAGE`` > the spec's ``storage:`` > ``sqlite:///mergeopt.db``.
 SQLite is the single-machine default (WAL journal, long busy timeout, so that several local
@@ -8,41 +9,24 @@ Python drivers of the ``db`` extra filled in when the URL names no driver.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
 import sqlite3
-import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt.errors import UserError
-from mergeopt.optuna_compat import (
-    CreateTrial,
-    SetTrialState,
-    can_write_trial_rows,
-    claim_waiting_trial,
-    count_trial_states,
-    finish_unfinished_trial,
-    rdb_backend,
-    read_trial_state,
-    redirect_trial_writes,
-    storage_of,
-    study_id_of,
-    trial_id_of,
-    trial_state_changes_wrapped,
-    wrap_trial_creation,
-    wrap_trial_state_changes,
-    write_finished_trial_user_attrs,
-    write_trial_rows,
-)
-from mergeopt.optuna_compat import (  # re-exported for the worker loop
-    clock_unbeaten_trials as clock_unbeaten_trials,
-)
+from mergeopt.heartbeats import TrialHeartbeats as TrialHeartbeats
+from mergeopt.optuna_compat import claim_waiting_trial, finish_unfinished_trial
+from mergeopt.optuna_compat import clock_unbeaten_trials as clock_unbeaten_trials
+from mergeopt.trial_io import batched_trial_writes as batched_trial_writes
+from mergeopt.trial_io import count_trials as count_trials
+from mergeopt.trial_io import trial_state as trial_state
+
+# The names imported "as" themselves above are re-exported for trial_loop.py, which imports
+# them from here; new code imports them from heartbeats, trial_io and optuna_compat.
 
 if TYPE_CHECKING:
     import optuna
@@ -341,213 +325,3 @@ def _claiming_storage_class() -> type[RDBStorage]:
             return finish_unfinished_trial(self, trial_id, state, values)
 
     return ClaimingRDBStorage
-
-
-class TrialHeartbeats:
-    """Beats every trial this worker holds, from the moment the trial row exists.
-
-    ``study.ask`` can block for a long time inside a batch sampler (a CMA-ES worker waits for
-    its generation, a SAASBO worker for the fitter), and a worker killed there would leave a
-    RUNNING trial with no heartbeat, which Optuna never considers stale. So ``watch`` wraps the
-    storage's trial creation and ``set_trial_state_values``: a trial created RUNNING, or
-    a queued trial this process moves to RUNNING, is held and beaten at once; a trial this
-    process finishes is released. A daemon thread beats the held trials every ``interval``
-    seconds; a failed beat is logged once per outage (the thread keeps trying), and the time
-    of the last failure tells the worker not to fail other workers' trials as stale until
-    their heartbeats had time to resume.
-    """
-
-    def __init__(
-        self,
-        storage: RDBStorage,
-        interval: float,
-        on_error: Callable[[BaseException], None] | None = None,
-        on_recovered: Callable[[], None] | None = None,
-    ) -> None:
-        self._storage = storage
-        self._interval = interval
-        self._on_error = on_error
-        self._on_recovered = on_recovered
-        self._held: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._failing = False
-        self.last_outage: float | None = None
-        self._thread = threading.Thread(target=self._run, name="trial-heartbeats", daemon=True)
-
-    def watch(self) -> TrialHeartbeats:
-        """Wrap the storage's trial creation and state changes (see the class docstring)."""
-        from optuna.trial import TrialState
-
-        def holding_created(create_new_trial: CreateTrial) -> CreateTrial:
-            def create_and_hold(study_id: int, template_trial: Any = None) -> Any:
-                frozen = create_new_trial(study_id, template_trial)
-                if frozen.state == TrialState.RUNNING:
-                    self.hold(trial_id_of(frozen))
-                return frozen
-
-            return create_and_hold
-
-        def tracking_states(set_trial_state_values: SetTrialState) -> SetTrialState:
-            def set_state_and_track(trial_id: int, state: Any, values: Any = None) -> bool:
-                changed = set_trial_state_values(trial_id, state, values)
-                if state == TrialState.RUNNING and changed:
-                    self.hold(trial_id)
-                elif state.is_finished():
-                    self.release(trial_id)
-                return changed
-
-            return set_state_and_track
-
-        wrap_trial_creation(self._storage, holding_created)
-        wrap_trial_state_changes(self._storage, tracking_states)
-        return self
-
-    def hold(self, trial_id: int) -> None:
-        with self._lock:
-            self._held.add(trial_id)
-        self._beat(trial_id)
-
-    def release(self, trial_id: int) -> None:
-        with self._lock:
-            self._held.discard(trial_id)
-
-    def held(self) -> list[int]:
-        with self._lock:
-            return sorted(self._held)
-
-    def note_outage(self) -> None:
-        self.last_outage = time.monotonic()
-
-    def outage_within(self, seconds: float) -> bool:
-        return self.last_outage is not None and time.monotonic() - self.last_outage < seconds
-
-    def __enter__(self) -> TrialHeartbeats:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self, trial_id: int) -> None:
-        try:
-            self._storage.record_heartbeat(trial_id)
-        except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial
-            self.note_outage()
-            if not self._failing and self._on_error is not None:
-                self._on_error(exc)
-            self._failing = True
-        else:
-            if self._failing and self._on_recovered is not None:
-                self._on_recovered()
-            self._failing = False
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            for trial_id in self.held():
-                self._beat(trial_id)
-
-
-# --------------------------------------------------------------------------- cheap trial I/O
-# Optuna commits every parameter and every user attr in a transaction of its own, and answers
-# "how many trials are COMPLETE" by reading every trial. The worker loop does both on every
-# trial; on a 2-core machine with 4 workers that made the storage, not the objective, the
-# bottleneck (scripts/bench_storage.py, docs/bench/storage-*.md).
-
-
-def count_trials(study: optuna.Study, *, below_number: int | None = None) -> dict[str, int]:
-    """Trials of ``study`` per state name (``COMPLETE``, ``RUNNING``, ...), optionally only those
-    numbered below ``below_number``: one ``COUNT ... GROUP BY`` on an RDB storage."""
-    from optuna.trial import TrialState
-
-    counts = {state.name: 0 for state in TrialState}
-    backend = rdb_backend(storage_of(study))
-    if backend is None:
-        for trial in study.get_trials(deepcopy=False):
-            if below_number is None or trial.number < below_number:
-                counts[trial.state.name] += 1
-        return counts
-    for state, count in count_trial_states(
-        backend, study_id_of(study), below_number=below_number
-    ).items():
-        counts[state.name] += count
-    return counts
-
-
-def trial_state(storage: Any, trial_id: int) -> optuna.trial.TrialState:
-    """The state of one trial, read alone (``get_trial`` also loads its params and attrs)."""
-
-    backend = rdb_backend(storage)
-    if backend is None:
-        return storage.get_trial(trial_id).state
-    return read_trial_state(backend, trial_id)
-
-
-@contextlib.contextmanager
-def batched_trial_writes(storage: Any) -> Iterator[None]:
-    """Write the trial parameters and user attrs set inside the block in one transaction.
-
-    ``study.ask(distributions)`` stores each parameter with its own commit (148 for a 37-block,
-    2-expert, 2-parameter genome) and ``trial.set_user_attr`` does the same per key; inside
-    this block those calls on ``storage`` (``optuna_compat.storage_of(study)``) are collected
-    and written together when the block ends without an exception. If it raises, nothing
-    collected is written: the trial stays RUNNING without parameters and is failed like any
-    abandoned trial. A trial ended inside the block (a batch sampler closes a queued trial it
-    takes over) gets its collected writes first, while it can still take them. Storages other
-    than Optuna's RDB storage are written to directly.
-    """
-    backend = rdb_backend(storage)
-    if backend is None or not can_write_trial_rows(backend):
-        yield
-        return
-    params: list[tuple[int, str, float, Any]] = []
-    user_attrs: list[tuple[int, str, Any]] = []
-
-    def write(trial_ids: set[int] | None = None) -> None:
-        """Write the collected writes (of ``trial_ids`` only, when given) in one transaction."""
-        chosen_params = [p for p in params if trial_ids is None or p[0] in trial_ids]
-        chosen_attrs = [a for a in user_attrs if trial_ids is None or a[0] in trial_ids]
-        params[:] = [p for p in params if trial_ids is not None and p[0] not in trial_ids]
-        user_attrs[:] = [a for a in user_attrs if trial_ids is not None and a[0] not in trial_ids]
-        if chosen_params or chosen_attrs:
-            write_trial_rows(backend, chosen_params, chosen_attrs)
-
-    def writing_first(set_state: SetTrialState) -> SetTrialState:
-        def write_then_set_state(trial_id: int, state: Any, values: Any = None) -> bool:
-            if state.is_finished():
-                write({trial_id})
-            return set_state(trial_id, state, values)
-
-        return write_then_set_state
-
-    with (
-        redirect_trial_writes(
-            storage,
-            set_trial_param=lambda trial_id, name, value, distribution: params.append(
-                (trial_id, name, value, distribution)
-            ),
-            set_trial_user_attr=lambda trial_id, key, value: user_attrs.append(
-                (trial_id, key, value)
-            ),
-        ),
-        trial_state_changes_wrapped(storage, writing_first),
-    ):
-        yield
-    write()
-
-
-def set_finished_trial_user_attrs(
-    study: optuna.Study, trial_id: int, values: dict[str, Any]
-) -> None:
-    """Write user attrs onto a finished trial, in one transaction (insert or overwrite each key).
-
-    Optuna refuses ``set_trial_user_attr`` once a trial is finished; what is learnt about a
-    COMPLETE trial afterwards (its held-out values) is written here, straight into Optuna's
-    ``trial_user_attributes`` table. Writing the same values again changes nothing. This
-    process's cached copy of the trial is stale afterwards: load the study again to read them.
-    """
-    backend = rdb_backend(storage_of(study))
-    if backend is None:
-        raise TypeError("attrs of finished trials can only be written to an RDB storage")
-    write_finished_trial_user_attrs(backend, trial_id, values)

@@ -19,13 +19,13 @@ from mergeopt.errors import UserError
 from mergeopt.genome import Genome
 from mergeopt.spec import StudySpec
 from mergeopt.storage import (
-    count_trials,
     load_study,
     mask_url,
     open_storage,
     remove_sqlite_file,
     sqlite_file,
 )
+from mergeopt.trial_io import count_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -264,3 +264,16 @@ def complete_trial(study: optuna.Study, number: int, *, done_to_it: str) -> Froz
             f"can {done_to_it}"
         )
     return trial
+
+
+def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> list[list[dict[str, float]]]:
+    """The per-block, per-expert merge parameters of a trial (stored, else from its params)."""
+    recipe = attrs.RECIPE.get(trial)
+    if recipe is not None:
+        return [[{k: float(v) for k, v in e.items()} for e in block] for block in recipe]
+    return stored_genome(study).block_params(trial.params)
+
+
+def trial_seed(trial: FrozenTrial) -> int:
+    """The merge seed a trial was run with (0 for trials stored without one)."""
+    return int(attrs.SEED.get(trial) or 0)

@@ -413,24 +413,10 @@ class _Progress:
             self._plain = True
             self._plain_line(force=True)
             return self
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from mergeopt.progress import rich_progress
 
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[best]}"),
-            transient=False,
+        self._progress = rich_progress(
+            "[bold]{task.description}", eta_label="eta", trailer="{task.fields[best]}"
         )
         self._progress.__enter__()
         from mergeopt.study import trial_counts

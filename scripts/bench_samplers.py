@@ -419,7 +419,8 @@ def command_timing(args: argparse.Namespace) -> None:
     """Seconds of one fit + acquisition for a batch of 4 at 37-D with --observations points."""
     import torch
 
-    from mergeopt.samplers.saasbo import SaasQnehviSampler, propose_batch
+    from mergeopt.samplers.saasbo import SaasQnehviSampler
+    from mergeopt.samplers.saasbo_acquisition import propose_batch
 
     torch.set_num_threads(args.threads)
     prob = problem(0)

@@ -29,8 +29,8 @@ from mergeopt.export import (
     MERGEKIT_CONFIG,
     METADATA,
     export_trials,
-    select_trials,
 )
+from mergeopt.export_choice import select_trials
 from mergeopt.genome import Genome
 from mergeopt.merge.engine import MergeEngine, ModuleTarget
 from mergeopt.merge.recipe import run_recipe
@@ -354,7 +354,8 @@ KILLED_EXPORT = """
 import os, signal, sys
 import optuna
 import mergeopt.export as export
-from mergeopt.export import export_trials, select_trials
+from mergeopt.export import export_trials
+from mergeopt.export_choice import select_trials
 
 written = []
 real_write = export.HFModelWriter.write

@@ -8,7 +8,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mergeopt.errors import UserError
-from mergeopt.export import parse_preference, select_trials
+from mergeopt.export_choice import parse_preference, select_trials
 
 DISTRIBUTIONS = {"b00.e0.weight": FloatDistribution(0.0, 1.0)}
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState, create_trial
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
-from mergeopt.export import select_trials
+from mergeopt.export_choice import select_trials
 from tests.conftest import run_cli, tiny_spec, write_spec
 
 ITEMS = 12
@@ -316,7 +316,8 @@ def test_a_study_without_complete_trials_has_no_front_to_evaluate() -> None:
 def test_attrs_of_a_finished_trial_are_written_and_overwritten_in_place(
     backend: str, request: pytest.FixtureRequest
 ) -> None:
-    from mergeopt.storage import open_storage, set_finished_trial_user_attrs
+    from mergeopt.storage import open_storage
+    from mergeopt.trial_io import set_finished_trial_user_attrs
 
     url = request.getfixturevalue(backend)
     name = f"finished-{backend}"

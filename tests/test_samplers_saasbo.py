@@ -17,11 +17,10 @@ from mergeopt.samplers.saasbo import (
     ACQ_SECONDS_ATTR,
     FIT_SECONDS_ATTR,
     SaasQnehviSampler,
-    derived_reference_point,
-    inverse_lengthscale_scales,
-    lengthscale_prior_locations,
     parse_initial_solutions,
 )
+from mergeopt.samplers.saasbo_acquisition import derived_reference_point
+from mergeopt.samplers.saasbo_gp import inverse_lengthscale_scales, lengthscale_prior_locations
 
 GENOME = Genome(num_blocks=5, num_experts=2, searched={"weight": (0.0, 1.0), "density": (0.1, 1.0)})
 FAST = {"num_restarts": 2, "raw_samples": 32, "maxiter": 20, "mc_samples": 32, "num_threads": 1}

@@ -8,7 +8,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from mergeopt.storage import batched_trial_writes, count_trials, open_storage, trial_state
+from mergeopt.storage import open_storage
+from mergeopt.trial_io import batched_trial_writes, count_trials, trial_state
 
 DISTRIBUTIONS = {f"b{block:02d}.e0.weight": FloatDistribution(0.0, 1.0) for block in range(12)}
 

@@ -140,9 +140,9 @@ def test_a_run_short_of_its_trials_lost_work_unless_it_was_told_to_stop(
 
 
 def test_a_run_that_stopped_short_says_how_many_of_how_many_in_one_line() -> None:
-    from mergeopt.cli import _work_lost_text
+    from mergeopt.cli.study_lifecycle import work_lost_text
 
-    assert _work_lost_text(RunSummary(2, 7, 10)) == (
+    assert work_lost_text(RunSummary(2, 7, 10)) == (
         "work lost: the workers stopped with 7/10 trials complete; run the same command again "
         "to continue"
     )

@@ -48,28 +48,28 @@ from mergeopt.merge.sparsification import (
 ExpertParams = Sequence[Mapping[str, float]]
 MethodParams = Mapping[str, float | bool]
 
-MergeMath = Callable[
-    [
-        "MethodSpec",
-        "torch.Tensor | None",
-        torch.Tensor,
-        ExpertParams,
-        MethodParams,
-        "torch.Generator | None",
-        "Sequence[torch.Tensor | None] | None",
-    ],
-    torch.Tensor,
-]
-"""One tensor's merge: ``(method, base, stack, expert_params, method_params, generator,
-masks)``, parameters with the method's defaults filled in. ``stack`` is N x shape: task
-vectors or raw expert tensors (``MethodSpec.task_vectors``); ``base`` is None when the method
-takes no base (``MethodSpec.base_input``); ``masks``: sparsification masks made already."""
 
-WeightedSum = Callable[
-    [ExpertParams, MethodParams, torch.dtype, torch.device], tuple[torch.Tensor, float]
-]
-"""``(coefficients, scale)`` of a method that is ``[base +] scale · Σ c_i·stack[i]``: the
-coefficients as a device tensor of ``dtype`` (read-only), for the one-pass fast path."""
+@dataclass(frozen=True)
+class TensorMerge:
+    """One tensor's merge inputs, parameters with the method's defaults filled in. ``stack`` is
+    N x shape: task vectors or raw expert tensors (``MethodSpec.task_vectors``; slerp:
+    ``base`` is v0, ``stack[0]`` v1); ``base`` is None when the method takes no base
+    (``MethodSpec.base_input``); ``masks``: sparsification masks made already."""
+
+    base: torch.Tensor | None
+    stack: torch.Tensor
+    expert_params: ExpertParams
+    method_params: MethodParams
+    generator: torch.Generator | None = None
+    masks: Sequence[torch.Tensor | None] | None = None
+
+
+MergeMath = Callable[["MethodSpec", TensorMerge], torch.Tensor]
+"""One tensor's merge by a method's reference math: ``(method, inputs)``."""
+
+WeightedSum = Callable[[tuple[float, ...], MethodParams, torch.dtype], float]
+"""``scale`` of a method that is ``[base +] scale · Σ w_i·stack[i]``, from the experts' weights
+``w``, the method's parameters and the merge dtype (for the one-pass fast path)."""
 
 
 class MethodParamError(UserError, ValueError):
@@ -329,78 +329,44 @@ def slerp(
 # The table: each method's math as a MergeMath, and its weighted-sum form where it has one
 
 
-def _gta_math(
-    spec: MethodSpec,
-    base: torch.Tensor | None,
-    stack: torch.Tensor,
-    expert_params: ExpertParams,
-    method_params: MethodParams,
-    generator: torch.Generator | None,
-    masks: Sequence[torch.Tensor | None] | None,
-) -> torch.Tensor:
-    assert base is not None
+def _gta_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    assert inputs.base is not None
     return generalized_task_arithmetic(
-        base,
-        stack,
+        inputs.base,
+        inputs.stack,
         spec=spec,
-        expert_params=expert_params,
-        method_params=method_params,
-        generator=generator,
-        masks=masks,
+        expert_params=inputs.expert_params,
+        method_params=inputs.method_params,
+        generator=inputs.generator,
+        masks=inputs.masks,
     )
 
 
-def _linear_math(
-    spec: MethodSpec,
-    base: torch.Tensor | None,
-    stack: torch.Tensor,
-    expert_params: ExpertParams,
-    method_params: MethodParams,
-    generator: torch.Generator | None,
-    masks: Sequence[torch.Tensor | None] | None,
-) -> torch.Tensor:
-    weights = [float(p["weight"]) for p in expert_params]
-    return linear(stack, weights=weights, normalize=bool(method_params["normalize"]))
+def _linear_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    weights = [float(p["weight"]) for p in inputs.expert_params]
+    return linear(inputs.stack, weights=weights, normalize=bool(inputs.method_params["normalize"]))
 
 
-def _slerp_math(
-    spec: MethodSpec,
-    base: torch.Tensor | None,
-    stack: torch.Tensor,
-    expert_params: ExpertParams,
-    method_params: MethodParams,
-    generator: torch.Generator | None,
-    masks: Sequence[torch.Tensor | None] | None,
-) -> torch.Tensor:
-    assert base is not None  # v0; stack[0] is v1
-    default = method_params["t"]
-    t = float(expert_params[0].get("t", default)) if expert_params else float(default)
-    return slerp(t, base, stack[0])
+def _slerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    assert inputs.base is not None  # v0; stack[0] is v1
+    experts, default = inputs.expert_params, inputs.method_params["t"]
+    t = float(experts[0].get("t", default)) if experts else float(default)
+    return slerp(t, inputs.base, inputs.stack[0])
 
 
 def _task_arithmetic_sum(
-    expert_params: ExpertParams,
-    method_params: MethodParams,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor, float]:
+    weights: tuple[float, ...], method_params: MethodParams, dtype: torch.dtype
+) -> float:
     """task_arithmetic's divisor sums the weights as mergekit rounds them (to ``dtype``)."""
-    weights = tuple(float(p["weight"]) for p in expert_params)
     divisor = _rounded_sum(weights, dtype)
     divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-    scale = float(method_params["lambda"]) / (divisor if method_params["normalize"] else 1.0)
-    return _coefficients(weights, dtype, device), scale
+    return float(method_params["lambda"]) / (divisor if method_params["normalize"] else 1.0)
 
 
 def _linear_sum(
-    expert_params: ExpertParams,
-    method_params: MethodParams,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor, float]:
-    weights = tuple(float(p["weight"]) for p in expert_params)
-    scale = 1.0 / sum(weights) if method_params["normalize"] else 1.0
-    return _coefficients(weights, dtype, device), scale
+    weights: tuple[float, ...], method_params: MethodParams, dtype: torch.dtype
+) -> float:
+    return 1.0 / sum(weights) if method_params["normalize"] else 1.0
 
 
 def _gta(

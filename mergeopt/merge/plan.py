@@ -33,6 +33,7 @@ from mergeopt.merge.methods import (
     ExpertParams,
     MethodParams,
     MethodSpec,
+    TensorMerge,
     WeightedSum,
     _coefficients,
 )
@@ -249,8 +250,7 @@ class MergePlan:
         experts: ExpertParams,
         params: MethodParams,
     ) -> NamedTensors:
-        assert self.weighted_sum is not None
-        coefficients, scale = self.weighted_sum(experts, params, self.dtype, self.device)
+        coefficients, scale = self._sum_terms(experts, params)
         floating = [(base, stack, out) for _, base, stack, out in tensors if stack is not None]
         if self.block_launch and floating:
             assert self.kernels is not None
@@ -265,14 +265,7 @@ class MergePlan:
             )
         else:
             merged = [
-                fused_weighted_sum(
-                    stack,
-                    coefficients,
-                    scale=scale,
-                    base=base if self.uses_base else None,
-                    out=out,
-                    kernels=self.kernels,
-                )
+                self._fused_sum(base, stack, coefficients, scale, out)
                 for base, stack, out in floating
             ]
         found = iter(merged)
@@ -331,7 +324,8 @@ class MergePlan:
                 (
                     name,
                     self._merge(
-                        base, stack, experts, params, generator, block_masks.get(name), out
+                        TensorMerge(base, stack, experts, params, generator, block_masks.get(name)),
+                        out,
                     ),
                 )
             )
@@ -355,47 +349,43 @@ class MergePlan:
         ``masks``: sparsification masks made already; ``out``: where a fused result may go."""
         experts, params = self._with_defaults(expert_params, method_params)
         if self.weighted_sum is not None:
-            coefficients, scale = self.weighted_sum(experts, params, self.dtype, self.device)
-            return fused_weighted_sum(
-                stack,
-                coefficients,
-                scale=scale,
-                base=base if self.uses_base else None,
-                out=out,
-                kernels=self.kernels,
-            )
-        return self._merge(base, stack, experts, params, generator, masks, out)
+            coefficients, scale = self._sum_terms(experts, params)
+            return self._fused_sum(base, stack, coefficients, scale, out)
+        return self._merge(TensorMerge(base, stack, experts, params, generator, masks), out)
 
-    def _merge(
+    def _sum_terms(self, experts: ExpertParams, params: MethodParams) -> tuple[torch.Tensor, float]:
+        """The weighted-sum method's coefficients (a read-only device tensor) and scale."""
+        assert self.weighted_sum is not None
+        weights = tuple(float(p["weight"]) for p in experts)
+        scale = self.weighted_sum(weights, params, self.dtype)
+        return _coefficients(weights, self.dtype, self.device), scale
+
+    def _fused_sum(
         self,
         base: torch.Tensor | None,
         stack: torch.Tensor,
-        experts: ExpertParams,
-        params: MethodParams,
-        generator: torch.Generator | None,
-        masks: Sequence[torch.Tensor | None] | None,
+        coefficients: torch.Tensor,
+        scale: float,
         out: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.gta is not None:
-            assert base is not None
-            return self._fused_gta(base, stack, experts, params, generator, masks, out)
-        return self.method.math(self.method, base, stack, experts, params, generator, masks)
+        base = base if self.uses_base else None
+        return fused_weighted_sum(
+            stack, coefficients, scale=scale, base=base, out=out, kernels=self.kernels
+        )
 
-    def _fused_gta(
-        self,
-        base: torch.Tensor,
-        task_vectors: torch.Tensor,
-        experts: ExpertParams,
-        params: MethodParams,
-        generator: torch.Generator | None,
-        masks: Sequence[torch.Tensor | None] | None,
-        out: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _merge(self, inputs: TensorMerge, out: torch.Tensor | None) -> torch.Tensor:
+        if self.gta is not None:
+            return self._fused_gta(inputs, out)
+        return self.method.math(self.method, inputs)
+
+    def _fused_gta(self, inputs: TensorMerge, out: torch.Tensor | None) -> torch.Tensor:
         """``methods.generalized_task_arithmetic`` in one Triton pass: masks made here unless
         given, then one kernel rounding where the torch path rounds. ``out``: where the kernel
         may write the result (the target's parameter, saving a copy)."""
         kernels = self.gta
-        assert kernels is not None
+        assert kernels is not None and inputs.base is not None
+        base, task_vectors, masks = inputs.base, inputs.stack, inputs.masks
+        experts, params, generator = inputs.expert_params, inputs.method_params, inputs.generator
         method = self.method
         count = len(experts)
         weights = _coefficients(

@@ -159,6 +159,17 @@ def _gta_kernel(
 
 
 @triton.jit
+def _weighted_total(x_ptr, coef_ptr, n, offs, inside, scale, N: tl.constexpr, BLOCK: tl.constexpr):
+    """``scale * sum_i coef[i] * x[i]`` in float32 over one program's elements (both weighted-sum
+    kernels; Triton inlines it, so the arithmetic and its order are the kernels' own)."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(N):
+        x = tl.load(x_ptr + i * n + offs, mask=inside, other=0).to(tl.float32)
+        total += tl.load(coef_ptr + i).to(tl.float32) * x
+    return total * scale
+
+
+@triton.jit
 def _weighted_sum_kernel(
     base_ptr,
     x_ptr,
@@ -173,11 +184,7 @@ def _weighted_sum_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(N):
-        x = tl.load(x_ptr + i * n + offs, mask=inside, other=0).to(tl.float32)
-        total += tl.load(coef_ptr + i).to(tl.float32) * x
-    total = total * scale
+    total = _weighted_total(x_ptr, coef_ptr, n, offs, inside, scale, N, BLOCK)
     if HAS_BASE:
         total += tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)
     tl.store(out_ptr + offs, _round(total, KIND).to(out_ptr.dtype.element_ty), mask=inside)
@@ -209,11 +216,7 @@ def _weighted_sum_many_kernel(
     out_ptr = tl.load(table_ptr + t * 4 + 2).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(N):
-        x = tl.load(x_ptr + i * n + offs, mask=inside, other=0).to(tl.float32)
-        total += tl.load(coef_ptr + i).to(tl.float32) * x
-    total = total * scale
+    total = _weighted_total(x_ptr, coef_ptr, n, offs, inside, scale, N, BLOCK)
     if HAS_BASE:
         base_ptr = tl.load(table_ptr + t * 4).to(tl.pointer_type(DTYPE))
         total += tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeopt.errors import UserError
+from mergeopt.errors import UserError, read_user_text
 
 TASK_KINDS = ("generation", "multiple_choice", "perplexity")
 
@@ -52,14 +52,7 @@ def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: task file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded)"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read task file ({exc.strerror or exc})") from None
+    text = read_user_text(path, "task file")
     records: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())

@@ -42,22 +42,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from mergeopt.attrs import TrialUserAttr, sampler_prefix
 from mergeopt.optuna_compat import uses_in_memory_storage
 from mergeopt.samplers._state import (
-    BatchCoordinator,
     Candidate,
     UnitCube,
-    numerical_space,
     read_json_state,
-    relative_search_space,
     write_json_state,
 )
+from mergeopt.samplers.base import BatchedGenomeSampler
 from mergeopt.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -73,7 +69,7 @@ INDEX_ATTR: TrialUserAttr[int] = TrialUserAttr(PREFIX + "index")
 """The trial's individual in its generation (-1: an extra draw, not told to CMA-ES)."""
 
 
-class ScalarizedCmaEsSampler(BaseSampler):
+class ScalarizedCmaEsSampler(BatchedGenomeSampler):
     """CMA-ES over the unit cube of a numerical search space, shared by many workers.
 
     Args:
@@ -132,48 +128,14 @@ class ScalarizedCmaEsSampler(BaseSampler):
         self._popsize = popsize
         self._scalarization = scalarization
         self._weights = None if weights is None else [float(w) for w in weights]
-        self._seed = seed
-        self._genome = genome
-        self._independent = RandomSampler(seed=seed)
-        self._intersection = IntersectionSearchSpace(include_pruned=True)
-        self._coordinator = BatchCoordinator(
-            prefix=PREFIX,
-            lock_ttl_seconds=lock_ttl_seconds,
-            settle_seconds=settle_seconds,
-            poll_seconds=poll_seconds,
-        )
+        timing = (lock_ttl_seconds, settle_seconds, poll_seconds)
+        super().__init__(PREFIX, seed=seed, genome=genome, timing=timing)
 
-    def reseed_rng(self) -> None:
-        self._independent.reseed_rng()
-
-    def infer_relative_search_space(
-        self, study: Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
-        return relative_search_space(study, self._genome, self._intersection)
-
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        space = numerical_space(search_space)
-        params: dict[str, Any] = {}
-        if space:
-            cube = UnitCube(space)
-            params = self._coordinator.run(study, trial, lambda n: self._produce(study, cube, n))
-        for name, dist in search_space.items():
-            if name not in params:
-                params[name] = self._independent.sample_independent(study, trial, name, dist)
-        return params
-
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._independent.sample_independent(study, trial, param_name, param_distribution)
+        cube = UnitCube(space)
+        return self._coordinator.run(study, trial, lambda n: self._produce(study, cube, n))
 
     # -- state -------------------------------------------------------------------------------
 

@@ -27,13 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial
 
 from mergeopt import attrs
-from mergeopt.optuna_compat import is_enqueued
-from mergeopt.samplers._state import numerical_space, relative_search_space, snap
+from mergeopt.samplers._state import snap
+from mergeopt.samplers.base import GenomeSampler, design_index
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -63,7 +61,7 @@ def _param_kind(group: str) -> str:
     return group.split(".", 1)[1] if group.startswith("e") and "." in group else group
 
 
-class ModelLevelSampler(BaseSampler):
+class ModelLevelSampler(GenomeSampler):
     """Random or grid search over one value per ``(expert, param)``, broadcast to all blocks.
 
     Args:
@@ -102,18 +100,16 @@ class ModelLevelSampler(BaseSampler):
         self._mode = mode
         self._grid_points = grid_points
         self._rng = np.random.RandomState(seed)
-        self._independent = RandomSampler(seed=seed)
-        self._search_space = IntersectionSearchSpace(include_pruned=True)
-        self._genome = genome
+        super().__init__(seed=seed, genome=genome)
 
     def reseed_rng(self) -> None:
         self._rng.seed()
-        self._independent.reseed_rng()
+        super().reseed_rng()
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
-        space = relative_search_space(study, self._genome, self._search_space)
+        space = super().infer_relative_search_space(study, trial)
         return {k: v for k, v in space.items() if isinstance(v, FloatDistribution)}
 
     def _group_bounds(
@@ -139,38 +135,24 @@ class ModelLevelSampler(BaseSampler):
         axes = [np.linspace(low, high, self._grid_points).tolist() for low, high in bounds.values()]
         return [dict(zip(bounds, point, strict=True)) for point in itertools.product(*axes)]
 
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        space = numerical_space(search_space)
         values: dict[str, float] | None = None
-        if self._mode == "grid" and space:
+        if self._mode == "grid":
             values = self._grid_values(study, trial, space)
         if values is None:
             values = {
                 group: float(self._rng.uniform(low, high))
                 for group, (low, high) in self._group_bounds(space).items()
             }
-        params: dict[str, Any] = {}
-        for name, dist in search_space.items():
-            if name in space:
-                params[name] = snap(dist, float(values[_group_of(name)]))
-            else:
-                params[name] = self._independent.sample_independent(study, trial, name, dist)
-        return params
+        return {name: snap(dist, float(values[_group_of(name)])) for name, dist in space.items()}
 
     def _grid_values(
         self, study: Study, trial: FrozenTrial, space: Mapping[str, BaseDistribution]
     ) -> dict[str, float] | None:
-        earlier = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.number < trial.number and not is_enqueued(t)
-        ]
         grid = self.grid(space)
-        index = len(earlier)
+        index = design_index(study, trial)
         if index >= len(grid) - 1:
             attrs.SAMPLER_EXHAUSTED.set(study, True)
             # Outside study.optimize, stop() raises: the worker loop checks the attr instead.
@@ -178,12 +160,3 @@ class ModelLevelSampler(BaseSampler):
                 study.stop()
         attrs.GRID_INDEX.set_on(study, trial, index)
         return grid[index] if index < len(grid) else None
-
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._independent.sample_independent(study, trial, param_name, param_distribution)

@@ -19,27 +19,8 @@ Algorithm:
       optimized jointly, and the raw starting points include the Pareto set (best point for
       one objective) jittered ("warm starts").
 
-Structural importance prior (``enable_importance_prior``): each dimension ``d`` belongs to a
-genome block ``b`` with importance ``I_b`` (study user attr ``mergeopt:block_importance``);
-``w_d = I_b / max(I)`` in ``[0, 1]``, ``kappa = importance_strength`` (default 2.0):
-
-    - MAP mode: lengthscale prior ``LogNormal(mu_d, sigma)`` with
-      ``mu_d = sqrt(2) + ln(D)/2 + kappa * (1 - 2 w_d)`` and ``sigma = lengthscale_prior_scale``
-      (default sqrt(3)); initial lengthscale ``exp(mu_d)``. The most important block's
-      dimensions start ``e^kappa`` times shorter (more relevant) than BoTorch's default, the
-      least important ``e^kappa`` times longer. Prior off: ``mu_d = sqrt(2) + ln(D)/2`` for all.
-      Example, 37 dimensions, importance 1.0 on 6 blocks and 0.1 elsewhere, kappa = 2: prior
-      medians ``exp(mu_d)`` = 3.4 on the 6 and 124 on the others (25 for all with the prior
-      off); ``sigma = sqrt(3)`` keeps the data able to overrule a wrong prior.
-    - SAAS (NUTS) mode: the half-Cauchy on the inverse squared lengthscales gets a per-dimension
-      scale ``s_d = exp(2 kappa (2 w_d - 1))`` (SAAS uses 1): ``rho_d ~ HC(s_d)``, global
-      ``tau ~ HC(0.1)``; the median lengthscale moves by the same ``e^{-kappa (2 w_d - 1)}``.
-
-    Without importance in the study (or names that are not genome names) the prior is uniform
-    (a warning is logged once for genome studies).
-
-    Set ``importance_strength`` lower when the importance is a weak signal, 0 to switch its
-    effect off. How the defaults were measured: ``docs/bench/samplers-2026-11-24.md``.
+Structural importance prior (``enable_importance_prior``): see
+:mod:`mergeopt.samplers.saasbo_gp`.
 
 Initial design: ``custom_initial_solutions`` first (``"0.55,0.8"`` = one value per searched
 parameter in genome order — weight, density — broadcast to every block and expert), then Sobol
@@ -57,30 +38,25 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from mergeopt import attrs
 from mergeopt.attrs import TrialUserAttr, sampler_prefix
-from mergeopt.optuna_compat import is_enqueued
 from mergeopt.samplers._state import (
-    BatchCoordinator,
     Candidate,
     UnitCube,
     dimension_importance,
     genome_of,
-    numerical_space,
-    relative_search_space,
     trial_unit_params,
 )
+from mergeopt.samplers.base import BatchedGenomeSampler, design_index
+from mergeopt.samplers.saasbo_acquisition import propose_batch
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -112,7 +88,7 @@ def parse_initial_solutions(solutions: str | Sequence[str] | None) -> list[list[
     return parsed
 
 
-class SaasQnehviSampler(BaseSampler):
+class SaasQnehviSampler(BatchedGenomeSampler):
     """Batched multi-objective BO (SAAS or MAP GPs + qLogNEHVI) shared by many workers.
 
     Args:
@@ -136,7 +112,8 @@ class SaasQnehviSampler(BaseSampler):
         startup_design: ``"sobol"`` or ``"lhs"``.
         custom_initial_solutions: see the module docstring.
         enable_importance_prior, importance_strength, lengthscale_prior_scale: the structural
-            prior (module docstring); ``enable_importance_prior=False`` for ablations.
+            prior (:mod:`mergeopt.samplers.saasbo_gp`); ``enable_importance_prior=False`` for
+            ablations.
         seed: seed of the design and of the acquisition optimization.
         genome: the study's genome (else ``mergeopt:genome`` from the study).
         num_objectives: number of objectives (checked against ``ref_point``).
@@ -239,61 +216,20 @@ class SaasQnehviSampler(BaseSampler):
         self.enable_importance_prior = bool(enable_importance_prior)
         self.importance_strength = float(importance_strength)
         self.lengthscale_prior_scale = float(lengthscale_prior_scale)
-        self._seed = seed
-        self._genome = genome
-        self._independent = RandomSampler(seed=seed)
-        self._intersection = IntersectionSearchSpace(include_pruned=True)
-        self._coordinator = BatchCoordinator(
-            prefix=PREFIX,
-            lock_ttl_seconds=lock_ttl_seconds,
-            settle_seconds=settle_seconds,
-            poll_seconds=poll_seconds,
-        )
+        timing = (lock_ttl_seconds, settle_seconds, poll_seconds)
+        super().__init__(PREFIX, seed=seed, genome=genome, timing=timing)
         self.last_fit_seconds = 0.0
         self.last_acquisition_seconds = 0.0
 
-    def reseed_rng(self) -> None:
-        self._independent.reseed_rng()
-
-    def infer_relative_search_space(
-        self, study: Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
-        return relative_search_space(study, self._genome, self._intersection)
-
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._independent.sample_independent(study, trial, param_name, param_distribution)
-
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    def _sample_numerical(
+        self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        space = numerical_space(search_space)
-        params: dict[str, Any] = {}
-        if space:
-            cube = UnitCube(space)
-            design_index = sum(
-                1
-                for t in study.get_trials(deepcopy=False)
-                if t.number < trial.number and not is_enqueued(t)
-            )
-            n_complete = sum(1 for _ in self._complete(study, cube))
-            if design_index < self.n_startup_trials or n_complete < 2:
-                params = self._design_point(study, cube, design_index)
-            else:
-                params = self._coordinator.run(
-                    study, trial, lambda n: self._propose(study, cube, n)
-                )
-        for name, dist in search_space.items():
-            if name not in params:
-                params[name] = self._independent.sample_independent(study, trial, name, dist)
-        return params
+        cube = UnitCube(space)
+        index = design_index(study, trial)
+        n_complete = sum(1 for _ in self._complete(study, cube))
+        if index < self.n_startup_trials or n_complete < 2:
+            return self._design_point(study, cube, index)
+        return self._coordinator.run(study, trial, lambda n: self._propose(study, cube, n))
 
     # -- initial design ----------------------------------------------------------------------
 
@@ -399,250 +335,4 @@ class SaasQnehviSampler(BaseSampler):
         return [(cube.from_unit(point), dict(timings)) for point in points]
 
 
-def lengthscale_prior_locations(
-    dimension: int, importance: np.ndarray | None, strength: float
-) -> np.ndarray:
-    """``mu_d`` of the MAP-mode log-normal lengthscale prior (module docstring)."""
-    base = math.sqrt(2.0) + 0.5 * math.log(dimension)
-    if importance is None:
-        return np.full(dimension, base)
-    return base + strength * (1.0 - 2.0 * np.asarray(importance, dtype=float))
-
-
-def inverse_lengthscale_scales(importance: np.ndarray | None, strength: float, dimension: int):
-    """``s_d`` of the SAAS half-Cauchy on inverse squared lengthscales (module docstring)."""
-    if importance is None:
-        return np.ones(dimension)
-    return np.exp(2.0 * strength * (2.0 * np.asarray(importance, dtype=float) - 1.0))
-
-
-def _fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scale: float) -> Any:
-    import torch
-    from botorch.fit import fit_gpytorch_mll
-    from botorch.models import SingleTaskGP
-    from botorch.models.transforms.outcome import Standardize
-    from gpytorch.constraints import GreaterThan
-    from gpytorch.kernels import MaternKernel
-    from gpytorch.mlls import ExactMarginalLogLikelihood
-    from gpytorch.priors import LogNormalPrior
-
-    dimension = train_x.shape[-1]
-    loc = torch.as_tensor(locations, dtype=train_x.dtype)
-    kernel = MaternKernel(
-        nu=2.5,
-        ard_num_dims=dimension,
-        lengthscale_prior=LogNormalPrior(loc=loc, scale=prior_scale),
-        lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=1.0),
-    )
-    kernel.lengthscale = torch.exp(loc).unsqueeze(0)
-    model = SingleTaskGP(train_x, train_y, covar_module=kernel, outcome_transform=Standardize(m=1))
-    fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
-    return model
-
-
-def _fit_saas_model(train_x: Any, train_y: Any, scales: np.ndarray, nuts: dict[str, Any]) -> Any:
-    import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as numpyro_dist
-    from botorch.fit import fit_fully_bayesian_model_nuts
-    from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP, SaasPyroModel
-    from botorch.models.transforms.outcome import Standardize
-
-    scale_values = jnp.asarray(scales)
-
-    class ImportanceSaasPyroModel(SaasPyroModel):
-        """SAAS with a per-dimension half-Cauchy scale on the inverse squared lengthscales."""
-
-        def sample_lengthscale(self, dim: int, alpha: float = 0.1) -> Any:
-            tausq = numpyro.sample("kernel_tausq", numpyro_dist.HalfCauchy(jnp.array(alpha)))
-            inv_length_sq = numpyro.sample(
-                "_kernel_inv_length_sq", numpyro_dist.HalfCauchy(scale_values)
-            )
-            inv_length_sq = numpyro.deterministic("kernel_inv_length_sq", tausq * inv_length_sq)
-            return numpyro.deterministic("lengthscale", 1.0 / jnp.sqrt(inv_length_sq))
-
-    class ImportanceSaasGP(SaasFullyBayesianSingleTaskGP):
-        _pyro_model_class = ImportanceSaasPyroModel
-
-    model = ImportanceSaasGP(train_x, train_y, outcome_transform=Standardize(m=1))
-    fit_fully_bayesian_model_nuts(model, disable_progbar=True, **nuts)
-    return model
-
-
-def propose_batch(
-    *,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    pending_x: np.ndarray | None,
-    q: int,
-    importance: np.ndarray | None,
-    ref_point: np.ndarray | None,
-    sampler: SaasQnehviSampler,
-    seed: int,
-) -> tuple[np.ndarray, float, float]:
-    """Fit the models and optimize the acquisition.
-
-    Args:
-        train_x: ``n x d`` observed points in the unit cube.
-        train_y: ``n x m`` observed values, every objective maximized.
-        pending_x: ``p x d`` points being evaluated (or queued), or None.
-        q: candidates to return.
-        importance: ``d`` importances in ``[0, 1]`` or None (uniform prior).
-        ref_point: ``m`` reference point (maximization form) or None (derived from data).
-        sampler: the settings.
-        seed: torch seed of this batch.
-
-    Returns:
-        ``(q x d candidates, fit seconds, acquisition seconds)``.
-    """
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    if sampler.num_threads is not None:
-        torch.set_num_threads(sampler.num_threads)
-    try:
-        return _propose_batch(
-            torch, train_x, train_y, pending_x, q, importance, ref_point, sampler, seed
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _propose_batch(
-    torch: Any,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    pending_x: np.ndarray | None,
-    q: int,
-    importance: np.ndarray | None,
-    ref_point: np.ndarray | None,
-    sampler: SaasQnehviSampler,
-    seed: int,
-) -> tuple[np.ndarray, float, float]:
-    from botorch.acquisition import AcquisitionFunction
-    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
-    from botorch.acquisition.multi_objective.logei import (
-        qLogNoisyExpectedHypervolumeImprovement,
-    )
-    from botorch.models import ModelListGP
-    from botorch.optim import optimize_acqf
-    from botorch.optim.initializers import initialize_q_batch
-    from botorch.sampling import SobolQMCNormalSampler
-
-    torch.manual_seed(seed)
-    dtype = torch.double
-    x = torch.as_tensor(train_x, dtype=dtype)
-    y = torch.as_tensor(train_y, dtype=dtype)
-    dimension, num_objectives = x.shape[-1], y.shape[-1]
-
-    start = time.perf_counter()
-    models = []
-    for j in range(num_objectives):
-        if sampler.use_saas:
-            scales = inverse_lengthscale_scales(importance, sampler.importance_strength, dimension)
-            models.append(_fit_saas_model(x, y[:, j : j + 1], scales, sampler.nuts))
-        else:
-            locations = lengthscale_prior_locations(
-                dimension, importance, sampler.importance_strength
-            )
-            models.append(
-                _fit_map_model(x, y[:, j : j + 1], locations, sampler.lengthscale_prior_scale)
-            )
-    model = ModelListGP(*models) if num_objectives > 1 else models[0]
-    fit_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    pending = None if pending_x is None else torch.as_tensor(pending_x, dtype=dtype)
-    qmc = SobolQMCNormalSampler(sample_shape=torch.Size([sampler.mc_samples]), seed=seed)
-    if num_objectives > 1:
-        if ref_point is None:
-            ref = derived_reference_point(y, sampler.ref_point_rule)
-        else:
-            ref = torch.as_tensor(ref_point, dtype=dtype)
-        acquisition: AcquisitionFunction = qLogNoisyExpectedHypervolumeImprovement(
-            model=model,
-            ref_point=ref.tolist(),
-            X_baseline=x,
-            prune_baseline=sampler.prune_baseline,
-            sampler=qmc,
-            X_pending=pending,
-        )
-    else:
-        acquisition = qLogNoisyExpectedImprovement(
-            model=model,
-            X_baseline=x,
-            prune_baseline=sampler.prune_baseline,
-            sampler=qmc,
-            X_pending=pending,
-        )
-    bounds = torch.stack([torch.zeros(dimension, dtype=dtype), torch.ones(dimension, dtype=dtype)])
-    q_joint = 1 if sampler.sequential else q
-    raw = _raw_starts(x, y, sampler.raw_samples, q_joint, seed)
-    with torch.no_grad():
-        raw_values = torch.cat([acquisition(chunk) for chunk in raw.split(64)])
-    starts, _ = initialize_q_batch(raw, raw_values, n=sampler.num_restarts)
-    if sampler.sequential and q > 1:
-        candidates, _ = optimize_acqf(
-            acquisition,
-            bounds=bounds,
-            q=q,
-            num_restarts=sampler.num_restarts,
-            raw_samples=sampler.raw_samples,
-            sequential=True,
-            options={"maxiter": sampler.maxiter, "batch_limit": sampler.num_restarts},
-        )
-    else:
-        candidates, _ = optimize_acqf(
-            acquisition,
-            bounds=bounds,
-            q=q,
-            num_restarts=sampler.num_restarts,
-            batch_initial_conditions=starts,
-            options={"maxiter": sampler.maxiter, "batch_limit": sampler.num_restarts},
-        )
-    acq_seconds = time.perf_counter() - start
-    return candidates.detach().clamp(0.0, 1.0).numpy(), fit_seconds, acq_seconds
-
-
-def derived_reference_point(y: Any, rule: str) -> Any:
-    """Reference point (maximization form) of ``n x m`` values ``y`` by ``rule`` (see
-    ``SaasQnehviSampler``). Where the front has no spread in an objective (one Pareto point),
-    the observed range stands in for the front's, and 1.0 where nothing varies."""
-    import torch
-    from botorch.utils.multi_objective.pareto import is_non_dominated
-
-    observed_span = y.max(dim=0).values - y.min(dim=0).values
-    observed_span = torch.where(observed_span > 0, observed_span, torch.ones_like(observed_span))
-    points = y[is_non_dominated(y)] if rule == "pareto-nadir" else y
-    low, high = points.min(dim=0).values, points.max(dim=0).values
-    span = torch.where(high > low, high - low, observed_span)
-    return low - 0.1 * span
-
-
-def _raw_starts(x: Any, y: Any, raw_samples: int, q: int, seed: int) -> Any:
-    """``raw_samples x q x d`` starting batches: Sobol points, a quarter of them with one point
-    replaced by a jittered Pareto-set member (warm starts near the current front)."""
-    import torch
-    from botorch.utils.multi_objective.pareto import is_non_dominated
-    from torch.quasirandom import SobolEngine
-
-    dimension = x.shape[-1]
-    sobol = SobolEngine(dimension, scramble=True, seed=seed)
-    raw = sobol.draw(raw_samples * q).to(x).view(raw_samples, q, dimension)
-    front = x[is_non_dominated(y)] if y.shape[-1] > 1 else x[y.argmax(dim=0)]
-    generator = torch.Generator().manual_seed(seed)
-    n_warm = raw_samples // 4
-    picks = torch.randint(len(front), (n_warm,), generator=generator)
-    jitter = 0.05 * torch.randn(n_warm, dimension, generator=generator, dtype=x.dtype)
-    raw[:n_warm, 0, :] = (front[picks] + jitter).clamp(0.0, 1.0)
-    return raw
-
-
-__all__ = [
-    "SaasQnehviSampler",
-    "lengthscale_prior_locations",
-    "inverse_lengthscale_scales",
-    "parse_initial_solutions",
-    "propose_batch",
-    "derived_reference_point",
-]
+__all__ = ["ACQ_SECONDS_ATTR", "FIT_SECONDS_ATTR", "SaasQnehviSampler", "parse_initial_solutions"]

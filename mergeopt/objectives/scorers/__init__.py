@@ -10,6 +10,7 @@ A new backend is a module here with a class implementing ``base.Scorer`` and one
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,37 +43,31 @@ class ScorerOptions:
     enforce_eager: bool = False
 
 
-def _hf_scorer(options: ScorerOptions) -> Scorer:
-    from mergeopt.objectives.scorers.hf import HFScorer
+@dataclass(frozen=True)
+class ScorerClass:
+    """A factory of one backend: imports ``module`` when a scorer is built and passes the
+    class the ``ScorerOptions`` fields named in ``options`` (those its constructor takes)."""
 
-    return HFScorer(
-        model_dir=options.model_dir,
-        device=options.device,
-        dtype=options.dtype,
-        batch_size=options.batch_size,
-        chat_template=options.chat_template,
-        trust_remote_code=options.trust_remote_code,
-    )
+    module: str
+    class_name: str
+    options: tuple[str, ...]
+
+    def __call__(self, options: ScorerOptions) -> Scorer:
+        scorer_class = getattr(importlib.import_module(self.module), self.class_name)
+        return scorer_class(**{name: getattr(options, name) for name in self.options})
 
 
-def _vllm_scorer(options: ScorerOptions) -> Scorer:
-    from mergeopt.objectives.scorers.vllm import VLLMScorer
-
-    return VLLMScorer(
-        model_dir=options.model_dir,
-        device=options.device,
-        dtype=options.dtype,
-        chat_template=options.chat_template,
-        gpu_memory_utilization=options.gpu_memory_utilization,
-        max_model_len=options.max_model_len,
-        trust_remote_code=options.trust_remote_code,
-        enforce_eager=options.enforce_eager,
-    )
-
+_EVERY_BACKEND = ("model_dir", "device", "dtype", "chat_template", "trust_remote_code")
 
 SCORERS: dict[str, Callable[[ScorerOptions], Scorer]] = {
-    "hf": _hf_scorer,  # transformers
-    "vllm": _vllm_scorer,
+    "hf": ScorerClass(  # transformers
+        "mergeopt.objectives.scorers.hf", "HFScorer", (*_EVERY_BACKEND, "batch_size")
+    ),
+    "vllm": ScorerClass(
+        "mergeopt.objectives.scorers.vllm",
+        "VLLMScorer",
+        (*_EVERY_BACKEND, "gpu_memory_utilization", "max_model_len", "enforce_eager"),
+    ),
 }
 """Scorer backends by the name a spec gives (``scorer.backend``) -> factory."""
 

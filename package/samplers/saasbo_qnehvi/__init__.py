@@ -1,6 +1,6 @@
 """OptunaHub package ``samplers/saasbo_qnehvi``: mergeopt's SAASBO + qLogNEHVI sampler.
 
-The sampler lives in mergeopt (``mergeopt/samplers/saasbo.py``, about 1,100 lines with the
+The sampler lives in mergeopt (``mergeopt/samplers/saasbo*.py``, about 1,100 lines with the
 batch protocol it shares with other samplers), which is not on PyPI; this package imports it
 from an installed mergeopt instead of carrying a copy that would drift (README: Installation).
 """

@@ -1,0 +1,63 @@
+"""``mergeopt zoo build`` and ``mergeopt merge``: commands that make models, outside any study."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergeopt.cli.common import app, new_console, one_device, zoo_app
+from mergeopt.errors import UserError
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the zoo to.")] = Path("zoo"),
+    seed: Annotated[int, typer.Option(help="Training seed; the same seed gives the same zoo.")] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if OUT_DIR holds an up-to-date zoo.")
+    ] = False,
+) -> None:
+    """Train the model zoo on the CPU: a base and two experts fine-tuned from it (about two
+    minutes on two idle cores). An up-to-date zoo in OUT_DIR is kept unless --force."""
+    # Before torch is imported: OpenMP threads spin while they wait for a sibling. libgomp's
+    # default spin made training on a busy 2-core machine over 10x slower, never spinning
+    # (OMP_WAIT_POLICY=PASSIVE) 1.8x slower when idle; a short spin is the fastest both ways
+    # (docs/bench/zoo-build-2026-11-30.md).
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    from mergeopt.zoo import build_zoo, up_to_date_zoo
+
+    existing = None if force else up_to_date_zoo(out_dir, seed=seed)
+    if existing is not None:
+        built = existing.metadata.get("build_seconds")
+        new_console().print(
+            f"zoo in {existing.root} is up to date (built in {built} s); --force rebuilds it"
+        )
+        return
+    info = build_zoo(out_dir, seed=seed, progress=True)
+    new_console().print(f"zoo written to {info.root} in {info.metadata['build_seconds']:.0f} s")
+
+
+@app.command("merge")
+def merge(
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE.yml", help="A mergekit-format merge config.")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the merged Hugging Face model.")],
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=one_device)] = "cpu",
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the random masks of dare_*/della* (an exported trial's YAML names it)."
+        ),
+    ] = 0,
+) -> None:
+    """Run a mergekit YAML with mergeopt's engine and write a Hugging Face model folder."""
+    from mergeopt.merge.recipe import run_recipe
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder (name a new or empty folder)")
+    run_recipe(recipe, out_dir, device=device, seed=seed)
+    new_console().print(f"merged model written to {out_dir}")

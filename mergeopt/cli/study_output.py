@@ -1,0 +1,68 @@
+"""What study commands print after they change or read a study: the status table and the
+dashboard's refreshed plots."""
+
+from __future__ import annotations
+
+
+def print_status(study, console, *, throughput: bool = True) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from mergeopt.report import cost_text, states_text, status_report
+
+    report = status_report(study)
+    show_rate = throughput and report["trials_per_minute"]
+    console.print(
+        f"study [bold]{report['study']}[/]: {states_text(report)}"
+        + (f"; {report['trials_per_minute']} trials/min while running" if show_rate else "")
+        + (
+            f"; merge {report['mean_merge_seconds']} s, eval "
+            f"{report['mean_eval_seconds']} s per trial"
+            if report["mean_eval_seconds"] is not None
+            else ""
+        )
+    )
+    cost = cost_text(report["evaluation_cost"])
+    if cost:
+        console.print(f"evaluation cost: {cost}")
+    if not report["pareto"]:
+        return
+    title = "Pareto trials" if len(report["objectives"]) > 1 else "Best trial"
+    table = Table(title=title)
+    table.add_column("trial", justify="right")
+    heldout = any(row["heldout"] for row in report["pareto"])
+    for objective in report["objectives"]:
+        arrow = "↑" if objective["direction"] == "maximize" else "↓"
+        table.add_column(f"{objective['name']} {arrow}", justify="right")
+        if heldout:
+            table.add_column(f"{objective['name']} held-out", justify="right")
+    table.add_column("recipe (mean over blocks)")
+    for row in report["pareto"]:
+        label = f"{row['trial']} ({row['expert']})" if row["expert"] else str(row["trial"])
+        cells = []
+        for name, value in row["values"].items():
+            cells.append(f"{value:.4g}")
+            if heldout:
+                cells.append(f"{row['heldout'][name]:.4g}" if row["heldout"] else "-")
+        table.add_row(label, *cells, row["recipe"])
+    console.print(table)
+    if heldout and not all(row["heldout"] for row in report["pareto"]):
+        console.print(
+            f"held-out values of every Pareto trial: mergeopt study evaluate {report['study']} "
+            "--heldout --pareto"
+        )
+    if all(row["expert"] for row in report["pareto"]):
+        console.print("no merge beats the experts yet: every trial above is an expert alone")
+
+
+def refresh_dashboard(study, console) -> None:  # noqa: ANN001
+    """The dashboard's note and plots brought up to date after a command changed the study;
+    a database outage leaves them as they were, with one line saying so."""
+    from mergeopt.dashboard import refresh_dashboard
+    from mergeopt.storage import is_connection_error
+
+    try:
+        console.print(refresh_dashboard(study))
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        console.print("dashboard not updated: the database is unreachable")
