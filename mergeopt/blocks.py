@@ -7,25 +7,27 @@ form one extra block of their own (SIPBMM's "+1"), always the last one.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from mergeopt.tensor_names import layer_of
 
 
 def layer_of_tensor(name: str) -> int | None:
-    """The decoder-layer index of a Hugging Face tensor name, or None for non-layer tensors.
+    """The layer index of a Hugging Face tensor name (any architecture's layer stack, see
+    :mod:`mergeopt.tensor_names`), or None for non-layer tensors.
 
     >>> layer_of_tensor("model.layers.3.self_attn.q_proj.weight")
     3
+    >>> layer_of_tensor("transformer.h.2.mlp.c_fc.weight")
+    2
     >>> layer_of_tensor("model.embed_tokens.weight") is None
     True
     """
-    match = _LAYER_RE.search(name)
-    return int(match.group(1)) if match else None
+    ref = layer_of(name)
+    return ref.index if ref else None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt.errors import UserError
+from mergeopt.tensor_names import config_num_layers
 
 if TYPE_CHECKING:
     import torch
@@ -82,11 +83,9 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        layers = self.config.get("num_hidden_layers")
-        if not isinstance(layers, int):
-            layers = (self.config.get("text_config") or {}).get("num_hidden_layers")
-        if not isinstance(layers, int) or layers < 1:
-            raise UserError(f"{self.path}/config.json: no num_hidden_layers")
+        layers = config_num_layers(self.config)
+        if layers is None:
+            raise UserError(f"{self.path}/config.json: no num_hidden_layers (nor n_layer)")
         return layers
 
     @property

@@ -127,8 +127,9 @@ def threshold_ties(config: dict[str, Any], recipe_path: Path) -> dict[str, torch
     base = load_file(recipe.base_or_first / "model.safetensors")
     experts = [load_file(p / "model.safetensors") for p in recipe.input_paths]
     ties: dict[str, torch.Tensor] = {}
+    counts = recipe.check_layers(list(base))
     for name, base_tensor in base.items():
-        per_expert, _ = recipe.tensor_params(name, NUM_LAYERS)
+        per_expert, _ = recipe.tensor_params(name, counts)
         tied = torch.zeros(base_tensor.shape, dtype=torch.bool)
         for expert, params in zip(experts, per_expert, strict=True):
             delta = expert[name].bfloat16() - base_tensor.bfloat16()
@@ -302,12 +303,19 @@ def test_unsupported_recipe_keys_are_user_errors(
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_per_model_parameter_is_a_user_error(untied: list[Path], tmp_path: Path) -> None:
-    config = models_config(untied, "task_arithmetic", [{"weight": 1.0, "density": 0.5}])
+def test_per_model_parameter_of_another_method_is_ignored_with_a_warning(
+    untied: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = models_config(untied, "task_arithmetic", [{"weight": 1.0, "gamma": 0.1}])
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_recipe(recipe, tmp_path / "ok")  # density is a GTA parameter (no-op without sparsify)
-    config["models"][0]["parameters"]["gamma"] = 0.1
+    run_recipe(recipe, tmp_path / "ok")  # gamma is breadcrumbs' (mergekit ignores it here)
+    assert "models[0].parameters.gamma: task_arithmetic has no per-model parameter" in caplog.text
+
+
+def test_unknown_per_model_parameter_is_a_user_error(untied: list[Path], tmp_path: Path) -> None:
+    config = models_config(untied, "task_arithmetic", [{"weight": 1.0, "densty": 0.5}])
+    recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
-    with pytest.raises(UserError, match=r"models\[0\]\.parameters\.gamma"):
+    with pytest.raises(UserError, match=r"models\[0\]\.parameters\.densty"):
         run_recipe(recipe, tmp_path / "bad")

@@ -96,6 +96,8 @@ class MethodSpec:
         max_experts: the most experts the method merges (None: any number).
         weighted_sum: the method as a weighted sum (the one-pass fast path may compute it).
         fused_gta: the fused GTA kernel computes it (task vectors, masks, consensus, weights).
+        value_check: what is wrong with one expert's values for one tensor (defaults filled
+            in), or None; mergekit refuses these values when it merges (DELLA's epsilon).
     """
 
     name: str
@@ -110,6 +112,7 @@ class MethodSpec:
     max_experts: int | None = None
     weighted_sum: WeightedSum | None = None
     fused_gta: bool = False
+    value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
 
     @property
     def randomized(self) -> bool:
@@ -162,6 +165,13 @@ class MethodSpec:
             if name not in given:
                 suffix = f" ({hint})" if hint else ""
                 raise MethodParamError(f"{where}: {name!r} is required by {self.name}{suffix}")
+
+    def check_values(self, values: Mapping[str, float], where: str) -> None:
+        """One expert's values for one tensor fit the method (``value_check``)."""
+        if self.value_check is not None:
+            problem = self.value_check({**self.expert_defaults, **values})
+            if problem:
+                raise MethodParamError(f"{where}: {problem}")
 
     def check_experts(self, count: int, where: str) -> None:
         """The method merges ``count`` experts (besides the base, when it takes one)."""
@@ -369,6 +379,14 @@ def _linear_sum(
     return 1.0 / sum(weights) if method_params["normalize"] else 1.0
 
 
+def _della_values(values: Mapping[str, float | None]) -> str | None:
+    """mergekit's DELLA keeps density ± epsilon inside (0, 1) where it sparsifies."""
+    density, epsilon = float(values["density"] or 0), float(values["epsilon"] or 0)
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        return f"della: density {density:g} ± epsilon {epsilon:g} must stay inside (0, 1)"
+    return None
+
+
 def _gta(
     name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool
 ) -> MethodSpec:
@@ -392,6 +410,7 @@ def _gta(
         expert_defaults=expert,
         weighted_sum=_task_arithmetic_sum if plain else None,
         fused_gta=True,
+        value_check=_della_values if sparsification == SPARSIFY_DELLA else None,
     )
 
 

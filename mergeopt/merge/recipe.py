@@ -9,17 +9,23 @@ format; what it may hold:
   sources share one ``layer_range`` that matches the output position (the layers line up);
 - ``parameters`` (global: normalize, rescale, lambda, int8_mask, t, or per-model defaults);
 - every value a scalar, a gradient list (interpolated over the layers of a slice,
-  ``t = layer / (layers - 1)``; 0 outside the layers) or ``[{filter: SUBSTRING, value: ...}]``
-  entries (first match on the tensor name wins), resolved exactly as mergekit 0.1.x does.
+  ``t = layer / (layers - 1)``, each layer stack with its own count: :mod:`mergeopt.tensor_names`;
+  0 outside the layers) or ``[{filter: SUBSTRING, value: ...}]`` entries (first match on the
+  tensor name wins), read by :mod:`mergeopt.merge.settings` as mergekit validates them;
+- embeddings are planned from the first slice, final norms and heads from the last;
+- without ``dtype``, each tensor is merged in its inputs' dtypes promoted, as mergekit does.
 
-Anything else (LoRA ``model@adapter``, ``modules``, ``tokenizer``, ``chat_template``, slices that
-reorder or stack layers, unknown parameters) is a :class:`UserError` naming the key. The output
-is written to a temporary folder next to ``OUT_DIR`` and renamed into place when complete.
+Anything else (LoRA ``model+adapter``, ``modules``, ``tokenizer``, ``chat_template``, slices
+that reorder or stack layers, slices of a model with several layer stacks, unknown parameters,
+DELLA's density ± epsilon outside (0, 1)) is a :class:`UserError` naming the key; a per-model
+parameter of another method (which mergekit ignores) is a warning. The output is written to a
+temporary folder next to ``OUT_DIR`` and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,8 +36,11 @@ from typing import Any
 
 import yaml
 
-from mergeopt.blocks import layer_of_tensor
 from mergeopt.errors import UserError
+from mergeopt.merge.settings import check_setting, resolve, validator_for
+from mergeopt.tensor_names import is_post_weight, layer_counts, layer_of
+
+logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {
     "merge_method",
@@ -58,47 +67,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DEFAULT_SHARD_BYTES = 5 * 10**9
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """A parameter's value for one tensor: scalars as they are, gradient lists interpolated at
-    ``t``, filter entries by first substring match (None when nothing matches) — mergekit's
-    ``evaluate_setting``."""
-    if isinstance(setting, Mapping):
-        setting = [setting]
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(e, (bool, int, float, str)) for e in setting):
-            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-                return setting[int(t * (len(setting) - 1))]
-            scaled = t * (len(setting) - 1)
-            low = int(scaled)
-            high = min(len(setting) - 1, low + 1)
-            fraction = scaled - low
-            return (1 - fraction) * setting[low] + fraction * setting[high]
-        for condition in setting:
-            if not isinstance(condition, Mapping) or "value" not in condition:
-                raise UserError(f"parameter entry {condition!r}: expected {{filter, value}}")
-            extra = set(condition) - {"filter", "value"}
-            if extra:
-                raise UserError(f"parameter entry: unsupported key {sorted(extra)[0]!r}")
-            pattern = condition.get("filter")
-            if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
-                return evaluate_setting(condition["value"], tensor_name, t)
-        return None
-    raise UserError(f"unexpected parameter value {setting!r}")
-
-
-def _resolve(scopes: Sequence[Mapping[str, Any] | None], name: str, tensor: str, t: float) -> Any:
-    for scope in scopes:
-        if scope and name in scope:
-            value = evaluate_setting(scope[name], tensor, t)
-            if value is not None:
-                return value
-    return None
 
 
 @dataclass(frozen=True)
@@ -137,8 +105,9 @@ class Recipe:
         self._dir = config_path.parent
         self.dtype = self._dtype(config.get("dtype"), "dtype")
         self.out_dtype = self._dtype(config.get("out_dtype"), "out_dtype") or self.dtype
-        self.parameters: Mapping[str, Any] = config.get("parameters") or {}
-        self._check_params(self.parameters, "parameters", global_scope=True)
+        self.parameters = self._check_params(
+            config.get("parameters") or {}, "parameters", global_scope=True
+        )
         base = config.get("base_model")
         self.base_path = self._model_path(base, "base_model") if base is not None else None
         if ("models" in config) == ("slices" in config):
@@ -168,23 +137,58 @@ class Recipe:
             reference = reference.get("model")
         if not isinstance(reference, str):
             raise UserError(f"{self.where}: {key}: expected a model folder path")
-        if "@" in reference:
-            raise UserError(f"{self.where}: {key}: LoRA adapters (model@adapter) unsupported")
         path = Path(reference).expanduser()
         if not path.is_dir() and (self._dir / path).is_dir():
             path = self._dir / path
+        if not path.is_dir() and "+" in reference:
+            raise UserError(
+                f"{self.where}: {key}: {reference}: LoRA references (model+adapter) are not "
+                "supported yet; merge the adapter into its model first (PEFT merge_and_unload)"
+            )
+        if not path.is_dir() and "@" in reference:
+            raise UserError(
+                f"{self.where}: {key}: {reference}: revisions (model@revision) are not "
+                "supported; give a local model folder"
+            )
         if not path.is_dir():
             raise UserError(f"{self.where}: {key}: model folder {reference} not found")
         return path.resolve()
 
-    def _check_params(self, params: Any, key: str, *, global_scope: bool) -> None:
+    def _check_params(self, params: Any, key: str, *, global_scope: bool) -> Mapping[str, Any]:
+        """The parameters of one scope, names and values checked; a per-model parameter of
+        another method (mergekit ignores it) is dropped with a warning."""
+        from mergeopt.merge.methods import METHODS
+
         if not isinstance(params, Mapping):
             raise UserError(f"{self.where}: {key}: expected a mapping")
         where = f"{self.where}: {key}"
+        spec = self.spec
         if global_scope:  # mergekit: per-model defaults may be set here too
-            self.spec.check_method_params(params, where, shared=True)
+            spec.check_method_params(params, where, shared=True)
+            kinds: dict[str, Any] = {**spec.expert_defaults, **spec.global_defaults}
         else:
-            self.spec.check_expert_params(params, where, required=False)
+            own = set(spec.expert_defaults) | set(spec.expert_overrides)
+            elsewhere = {n for m in METHODS.values() for n in m.expert_defaults}
+            for name in sorted(set(params) - own):
+                if name in elsewhere:
+                    logger.warning(
+                        "%s.%s: %s has no per-model parameter %r; ignored, as mergekit does",
+                        where,
+                        name,
+                        spec.name,
+                        name,
+                    )
+            params = {
+                name: value
+                for name, value in params.items()
+                if name in own or name not in elsewhere
+            }
+            spec.check_expert_params(params, where, required=False)
+            kinds = {**spec.expert_defaults}
+            kinds.update({name: spec.global_defaults[name] for name in spec.expert_overrides})
+        for name, setting in params.items():
+            check_setting(setting, validator_for(kinds.get(name)), f"{where}.{name}")
+        return params
 
     def _source(self, entry: Any, key: str) -> _Source:
         if not isinstance(entry, Mapping):
@@ -192,8 +196,9 @@ class Recipe:
         extra = sorted(set(entry) - {"model", "parameters", "layer_range"})
         if extra:
             raise UserError(f"{self.where}: {key}: unsupported key {extra[0]!r}")
-        params = entry.get("parameters") or {}
-        self._check_params(params, f"{key}.parameters", global_scope=False)
+        params = self._check_params(
+            entry.get("parameters") or {}, f"{key}.parameters", global_scope=False
+        )
         return _Source(path=self._model_path(entry.get("model"), f"{key}.model"), parameters=params)
 
     def _slice(self, entry: Any, key: str) -> _Slice:
@@ -212,8 +217,9 @@ class Recipe:
                 f"{self.where}: {key}.layer_range [{start}, {end}]: slices must follow each "
                 f"other from layer 0 without reordering (expected start {expected_start})"
             )
-        params = entry.get("parameters") or {}
-        self._check_params(params, f"{key}.parameters", global_scope=True)
+        params = self._check_params(
+            entry.get("parameters") or {}, f"{key}.parameters", global_scope=True
+        )
         sources = [self._source(s, f"{key}.sources[{i}]") for i, s in enumerate(entry["sources"])]
         models = [s.path for s in sources]
         if self.slices and models != [s.path for s in self.slices[0].sources]:
@@ -243,47 +249,63 @@ class Recipe:
 
     # -- per-tensor parameters ---------------------------------------------------------------
 
-    def _slice_and_t(self, name: str, num_layers: int) -> tuple[_Slice, float]:
-        layer = layer_of_tensor(name)
-        if layer is None:
-            first_slice = "embed" in name
-            return (self.slices[0] if first_slice else self.slices[-1]), 0.0
+    def _slice_and_t(self, name: str, counts: Mapping[str, int]) -> tuple[_Slice, float]:
+        """The slice a tensor is planned from and its ``t``: layers by their index in their own
+        stack (each module of a multimodal model has its own count); outside the layers, the
+        first slice before them (embeddings) and the last after them (final norm, head), at
+        t = 0, as mergekit plans pre- and post-weights."""
+        ref = layer_of(name)
+        if ref is None:
+            return (self.slices[-1] if is_post_weight(name) else self.slices[0]), 0.0
         for piece in self.slices:
-            end = num_layers if piece.end == -1 else piece.end
-            if piece.start <= layer < end:
+            end = counts[ref.module] if piece.end == -1 else piece.end
+            if piece.start <= ref.index < end:
                 count = end - piece.start
-                return piece, ((layer - piece.start) / (count - 1) if count > 1 else 1.0)
-        raise UserError(f"{self.where}: layer {layer} ({name}) is in no slice")
+                return piece, ((ref.index - piece.start) / (count - 1) if count > 1 else 1.0)
+        raise UserError(f"{self.where}: layer {ref.index} ({name}) is in no slice")
+
+    def check_layers(self, names: Sequence[str]) -> dict[str, int]:
+        """Each layer stack's count among the base's tensor ``names``; slices need one stack."""
+        counts = layer_counts(names)
+        if len(counts) > 1 and self.slices[0].end != -1:
+            raise UserError(
+                f"{self.where}: slices of a model with several layer stacks "
+                f"({', '.join(counts)}) are not supported yet; use models"
+            )
+        return counts
 
     def tensor_params(
-        self, name: str, num_layers: int
+        self, name: str, counts: Mapping[str, int]
     ) -> tuple[list[dict[str, float]], dict[str, float | bool]]:
         """(per-expert parameters, method parameters) of one tensor, mergekit's precedence:
-        the model's own setting, then the slice's, then the global ``parameters``."""
-        piece, t = self._slice_and_t(name, num_layers)
+        the model's own setting, then the slice's, then the global ``parameters``. ``counts``:
+        each layer stack's layer count (:meth:`check_layers`)."""
+        piece, t = self._slice_and_t(name, counts)
         shared_scopes = [piece.parameters, self.parameters]
+        spec = self.spec
         method_params: dict[str, float | bool] = {}
-        for key, default in self.spec.global_defaults.items():
-            if key in self.spec.expert_overrides:
+        for key, default in spec.global_defaults.items():
+            if key in spec.expert_overrides:
                 continue  # given per tensor with the experts' values, below
-            value = _resolve(shared_scopes, key, name, t)
+            value = resolve(shared_scopes, key, name, t, default)
             if value is not None:
-                method_params[key] = type(default)(value)
+                method_params[key] = value
         experts: list[dict[str, float]] = []
         for index in self.expert_indices:
             source = piece.sources[index]
             values: dict[str, float] = {}
-            for key in self.spec.expert_defaults:
-                value = _resolve([source.parameters, *shared_scopes], key, name, t)
+            for key, expert_default in spec.expert_defaults.items():
+                scopes = [source.parameters, *shared_scopes]
+                value = resolve(scopes, key, name, t, expert_default)
                 if value is not None:
-                    values[key] = float(value)
-            for key in self.spec.expert_overrides:  # mergekit reads these from shared scopes
-                value = _resolve(shared_scopes, key, name, t)
+                    values[key] = value
+            for key in spec.expert_overrides:  # mergekit reads these from shared scopes
+                value = resolve(shared_scopes, key, name, t, spec.global_defaults[key])
                 if value is not None:
-                    values[key] = float(value)
-            self.spec.check_required(
-                values, f"{self.where}: {source.path.name}, {name}", overrides=True
-            )
+                    values[key] = value
+            where = f"{self.where}: {source.path.name}, {name}"
+            spec.check_required(values, where, overrides=True)
+            spec.check_values(values, where)
             experts.append(values)
         return experts, method_params
 
@@ -330,11 +352,11 @@ def run_recipe(
     reference = Checkpoint(path=recipe.base_or_first)
     inputs = [Checkpoint(path=p) for p in recipe.input_paths]
     names = check_mergeable(reference, inputs)
-    num_layers = reference.num_layers
+    counts = recipe.check_layers(names)
+    params = {name: recipe.tensor_params(name, counts) for name in names}  # all checked first
     torch_device = torch.device(device)
     dtype_of = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    # one plan per dtype met (without a recipe dtype, tensors keep their stored dtypes);
-    # exact: mergekit's operation order everywhere, as mergekit-yaml would merge
+    # one plan per dtype met; exact: mergekit's operation order, as mergekit-yaml would merge
     plans: dict[torch.dtype, MergePlan] = {}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +371,9 @@ def run_recipe(
                 if not base.is_floating_point():
                     merged = base
                 else:
-                    experts, method_params = recipe.tensor_params(name, num_layers)
+                    if work is None:  # mergekit: the inputs' dtypes promoted, per tensor
+                        base = base.to(promoted_dtype([reference, *inputs], name, torch))
+                    experts, method_params = params[name]
                     stack = torch.stack(
                         [
                             reader.read(i + 1, name, dtype=base.dtype, device=torch_device)
@@ -400,6 +424,21 @@ def run_recipe(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def promoted_dtype(checkpoints: Sequence[Any], name: str, torch: Any) -> Any:
+    """The dtype every model's ``name`` is merged in without a recipe ``dtype``: their stored
+    floating dtypes promoted (bf16 with fp32 -> fp32, bf16 with fp16 -> fp32), as mergekit
+    promotes each tensor group."""
+    dtype = None
+    for checkpoint in checkpoints:
+        stored = checkpoint.dtypes[checkpoint.source_name(name)]
+        this = getattr(torch, _SAFETENSORS_DTYPES.get(stored, "float32"))
+        dtype = this if dtype is None else torch.promote_types(dtype, this)
+    return dtype
 
 
 def _write_shards(shards: list[dict[str, Any]], folder: Path, save_file: Any) -> None:

@@ -1,0 +1,244 @@
+"""`mergeopt merge` against mergekit on the configurations issue #15 found silently different or
+crashing: scientific-notation gradients, layer stacks other than ``model.layers`` (Falcon,
+GPT-2, GPT-NeoX, LLaVA's two towers), heads planned from the last slice, mixed input dtypes,
+and the one-line refusals (DELLA's epsilon, LoRA references, bad values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from mergeopt.errors import UserError
+from mergeopt.merge.recipe import run_recipe
+from tests.test_merge_oracle import assert_same, both, make_tiny_qwen2_family, read_folder
+
+
+def make_family(
+    folder: Path,
+    model: Any,
+    *,
+    num_experts: int = 2,
+    seed: int = 0,
+    extra: dict[str, torch.Tensor] | None = None,
+    rename: dict[str, str] | None = None,
+) -> list[Path]:
+    """``model`` (random weights, plus ``extra`` tensors) as a base, and experts = base + small
+    noise, saved as safetensors folders with its config (tensors named by ``rename`` where
+    given); a tied head is left out, as transformers saves it."""
+    state = {
+        (rename or {}).get(k, k): v.detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    state.update(extra or {})
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    generator = torch.Generator().manual_seed(seed + 1)
+    paths = []
+    for index in range(num_experts + 1):
+        path = folder / ("base" if index == 0 else f"expert{index}")
+        path.mkdir(parents=True)
+        tensors = {
+            name: tensor
+            if index == 0
+            else tensor + 0.02 * torch.randn(tensor.shape, generator=generator)
+            for name, tensor in state.items()
+        }
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def falcon(folder: Path) -> list[Path]:
+    import transformers
+
+    config = transformers.FalconConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        tie_word_embeddings=False,
+        architectures=["FalconForCausalLM"],
+    )
+    torch.manual_seed(0)
+    return make_family(folder, transformers.FalconForCausalLM(config))
+
+
+def gpt2(folder: Path) -> list[Path]:
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32,
+        architectures=["GPT2LMHeadModel"],
+    )  # fmt: skip
+    torch.manual_seed(1)
+    return make_family(folder, transformers.GPT2LMHeadModel(config))
+
+
+def gpt_neox(folder: Path) -> list[Path]:
+    import transformers
+
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=64, tie_word_embeddings=False, architectures=["GPTNeoXForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(2)
+    buffers = {}  # older GPT-NeoX checkpoints store these, and mergekit's description asks
+    for layer in range(4):
+        prefix = f"gpt_neox.layers.{layer}.attention"
+        buffers[f"{prefix}.bias"] = torch.ones(1, 1, 8, 8).tril()
+        buffers[f"{prefix}.masked_bias"] = torch.tensor(-1e9)
+        buffers[f"{prefix}.rotary_emb.inv_freq"] = torch.linspace(1, 0.01, 4)
+    model = transformers.GPTNeoXForCausalLM(config)  # transformers 5 calls the head lm_head
+    return make_family(folder, model, extra=buffers, rename={"lm_head.weight": "embed_out.weight"})
+
+
+def slerp_config(paths: list[Path], t: Any) -> dict[str, Any]:
+    return {
+        "merge_method": "slerp",
+        "base_model": str(paths[0]),
+        "dtype": "float32",
+        "models": [{"model": str(paths[0])}, {"model": str(paths[1])}],
+        "parameters": {"t": t},
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_tiny_qwen2_family(tmp_path_factory.mktemp("qwen2"), tied=False, num_experts=2)
+
+
+def test_scientific_notation_gradient_interpolates_as_mergekit(
+    qwen2: list[Path], tmp_path: Path
+) -> None:
+    base, first, second = qwen2
+    config = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [
+            {"model": str(first), "parameters": {"weight": ["1e-1", 0.9], "density": "5e-1"}},
+            {"model": str(second), "parameters": {"weight": 0.5, "density": 0.7}},
+        ],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("value", ["abc", ["1e-1", "x"], [{"filter": "mlp", "value": "abc"}]])
+def test_a_weight_that_is_not_a_number_is_one_line(
+    qwen2: list[Path], tmp_path: Path, value: Any
+) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(qwen2[0]),
+        "models": [{"model": str(qwen2[1]), "parameters": {"weight": value}}],
+    }
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(
+        UserError, match=r"models\[0\]\.parameters\.weight: .* is not a valid value"
+    ):
+        run_recipe(recipe, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [falcon, gpt2], ids=["falcon", "gpt2"])
+def test_layer_stacks_named_h_get_their_gradient(build: Any, tmp_path: Path) -> None:
+    paths = build(tmp_path / "models")
+    ours, theirs = both(slerp_config(paths, [0.0, 1.0]), tmp_path)
+    assert_same(ours, theirs)
+    base = read_folder(paths[0])
+    layer_names = [n for n in theirs if ".h.2." in n or n.startswith("h.2.")]
+    assert layer_names and all(not torch.equal(ours[n], base[n]) for n in layer_names)
+
+
+@pytest.mark.slow
+def test_gpt_neox_head_takes_the_last_slice(tmp_path: Path) -> None:
+    base, first, second = gpt_neox(tmp_path / "models")
+
+    def sources(layers: list[int], weight: float) -> list[dict[str, Any]]:
+        return [
+            {"model": str(base), "layer_range": layers},
+            {"model": str(first), "layer_range": layers, "parameters": {"weight": weight}},
+            {"model": str(second), "layer_range": layers, "parameters": {"weight": 0.3}},
+        ]
+
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "dtype": "float32",
+        "slices": [{"sources": sources([0, 2], 0.9)}, {"sources": sources([2, 4], 0.1)}],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    assert "embed_out.weight" in theirs
+
+
+@pytest.mark.slow
+def test_mixed_input_dtypes_promote_per_tensor_as_mergekit(
+    qwen2: list[Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    base = tmp_path / "bf16-base"
+    base.mkdir()
+    state = load_file(qwen2[0] / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in state.items()}, str(base / "model.safetensors"))
+    (base / "config.json").write_text((qwen2[0] / "config.json").read_text())
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in qwen2[1:]],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert {t.dtype for t in theirs.values()} == {torch.float32}
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.5, 0.6), (0.9, 0.15), ("2e-1", "3e-1")])
+def test_della_epsilon_outside_the_unit_interval_is_refused_before_merging(
+    qwen2: list[Path], tmp_path: Path, density: Any, epsilon: Any
+) -> None:
+    config = {
+        "merge_method": "della",
+        "base_model": str(qwen2[0]),
+        "models": [
+            {"model": str(qwen2[1]), "parameters": {"weight": 1.0, "density": density}},
+        ],
+        "parameters": {"epsilon": epsilon},
+    }
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(UserError, match=r"density .* ± epsilon .* must stay inside \(0, 1\)"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_reference_is_named_as_unsupported(qwen2: list[Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(qwen2[0]),
+        "models": [{"model": f"{qwen2[1]}+some/adapter", "parameters": {"weight": 1.0}}],
+    }
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(UserError, match=r"LoRA references \(model\+adapter\) are not supported"):
+        run_recipe(recipe, tmp_path / "out")
+
+
+def test_slerp_given_a_per_model_weight_warns_and_merges(
+    qwen2: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = slerp_config(qwen2, 0.3)
+    config["models"][1]["parameters"] = {"weight": 0.7}
+    ours, theirs = both(config, tmp_path)
+    assert "slerp has no per-model parameter 'weight'; ignored" in caplog.text
+    assert_same(ours, theirs)
