@@ -242,3 +242,33 @@ def test_slerp_given_a_per_model_weight_warns_and_merges(
     ours, theirs = both(config, tmp_path)
     assert "slerp has no per-model parameter 'weight'; ignored" in caplog.text
     assert_same(ours, theirs)
+
+
+def llava(folder: Path) -> list[Path]:
+    import transformers
+
+    text = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        image_size=16, patch_size=8, projection_dim=16,
+    )  # fmt: skip
+    config = transformers.LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=63,
+        architectures=["LlavaForConditionalGeneration"],
+    )
+    torch.manual_seed(3)
+    return make_family(folder, transformers.LlavaForConditionalGeneration(config))
+
+
+@pytest.mark.slow
+def test_llava_towers_each_get_t_over_their_own_layers(tmp_path: Path) -> None:
+    paths = llava(tmp_path / "models")
+    ours, theirs = both(slerp_config(paths, [0.0, 1.0]), tmp_path)
+    assert_same(ours, theirs)
+    vision_last = [n for n in theirs if "vision_tower" in n and ".layers.2." in n]
+    assert vision_last and all(torch.equal(ours[n], read_folder(paths[1])[n]) for n in vision_last)
