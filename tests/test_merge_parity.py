@@ -272,3 +272,59 @@ def test_llava_towers_each_get_t_over_their_own_layers(tmp_path: Path) -> None:
     assert_same(ours, theirs)
     vision_last = [n for n in theirs if "vision_tower" in n and ".layers.2." in n]
     assert vision_last and all(torch.equal(ours[n], read_folder(paths[1])[n]) for n in vision_last)
+
+
+def save_character_tokenizer(folder: Path, size: int) -> None:
+    """A word-level tokenizer of ``size`` tokens (fewer than the config's embedding rows)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"t{index}": index for index in range(1, size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_tokenizer_source_base_cuts_a_padded_vocabulary_as_mergekit(
+    tmp_path: Path, method: str
+) -> None:
+    import json
+
+    paths = make_tiny_qwen2_family(tmp_path / "models", tied=False, num_experts=2)  # 96 rows
+    for path in paths:
+        save_character_tokenizer(path, 80)
+    per_model = {"weight": 0.6, "density": 0.5} if method == "ties" else {"weight": 0.6}
+    config = {
+        "merge_method": method,
+        "base_model": str(paths[0]),
+        "dtype": "float32",
+        "tokenizer_source": "base",
+        "models": [
+            {"model": str(p), "parameters": per_model}
+            for p in (paths if method == "linear" else paths[1:])
+        ],
+    }
+    ours, theirs = both(config, tmp_path)
+    rows = theirs["model.embed_tokens.weight"].shape[0]  # 80, or 81 where transformers adds
+    assert rows < 96  # Qwen2's <|endoftext|> to the tokenizer loaded from a Qwen2 folder
+    assert ours["model.embed_tokens.weight"].shape == ours["lm_head.weight"].shape == (rows, 128)
+    assert_same(ours, theirs)
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["vocab_size"] == rows
+
+
+@pytest.mark.parametrize("source", ["union", "some/model"])
+def test_other_tokenizer_sources_are_refused_in_one_line(
+    qwen2: list[Path], tmp_path: Path, source: str
+) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(qwen2[0]),
+        "tokenizer_source": source,
+        "models": [{"model": str(qwen2[1]), "parameters": {"weight": 1.0}}],
+    }
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(UserError, match="tokenizer_source .* is not supported yet"):
+        run_recipe(recipe, tmp_path / "out")

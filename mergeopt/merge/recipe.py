@@ -4,7 +4,7 @@
 format; what it may hold:
 
 - ``merge_method`` (a name in ``mergeopt.merge.methods.METHODS``), ``base_model``, ``dtype``,
-  ``out_dtype``, ``tokenizer_source`` (absent or ``base``);
+  ``out_dtype``, ``tokenizer_source`` (absent or ``base``: :mod:`mergeopt.merge.vocabulary`);
 - ``models: [{model: PATH, parameters: {weight, density, gamma, epsilon}}]``, or ``slices`` whose
   sources share one ``layer_range`` that matches the output position (the layers line up);
 - ``parameters`` (global: normalize, rescale, lambda, int8_mask, t, or per-model defaults);
@@ -38,7 +38,8 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.merge.settings import check_setting, resolve, validator_for
-from mergeopt.tensor_names import is_post_weight, layer_counts, layer_of
+from mergeopt.merge.vocabulary import base_vocabulary_rows, config_vocab_size
+from mergeopt.tensor_names import has_vocabulary_rows, is_post_weight, layer_counts, layer_of
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,10 @@ class Recipe:
         self.spec = get_method(str(config["merge_method"]), f"{where}: merge_method")
         tokenizer_source = config.get("tokenizer_source")
         if tokenizer_source not in (None, "base"):
-            raise UserError(f"{where}: tokenizer_source {tokenizer_source!r} (only 'base')")
+            raise UserError(
+                f"{where}: tokenizer_source {tokenizer_source!r} is not supported yet (only 'base')"
+            )
+        self.tokenizer_source = tokenizer_source
         self.where = where
         self._dir = config_path.parent
         self.dtype = self._dtype(config.get("dtype"), "dtype")
@@ -354,6 +358,12 @@ def run_recipe(
     names = check_mergeable(reference, inputs)
     counts = recipe.check_layers(names)
     params = {name: recipe.tensor_params(name, counts) for name in names}  # all checked first
+    keep_rows = None  # tokenizer_source base: embeddings and head cut to the base tokenizer
+    vocab_scope = config_vocab_size(reference.config)
+    if recipe.tokenizer_source == "base" and vocab_scope is not None:
+        keep_rows = base_vocabulary_rows(
+            recipe.base_or_first, recipe.input_paths, vocab_scope[0][vocab_scope[1]], recipe.where
+        )
     torch_device = torch.device(device)
     dtype_of = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     # one plan per dtype met; exact: mergekit's operation order, as mergekit-yaml would merge
@@ -374,9 +384,13 @@ def run_recipe(
                     if work is None:  # mergekit: the inputs' dtypes promoted, per tensor
                         base = base.to(promoted_dtype([reference, *inputs], name, torch))
                     experts, method_params = params[name]
+                    rows = None
+                    if keep_rows is not None and has_vocabulary_rows(name):
+                        rows = keep_rows
+                        base = base[:rows]
                     stack = torch.stack(
                         [
-                            reader.read(i + 1, name, dtype=base.dtype, device=torch_device)
+                            reader.read(i + 1, name, dtype=base.dtype, device=torch_device)[:rows]
                             for i in range(len(inputs))
                         ]
                     )
@@ -410,7 +424,7 @@ def run_recipe(
                 shards[-1][name] = merged
                 shard_bytes += size
         _write_shards(shards, staging, save_file)
-        _write_config(reference, staging, recipe.out_dtype)
+        _write_config(reference, staging, recipe.out_dtype, keep_rows)
         for file_name in TOKENIZER_FILES:
             source = reference.path / file_name
             if source.is_file():
@@ -457,8 +471,13 @@ def _write_shards(shards: list[dict[str, Any]], folder: Path, save_file: Any) ->
     )
 
 
-def _write_config(reference: Any, folder: Path, out_dtype: str | None) -> None:
-    config = dict(reference.config)
+def _write_config(
+    reference: Any, folder: Path, out_dtype: str | None, vocab_rows: int | None
+) -> None:
+    config = json.loads(json.dumps(reference.config))  # a deep copy
+    scope = config_vocab_size(config)
+    if vocab_rows is not None and scope is not None:
+        scope[0][scope[1]] = vocab_rows
     if out_dtype:
         config["dtype"] = out_dtype
         if "torch_dtype" in config:
