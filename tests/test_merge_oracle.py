@@ -125,11 +125,12 @@ def threshold_ties(config: dict[str, Any], recipe_path: Path) -> dict[str, torch
 
     recipe = Recipe(config=config, config_path=recipe_path)
     base = load_file(recipe.base_or_first / "model.safetensors")
-    experts = [load_file(p / "model.safetensors") for p in recipe.input_paths]
+    piece = recipe.slices[0]
+    experts = [load_file(piece.sources[i].path / "model.safetensors") for i in piece.experts]
     ties: dict[str, torch.Tensor] = {}
-    counts = recipe.check_layers(list(base))
-    for name, base_tensor in base.items():
-        per_expert, _ = recipe.tensor_params(name, counts)
+    for plan in recipe.tensor_plans(list(base)):
+        name, base_tensor = plan.name, base[plan.name]
+        per_expert, _ = recipe.tensor_params(plan)
         tied = torch.zeros(base_tensor.shape, dtype=torch.bool)
         for expert, params in zip(experts, per_expert, strict=True):
             delta = expert[name].bfloat16() - base_tensor.bfloat16()

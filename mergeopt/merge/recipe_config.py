@@ -1,0 +1,336 @@
+"""A mergekit recipe read and checked (:class:`Recipe`), and its plan: which input tensors make
+each output tensor, with which parameters (:meth:`Recipe.tensor_plans`).
+
+``models:`` merges every tensor of the models, each layer stack aligned (a multimodal model's
+towers each with their own layer count). ``slices:`` builds the output's layers slice after
+slice: each slice's sources give ``layer_range``s of one length (they may differ between
+sources and slices: stacking, reordering, taking a subset, a frankenmerge); the output layers
+are numbered on, and the config's layer count is their total. Embeddings come from the first
+slice's sources, final norms and heads from the last's, as mergekit plans pre- and
+post-weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeopt.errors import UserError
+from mergeopt.merge.settings import check_setting, resolve, validator_for
+from mergeopt.tensor_names import is_post_weight, layer_counts, layer_of
+
+logger = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+}
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32"}
+DTYPES.update({"fp16": "float16", "bf16": "bfloat16", "float": "float32", "half": "float16"})
+
+
+@dataclass(frozen=True)
+class Source:
+    """One model of a slice: its folder, its parameters, its first layer (``models:``: 0)."""
+
+    path: Path
+    parameters: Mapping[str, Any] | None
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Sources merged layer by layer; ``length`` layers (-1: every layer, ``models:``);
+    ``base``: the index of the base among the sources (methods that take one)."""
+
+    sources: list[Source]
+    parameters: Mapping[str, Any] | None
+    length: int
+    base: int | None
+    experts: list[int]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: the slice it comes from, its ``t``, and the name to read in each of
+    the slice's sources."""
+
+    name: str
+    piece: Slice
+    t: float
+    source_names: list[str]
+
+
+class Recipe:
+    """A parsed, validated recipe (see :mod:`mergeopt.merge.recipe` for what is accepted)."""
+
+    def __init__(self, *, config: Mapping[str, Any], config_path: Path) -> None:
+        from mergeopt.merge.methods import get_method
+
+        where = str(config_path)
+        if not isinstance(config, Mapping):
+            raise UserError(f"{where}: expected a mapping at the top level")
+        unknown = sorted(set(config) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise UserError(f"{where}: unsupported key {unknown[0]!r}")
+        if "merge_method" not in config:
+            raise UserError(f"{where}: merge_method is required")
+        self.spec = get_method(str(config["merge_method"]), f"{where}: merge_method")
+        tokenizer_source = config.get("tokenizer_source")
+        if tokenizer_source not in (None, "base"):
+            raise UserError(
+                f"{where}: tokenizer_source {tokenizer_source!r} is not supported yet (only 'base')"
+            )
+        self.tokenizer_source = tokenizer_source
+        self.where = where
+        self._dir = config_path.parent
+        self.dtype = self._dtype(config.get("dtype"), "dtype")
+        self.out_dtype = self._dtype(config.get("out_dtype"), "out_dtype") or self.dtype
+        self.parameters = self._check_params(
+            config.get("parameters") or {}, "parameters", global_scope=True
+        )
+        base = config.get("base_model")
+        self.base_path = self._model_path(base, "base_model") if base is not None else None
+        if ("models" in config) == ("slices" in config):
+            raise UserError(f"{where}: give exactly one of models and slices")
+        self.slices: list[Slice] = []
+        if "models" in config:
+            entries = config["models"] or []
+            sources = [self._source(m, f"models[{i}]", False) for i, m in enumerate(entries)]
+            self.slices.append(self._slice_of(sources, None, -1, "models"))
+        else:
+            for index, entry in enumerate(config["slices"] or []):
+                self.slices.append(self._slice(entry, f"slices[{index}]"))
+        if not self.slices:
+            raise UserError(f"{where}: no input models")
+        paths = [s.path for piece in self.slices for s in piece.sources]
+        self.base_or_first = self.base_path or paths[0]
+        self.paths = list(dict.fromkeys([self.base_or_first, *paths]))
+        """Every model the recipe reads, the base (or the first model) first."""
+        self.num_layers: int | None = None
+        """The output's layer count where slices set it (:meth:`tensor_plans`)."""
+
+    @property
+    def sliced(self) -> bool:
+        return self.slices[0].length != -1
+
+    # -- parsing helpers ---------------------------------------------------------------------
+
+    def _dtype(self, value: Any, key: str) -> str | None:
+        if value is None:
+            return None
+        if str(value) not in DTYPES:
+            raise UserError(f"{self.where}: {key} {value!r} is not one of {sorted(set(DTYPES))}")
+        return DTYPES[str(value)]
+
+    def _model_path(self, reference: Any, key: str) -> Path:
+        if isinstance(reference, Mapping) and set(reference) <= {"model"}:
+            reference = reference.get("model")
+        if not isinstance(reference, str):
+            raise UserError(f"{self.where}: {key}: expected a model folder path")
+        path = Path(reference).expanduser()
+        if not path.is_dir() and (self._dir / path).is_dir():
+            path = self._dir / path
+        if not path.is_dir() and "+" in reference:
+            raise UserError(
+                f"{self.where}: {key}: {reference}: LoRA references (model+adapter) are not "
+                "supported yet; merge the adapter into its model first (PEFT merge_and_unload)"
+            )
+        if not path.is_dir() and "@" in reference:
+            raise UserError(
+                f"{self.where}: {key}: {reference}: revisions (model@revision) are not "
+                "supported; give a local model folder"
+            )
+        if not path.is_dir():
+            raise UserError(f"{self.where}: {key}: model folder {reference} not found")
+        return path.resolve()
+
+    def _check_params(self, params: Any, key: str, *, global_scope: bool) -> Mapping[str, Any]:
+        """The parameters of one scope, names and values checked; a per-model parameter of
+        another method (mergekit ignores it) is dropped with a warning."""
+        from mergeopt.merge.methods import METHODS
+
+        if not isinstance(params, Mapping):
+            raise UserError(f"{self.where}: {key}: expected a mapping")
+        where = f"{self.where}: {key}"
+        spec = self.spec
+        if global_scope:  # mergekit: per-model defaults may be set here too
+            spec.check_method_params(params, where, shared=True)
+            kinds: dict[str, Any] = {**spec.expert_defaults, **spec.global_defaults}
+        else:
+            own = set(spec.expert_defaults) | set(spec.expert_overrides)
+            elsewhere = {n for m in METHODS.values() for n in m.expert_defaults}
+            for name in sorted(set(params) - own):
+                if name in elsewhere:
+                    logger.warning(
+                        "%s.%s: %s has no per-model parameter %r; ignored, as mergekit does",
+                        where,
+                        name,
+                        spec.name,
+                        name,
+                    )
+            params = {
+                name: value
+                for name, value in params.items()
+                if name in own or name not in elsewhere
+            }
+            spec.check_expert_params(params, where, required=False)
+            kinds = {**spec.expert_defaults}
+            kinds.update({name: spec.global_defaults[name] for name in spec.expert_overrides})
+        for name, setting in params.items():
+            check_setting(setting, validator_for(kinds.get(name)), f"{where}.{name}")
+        return params
+
+    def _source(self, entry: Any, key: str, sliced: bool) -> Source:
+        if not isinstance(entry, Mapping):
+            raise UserError(f"{self.where}: {key}: expected {{model, parameters}}")
+        extra = sorted(set(entry) - {"model", "parameters", "layer_range"})
+        if extra:
+            raise UserError(f"{self.where}: {key}: unsupported key {extra[0]!r}")
+        params = self._check_params(
+            entry.get("parameters") or {}, f"{key}.parameters", global_scope=False
+        )
+        start = 0
+        if sliced:
+            layers = entry.get("layer_range")
+            if not (isinstance(layers, list) and len(layers) == 2 and 0 <= layers[0] < layers[1]):
+                raise UserError(f"{self.where}: {key}.layer_range: expected [start, end]")
+            start = int(layers[0])
+        path = self._model_path(entry.get("model"), f"{key}.model")
+        return Source(path=path, parameters=params, start=start)
+
+    def _slice(self, entry: Any, key: str) -> Slice:
+        if not isinstance(entry, Mapping) or not entry.get("sources"):
+            raise UserError(f"{self.where}: {key}: expected {{sources, parameters}}")
+        extra = sorted(set(entry) - {"sources", "parameters"})
+        if extra:
+            raise UserError(f"{self.where}: {key}: unsupported key {extra[0]!r}")
+        raw = entry["sources"]
+        sources = [self._source(s, f"{key}.sources[{i}]", True) for i, s in enumerate(raw)]
+        lengths = {int(s["layer_range"][1]) - int(s["layer_range"][0]) for s in raw}
+        if len(lengths) != 1:
+            raise UserError(f"{self.where}: {key}: every source must span as many layers")
+        params = self._check_params(
+            entry.get("parameters") or {}, f"{key}.parameters", global_scope=True
+        )
+        return self._slice_of(sources, params, lengths.pop(), key)
+
+    def _slice_of(
+        self, sources: list[Source], params: Mapping[str, Any] | None, length: int, key: str
+    ) -> Slice:
+        """Which sources are experts: methods that take a base exclude it; linear and
+        passthrough merge them all."""
+        where = f"{self.where}: {key}"
+        paths = [s.path for s in sources]
+        if not self.spec.base_input:
+            if self.base_path is not None and self.base_path not in paths:
+                raise UserError(
+                    f"{where}: base_model of a {self.spec.name} merge must be one of the models"
+                )
+            self.spec.check_experts(len(paths), where)
+            return Slice(sources, params, length, None, list(range(len(paths))))
+        if self.base_path is None:
+            raise UserError(f"{self.where}: {self.spec.name} needs base_model")
+        if self.base_path not in paths and length == -1:  # models: the base joins them
+            sources = [*sources, Source(path=self.base_path, parameters=None)]
+            paths.append(self.base_path)
+        if self.base_path not in paths:
+            raise UserError(f"{where}: base_model {self.base_path} is not among the sources")
+        experts = [i for i, p in enumerate(paths) if p != self.base_path]
+        self.spec.check_experts(len(experts), f"{where}: models besides the base")
+        return Slice(sources, params, length, paths.index(self.base_path), experts)
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def tensor_plans(self, names: Sequence[str]) -> list[TensorPlan]:
+        """Every output tensor, given the reference model's tensor ``names`` (the base's, or
+        the first model's): ``models:`` keeps them all, each layer stack's ``t`` over its own
+        layer count; ``slices:`` numbers the slices' layers on, one stack only."""
+        counts = layer_counts(names)
+        if not self.sliced:
+            piece = self.slices[0]
+            plans = []
+            for name in names:
+                ref = layer_of(name)
+                t = 0.0
+                if ref is not None:
+                    count = counts[ref.module]
+                    t = ref.index / (count - 1) if count > 1 else 1.0
+                plans.append(TensorPlan(name, piece, t, [name] * len(piece.sources)))
+            return plans
+        if len(counts) > 1:
+            raise UserError(
+                f"{self.where}: slices of a model with several layer stacks "
+                f"({', '.join(counts)}) are not supported yet; use models"
+            )
+        templates = []  # a layer tensor's name with {} for its index, once per tensor of layer 0
+        for name in names:
+            ref = layer_of(name)
+            if ref is not None and ref.index == 0:
+                prefix = f"{ref.module}.0."
+                templates.append(f"{ref.module}.{{}}.{name[len(prefix) :]}")
+        outer = [n for n in names if layer_of(n) is None]
+        first, last = self.slices[0], self.slices[-1]
+        plans = [
+            TensorPlan(n, first, 0.0, [n] * len(first.sources))
+            for n in outer
+            if not is_post_weight(n)
+        ]
+        layer = 0
+        for piece in self.slices:
+            for offset in range(piece.length):
+                t = offset / (piece.length - 1) if piece.length > 1 else 1.0
+                for template in templates:
+                    reads = [template.format(s.start + offset) for s in piece.sources]
+                    plans.append(TensorPlan(template.format(layer), piece, t, reads))
+                layer += 1
+        plans += [
+            TensorPlan(n, last, 0.0, [n] * len(last.sources)) for n in outer if is_post_weight(n)
+        ]
+        self.num_layers = layer
+        return plans
+
+    def tensor_params(
+        self, plan: TensorPlan
+    ) -> tuple[list[dict[str, float]], dict[str, float | bool]]:
+        """(per-expert parameters, method parameters) of one output tensor, mergekit's
+        precedence: the model's own setting, then the slice's, then the global ``parameters``.
+        Filters match the output name (per model: the name read in that model)."""
+        piece, t, name = plan.piece, plan.t, plan.name
+        shared_scopes = [piece.parameters, self.parameters]
+        spec = self.spec
+        method_params: dict[str, float | bool] = {}
+        for key, default in spec.global_defaults.items():
+            if key in spec.expert_overrides:
+                continue  # given per tensor with the experts' values, below
+            value = resolve(shared_scopes, key, name, t, default)
+            if value is not None:
+                method_params[key] = value
+        experts: list[dict[str, float]] = []
+        for index in piece.experts:
+            source = piece.sources[index]
+            read = plan.source_names[index]
+            values: dict[str, float] = {}
+            for key, expert_default in spec.expert_defaults.items():
+                scopes = [source.parameters, *shared_scopes]
+                value = resolve(scopes, key, read, t, expert_default)
+                if value is not None:
+                    values[key] = value
+            for key in spec.expert_overrides:  # mergekit reads these from shared scopes
+                value = resolve(shared_scopes, key, name, t, spec.global_defaults[key])
+                if value is not None:
+                    values[key] = value
+            where = f"{self.where}: {source.path.name}, {read}"
+            spec.check_required(values, where, overrides=True)
+            spec.check_values(values, where)
+            experts.append(values)
+        return experts, method_params
