@@ -100,6 +100,18 @@ def gpt_neox(folder: Path) -> list[Path]:
     return make_family(folder, model, extra=buffers, rename={"lm_head.weight": "embed_out.weight"})
 
 
+def llama(folder: Path) -> list[Path]:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(4)
+    return make_family(folder, transformers.LlamaForCausalLM(config))
+
+
 def slerp_config(paths: list[Path], t: Any) -> dict[str, Any]:
     return {
         "merge_method": "slerp",
@@ -328,3 +340,83 @@ def test_other_tokenizer_sources_are_refused_in_one_line(
     recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match="tokenizer_source .* is not supported yet"):
         run_recipe(recipe, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_passthrough_frankenmerge_stacks_reorders_and_scales_as_mergekit(tmp_path: Path) -> None:
+    import json
+
+    _, first, second = (str(p) for p in llama(tmp_path / "models"))
+    config = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": first, "layer_range": [0, 2]}]},
+            {"sources": [{"model": second, "layer_range": [1, 4]}]},
+            {
+                "sources": [{"model": first, "layer_range": [3, 4]}],
+                "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
+            },
+            {"sources": [{"model": second, "layer_range": [0, 1]}]},
+        ],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    assert set(ours) == set(theirs)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == 7
+
+
+@pytest.mark.slow
+def test_passthrough_of_one_model_with_a_scale_as_mergekit(
+    qwen2: list[Path], tmp_path: Path
+) -> None:
+    config = {
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+        "models": [{"model": str(qwen2[1]), "parameters": {"scale": [0.5, 2.0]}}],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.slow
+def test_a_merge_over_slices_that_reorder_layers_as_mergekit(tmp_path: Path) -> None:
+    base, first, second = (str(p) for p in llama(tmp_path / "models"))
+
+    def sources(layers: list[int]) -> list[dict[str, Any]]:
+        return [
+            {"model": base, "layer_range": layers},
+            {"model": first, "layer_range": layers, "parameters": {"weight": [0.2, 0.9]}},
+            {"model": second, "layer_range": layers, "parameters": {"weight": 0.4}},
+        ]
+
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"density": 0.6},
+        "slices": [{"sources": sources([2, 4])}, {"sources": sources([0, 3])}],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    assert set(ours) == set(theirs)
+
+
+def test_a_frankenmerge_config_keeps_per_layer_lists_in_step(
+    qwen2: list[Path], tmp_path: Path
+) -> None:
+    import transformers
+
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(qwen2[1]), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(qwen2[2]), "layer_range": [1, 4]}]},
+        ],
+    }
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_recipe(recipe, tmp_path / "out")
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert loaded.num_hidden_layers == 6 and len(loaded.layer_types) == 6
+    assert len({n for n in read_folder(tmp_path / "out") if ".layers.5." in n}) > 0

@@ -15,7 +15,8 @@ sums) are chosen by :class:`mergeopt.merge.plan.MergePlan`, not here.
 Papers: task arithmetic (Ilharco et al., 2023, arXiv 2212.04089); TIES (Yadav et al., 2023,
 arXiv 2306.01708); DARE (Yu et al., 2024, arXiv 2311.03099); model breadcrumbs (Davari &
 Belilovsky, 2024, arXiv 2312.06795); DELLA (Deep et al., 2024, arXiv 2406.11617); linear /
-model soups (Wortsman et al., 2022, arXiv 2203.05482); SLERP (Shoemake, 1985).
+model soups (Wortsman et al., 2022, arXiv 2203.05482); SLERP (Shoemake, 1985). ``passthrough``
+copies its one input per tensor (times ``scale``): with slices, the frankenmerge.
 
 ``int8_mask`` is accepted for mergekit compatibility and changes nothing (it only picks the
 dtype of mergekit's 0/1 sign mask). mergekit's ``count`` consensus is unreachable from its
@@ -42,6 +43,7 @@ from mergeopt.merge.sparsification import (
     SPARSIFY_OUTLIERS,
     SPARSIFY_RANDOM,
     _l1_scale,
+    della_values_problem,
     expert_masks,
 )
 
@@ -364,6 +366,21 @@ def _slerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return slerp(t, inputs.base, inputs.stack[0])
 
 
+def _passthrough_math(
+    spec: MethodSpec,
+    base: torch.Tensor | None,
+    stack: torch.Tensor,
+    expert_params: ExpertParams,
+    method_params: MethodParams,
+    generator: torch.Generator | None,
+    masks: Sequence[torch.Tensor | None] | None,
+) -> torch.Tensor:
+    """The one input as it is, times its ``scale`` where one is given (mergekit multiplies in
+    the tensor's dtype)."""
+    scale = float(expert_params[0].get("scale", 1.0)) if expert_params else 1.0
+    return stack[0].clone() if scale == 1 else stack[0] * scale
+
+
 def _task_arithmetic_sum(
     weights: tuple[float, ...], method_params: MethodParams, dtype: torch.dtype
 ) -> float:
@@ -377,14 +394,6 @@ def _linear_sum(
     weights: tuple[float, ...], method_params: MethodParams, dtype: torch.dtype
 ) -> float:
     return 1.0 / sum(weights) if method_params["normalize"] else 1.0
-
-
-def _della_values(values: Mapping[str, float | None]) -> str | None:
-    """mergekit's DELLA keeps density ± epsilon inside (0, 1) where it sparsifies."""
-    density, epsilon = float(values["density"] or 0), float(values["epsilon"] or 0)
-    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
-        return f"della: density {density:g} ± epsilon {epsilon:g} must stay inside (0, 1)"
-    return None
 
 
 def _gta(
@@ -410,7 +419,7 @@ def _gta(
         expert_defaults=expert,
         weighted_sum=_task_arithmetic_sum if plain else None,
         fused_gta=True,
-        value_check=_della_values if sparsification == SPARSIFY_DELLA else None,
+        value_check=della_values_problem if sparsification == SPARSIFY_DELLA else None,
     )
 
 
@@ -433,6 +442,14 @@ METHODS: dict[str, MethodSpec] = {
             global_defaults={"normalize": True},
             expert_defaults={"weight": None},
             weighted_sum=_linear_sum,
+        ),
+        MethodSpec(
+            name="passthrough",
+            math=_passthrough_math,
+            task_vectors=False,
+            base_input=False,
+            expert_defaults={"scale": 1.0},
+            max_experts=1,
         ),
         MethodSpec(
             name="slerp",

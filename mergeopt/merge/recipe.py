@@ -5,8 +5,9 @@ format; what it may hold:
 
 - ``merge_method`` (a name in ``mergeopt.merge.methods.METHODS``), ``base_model``, ``dtype``,
   ``out_dtype``, ``tokenizer_source`` (absent or ``base``: :mod:`mergeopt.merge.vocabulary`);
-- ``models: [{model: PATH, parameters: {weight, density, gamma, epsilon}}]``, or ``slices`` whose
-  sources share one ``layer_range`` that matches the output position (the layers line up);
+- ``models: [{model: PATH, parameters: {weight, density, gamma, epsilon}}]``, or ``slices``
+  whose sources give ``layer_range``s of one length (stacked, reordered or a subset: the
+  frankenmerge; :mod:`mergeopt.merge.recipe_config` plans each output tensor);
 - ``parameters`` (global: normalize, rescale, lambda, int8_mask, t, or per-model defaults);
 - every value a scalar, a gradient list (interpolated over the layers of a slice,
   ``t = layer / (layers - 1)``, each layer stack with its own count: :mod:`mergeopt.tensor_names`;
@@ -15,8 +16,8 @@ format; what it may hold:
 - embeddings are planned from the first slice, final norms and heads from the last;
 - without ``dtype``, each tensor is merged in its inputs' dtypes promoted, as mergekit does.
 
-Anything else (LoRA ``model+adapter``, ``modules``, ``tokenizer``, ``chat_template``, slices
-that reorder or stack layers, slices of a model with several layer stacks, unknown parameters,
+Anything else (LoRA ``model+adapter``, ``modules``, ``tokenizer``, ``chat_template``,
+``slices[].base_model``, slices of a model with several layer stacks, unknown parameters,
 DELLA's density ± epsilon outside (0, 1)) is a :class:`UserError` naming the key; a per-model
 parameter of another method (which mergekit ignores) is a warning. The output is written to a
 temporary folder next to ``OUT_DIR`` and renamed into place when complete.
@@ -182,7 +183,7 @@ def run_recipe(
                 shards[-1][plan.name] = merged
                 shard_bytes += size
         _write_shards(shards, staging, save_file)
-        _write_config(reference, staging, recipe.out_dtype, keep_rows, recipe.num_layers)
+        _write_config(reference, staging, recipe.out_dtype, keep_rows, recipe.layer_sources)
         for file_name in TOKENIZER_FILES:
             source = reference.path / file_name
             if source.is_file():
@@ -251,14 +252,21 @@ def _write_config(
     folder: Path,
     out_dtype: str | None,
     vocab_rows: int | None,
-    num_layers: int | None,
+    layer_sources: list[int],
 ) -> None:
+    """The reference's config, with the dtype written, the vocabulary size cut and, where
+    slices set the layers, their count and the per-layer lists (``layer_types``) following
+    them (``layer_sources[j]``: output layer j's layer in its source)."""
     config = json.loads(json.dumps(reference.config))  # a deep copy
-    if num_layers is not None and config_num_layers(config) != num_layers:
+    old_layers = config_num_layers(config)
+    if layer_sources and old_layers != len(layer_sources):
         for scope in (config, config.get("text_config") or {}):
             for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
                 if key in scope:
-                    scope[key] = num_layers
+                    scope[key] = len(layer_sources)
+            per_layer = scope.get("layer_types")
+            if isinstance(per_layer, list) and len(per_layer) == old_layers:
+                scope["layer_types"] = [per_layer[i % len(per_layer)] for i in layer_sources]
     scope = config_vocab_size(config)
     if vocab_rows is not None and scope is not None:
         scope[0][scope[1]] = vocab_rows

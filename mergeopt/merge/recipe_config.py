@@ -118,6 +118,8 @@ class Recipe:
         """Every model the recipe reads, the base (or the first model) first."""
         self.num_layers: int | None = None
         """The output's layer count where slices set it (:meth:`tensor_plans`)."""
+        self.layer_sources: list[int] = []
+        """Where slices set the layers: each output layer's layer in its (first) source."""
 
     @property
     def sliced(self) -> bool:
@@ -286,12 +288,14 @@ class Recipe:
             if not is_post_weight(n)
         ]
         layer = 0
+        self.layer_sources = []
         for piece in self.slices:
             for offset in range(piece.length):
                 t = offset / (piece.length - 1) if piece.length > 1 else 1.0
                 for template in templates:
                     reads = [template.format(s.start + offset) for s in piece.sources]
                     plans.append(TensorPlan(template.format(layer), piece, t, reads))
+                self.layer_sources.append(piece.sources[0].start + offset)
                 layer += 1
         plans += [
             TensorPlan(n, last, 0.0, [n] * len(last.sources)) for n in outer if is_post_weight(n)

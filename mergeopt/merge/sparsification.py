@@ -74,6 +74,15 @@ def _check_della(density: float, epsilon: float) -> None:
         raise ValueError("della: epsilon must keep density ± epsilon inside (0, 1)")
 
 
+def della_values_problem(values: Mapping[str, float | None]) -> str | None:
+    """What mergekit refuses in one expert's DELLA values for a tensor (defaults filled in):
+    density ± epsilon outside (0, 1) where it sparsifies (0 < density < 1); else None."""
+    density, epsilon = float(values["density"] or 0), float(values["epsilon"] or 0)
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        return f"della: density {density:g} ± epsilon {epsilon:g} must stay inside (0, 1)"
+    return None
+
+
 def _della_mask(
     delta: torch.Tensor,
     density: float,
