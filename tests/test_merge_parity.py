@@ -420,3 +420,37 @@ def test_a_frankenmerge_config_keeps_per_layer_lists_in_step(
     loaded = transformers.AutoConfig.from_pretrained(tmp_path / "out")
     assert loaded.num_hidden_layers == 6 and len(loaded.layer_types) == 6
     assert len({n for n in read_folder(tmp_path / "out") if ".layers.5." in n}) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_mergekit(qwen2: list[Path], tmp_path: Path, filter_wise: bool) -> None:
+    config = {
+        "merge_method": "model_stock",
+        "base_model": str(qwen2[0]),
+        "dtype": "float32",
+        "models": [{"model": str(p)} for p in qwen2[1:]],
+        "parameters": {"filter_wise": filter_wise},
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
+)
+def test_nuslerp_matches_mergekit(qwen2: list[Path], tmp_path: Path, options: dict) -> None:
+    config = {
+        "merge_method": "nuslerp",
+        "base_model": str(qwen2[0]),
+        "dtype": "float32",
+        "models": [
+            {"model": str(qwen2[1]), "parameters": {"weight": [0.2, 0.8]}},
+            {"model": str(qwen2[2]), "parameters": {"weight": 0.5}},
+        ],
+        "parameters": options,
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)

@@ -20,7 +20,8 @@ copies its one input per tensor (times ``scale``): with slices, the frankenmerge
 
 ``int8_mask`` is accepted for mergekit compatibility and changes nothing (it only picks the
 dtype of mergekit's 0/1 sign mask). mergekit's ``count`` consensus is unreachable from its
-configs and is not offered; nuslerp, model_stock, karcher and the rest are not implemented.
+configs and is not offered; karcher, multislerp, sce and the rest are not implemented;
+slerp, nuslerp and model_stock are in :mod:`mergeopt.merge.geometric`.
 
 A new method is one entry in ``METHODS``: its math (a :data:`MergeMath`), its facts (what the
 engine keeps resident, expert limits), its parameters with defaults; ``weighted_sum`` and
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeopt.errors import UserError
+from mergeopt.merge.geometric import model_stock, nuslerp, slerp
 from mergeopt.merge.sparsification import (
     MAGNITUDE_THRESHOLDS,
     SPARSIFY_DELLA,
@@ -96,6 +98,7 @@ class MethodSpec:
         expert_overrides: method-level parameters that may also arrive with an expert's
             values (per tensor: slerp's ``t``, which a recipe may give as a gradient).
         max_experts: the most experts the method merges (None: any number).
+        min_experts: the fewest (model_stock and nuslerp need two besides the base).
         weighted_sum: the method as a weighted sum (the one-pass fast path may compute it).
         fused_gta: the fused GTA kernel computes it (task vectors, masks, consensus, weights).
         value_check: what is wrong with one expert's values for one tensor (defaults filled
@@ -112,6 +115,7 @@ class MethodSpec:
     expert_defaults: Mapping[str, float | None] = field(default_factory=dict)
     expert_overrides: tuple[str, ...] = ()
     max_experts: int | None = None
+    min_experts: int = 1
     weighted_sum: WeightedSum | None = None
     fused_gta: bool = False
     value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
@@ -177,8 +181,11 @@ class MethodSpec:
 
     def check_experts(self, count: int, where: str) -> None:
         """The method merges ``count`` experts (besides the base, when it takes one)."""
-        if count < 1:
-            raise MethodParamError(f"{where}: a merge needs at least one expert model")
+        if count < self.min_experts:
+            raise MethodParamError(
+                f"{where}: {self.name} merges at least {self.min_experts} expert model(s), "
+                f"got {count}"
+            )
         if self.max_experts is not None and count > self.max_experts:
             raise MethodParamError(
                 f"{where}: {self.name} merges at most {self.max_experts} expert model(s) "
@@ -311,32 +318,6 @@ def linear(
     return result.to(first.dtype)
 
 
-def slerp(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995
-) -> torch.Tensor:
-    """Spherical interpolation between ``v0`` (t = 0) and ``v1`` (t = 1), same shape, over the
-    whole tensor; falls back to lerp when the normalized tensors are nearly (anti)parallel."""
-    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a = v0.reshape(1, -1).to(dtype)
-    b = v1.reshape(1, -1).to(dtype)
-    if a.shape[1] == 0:
-        return v0.clone()
-    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
-    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    nearly_parallel = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(nearly_parallel, 0, dot))
-    sin_theta = torch.sin(theta)
-    t_tensor = torch.tensor(t, dtype=dtype, device=v0.device)
-    coef_a = torch.where(
-        nearly_parallel, 1 - t_tensor, torch.sin((1 - t_tensor) * theta) / sin_theta
-    )
-    coef_b = torch.where(nearly_parallel, t_tensor, torch.sin(t_tensor * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # The table: each method's math as a MergeMath, and its weighted-sum form where it has one
 
@@ -366,19 +347,32 @@ def _slerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return slerp(t, inputs.base, inputs.stack[0])
 
 
-def _passthrough_math(
-    spec: MethodSpec,
-    base: torch.Tensor | None,
-    stack: torch.Tensor,
-    expert_params: ExpertParams,
-    method_params: MethodParams,
-    generator: torch.Generator | None,
-    masks: Sequence[torch.Tensor | None] | None,
-) -> torch.Tensor:
-    """The one input as it is, times its ``scale`` where one is given (mergekit multiplies in
-    the tensor's dtype)."""
-    scale = float(expert_params[0].get("scale", 1.0)) if expert_params else 1.0
-    return stack[0].clone() if scale == 1 else stack[0] * scale
+def _nuslerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    """base + nuslerp of the two task vectors at t = w1 / (w0 + w1) (0.5 if they cancel)."""
+    assert inputs.base is not None
+    weights = [float(p["weight"]) for p in inputs.expert_params]
+    t = 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights)
+    params = inputs.method_params
+    return inputs.base + nuslerp(
+        t,
+        inputs.stack[0],
+        inputs.stack[1],
+        row_wise=bool(params["nuslerp_row_wise"]),
+        flatten=bool(params["nuslerp_flatten"]),
+    )
+
+
+def _model_stock_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    assert inputs.base is not None
+    filter_wise = bool(inputs.method_params["filter_wise"])
+    return model_stock(inputs.base, inputs.stack.unbind(0), filter_wise=filter_wise)
+
+
+def _passthrough_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    """The one input as it is, times its ``scale`` (mergekit multiplies in its dtype)."""
+    experts = inputs.expert_params
+    scale = float(experts[0].get("scale", 1.0)) if experts else 1.0
+    return inputs.stack[0].clone() if scale == 1 else inputs.stack[0] * scale
 
 
 def _task_arithmetic_sum(
@@ -450,6 +444,21 @@ METHODS: dict[str, MethodSpec] = {
             base_input=False,
             expert_defaults={"scale": 1.0},
             max_experts=1,
+        ),
+        MethodSpec(
+            name="nuslerp",
+            math=_nuslerp_math,
+            global_defaults={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+            expert_defaults={"weight": None},
+            min_experts=2,
+            max_experts=2,
+        ),
+        MethodSpec(
+            name="model_stock",
+            math=_model_stock_math,
+            task_vectors=False,
+            global_defaults={"filter_wise": False},
+            min_experts=2,
         ),
         MethodSpec(
             name="slerp",

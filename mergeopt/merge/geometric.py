@@ -1,0 +1,91 @@
+"""The geometric methods' math: SLERP between two models, NuSLERP between two task vectors,
+Model Stock's interpolation towards the experts' average by the angle between their task
+vectors. Each follows mergekit 0.1.x's torch operations in order, so fp32 is bit-identical; their
+entries in the method table (:mod:`mergeopt.merge.methods`) call them.
+
+Papers: SLERP (Shoemake, 1985); Model Stock (Jang et al., 2024, arXiv 2403.19522).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995
+) -> torch.Tensor:
+    """Spherical interpolation between ``v0`` (t = 0) and ``v1`` (t = 1), same shape, over the
+    whole tensor; falls back to lerp when the normalized tensors are nearly (anti)parallel."""
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a = v0.reshape(1, -1).to(dtype)
+    b = v1.reshape(1, -1).to(dtype)
+    if a.shape[1] == 0:
+        return v0.clone()
+    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
+    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
+    dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    nearly_parallel = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(nearly_parallel, 0, dot))
+    sin_theta = torch.sin(theta)
+    t_tensor = torch.tensor(t, dtype=dtype, device=v0.device)
+    coef_a = torch.where(
+        nearly_parallel, 1 - t_tensor, torch.sin((1 - t_tensor) * theta) / sin_theta
+    )
+    coef_b = torch.where(nearly_parallel, t_tensor, torch.sin(t_tensor * theta) / sin_theta)
+    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+
+
+def nuslerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool
+) -> torch.Tensor:
+    """Spherical interpolation of ``v0`` and ``v1`` (same shape) over the last dimension, over
+    rows (``row_wise``: dimension 0) or the whole tensor (``flatten``), in the input dtype;
+    lerp where the two are colinear (mergekit's ``nuslerp``)."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= 1e-8**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def model_stock(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_wise: bool
+) -> torch.Tensor:
+    """Model Stock: t·mean(experts) + (1 − t)·base with t = N·cosθ / (1 + (N − 1)·cosθ), cosθ
+    the mean pairwise cosine of the task vectors, over the whole tensor or per row
+    (``filter_wise``); the base where the denominator vanishes."""
+    shape = base.shape
+    w0, ws = base, list(experts)
+    if filter_wise:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for index, a in enumerate(offsets):
+        for b in offsets[index + 1 :]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+    average: torch.Tensor = sum(ws) / count  # type: ignore[assignment]
+    return (t * average + (1 - t) * w0).reshape(shape)
