@@ -16,9 +16,16 @@ import pytest
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import TrialState
 
+from mergeopt import attrs
 from mergeopt.genome import Genome
 from mergeopt.samplers._state import UnitCube, read_json_state
-from mergeopt.samplers.cmaes import GENERATION_ATTR, INDEX_ATTR, STATE_KEY, ScalarizedCmaEsSampler
+from mergeopt.samplers.cmaes import (
+    DRAW_ATTR,
+    GENERATION_ATTR,
+    INDEX_ATTR,
+    STATE_KEY,
+    ScalarizedCmaEsSampler,
+)
 
 GENOME = Genome(num_blocks=3, num_experts=1, searched={"weight": (0.0, 1.0), "density": (0.0, 1.0)})
 
@@ -36,12 +43,114 @@ def test_first_generation_follows_sakana_defaults() -> None:
     assert state["mean"] == [0.5] * 6
     assert state["sigma"] == pytest.approx(1 / 6)
     assert state["generation"] == 0
-    # The rest of the generation is queued for other workers, marked with generation and index.
-    waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert len(waiting) == state["popsize"] - 1
-    assert sorted(t.user_attrs[INDEX_ATTR] for t in waiting) == list(range(1, state["popsize"]))
+    # The whole generation is drawn into the state; the trial holds its first individual and
+    # nothing is enqueued for the rest.
+    assert len(state["individuals"]) == state["popsize"]
+    assert len(study.trials) == 1
     assert study.trials[trial.number].user_attrs == {GENERATION_ATTR: 0, INDEX_ATTR: 0}
+    cube = UnitCube(GENOME.distributions())
+    np.testing.assert_allclose(cube.to_unit(trial.params), state["individuals"][0], atol=1e-12)
     json.dumps(state)  # plain JSON, nothing pickled
+
+
+def test_each_new_trial_takes_the_next_individual_and_n_trials_means_n_trials() -> None:
+    study = optuna.create_study(sampler=ScalarizedCmaEsSampler(seed=0, genome=GENOME))
+    study.optimize(
+        lambda t: _sphere({n: t.suggest_float(n, 0, 1) for n in GENOME.param_names}), n_trials=20
+    )
+    assert len(study.trials) == 20
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    members = [(t.user_attrs[GENERATION_ATTR], t.user_attrs[INDEX_ATTR]) for t in study.trials]
+    assert members == [(g, i) for g in range(3) for i in range(9)][:20]
+    assert read_json_state(study, STATE_KEY)["generation"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_partial_fixed_sampler_fixes_a_parameter_of_a_generation_member() -> None:
+    sampler = ScalarizedCmaEsSampler(seed=0, genome=GENOME)
+    study = optuna.create_study(
+        sampler=optuna.samplers.PartialFixedSampler({"b01.e0.weight": 0.25}, sampler)
+    )
+    study.optimize(
+        lambda t: _sphere({n: t.suggest_float(n, 0, 1) for n in GENOME.param_names}), n_trials=12
+    )
+    assert len(study.trials) == 12
+    assert all(t.params["b01.e0.weight"] == 0.25 for t in study.trials)
+    # CMA-ES searches the other five parameters, in generations of 4 + floor(3 ln 5) = 8.
+    state = read_json_state(study, STATE_KEY)
+    assert "b01.e0.weight" not in state["param_names"] and len(state["param_names"]) == 5
+    assert [t.user_attrs[GENERATION_ATTR] for t in study.trials] == [0] * 8 + [1] * 4
+
+
+def test_the_same_seed_draws_the_same_generations() -> None:
+    def run(seed: int) -> list[list[float]]:
+        study = optuna.create_study(sampler=ScalarizedCmaEsSampler(seed=seed, genome=GENOME))
+        study.optimize(
+            lambda t: _sphere({n: t.suggest_float(n, 0, 1) for n in GENOME.param_names}),
+            n_trials=27,
+        )
+        return [list(t.params.values()) for t in study.trials]
+
+    first = run(4)
+    assert run(4) == first
+    assert run(5) != first
+    # Each generation draws from its own stream: generation 1 does not repeat generation 0's
+    # standard-normal draws.
+    cube = UnitCube(GENOME.distributions())
+    steps = [cube.to_unit(dict(zip(GENOME.param_names, p, strict=True))) - 0.5 for p in first]
+    assert not np.allclose(np.sign(steps[0:9]), np.sign(steps[9:18]))
+
+
+def test_a_given_back_individual_is_handed_out_again() -> None:
+    """A trial closed unevaluated (``mergeopt:given_back``: surplus, interrupted, taken over)
+    frees its individual: the next trial gets the same point."""
+    study = optuna.create_study(sampler=ScalarizedCmaEsSampler(seed=6, genome=GENOME))
+    distributions = GENOME.distributions()
+    first = study.ask(distributions)
+    first.set_user_attr(attrs.GIVEN_BACK, True)
+    study.tell(first, state=TrialState.FAIL)
+    again = study.ask(distributions)
+    assert again.params == first.params
+    assert study.trials[again.number].user_attrs == {GENERATION_ATTR: 0, INDEX_ATTR: 0}
+    study.tell(again, _sphere(again.params))
+    after = study.ask(distributions)
+    assert study.trials[after.number].user_attrs == {GENERATION_ATTR: 0, INDEX_ATTR: 1}
+
+
+def test_asking_more_trials_than_a_generation_before_telling_gives_distinct_extra_draws() -> None:
+    study = optuna.create_study(sampler=ScalarizedCmaEsSampler(seed=0, popsize=4, genome=GENOME))
+    trials = [study.ask(GENOME.distributions()) for _ in range(7)]
+    assert [study.trials[t.number].user_attrs[INDEX_ATTR] for t in trials] == [0, 1, 2, 3] + [
+        -1
+    ] * 3
+    points = {tuple(t.params.values()) for t in trials}
+    assert len(points) == 7
+    for trial in trials:
+        study.tell(trial, _sphere(trial.params))
+    # The extra draws are not told: generation 0 is told once, from its 4 members.
+    after = study.ask(GENOME.distributions())
+    assert study.trials[after.number].user_attrs == {GENERATION_ATTR: 1, INDEX_ATTR: 0}
+
+
+def test_a_generation_in_which_every_individual_failed_is_drawn_again() -> None:
+    study = optuna.create_study(sampler=ScalarizedCmaEsSampler(seed=0, popsize=4, genome=GENOME))
+    failed = []
+    for _ in range(4):
+        trial = study.ask(GENOME.distributions())
+        study.tell(trial, state=TrialState.FAIL)
+        failed.append(trial.params)
+    redrawn = [study.ask(GENOME.distributions()) for _ in range(4)]
+    state = read_json_state(study, STATE_KEY)
+    assert (state["generation"], state["draw"]) == (0, 1)
+    # The whole new draw is handed out (the failed trials of draw 0 hold none of it).
+    assert [study.trials[t.number].user_attrs for t in redrawn] == [
+        {GENERATION_ATTR: 0, INDEX_ATTR: i, DRAW_ATTR: 1} for i in range(4)
+    ]
+    assert not any(t.params in failed for t in redrawn)
+    for trial in redrawn:
+        study.tell(trial, _sphere(trial.params))
+    after = study.ask(GENOME.distributions())
+    assert study.trials[after.number].user_attrs == {GENERATION_ATTR: 1, INDEX_ATTR: 0}
 
 
 def test_cmaes_minimizes_a_sphere_in_the_unit_cube() -> None:
@@ -111,6 +220,53 @@ def _worker(url: str, name: str, n_trials: int) -> None:
     study.optimize(objective, n_trials=n_trials)
 
 
+def _pool_worker(url: str, name: str, n_trials: int) -> None:
+    study = optuna.load_study(
+        study_name=name,
+        storage=url,
+        sampler=ScalarizedCmaEsSampler(seed=8, popsize=6, genome=GENOME, lock_ttl_seconds=5.0),
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {n: trial.suggest_float(n, 0, 1) for n in GENOME.param_names}
+        trial.set_user_attr("pid", os.getpid())
+        time.sleep(0.3)
+        return _sphere(params)
+
+    study.optimize(objective, n_trials=n_trials)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_workers_on_one_database_evaluate_each_generation_together(postgres_url: str) -> None:
+    """Three processes, each ``study.optimize(n_trials=8)`` on one PostgreSQL study: 24 trials,
+    none enqueued; each generation of 6 is shared by the workers, and each of its individuals
+    is evaluated exactly once before the generation is told."""
+    name = f"cma-pool-{os.getpid()}"
+    optuna.create_study(study_name=name, storage=postgres_url)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_pool_worker, args=(postgres_url, name, 8)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+        if worker.exitcode is None:
+            worker.kill()
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    trials = study.get_trials()
+    assert len(trials) == 24
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    members = sorted((t.user_attrs[GENERATION_ATTR], t.user_attrs[INDEX_ATTR]) for t in trials)
+    assert members == [(g, i) for g in range(4) for i in range(6)]
+    # Generations 0-2 were told; generation 3 is told when a trial next asks.
+    assert read_json_state(study, STATE_KEY)["generation"] == 3
+    for generation in range(4):
+        pids = {t.user_attrs["pid"] for t in trials if t.user_attrs[GENERATION_ATTR] == generation}
+        assert len(pids) >= 2, f"generation {generation} was evaluated by one worker only"
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_generation_resumes_at_the_same_generation(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cma.db'}"
@@ -134,12 +290,13 @@ def test_a_run_killed_mid_generation_resumes_at_the_same_generation(tmp_path: Pa
     first.join()
     killed_state = read_json_state(study, STATE_KEY)
     assert killed_state["generation"] == 1
-    unfinished = [
+    evaluated = [
         t
-        for t in study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+        for t in study.get_trials(states=(TrialState.COMPLETE,))
         if t.user_attrs.get(GENERATION_ATTR) == 1
     ]
-    assert unfinished, "the kill must leave part of generation 1 unevaluated"
+    assert len(evaluated) < killed_state["popsize"], "the kill must leave part of generation 1"
+    assert not study.get_trials(states=(TrialState.WAITING,))  # nothing was enqueued
 
     second = context.Process(target=_worker, args=(url, "cma", 12))
     second.start()
@@ -164,6 +321,14 @@ def test_a_run_killed_mid_generation_resumes_at_the_same_generation(tmp_path: Pa
         np.testing.assert_allclose(cube.to_unit(trial.params), expected, atol=1e-12)
     assert resumed["mean"] != killed_state["mean"]
 
+    # Bit-identical to a run that was never killed: the same individuals, told in index order.
+    reference = optuna.create_study(sampler=ScalarizedCmaEsSampler(seed=5, genome=GENOME))
+    reference.optimize(
+        lambda t: _sphere({n: t.suggest_float(n, 0, 1) for n in GENOME.param_names}),
+        n_trials=2 * killed_state["popsize"] + 1,
+    )
+    assert read_json_state(reference, STATE_KEY) == resumed
+
 
 @pytest.mark.timeout(120)
 def test_a_trial_orphaned_before_its_first_heartbeat_does_not_stall_the_generation(
@@ -184,7 +349,7 @@ def test_a_trial_orphaned_before_its_first_heartbeat_does_not_stall_the_generati
     with pytest.warns(UserWarning, match="Heartbeat"):
         first = study.ask(distributions)
         study.tell(first, _sphere(first.params))
-        orphan = study.ask(distributions)  # popped from the queue, never beaten nor told
+        orphan = study.ask(distributions)  # holds individual 1, never beaten nor told
     popsize = read_json_state(study, STATE_KEY)["popsize"]
 
     def objective(trial: optuna.Trial) -> float:

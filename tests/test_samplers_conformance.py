@@ -5,13 +5,10 @@ anything outside the relative space) with Optuna's RandomSampler, so every basic
 multi-objective case applies. ``SingleOnlySamplerTestCase`` does not apply: all three samplers
 support several objectives.
 
-Skipped for CMA-ES only, because a CMA-ES generation is enqueued by design (its members arrive
-as WAITING trials with all params fixed): ``test_trial_relative_params`` (asserts every trial
-asks the sampler for relative params), ``test_partial_fixed_sampling`` (enqueued members bypass
-PartialFixedSampler), ``test_single_parameter_objective`` and
-``test_combination_of_different_distributions_objective`` (assert ``len(study.trials) ==
-n_trials``, but the queued rest of the generation adds WAITING trials). SAASBO runs every case
-with ``batch_size=1``, where nothing is enqueued.
+Every case runs for every sampler, with no skip: CMA-ES hands out its generation's members
+from its state in the study (nothing enqueued), so ``study.optimize(n_trials=N)`` leaves exactly
+N trials, every trial asks the sampler, and ``PartialFixedSampler`` fixes what it is given.
+SAASBO runs with ``batch_size=1``, where nothing is enqueued.
 """
 
 from __future__ import annotations
@@ -53,21 +50,6 @@ class TestCmaEs(BasicSamplerTestCase, RelativeSamplerTestCase, MultiObjectiveSam
     @pytest.fixture
     def sampler(self) -> Callable[[], BaseSampler]:
         return lambda: ScalarizedCmaEsSampler(seed=0, popsize=4)
-
-    @pytest.mark.parametrize("n_jobs", [1, 2])
-    def test_trial_relative_params(self, n_jobs: int, sampler: Callable[[], BaseSampler]) -> None:
-        pytest.skip("a CMA-ES generation is enqueued with fixed params by design (docstring)")
-
-    def test_partial_fixed_sampling(self, sampler: Callable[[], BaseSampler]) -> None:
-        pytest.skip("enqueued generation members bypass PartialFixedSampler by design")
-
-    def test_single_parameter_objective(self, *args: object, **kwargs: object) -> None:
-        pytest.skip("asserts len(study.trials) == n_trials; queued generation members add trials")
-
-    def test_combination_of_different_distributions_objective(
-        self, *args: object, **kwargs: object
-    ) -> None:
-        pytest.skip("asserts len(study.trials) == n_trials; queued generation members add trials")
 
 
 class TestSaasQnehvi(BasicSamplerTestCase, RelativeSamplerTestCase, MultiObjectiveSamplerTestCase):

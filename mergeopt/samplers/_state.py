@@ -21,8 +21,9 @@ Batch protocol (used by ``saasbo-qnehvi`` and ``cmaes``; key prefix ``mergeopt:<
    over when it expires, or as soon as its trial is failed as stale (after the heartbeat grace
    period), whichever comes first.
 4. The fitter lists the RUNNING trials that are waiting (system attr ``waiting``, no
-   ``assigned`` yet), asks the sampler for at least ``1 + len(waiting)`` candidates (more when
-   the batch size is larger), keeps the first for T, writes one into each waiting trial's
+   ``assigned`` yet), asks the sampler for up to ``1 + len(waiting)`` candidates (more when
+   the batch size is larger: SAASBO; CMA-ES hands out no more than asked), keeps the first for
+   T (recorded in T's own ``assigned`` attr at once), writes one into each waiting trial's
    ``assigned`` attr, enqueues the rest with ``study.enqueue_trial`` and releases the lock.
    Each candidate thus goes to exactly one trial: to a trial id chosen by the one lock holder,
    or through Optuna's atomic pop of a WAITING trial. No two workers evaluate one candidate.
@@ -204,7 +205,11 @@ def trial_unit_params(trial: FrozenTrial, cube: UnitCube) -> np.ndarray | None:
 
 
 class BatchCoordinator:
-    """The fit lock and candidate hand-out of the module docstring's batch protocol."""
+    """The fit lock and candidate hand-out of the module docstring's batch protocol.
+
+    ``enqueue_rest=False`` (CMA-ES) drops the candidates no trial took instead of enqueuing
+    them: the sampler keeps them in its own state and hands them out again.
+    """
 
     def __init__(
         self,
@@ -213,6 +218,7 @@ class BatchCoordinator:
         lock_ttl_seconds: float,
         settle_seconds: float | None,
         poll_seconds: float,
+        enqueue_rest: bool = True,
     ) -> None:
         self.prefix = prefix
         self.lock_key = prefix + "fit_lock"
@@ -221,6 +227,7 @@ class BatchCoordinator:
         self.lock_ttl_seconds = lock_ttl_seconds
         self.settle_seconds = settle_seconds
         self.poll_seconds = poll_seconds
+        self.enqueue_rest = enqueue_rest
 
     def _settle(self, study: Study) -> float:
         if self.settle_seconds is not None:
@@ -326,10 +333,11 @@ class BatchCoordinator:
         """Take over a queued candidate while waiting (step 6 of the protocol).
 
         A candidate can be queued while this trial waits (it was enqueued after this trial was
-        created, or a dead worker's trial was re-enqueued by the heartbeat callback). Only an
-        ``ask`` could pop it, and this worker is inside one, so it pops the queued trial itself
-        with Optuna's atomic WAITING -> RUNNING transition, copies its parameters and user
-        attrs, and closes the popped trial as FAIL with ``mergeopt:taken_by``. Stale trials
+        created, or a dead worker's trial was re-enqueued by the heartbeat callback: its
+        parameters fixed, or sampled and copied, or only assigned). Only an ``ask`` could pop
+        it, and this worker is inside one, so it pops the queued trial itself with Optuna's
+        atomic WAITING -> RUNNING transition, copies its parameters and user attrs, and closes
+        the popped trial as FAIL with ``mergeopt:taken_by``. Stale trials
         are failed first (``optuna.storages.fail_stale_trials``), so a lone worker restarted
         after a crash does not wait for the trial of its dead predecessor, and a trial that
         never beat gets its clock started (``optuna_compat.clock_unbeaten_trials``).
@@ -341,22 +349,31 @@ class BatchCoordinator:
             clock_unbeaten_trials(study)
             optuna.storages.fail_stale_trials(study)
         for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            params = fixed_params(queued)
+            assigned = queued.system_attrs.get(self.assigned_key) or {}
+            params = fixed_params(queued) or queued.params or assigned.get("params")
             if not params:
                 continue
+            user_attrs = {**assigned.get("user_attrs", {}), **queued.user_attrs}
             try:
                 won = storage.set_trial_state_values(trial_id_of(queued), state=TrialState.RUNNING)
             except Exception:  # noqa: BLE001 - finished or gone meanwhile
                 won = False
             if not won:
                 continue
+            # The taker's claim is written at once (its user attrs may be batched until its
+            # ask ends), before the queued trial is closed.
+            storage.set_trial_system_attr(
+                trial_id_of(trial),
+                self.assigned_key,
+                {"params": dict(params), "user_attrs": user_attrs},
+            )
             attrs.TAKEN_BY.set_on(study, queued, trial.number)
             attrs.FAIL_REASON.set_on(
                 study, queued, f"candidate taken over by waiting trial {trial.number}"
             )
             attrs.GIVEN_BACK.set_on(study, queued, True)
             storage.set_trial_state_values(trial_id_of(queued), state=TrialState.FAIL)
-            self._set_user_attrs(study, trial, queued.user_attrs)
+            self._set_user_attrs(study, trial, user_attrs)
             return dict(params)
         return None
 
@@ -368,12 +385,19 @@ class BatchCoordinator:
         candidates: list[Candidate],
     ) -> dict[str, Any]:
         """Keep the first candidate for ``trial``, assign one to each waiting trial and queue
-        the rest. A waiting trial failed as stale during the fit (its worker died) cannot
-        take one: its candidate is queued instead (assigning it crashed the fitter)."""
+        the rest (``enqueue_rest``). A waiting trial failed as stale during the fit (its worker
+        died) cannot take one: its candidate is queued instead (assigning it crashed the
+        fitter)."""
         from optuna.exceptions import UpdateFinishedTrialError
 
         storage = storage_of(study)
         own_params, own_attrs = candidates[0]
+        # Recorded in T's own ``assigned`` attr too, written at once: T's params and user attrs
+        # may reach the database only when its ask ends (``storage.batched_trial_writes``), and
+        # the next fitter must see this candidate taken. A retry copy of T inherits it.
+        storage.set_trial_system_attr(
+            trial_id_of(trial), self.assigned_key, {"params": own_params, "user_attrs": own_attrs}
+        )
         self._set_user_attrs(study, trial, own_attrs)
         rest = candidates[1:]
         unassigned = list(rest[len(waiting) :])
@@ -386,7 +410,7 @@ class BatchCoordinator:
                 )
             except UpdateFinishedTrialError:
                 unassigned.append((params, user_attrs))
-        for params, user_attrs in unassigned:
+        for params, user_attrs in unassigned if self.enqueue_rest else ():
             study.enqueue_trial(params, user_attrs=user_attrs)
         return dict(own_params)
 

@@ -80,8 +80,10 @@ class BatchedGenomeSampler(GenomeSampler):
         seed: int | None,
         genome: Genome | None,
         timing: tuple[float, float | None, float],
+        enqueue_rest: bool = True,
     ) -> None:
-        """``timing``: the protocol's ``(lock_ttl_seconds, settle_seconds, poll_seconds)``."""
+        """``timing``: the protocol's ``(lock_ttl_seconds, settle_seconds, poll_seconds)``;
+        ``enqueue_rest``: see :class:`~mergeopt.samplers._state.BatchCoordinator`."""
         super().__init__(seed=seed, genome=genome)
         lock_ttl_seconds, settle_seconds, poll_seconds = timing
         self._coordinator = BatchCoordinator(
@@ -89,6 +91,7 @@ class BatchedGenomeSampler(GenomeSampler):
             lock_ttl_seconds=lock_ttl_seconds,
             settle_seconds=settle_seconds,
             poll_seconds=poll_seconds,
+            enqueue_rest=enqueue_rest,
         )
 
 

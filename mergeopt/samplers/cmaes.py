@@ -11,24 +11,34 @@ arXiv:2403.13187): search in the unit cube, ``x0 = 0.5``, ``sigma0 = 1/6``, popu
 
 where ``m_i`` is objective ``i`` turned into minimization (maximized objectives negated).
 
-Parallel evaluation and resume: each generation's ``popsize`` individuals are handed out by the
-batch protocol of :mod:`mergeopt.samplers._state` (waiting workers get one each, the rest are
-enqueued), so K workers evaluate one generation together. The optimizer state (generation,
-mean, sigma, covariance C, evolution paths p_sigma and p_c, and the generation's individuals)
-is JSON in the study system attrs ``mergeopt:cmaes:state`` (chunked), never pickled; each
-trial carries ``mergeopt:cmaes:generation`` and ``mergeopt:cmaes:index`` user attrs. A run
-killed mid-generation resumes at the same generation: its individuals are in the state, the
-finished ones are in the study, a dead worker's trial comes back through Optuna's
-``RetryFailedTrialCallback`` (same params and attrs), and an individual with no trial at all is
-handed out again. The generation is told to CMA-ES once every individual has a finished trial.
+Parallel evaluation and resume: a generation's ``popsize`` individuals are drawn when the
+generation starts and kept in the study, with the optimizer state (generation, mean, sigma,
+covariance C, evolution paths p_sigma and p_c), as JSON in the study system attrs
+``mergeopt:cmaes:state`` (chunked), never pickled. Nothing is enqueued: each new trial that
+reaches ``sample_relative`` is handed the lowest-indexed individual that no live or finished
+trial holds, under the fit lock of :mod:`mergeopt.samplers._state`'s batch protocol (the lock
+holder also serves the trials waiting for it), so K workers evaluate one generation together,
+``study.optimize(n_trials=N)`` leaves exactly N trials and ``PartialFixedSampler`` works. A
+trial holds its individual through its ``assigned`` system attr (written at once, under the
+lock) and the user attrs ``mergeopt:cmaes:generation`` and ``mergeopt:cmaes:index``; a retry
+copy or a requeued copy of it holds the same one. An individual whose trial was given back
+(``mergeopt:given_back``: surplus, interrupted, taken over, lost ask) is handed out again; one
+whose worker died comes back through Optuna's ``RetryFailedTrialCallback``. A killed run thus
+resumes at the same generation. The generation is told to CMA-ES once, by the lock holder that
+finds every individual finished, in index order.
 
-Failed trials (FAIL/PRUNED, no retry pending) are told with a **penalty**: the worst scalarized
-value of the generation plus the generation's range (so a failure ranks last without
-distorting the scale). If every individual of a generation failed, the generation is sampled
-again from the unchanged distribution (same generation number).
+Failed trials (FAIL/PRUNED, not given back, no retry pending) are told with a **penalty**: the
+worst scalarized value of the generation plus the generation's range (so a failure ranks last
+without distorting the scale). If every individual of a generation failed, the generation is
+drawn again from the unchanged distribution (same generation number, the next draw's seed; its
+trials carry ``mergeopt:cmaes:draw``).
 
-Extra trials: with a shared RDB storage, a worker that asks while the generation is still being
-evaluated waits (at most one generation). In a single process with in-memory storage (plain
+Draws are reproducible through the ``cmaes`` package's public ``reseed_rng``: the individuals of
+generation ``g`` (draw ``a``: 0, then 1, 2, ... when redrawn) use ``derive_seed(derive_seed(seed,
+g), a)``, the ``k``-th extra draw (below) ``derive_seed(derive_seed(seed, g), -1 - k)``.
+
+Extra trials: with a shared RDB storage, a worker that asks while every individual is held by a
+live trial waits (at most one generation). In a single process with in-memory storage (plain
 Optuna code that asks K trials before telling them), waiting would deadlock on its own trials,
 so such a trial gets an extra draw from the current distribution (``mergeopt:cmaes:index`` =
 -1), evaluated but not told to CMA-ES.
@@ -37,6 +47,7 @@ so such a trial gets an extra draw from the current distribution (``mergeopt:cma
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +56,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mergeopt import attrs
 from mergeopt.attrs import TrialUserAttr, sampler_prefix
 from mergeopt.optuna_compat import uses_in_memory_storage
 from mergeopt.samplers._state import (
@@ -67,6 +79,8 @@ STATE_KEY = PREFIX + "state"
 GENERATION_ATTR: TrialUserAttr[int] = TrialUserAttr(PREFIX + "generation")
 INDEX_ATTR: TrialUserAttr[int] = TrialUserAttr(PREFIX + "index")
 """The trial's individual in its generation (-1: an extra draw, not told to CMA-ES)."""
+DRAW_ATTR: TrialUserAttr[int] = TrialUserAttr(PREFIX + "draw")
+"""Set when the generation was drawn again (every individual failed): which draw, 1, 2, ..."""
 
 
 class ScalarizedCmaEsSampler(BatchedGenomeSampler):
@@ -78,7 +92,7 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
         popsize: population size; default ``4 + floor(3 ln n)``.
         scalarization: ``"weighted"`` or ``"chebyshev"`` (several objectives).
         weights: one weight per objective (default: equal weights summing to 1).
-        seed: seed; the generation's random draws use ``seed + generation``.
+        seed: seed of the generations' draws (module docstring) and of the random fallback.
         genome: the study's genome (else ``mergeopt:genome`` from the study): fixes the search
             space from the first trial on.
         num_objectives: number of objectives (checked against ``weights``).
@@ -129,17 +143,21 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
         self._scalarization = scalarization
         self._weights = None if weights is None else [float(w) for w in weights]
         timing = (lock_ttl_seconds, settle_seconds, poll_seconds)
-        super().__init__(PREFIX, seed=seed, genome=genome, timing=timing)
+        super().__init__(PREFIX, seed=seed, genome=genome, timing=timing, enqueue_rest=False)
+        self._hand_out_lock = threading.Lock()
 
     def _sample_numerical(
         self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         cube = UnitCube(space)
-        return self._coordinator.run(study, trial, lambda n: self._produce(study, cube, n))
+        # Threads of one process (``study.optimize(n_jobs=2)``) hand out one at a time: on
+        # in-memory storage the fit lock has no settle time to separate them.
+        with self._hand_out_lock:
+            return self._coordinator.run(study, trial, lambda n: self._produce(study, cube, n))
 
     # -- state -------------------------------------------------------------------------------
 
-    def _new_optimizer(self, dimension: int, generation: int) -> Any:
+    def _new_optimizer(self, dimension: int) -> Any:
         import cmaes
 
         popsize = self._popsize or 4 + math.floor(3 * math.log(dimension))
@@ -147,21 +165,26 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
             mean=np.full(dimension, self._x0),
             sigma=self._sigma0,
             bounds=np.array([[0.0, 1.0]] * dimension),
-            seed=self._generation_seed(generation),
             population_size=popsize,
         )
 
-    def _generation_seed(self, generation: int) -> int:
-        return derive_seed(0 if self._seed is None else self._seed, generation, bits=32)
+    def _draw_seed(self, generation: int, draw: int) -> int:
+        """The seed of one draw from generation ``generation``'s distribution (module doc)."""
+        base = derive_seed(0 if self._seed is None else self._seed, generation, bits=32)
+        return derive_seed(base, draw, bits=32)
 
-    def _restore(self, state: dict[str, Any]) -> Any:
+    def _draw(self, optimizer: Any, count: int, seed: int) -> np.ndarray:
+        optimizer.reseed_rng(seed)  # the cmaes package's public way to seed its draws
+        return np.array([optimizer.ask() for _ in range(count)])
+
+    @staticmethod
+    def _restore(state: dict[str, Any]) -> Any:
         import cmaes
 
         optimizer = cmaes.CMA(
             mean=np.array(state["mean"]),
             sigma=float(state["sigma"]),
             bounds=np.array([[0.0, 1.0]] * len(state["mean"])),
-            seed=self._generation_seed(int(state["generation"])),
             population_size=int(state["popsize"]),
             cov=np.array(state["C"]),
         )
@@ -171,13 +194,16 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
         return optimizer
 
     @staticmethod
-    def _snapshot(optimizer: Any, names: list[str], individuals: np.ndarray) -> dict[str, Any]:
+    def _snapshot(
+        optimizer: Any, names: list[str], individuals: np.ndarray, draw: int
+    ) -> dict[str, Any]:
         return {
             "version": 1,
             "param_names": names,
-            "generation": int(optimizer._g),
+            "generation": int(optimizer.generation),
+            "draw": draw,
             "popsize": int(optimizer.population_size),
-            "mean": optimizer._mean.tolist(),
+            "mean": optimizer.mean.tolist(),
             "sigma": float(optimizer._sigma),
             "C": optimizer._C.tolist(),
             "p_sigma": optimizer._p_sigma.tolist(),
@@ -185,86 +211,100 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
             "individuals": individuals.tolist(),
         }
 
-    def _candidates(
-        self,
-        cube: UnitCube,
-        generation: int,
-        individuals: Sequence[Sequence[float]],
-        indices: list[int],
-    ) -> list[Candidate]:
-        return [
-            (
-                cube.from_unit(np.array(individuals[i])),
-                {GENERATION_ATTR: generation, INDEX_ATTR: i},
-            )
-            for i in indices
-        ]
-
-    def _new_generation(self, study: Study, cube: UnitCube, optimizer: Any) -> list[Candidate]:
-        individuals = np.array([optimizer.ask() for _ in range(optimizer.population_size)])
-        state = self._snapshot(optimizer, cube.names, individuals)
+    def _start_generation(
+        self, study: Study, cube: UnitCube, optimizer: Any, draw: int
+    ) -> dict[str, Any]:
+        """Draw the generation's individuals and store them with the optimizer."""
+        seed = self._draw_seed(optimizer.generation, draw)
+        individuals = self._draw(optimizer, optimizer.population_size, seed)
+        state = self._snapshot(optimizer, cube.names, individuals, draw)
         write_json_state(study, STATE_KEY, state)
-        return self._candidates(
-            cube, state["generation"], state["individuals"], list(range(len(individuals)))
-        )
+        return state
+
+    def _member(self, trial: FrozenTrial) -> tuple[int, int, int] | None:
+        """The (generation, draw, index) a trial holds: its user attrs, else its assignment."""
+        held = trial.user_attrs
+        if GENERATION_ATTR not in held:
+            assigned = trial.system_attrs.get(self._coordinator.assigned_key) or {}
+            held = assigned.get("user_attrs", {})
+        if GENERATION_ATTR not in held:
+            return None
+        return int(held[GENERATION_ATTR]), int(held.get(DRAW_ATTR, 0)), int(held[INDEX_ATTR])
+
+    def _census(
+        self, study: Study, generation: int, draw: int
+    ) -> tuple[dict[int, FrozenTrial], set[int], set[int], int]:
+        """The generation's individuals that are done (first COMPLETE trial of each), held by a
+        live trial (RUNNING, WAITING), failed (no such trial, one FAIL/PRUNED not given back),
+        and how many extra draws it had."""
+        done: dict[int, FrozenTrial] = {}
+        live: set[int] = set()
+        failed: set[int] = set()
+        extras = 0
+        for t in study.get_trials(deepcopy=False):
+            member = self._member(t)
+            if member is None or member[:2] != (generation, draw):
+                continue
+            index = member[2]
+            if index < 0:  # an extra draw, not a member of the generation
+                extras += 1
+            elif t.state == TrialState.COMPLETE:
+                done.setdefault(index, t)
+            elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+                live.add(index)
+            elif not attrs.GIVEN_BACK.get(t):  # a given-back individual is handed out again
+                failed.add(index)
+        live -= set(done)
+        failed -= set(done) | live
+        return done, live, failed, extras
 
     def _produce(self, study: Study, cube: UnitCube, needed: int) -> list[Candidate]:
+        """Up to ``needed`` individuals no trial holds (the lock holder's hand-out)."""
         state = read_json_state(study, STATE_KEY)
         if state is None or state["param_names"] != cube.names:
-            optimizer = self._new_optimizer(cube.dimension, generation=0)
-            return self._new_generation(study, cube, optimizer)
-        generation = int(state["generation"])
-        popsize = int(state["popsize"])
-        done: dict[int, FrozenTrial] = {}
-        pending: set[int] = set()
-        failed: set[int] = set()
-        for t in study.get_trials(deepcopy=False):
-            attrs = t.user_attrs
-            if GENERATION_ATTR not in attrs:
-                assigned = t.system_attrs.get(self._coordinator.assigned_key) or {}
-                attrs = assigned.get("user_attrs", {})
-            if attrs.get(GENERATION_ATTR) != generation:
-                continue
-            index = int(attrs[INDEX_ATTR])
-            if index < 0:  # an extra draw (see below), not a member of the generation
-                continue
-            if t.state == TrialState.COMPLETE:
-                done[index] = t
-            elif t.state in (TrialState.RUNNING, TrialState.WAITING):
-                pending.add(index)
-            else:
-                failed.add(index)
-        pending -= set(done)
-        failed -= set(done) | pending
-        missing = [
-            i for i in range(popsize) if i not in done and i not in pending and i not in failed
-        ]
-        if missing:  # e.g. a fitter died between writing the state and handing out
-            return self._candidates(cube, generation, state["individuals"], missing)
-        if pending:
-            if not uses_in_memory_storage(study):
-                return []  # other workers are evaluating this generation: wait for them
-            # One process asks several trials before telling them (ask-K-then-tell-K): waiting
-            # would deadlock on its own trials, so it gets an extra draw of this generation,
-            # evaluated but not told to CMA-ES (index -1).
-            extra = self._restore(state)
-            extra._rng = np.random.RandomState(
-                self._generation_seed(generation) + 7919 * (1 + len(done) + len(pending))
-            )
-            return [(cube.from_unit(extra.ask()), {GENERATION_ATTR: generation, INDEX_ATTR: -1})]
+            state = self._start_generation(study, cube, self._new_optimizer(cube.dimension), 0)
+        generation, popsize = int(state["generation"]), int(state["popsize"])
+        done, live, failed, extras = self._census(study, generation, int(state.get("draw", 0)))
+        free = [i for i in range(popsize) if i not in done and i not in live and i not in failed]
+        if not free and not live:  # every individual finished: tell, or draw again
+            state = self._finish_generation(study, cube, state, done)
+            generation, free = int(state["generation"]), list(range(popsize))
+        marks: dict[str, Any] = {DRAW_ATTR: state["draw"]} if state.get("draw") else {}
+        if free:
+            return [
+                (
+                    cube.from_unit(np.array(state["individuals"][i])),
+                    {GENERATION_ATTR: generation, INDEX_ATTR: i, **marks},
+                )
+                for i in free[:needed]
+            ]
+        if not uses_in_memory_storage(study):
+            return []  # other workers are evaluating this generation: wait for them
+        # One process asks several trials before telling them (ask-K-then-tell-K): waiting
+        # would deadlock on its own trials, so it gets an extra draw of this generation,
+        # evaluated but not told to CMA-ES (index -1).
+        extra = self._draw(self._restore(state), 1, self._draw_seed(generation, -1 - extras))
+        return [(cube.from_unit(extra[0]), {GENERATION_ATTR: generation, INDEX_ATTR: -1, **marks})]
+
+    def _finish_generation(
+        self, study: Study, cube: UnitCube, state: dict[str, Any], done: dict[int, FrozenTrial]
+    ) -> dict[str, Any]:
+        """Tell the finished generation (failures with the penalty) and start the next; if
+        every individual failed, draw this generation again."""
         optimizer = self._restore(state)
-        if not done:  # every individual failed: sample this generation again
-            return self._new_generation(study, cube, optimizer)
+        if not done:
+            return self._start_generation(study, cube, optimizer, int(state.get("draw", 0)) + 1)
         values = self._scalarize(study, [done[i] for i in sorted(done)])
         by_index = dict(zip(sorted(done), values, strict=True))
         worst, best = max(values), min(values)
         penalty = worst + max(worst - best, 1e-12)
-        solutions = [
-            (np.array(state["individuals"][i]), float(by_index.get(i, penalty)))
-            for i in range(popsize)
-        ]
-        optimizer.tell(solutions)
-        return self._new_generation(study, cube, optimizer)
+        optimizer.tell(
+            [
+                (np.array(individual), float(by_index.get(i, penalty)))
+                for i, individual in enumerate(state["individuals"])
+            ]
+        )
+        return self._start_generation(study, cube, optimizer, 0)
 
     def _scalarize(self, study: Study, trials: list[FrozenTrial]) -> list[float]:
         directions = study.directions
@@ -293,4 +333,4 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
         return np.max(weights * (values - ideal), axis=1).tolist()
 
 
-__all__ = ["ScalarizedCmaEsSampler", "STATE_KEY", "GENERATION_ATTR", "INDEX_ATTR"]
+__all__ = ["ScalarizedCmaEsSampler", "STATE_KEY", "GENERATION_ATTR", "INDEX_ATTR", "DRAW_ATTR"]
