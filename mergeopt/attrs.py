@@ -117,6 +117,9 @@ ARTIFACT_DIR: StudySystemAttr[str] = StudySystemAttr(PREFIX + "artifact_dir")
 """The folder ``study plot`` attached the plots in, so that ``study run`` can refresh them."""
 SAMPLER_EXHAUSTED: StudySystemAttr[bool] = StudySystemAttr(PREFIX + "sampler:exhausted")
 """True once a finite sampler (the model-level grid) has handed out its last point."""
+FIDELITY_PLAN: StudySystemAttr[dict[str, Any]] = StudySystemAttr(PREFIX + "fidelity_plan")
+"""Fidelity rungs' item order and strata per task group (``FidelityPlan.to_json``), chosen
+by the first worker of a study with ``fidelity:``."""
 
 # Trial user_attrs of an evaluated trial (written by the worker)
 RECIPE: TrialUserAttr[list[list[dict[str, float]]]] = TrialUserAttr(PREFIX + "recipe")
@@ -139,6 +142,11 @@ ITEMS_SCORED: TrialUserAttr[int] = TrialUserAttr(PREFIX + "items_scored")
 """Task items the model answered or was scored on."""
 TOKENS_GENERATED: TrialUserAttr[int] = TrialUserAttr(PREFIX + "tokens_generated")
 """Tokens generated over those items."""
+FIDELITY: TrialUserAttr[dict[str, Any]] = TrialUserAttr(PREFIX + "fidelity")
+"""Fidelity rungs of the trial: ``{"rung": index reached, "fraction": of the items,
+"stopped": bool, "values": {name: estimate}, "intervals": {name: [low, high]}}`` (normalized
+as the study's values; a bound is None where unbounded). A stopped (PRUNED) trial's cost is
+in ``ITEMS_SCORED``, ``TOKENS_GENERATED`` and ``EVAL_SECONDS``, as a complete one's."""
 
 # Held-out evaluation (`mergeopt study evaluate NAME --heldout`), written onto COMPLETE trials.
 # Re-evaluating a trial overwrites these keys (same merge, same seed, greedy decoding: the

@@ -211,6 +211,33 @@ class WorkerSpec(_Strict):
         return self.grace_period if self.grace_period is not None else 3 * self.heartbeat_interval
 
 
+class FidelitySpec(_Strict):
+    """Fidelity rungs (off unless given): score a trial on a fraction of each task's items
+    first, and stop it there (PRUNED) when even the optimistic corner of its objectives'
+    confidence intervals is dominated by the study's COMPLETE trials.
+
+    ``rungs``: fractions of the items scored by each rung, strictly increasing in (0, 1],
+    the last 1.0. ``confidence``: two-sided level of each objective's interval.
+    ``first_rung_items``: ``informative`` (items on which the source models disagree first,
+    padded with random ones) or ``random``.
+    """
+
+    rungs: list[float] = Field(default_factory=lambda: [0.25, 1.0], min_length=1)
+    confidence: float = Field(default=0.9, gt=0, lt=1)
+    first_rung_items: Literal["informative", "random"] = "informative"
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if any(not 0 < rung <= 1 for rung in value):
+            raise ValueError("every rung is a fraction of the items in (0, 1]")
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("rungs must be strictly increasing")
+        if value[-1] != 1.0:
+            raise ValueError("the last rung must be 1.0 (every item)")
+        return value
+
+
 class StudySpec(_Strict):
     """A whole study: what is merged, how it is scored, and how the search runs.
 
@@ -228,6 +255,7 @@ class StudySpec(_Strict):
     scorer: ScorerSpec = Field(default_factory=ScorerSpec)
     worker: WorkerSpec = Field(default_factory=WorkerSpec)
     tracking: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    fidelity: FidelitySpec | None = None
     seed: int = 0
 
     @field_validator("name")
@@ -257,6 +285,12 @@ class StudySpec(_Strict):
         if duplicated:
             raise ValueError(f"objective names must be unique: {', '.join(duplicated)}")
         return value
+
+    @model_validator(mode="after")
+    def _fidelity_needs_task_files(self) -> StudySpec:
+        if self.fidelity is not None and any(o.kind == "evalscope" for o in self.objectives):
+            raise ValueError("fidelity rungs need task-file objectives (not kind: evalscope)")
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -13,18 +13,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mergeopt import attrs
+from mergeopt.interrupts import Interrupts
 from mergeopt.optuna_compat import fixed_params, retry_history, storage_of, trial_id_of
-from mergeopt.runner import TrialRunner
+from mergeopt.runner import TrialRunner, TrialStopped
 from mergeopt.seeds import derive_seed
 from mergeopt.storage import (
     DatabaseUnreachable,
@@ -48,44 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mergeopt")
 
 POLL_SECONDS = 0.5
-
-
-class _Interrupts:
-    """Ctrl-C in a worker: the first SIGINT interrupts (at once, or at the end of a deferred
-    section such as ``study.ask``); later ones — the parent forwards the terminal's signal —
-    are ignored, so the handler that fails and requeues the trial always runs to its end."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = "SIGINT"
-        self._deferred = 0
-
-    @classmethod
-    def install(cls) -> _Interrupts:
-        """Handle Ctrl-C, and SIGTERM/SIGHUP (SLURM's end of a job, a closed terminal) alike."""
-        interrupts = cls()
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signum, interrupts._handle)
-        return interrupts
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            return
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        if not self._deferred:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self._deferred += 1
-        try:
-            yield
-        finally:
-            self._deferred -= 1
-        if self.requested and not self._deferred:
-            raise KeyboardInterrupt
 
 
 def _default_runner(study: optuna.Study, device: str) -> TrialRunner:
@@ -156,8 +117,9 @@ def run_worker(
         num_objectives=len(spec.objectives),
     )
     study = load_study(study_name, storage, sampler=sampler)
-    interrupts = _Interrupts.install()
+    interrupts = Interrupts.install()
     runner = (runner_factory or _default_runner)(study, device)
+    runner.front = lambda: reconnect.call(_complete_values, study)
     distributions = genome.distributions()
     label = worker_label(device)
     trackers = WorkerTrackers.open(
@@ -417,6 +379,9 @@ def _run_one(
         seed = _trial_seed(runner, trial)
         values, user_attrs = runner.evaluate(trial.params, seed=seed)
         user_attrs[attrs.SEED] = seed
+    except TrialStopped as stop:
+        stopped = {**stop.user_attrs, attrs.SEED: seed}
+        return reconnect.call(_tell_stopped, study, trial, stopped)
     except evaluation_error as exc:
         reason = str(exc)
 
@@ -469,6 +434,29 @@ def _tell_result(
         # Failed as stale by another worker since the state was read: report it as its retry.
         return _tell_result(study, trial, values, user_attrs)
     return TrialState.COMPLETE
+
+
+def _tell_stopped(study: optuna.Study, trial: optuna.Trial, user_attrs: dict[str, Any]) -> Any:
+    """Tell a trial that fidelity rungs stopped as PRUNED, with its partial values and cost in
+    user attrs. A trial failed as stale meanwhile is left so: its retry starts from rung 0."""
+    from optuna.trial import TrialState
+
+    storage = storage_of(study)
+    if trial_state(storage, trial_id_of(trial)) != TrialState.RUNNING:
+        return TrialState.FAIL
+    with batched_trial_writes(storage):
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(trial_id_of(trial), key, value)
+    study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    return TrialState.PRUNED
+
+
+def _complete_values(study: optuna.Study) -> list[list[float]]:
+    """The values of the study's COMPLETE trials (one read), for fidelity rungs."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [list(t.values) for t in complete if t.values is not None]
 
 
 def _adopt_retry(study: optuna.Study, failed_number: int) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,11 +48,28 @@ class EvalResult:
     """``values``: raw objective value by objective name; ``metrics``: by task label, every
     metric computed on it (plus ``n`` items and ``seconds``); ``seconds``: the whole evaluation;
     ``items``: items scored over all tasks; ``tokens``: tokens generated (generation tasks only;
-    log-likelihood tasks and evalscope generate none that are counted)."""
+    log-likelihood tasks and evalscope generate none that are counted); ``records``: per
+    task label and item, what ``Evaluator.score_items`` returns."""
 
     values: dict[str, float]
     metrics: dict[str, dict[str, float]]
     seconds: float
+    items: int = 0
+    tokens: int = 0
+    records: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+
+
+WEIGHT = "_w"
+TOKENS = "_tokens"
+
+
+@dataclass
+class ItemScores:
+    """Per-item records by task label and item index (see ``Evaluator.score_items``), with
+    the items scored, the tokens generated and each group's seconds."""
+
+    records: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
     items: int = 0
     tokens: int = 0
 
@@ -183,28 +200,18 @@ class Evaluator:
                 self._groups.append(by_key[key])
             by_key[key].objectives.append(objective)
 
+    def group_sizes(self) -> dict[str, int]:
+        """Items per task group (by label): what a subset of :meth:`score_items` indexes."""
+        return {group.label: len(group.split.items) for group in self._groups}
+
     def evaluate(self) -> EvalResult:
         """Score the scorer's current weights; ``TrialEvaluationError`` if that fails."""
         started = time.perf_counter()
-        values: dict[str, float] = {}
-        all_metrics: dict[str, dict[str, float]] = {}
-        items = tokens = 0
-        for group in self._groups:
-            group_started = time.perf_counter()
-            try:
-                group_values, group_metrics = self._evaluate_group(group)
-            except (TrialEvaluationError, UserError, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # noqa: BLE001 - any scorer failure fails the trial only
-                raise TrialEvaluationError(
-                    f"scoring {group.label} failed: {exc.__class__.__name__}: {exc}"
-                ) from exc
-            group_metrics["n"] = float(len(group.split.items))
-            group_metrics["seconds"] = time.perf_counter() - group_started
-            items += len(group.split.items)
-            tokens += int(group_metrics.pop("tokens_generated", 0))
-            values.update(group_values)
-            all_metrics[group.label] = group_metrics
+        scored = self.score_items()
+        values, all_metrics = self.summarize(scored.records)
+        for label, seconds in scored.seconds.items():
+            all_metrics[label]["seconds"] = seconds
+        items, tokens = scored.items, scored.tokens
         for objective in self._evalscope:
             from mergeopt.objectives.evalscope import run_evalscope_objective
 
@@ -216,65 +223,134 @@ class Evaluator:
             items += int(evalscope_metrics.get("n", 0))
             values[objective.name] = value
             all_metrics[objective.name] = evalscope_metrics
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise TrialEvaluationError(f"objective {name} is {value} (not finite)")
+        check_finite(values)
         return EvalResult(
             values=values,
             metrics=all_metrics,
             seconds=time.perf_counter() - started,
             items=items,
             tokens=tokens,
+            records=scored.records,
         )
 
-    def _evaluate_group(self, group: _Group) -> tuple[dict[str, float], dict[str, float]]:
-        items = group.split.items
+    def score_items(self, subset: Mapping[str, Sequence[int]] | None = None) -> ItemScores:
+        """Per-item records of the task groups' items (all, or ``subset[label]`` indices).
+
+        A record maps each objective of the group to its per-item observation ``y`` (1/0
+        correct for accuracy, tokens for mean tokens, log-likelihood for perplexity) and
+        ``WEIGHT`` to its weight ``w`` (1, or the text's tokens for perplexity): an objective's
+        value over any set of items is ``sum(y) / sum(w)`` (``exp(-...)`` for perplexity).
+        """
+        scores = ItemScores()
+        for group in self._groups:
+            indices = (
+                list(range(len(group.split.items))) if subset is None else list(subset[group.label])
+            )
+            if not indices:
+                continue
+            group_started = time.perf_counter()
+            try:
+                records, tokens = self._score_group(group, indices)
+            except (TrialEvaluationError, UserError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any scorer failure fails the trial only
+                raise TrialEvaluationError(
+                    f"scoring {group.label} failed: {exc.__class__.__name__}: {exc}"
+                ) from exc
+            scores.records[group.label] = dict(zip(indices, records, strict=True))
+            scores.seconds[group.label] = time.perf_counter() - group_started
+            scores.items += len(indices)
+            scores.tokens += tokens
+        return scores
+
+    def summarize(
+        self, records: Mapping[str, Mapping[int, Mapping[str, float]]]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Objective values and per-group metrics over the items in ``records``."""
         values: dict[str, float] = {}
-        computed: dict[str, float] = {}
+        all_metrics: dict[str, dict[str, float]] = {}
+        for group in self._groups:
+            group_records = [records[group.label][i] for i in sorted(records.get(group.label, {}))]
+            if not group_records:
+                continue
+            computed: dict[str, float] = {}
+            if group.split.kind == "generation":
+                computed["mean_tokens"] = aggregate("mean_tokens", group_records, TOKENS)
+            for objective in group.objectives:
+                value = aggregate(objective.metric, group_records, objective.name)
+                values[objective.name] = value
+                if group.split.kind != "generation":
+                    computed[objective.metric] = value
+                elif objective.metric != "mean_tokens":
+                    extract = _option(objective, "extract", "last_number")
+                    key = "accuracy" if extract == "last_number" else f"accuracy_{extract}"
+                    if key in computed and computed[key] != value:
+                        key = f"accuracy:{objective.name}"
+                    computed[key] = value
+            computed["n"] = float(len(group_records))
+            all_metrics[group.label] = computed
+        return values, all_metrics
+
+    def _score_group(
+        self, group: _Group, indices: Sequence[int]
+    ) -> tuple[list[dict[str, float]], int]:
+        """One record per item (see :meth:`score_items`) and the tokens generated."""
+        items = [group.split.items[i] for i in indices]
+        records: list[dict[str, float]] = []
         if group.split.kind == "generation":
             prompts = [item.prompt for item in items if isinstance(item, GenerationItem)]
             answers = [item.answer for item in items if isinstance(item, GenerationItem)]
             generations = self.scorer.generate(
                 prompts, max_new_tokens=self.max_new_tokens, stop=self.stop
             )
-            texts = [g.text for g in generations]
-            computed["mean_tokens"] = metrics.mean_tokens([g.num_tokens for g in generations])
-            computed["tokens_generated"] = float(sum(g.num_tokens for g in generations))
-            for objective in group.objectives:
-                if objective.metric == "mean_tokens":
-                    values[objective.name] = computed["mean_tokens"]
-                    continue
-                extract = _option(objective, "extract", "last_number")
-                pattern = _option(objective, "pattern")
-                key = "accuracy" if extract == "last_number" else f"accuracy_{extract}"
-                value = metrics.generation_accuracy(
-                    texts, answers, extract=extract, pattern=pattern
-                )
-                if key in computed and computed[key] != value:
-                    key = f"accuracy:{objective.name}"
-                computed[key] = value
-                values[objective.name] = value
-        elif group.split.kind == "multiple_choice":
+            for generation, answer in zip(generations, answers, strict=True):
+                record = {WEIGHT: 1.0, TOKENS: float(generation.num_tokens)}
+                for objective in group.objectives:
+                    if objective.metric == "mean_tokens":
+                        record[objective.name] = float(generation.num_tokens)
+                        continue
+                    predicted = metrics.extract_answer(
+                        generation.text,
+                        extract=_option(objective, "extract", "last_number"),
+                        pattern=_option(objective, "pattern"),
+                    )
+                    record[objective.name] = float(metrics.answers_match(predicted, answer))
+                records.append(record)
+            return records, sum(g.num_tokens for g in generations)
+        if group.split.kind == "multiple_choice":
             questions = [item for item in items if isinstance(item, MultipleChoiceItem)]
             pairs = [(q.question, _continuation(choice)) for q in questions for choice in q.choices]
             scores = self.scorer.loglikelihood(pairs)
-            per_item: list[list[float]] = []
             position = 0
             for question in questions:
-                per_item.append(scores[position : position + len(question.choices)])
+                choice_scores = scores[position : position + len(question.choices)]
                 position += len(question.choices)
-            computed["accuracy"] = metrics.choice_accuracy(per_item, [q.answer for q in questions])
-            for objective in group.objectives:
-                values[objective.name] = computed["accuracy"]
-        else:
-            texts = [item.text for item in items if isinstance(item, TextItem)]
-            scored = self.scorer.rolling_loglikelihood(texts)
-            computed["perplexity"] = metrics.perplexity(
-                [s for s, _ in scored], [n for _, n in scored]
-            )
-            for objective in group.objectives:
-                values[objective.name] = computed["perplexity"]
-        return values, computed
+                correct = metrics.choice_accuracy([choice_scores], [question.answer])
+                records.append({WEIGHT: 1.0, **dict.fromkeys(_names(group), correct)})
+            return records, 0
+        texts = [item.text for item in items if isinstance(item, TextItem)]
+        for log_likelihood, count in self.scorer.rolling_loglikelihood(texts):
+            records.append({WEIGHT: float(count), **dict.fromkeys(_names(group), log_likelihood)})
+        return records, 0
+
+
+def _names(group: _Group) -> list[str]:
+    return [objective.name for objective in group.objectives]
+
+
+def aggregate(metric: str, records: Sequence[Mapping[str, float]], key: str) -> float:
+    """An objective's value over ``records``: ``sum(y) / sum(w)``, perplexity
+    ``exp(-sum(log-likelihood) / sum(tokens))``, 0 for no items (as the metrics do)."""
+    if metric == "perplexity":
+        return metrics.perplexity([r[key] for r in records], [int(r[WEIGHT]) for r in records])
+    weight = sum(r[WEIGHT] for r in records)
+    return sum(r[key] for r in records) / weight if weight else 0.0
+
+
+def check_finite(values: Mapping[str, float]) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise TrialEvaluationError(f"objective {name} is {value} (not finite)")
 
 
 def _continuation(choice: str) -> str:

@@ -28,7 +28,7 @@ from mergeopt.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from mergeopt.objectives.evaluate import Evaluator
+    from mergeopt.objectives.evaluate import EvalResult, Evaluator
     from mergeopt.objectives.scorers.base import Scorer
 
 DEGENERATE_SPAN = 1e-12
@@ -119,16 +119,40 @@ def measure_anchors(
     next merge writes every block. Raises ``TrialEvaluationError`` if a source model cannot be
     scored (the study cannot normalize then).
     """
-    experts: list[dict[str, float]] = []
+    results = measure_sources(
+        evaluator, scorer, base_dir=base_dir, expert_dirs=expert_dirs, engine=engine
+    )
+    return anchors_of(results, base_dir=base_dir, expert_dirs=expert_dirs)
+
+
+def anchors_of(
+    results: Sequence[EvalResult], *, base_dir: str | Path, expert_dirs: Sequence[str | Path]
+) -> Anchors:
+    """``Anchors`` from :func:`measure_sources`'s results (base first, then each expert)."""
+    return Anchors(
+        base=dict(results[0].values),
+        experts=[dict(r.values) for r in results[1:]],
+        models=[str(base_dir), *(str(e) for e in expert_dirs)],
+    )
+
+
+def measure_sources(
+    evaluator: Evaluator,
+    scorer: Scorer,
+    *,
+    base_dir: str | Path,
+    expert_dirs: Sequence[str | Path],
+    engine: Any = None,
+) -> list[EvalResult]:
+    """The base's and each expert's evaluation (base first), with their per-item records
+    (fidelity rungs choose informative items from them); see :func:`measure_anchors`."""
+    experts: list[EvalResult] = []
     try:
         for expert_dir in expert_dirs:
             scorer.load_weights(iter_checkpoint_tensors(expert_dir))
-            experts.append(dict(evaluator.evaluate().values))
+            experts.append(evaluator.evaluate())
     finally:
         scorer.load_weights(iter_checkpoint_tensors(base_dir))
         if engine is not None:
             engine.forget(scorer.merge_target())
-    base = dict(evaluator.evaluate().values)
-    return Anchors(
-        base=base, experts=experts, models=[str(base_dir), *(str(e) for e in expert_dirs)]
-    )
+    return [evaluator.evaluate(), *experts]
