@@ -126,7 +126,7 @@ def states_text(report: dict[str, Any]) -> str:
     if states.get("WAITING", 0):
         parts.append(f"queued {states['WAITING']} (evaluated first by the next run)")
     if states.get("PRUNED", 0):
-        parts.append(f"pruned {states['PRUNED']}")
+        parts.append(f"pruned {states['PRUNED']} (stopped early)")
     return ", ".join(parts) or "no trials"
 
 
@@ -169,33 +169,79 @@ def heldout_values(trial: FrozenTrial, names: Sequence[str]) -> list[float] | No
 def evaluation_cost(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
     """Totals of the search and held-out evaluations stored on ``trials``.
 
-    ``{"search": {"trials", "items_scored", "tokens_generated", "eval_seconds"}, "heldout":
-    {...}, "total": {...}}``; a trial counts where it stored its cost (trials of older versions
-    did not).
+    ``{"search": {"trials", "items_scored", "tokens_generated", "eval_seconds", "stopped",
+    "items_saved", "tokens_saved", "fraction_saved"}, "heldout": {...}, "total": {...}}``; a
+    trial counts where it stored its cost (trials of older versions did not). ``stopped``:
+    trials that fidelity rungs stopped early (PRUNED); what each saved is estimated as the
+    mean cost of the COMPLETE trials (fully evaluated) less its own, and ``fraction_saved``
+    is the tokens saved over the tokens a full evaluation of every trial would have taken
+    (items where no tokens are generated), None before a trial completed.
     """
+    from optuna.trial import TrialState
 
     def empty() -> dict[str, Any]:
         return {"trials": 0, "items_scored": 0, "tokens_generated": 0, "eval_seconds": 0.0}
 
     search, heldout = empty(), empty()
+    full: list[tuple[int, int]] = []
+    stopped: list[tuple[int, int]] = []
     for trial in trials:
         user_attrs = trial.user_attrs
         if attrs.ITEMS_SCORED in user_attrs:
+            items, tokens = _cost_of(user_attrs)
             search["trials"] += 1
-            search["items_scored"] += int(user_attrs[attrs.ITEMS_SCORED])
-            search["tokens_generated"] += int(user_attrs.get(attrs.TOKENS_GENERATED, 0))
+            search["items_scored"] += items
+            search["tokens_generated"] += tokens
             search["eval_seconds"] += float(user_attrs.get(attrs.EVAL_SECONDS, 0.0))
+            if trial.state == TrialState.COMPLETE:
+                full.append((items, tokens))
+            elif trial.state == TrialState.PRUNED and attrs.FIDELITY in user_attrs:
+                stopped.append((items, tokens))
         cost = user_attrs.get(attrs.HELDOUT_COST)
         if isinstance(cost, dict):
             heldout["trials"] += 1
             heldout["items_scored"] += int(cost.get("items_scored", 0))
             heldout["tokens_generated"] += int(cost.get("tokens_generated", 0))
             heldout["eval_seconds"] += float(cost.get("eval_seconds", 0.0))
+    search.update(_savings(full, stopped, search))
     total = {key: search[key] + heldout[key] for key in ("items_scored", "tokens_generated")}
     total["eval_seconds"] = search["eval_seconds"] + heldout["eval_seconds"]
     for part in (search, heldout, total):
         part["eval_seconds"] = round(part["eval_seconds"], 3)
     return {"search": search, "heldout": heldout, "total": total}
+
+
+def _cost_of(user_attrs: Mapping[str, Any]) -> tuple[int, int]:
+    return int(user_attrs[attrs.ITEMS_SCORED]), int(user_attrs.get(attrs.TOKENS_GENERATED, 0))
+
+
+def _savings(
+    full: Sequence[tuple[int, int]], stopped: Sequence[tuple[int, int]], search: dict[str, Any]
+) -> dict[str, Any]:
+    """Stopped trials, and the items and tokens they saved against full evaluation."""
+    if not full:
+        return {
+            "stopped": len(stopped),
+            "items_saved": 0,
+            "tokens_saved": 0,
+            "fraction_saved": None,
+        }
+    mean_items = sum(i for i, _ in full) / len(full)
+    mean_tokens = sum(t for _, t in full) / len(full)
+    items_saved = round(sum(max(0.0, mean_items - i) for i, _ in stopped))
+    tokens_saved = round(sum(max(0.0, mean_tokens - t) for _, t in stopped))
+    spent, saved = (
+        (search["tokens_generated"], tokens_saved)
+        if mean_tokens > 0
+        else (search["items_scored"], items_saved)
+    )
+    fraction = round(saved / (spent + saved), 4) if spent + saved > 0 else None
+    return {
+        "stopped": len(stopped),
+        "items_saved": items_saved,
+        "tokens_saved": tokens_saved,
+        "fraction_saved": fraction,
+    }
 
 
 def cost_text(cost: dict[str, Any]) -> str:
@@ -208,4 +254,12 @@ def cost_text(cost: dict[str, Any]) -> str:
                 f"{label}: {part['trials']} trials, {part['items_scored']:,} items, "
                 f"{part['tokens_generated']:,} tokens, {part['eval_seconds']:.1f} s"
             )
+            if part.get("stopped"):
+                fraction = part["fraction_saved"]
+                parts[-1] += (
+                    f" ({part['stopped']} stopped early by fidelity rungs, saving "
+                    f"{part['tokens_saved']:,} tokens"
+                    + (f", {fraction:.0%} of a full evaluation's" if fraction is not None else "")
+                    + ")"
+                )
     return "; ".join(parts)

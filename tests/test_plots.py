@@ -297,3 +297,37 @@ def test_plots_attached_in_a_folder_this_machine_lacks_are_reported_stale(
         f"dashboard plots are stale ({elsewhere} not found here); refresh: "
         f"mergeopt study plot plots --out DIR --artifact-dir {elsewhere}"
     )
+
+
+def test_hypervolume_against_tokens_counts_every_evaluated_trial_stopped_ones_included(
+    tmp_path: Path,
+) -> None:
+    from mergeopt.hypervolume import hypervolume, hypervolume_by_cost
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    costs = {attrs.ITEMS_SCORED: 24}
+    for accuracy, tokens, spent in ((0.5, 10.0, 100), (0.8, 20.0, 200)):
+        study.add_trial(
+            create_trial(
+                values=[accuracy, tokens], user_attrs={**costs, attrs.TOKENS_GENERATED: spent}
+            )
+        )
+    stopped = {**costs, attrs.TOKENS_GENERATED: 30, attrs.FIDELITY: {"stopped": True}}
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=stopped))
+    reference = [0.0, 30.0]
+    unit, curve = hypervolume_by_cost(study, reference)
+    assert unit == "tokens generated"
+    both = hypervolume([[0.5, 10.0], [0.8, 20.0]], reference, [True, False])
+    assert both == pytest.approx(0.5 * 20 + 0.3 * 10)
+    assert curve == [(100, pytest.approx(0.5 * 20)), (300, pytest.approx(both)), (330, both)]
+    written = plot_study(study, tmp_path, html=False)
+    assert "hypervolume_cost.png" in [p.name for p in written]
+
+
+def test_hypervolume_of_three_objectives_is_the_union_of_the_boxes() -> None:
+    from mergeopt.hypervolume import hypervolume
+
+    points = [[1.0, 2.0, 1.0], [2.0, 1.0, 1.0]]
+    # Two 1x2x1 boxes from the origin overlapping in a 1x1x1 cube.
+    assert hypervolume(points, [0.0, 0.0, 0.0], [True, True, True]) == pytest.approx(3.0)
+    assert hypervolume([[-1.0, 5.0, 5.0]], [0.0, 0.0, 0.0], [True, True, True]) == 0.0

@@ -69,3 +69,36 @@ def test_status_and_list_name_the_objectives_and_explain_the_states(tmp_path: Pa
     assert listing.returncode == 0, listing.stderr
     assert "accuracy ↑, tokens ↓" in listing.stdout
     assert "objective 0 ↓" in listing.stdout
+
+
+def cost(items: int, tokens: int) -> dict[str, object]:
+    return {attrs.ITEMS_SCORED: items, attrs.TOKENS_GENERATED: tokens, attrs.EVAL_SECONDS: 1.0}
+
+
+def test_trials_stopped_by_fidelity_rungs_count_what_they_saved_against_full_evaluation() -> None:
+    from mergeopt.report import cost_text, evaluation_cost
+
+    rungs = {attrs.FIDELITY: {"rung": 0, "stopped": True}}
+    trials = [
+        create_trial(values=[0.5, 4.0], user_attrs=cost(48, 200)),
+        create_trial(values=[0.7, 6.0], user_attrs=cost(48, 300)),
+        create_trial(state=TrialState.PRUNED, user_attrs={**cost(12, 50), **rungs}),
+        create_trial(state=TrialState.PRUNED, user_attrs={**cost(12, 70), **rungs}),
+    ]
+    search = evaluation_cost(trials)["search"]
+    assert search["trials"] == 4
+    assert search["tokens_generated"] == 620
+    assert search["stopped"] == 2
+    # A full evaluation costs 250 tokens on average (the COMPLETE trials): 200 + 180 saved.
+    assert search["tokens_saved"] == 380 and search["items_saved"] == 72
+    assert search["fraction_saved"] == round(380 / 1000, 4)
+    text = cost_text(evaluation_cost(trials))
+    assert "2 stopped early by fidelity rungs, saving 380 tokens, 38% of a full" in text
+
+
+def test_without_fidelity_nothing_is_saved() -> None:
+    from mergeopt.report import evaluation_cost
+
+    search = evaluation_cost([create_trial(values=[0.5, 4.0], user_attrs=cost(48, 200))])["search"]
+    assert search["stopped"] == 0 and search["tokens_saved"] == 0
+    assert search["fraction_saved"] == 0.0
