@@ -194,3 +194,30 @@ def test_fidelity_is_off_by_default_and_fills_its_defaults_when_given(tmp_path: 
     assert spec.fidelity.rungs == [0.25, 1.0]
     assert spec.fidelity.confidence == 0.9
     assert spec.fidelity.first_rung_items == "informative"
+
+
+def test_saasbo_fits_complete_trials_only_so_stopped_trials_are_ignored() -> None:
+    """What ships (README, Fidelity rungs): saasbo-qnehvi's GPs see COMPLETE trials, not the
+    partial values of trials that fidelity rungs stopped."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from mergeopt.samplers._state import UnitCube
+    from mergeopt.samplers.saasbo import SaasQnehviSampler
+
+    space = {"b00.e0.weight": FloatDistribution(0.0, 1.0)}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(
+        create_trial(params={"b00.e0.weight": 0.2}, distributions=space, values=[0.5, 4.0])
+    )
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params={"b00.e0.weight": 0.9},
+            distributions=space,
+            user_attrs={"mergeopt:fidelity": {"values": {"accuracy": 0.1, "tokens": 9.0}}},
+        )
+    )
+    data = SaasQnehviSampler._complete(study, UnitCube(space))
+    assert [values for _, values in data] == [[0.5, 4.0]]
