@@ -75,9 +75,9 @@ def test_mean_tokens_interval_is_a_t_interval_that_closes_when_every_item_is_sco
     assert full.low == full.value == full.high == pytest.approx(5.0)
 
 
-def test_one_scored_item_bounds_nothing_for_a_mean() -> None:
+def test_one_scored_item_bounds_a_mean_only_by_what_it_can_be() -> None:
     result = estimate("mean_tokens", [(24, [(5.0, 1.0)])], confidence=0.9)
-    assert result.low == -math.inf and result.high == math.inf
+    assert result.low == 0.0 and result.high == math.inf
 
 
 def test_perplexity_interval_maps_the_log_likelihood_interval_through_exp() -> None:
@@ -151,6 +151,12 @@ def test_more_disagreements_than_the_first_rung_still_leave_room_for_the_rest() 
     assert len(first - disagree["arith"]) >= 2
 
 
+def test_a_first_rung_smaller_than_the_kept_share_of_the_rest_still_has_its_size() -> None:
+    plan = make_plan({"arith": 4}, first_fraction=0.25, seed=1, informative={"arith": {0, 1}})
+    assert len(plan.items_at(0.25)["arith"]) == 1
+    assert sorted(plan.groups["arith"].order) == [0, 1, 2, 3]
+
+
 def test_disagreements_are_items_whose_source_models_differ_on_an_accuracy() -> None:
     def record(correct: float, tokens: float) -> dict[str, float]:
         return {"accuracy": correct, "tokens": tokens, "_w": 1.0}
@@ -221,3 +227,86 @@ def test_saasbo_fits_complete_trials_only_so_stopped_trials_are_ignored() -> Non
     )
     data = SaasQnehviSampler._complete(study, UnitCube(space))
     assert [values for _, values in data] == [[0.5, 4.0]]
+
+
+# -- the rungs on a real (tiny, untrained) model ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """An evaluator on a real tiny model with a generation, a multiple-choice and a perplexity
+    task, and its full evaluation."""
+    from mergeopt.objectives.evaluate import Evaluator, GenerationOptions
+    from mergeopt.objectives.scorers.hf import HFScorer
+    from tests.task_files import objective, write_jsonl
+    from tests.tiny_models import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("rungs")
+    scorer = HFScorer(model_dir=build_tiny_model(folder / "model"), batch_size=8)
+    write_jsonl(folder / "arith.jsonl", [{"prompt": f"{a}+1=", "answer": a + 1} for a in range(16)])
+    write_jsonl(
+        folder / "mc.jsonl",
+        [{"question": f"{a}+1=", "choices": [str(a), str(a + 1)], "answer": 1} for a in range(8)],
+    )
+    write_jsonl(folder / "texts.jsonl", [{"text": f"the number {a} follows."} for a in range(8)])
+    objectives = [
+        objective(folder / "arith.jsonl", "accuracy"),
+        objective(folder / "arith.jsonl", "tokens", metric="mean_tokens", direction="minimize"),
+        objective(folder / "mc.jsonl", "choice", kind="multiple_choice"),
+        objective(
+            folder / "texts.jsonl",
+            "ppl",
+            kind="perplexity",
+            metric="perplexity",
+            direction="minimize",
+        ),
+    ]
+    evaluator = Evaluator(
+        objectives, scorer, scorer_options=GenerationOptions(max_new_tokens=6, stop=("\n",))
+    )
+    return evaluator, objectives, evaluator.evaluate()
+
+
+def rungs_of(scored, front: list[list[float]], rungs=(0.25, 0.5, 1.0)):  # noqa: ANN001, ANN201
+    from mergeopt.objectives.fidelity import score_by_rungs
+
+    evaluator, objectives, _ = scored
+    reads: list[int] = []
+
+    def read_front() -> list[list[float]]:
+        reads.append(1)
+        return front
+
+    plan = make_plan(evaluator.group_sizes(), first_fraction=rungs[0], seed=0)
+    result = score_by_rungs(
+        evaluator,
+        plan,
+        rungs=list(rungs),
+        confidence=0.9,
+        objectives=objectives,
+        normalize=dict,
+        front=read_front,
+    )
+    return result, len(reads)
+
+
+def test_a_trial_no_one_dominates_runs_every_rung_to_exactly_the_full_evaluation(scored) -> None:  # noqa: ANN001
+    _, _, full = scored
+    result, reads = rungs_of(scored, front=[])
+    assert not result.stopped and result.rung == 2
+    assert reads == 2  # one read of the front per rung before the last
+    assert result.values == full.values  # every item once: the very same numbers
+    assert result.items == full.items and result.tokens == full.tokens
+    for label, metrics in full.metrics.items():
+        kept = {k: v for k, v in metrics.items() if k != "seconds"}
+        assert {k: v for k, v in result.metrics[label].items() if k != "seconds"} == kept
+
+
+def test_a_trial_whose_best_case_is_dominated_stops_at_the_first_rung(scored) -> None:  # noqa: ANN001
+    _, _, full = scored
+    # Better than any model can be on every objective: nothing can reach it.
+    result, reads = rungs_of(scored, front=[[2.0, -1.0, 2.0, 0.5]])
+    assert result.stopped and result.rung == 0 and reads == 1
+    assert result.items == 4 + 2 + 2  # a quarter of each task's 16, 8 and 8 items
+    for name in full.values:
+        assert result.low[name] <= result.values[name] <= result.high[name]

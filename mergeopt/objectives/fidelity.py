@@ -20,7 +20,8 @@ that scored a whole stratum knows it exactly):
 - accuracy: a Wilson score interval per stratum (on the effective sample size
   ``n (N - 1) / (N - n)``), the stratum bounds weighted and summed (conservative);
 - mean tokens and perplexity: a t-interval of the stratified ratio estimator
-  ``sum(y) / sum(w)`` (perplexity is ``exp(-ratio)`` of log-likelihood over tokens).
+  ``sum(y) / sum(w)`` (perplexity is ``exp(-ratio)`` of log-likelihood over tokens), cut at
+  what the metric can be (0 tokens, perplexity 1).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def make_plan(
             order = top + rest
         else:
             keep_rest = min(len(rest), max(MIN_PER_STRATUM, math.ceil(first / 4)))
-            take_top = min(len(top), first - keep_rest)
+            take_top = max(0, min(len(top), first - keep_rest))
             head = top[:take_top] + rest[: first - take_top]
             taken = set(head)
             tail = [i for i in top[take_top:] + rest if i not in taken]
@@ -228,9 +229,10 @@ def estimate(
         variance += size * size * (1 - n / size) * s2 / n
         df += n - 1
     half = _t(confidence, max(df, 1)) * math.sqrt(variance) / w_hat if w_hat else math.inf
-    if metric == "perplexity":
-        return Estimate(math.exp(-ratio), math.exp(-(ratio + half)), math.exp(-(ratio - half)))
-    return Estimate(ratio, ratio - half, ratio + half)
+    if metric == "perplexity":  # at least 1: no text is likelier than certain
+        low = max(1.0, math.exp(-(ratio + half))) if half < math.inf else 1.0
+        return Estimate(math.exp(-ratio), low, math.exp(-(ratio - half)))
+    return Estimate(ratio, max(0.0, ratio - half), ratio + half)  # tokens: at least 0
 
 
 def optimistic_corner(
