@@ -186,6 +186,7 @@ class Harness:
         *,
         faults: Callable[[FaultyStorage], None] | None = None,
         during_evaluation: Callable[[int], None] | None = None,
+        runner_type: type[NoopRunner] | None = None,
     ) -> int:
         from mergeopt import trial_loop
 
@@ -198,7 +199,7 @@ class Harness:
             return storage
 
         def runner_factory(study: optuna.Study, device: str) -> NoopRunner:
-            runner = NoopRunner(study, during_evaluation)
+            runner = (runner_type or NoopRunner)(study, during_evaluation)
             self.runners.append(runner)
             return runner
 

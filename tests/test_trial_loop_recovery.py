@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -23,6 +24,7 @@ from tests.fault_storage import (
     GENOME,
     FaultyStorage,
     Harness,
+    NoopRunner,
     create_study,
     fail_running_trials_as_stale,
 )
@@ -309,3 +311,69 @@ def test_a_tell_that_loses_the_race_to_a_stale_failure_completes_the_retry_copy(
     assert retry.params == stale.params == CANDIDATE
     assert retry.user_attrs["mergeopt:adopted_from"] == stale.number
     assert len(harness.runner.evaluated) == 1
+
+
+class StoppingRunner(NoopRunner):
+    """Stops a trial, as fidelity rungs do, when a COMPLETE trial dominates its values (read
+    through the front the worker loop gives the runner)."""
+
+    front: Callable[[], list[list[float]]] | None = None
+
+    def evaluate(
+        self, params: Mapping[str, float], *, seed: int
+    ) -> tuple[list[float], dict[str, Any]]:
+        from mergeopt.objectives.fidelity import dominated
+        from mergeopt.runner import TrialStopped
+
+        values, user_attrs = super().evaluate(params, seed=seed)
+        assert self.front is not None
+        if dominated(values, self.front(), [True, False]):
+            stopped = {attrs.FIDELITY: {"rung": 0, "stopped": True}, attrs.ITEMS_SCORED: 6}
+            raise TrialStopped(values, {**user_attrs, **stopped})
+        return values, user_attrs
+
+
+def everywhere(weight: float) -> dict[str, float]:
+    return dict.fromkeys(GENOME.param_names, weight)
+
+
+def test_a_trial_stopped_by_fidelity_rungs_is_told_pruned_and_not_counted(
+    harness: Harness,
+) -> None:
+    create_study(harness.url, enqueue=[everywhere(0.9), everywhere(0.1), everywhere(0.95)])
+
+    assert harness.run(2, runner_type=StoppingRunner) == 2
+
+    first, stopped, better = harness.trials()[:3]
+    assert (first.state, stopped.state, better.state) == (
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.COMPLETE,
+    )
+    assert stopped.values is None  # multi-objective: the partial values stay in user attrs
+    assert stopped.user_attrs[attrs.FIDELITY] == {"rung": 0, "stopped": True}
+    assert stopped.user_attrs[attrs.ITEMS_SCORED] == 6
+    assert stopped.user_attrs[attrs.SEED] == 1 and stopped.user_attrs["mergeopt:seed_seen"] == 1
+    assert harness.ended == [0, 2]
+
+
+def test_a_stopped_trial_failed_as_stale_meanwhile_is_left_to_its_retry(
+    harness: Harness,
+) -> None:
+    create_study(harness.url, enqueue=[everywhere(0.9), everywhere(0.1)])
+    failed: list[list[int]] = []
+
+    def stalls(call: int) -> None:
+        if call == 1:  # the second trial, to be stopped, is failed as stale meanwhile
+            failed.append(fail_running_trials_as_stale(harness.url, harness.name))
+
+    assert harness.run(2, during_evaluation=stalls, runner_type=StoppingRunner) == 2
+
+    assert failed == [[1]]
+    first, stale, *rest = harness.trials()
+    assert (first.state, stale.state) == (TrialState.COMPLETE, TrialState.FAIL)
+    assert attrs.FIDELITY not in stale.user_attrs  # nothing written into the failed trial
+    retry = next(t for t in rest if t.system_attrs.get("retry_history") == [stale.number])
+    assert retry.params == stale.params
+    # The retry is scored afresh (from rung 0) and stopped in its own trial.
+    assert retry.state == TrialState.PRUNED and retry.user_attrs[attrs.FIDELITY]["stopped"]
