@@ -8,6 +8,7 @@ fidelity rungs stopped trials early shows what it bought per token), and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergeopt import attrs
@@ -79,3 +80,19 @@ def hypervolume_by_cost(
             front.append(list(trial.values))
         curve.append((spent, hypervolume(front, reference, maximize)))
     return ("tokens generated" if by_tokens else "items scored"), curve
+
+
+def hypervolume_cost_png(study: optuna.Study, path: Path, reference: Sequence[float]) -> Path:
+    """Draw :func:`hypervolume_by_cost` (a step per evaluated trial) into ``path``."""
+    import matplotlib.pyplot as plt
+
+    unit, curve = hypervolume_by_cost(study, reference)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.step([c for c, _ in curve], [h for _, h in curve], where="post", marker=".")
+    axes.set_xlabel(f"cumulative {unit}")
+    axes.set_ylabel("hypervolume")
+    axes.set_title(f"Hypervolume against {unit}, study {study.study_name}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

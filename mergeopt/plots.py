@@ -10,9 +10,7 @@
 - ``hypervolume``: the dominated hypervolume after each trial
   (``optuna.visualization.plot_hypervolume_history``), the reference point being the worst
   value seen on each objective pushed 10 % of its range further out;
-- ``hypervolume_cost``: the same against cumulative tokens generated (items where tasks
-  generate none) by every evaluated trial, stopped ones included, when trials stored their
-  cost: what fidelity rungs bought per token (``mergeopt/hypervolume.py``);
+- ``hypervolume_cost``: the same against cumulative tokens (``mergeopt/hypervolume.py``);
 - ``block_params``: a heat map per expert and searched parameter, block (rows) x Pareto trial
   (columns, ordered by the first objective) — SIPBMM's picture of which blocks matter.
 """
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mergeopt import attrs
+from mergeopt.hypervolume import hypervolume_cost_png
 from mergeopt.report import objective_names
 
 if TYPE_CHECKING:
@@ -77,7 +76,8 @@ def plot_study(study: optuna.Study, out_dir: Path, *, html: bool | None = None) 
         if len(study.directions) > 1:
             written.append(_hypervolume_png(study, out_dir / f"{HYPERVOLUME}.png"))
             if any(attrs.ITEMS_SCORED in t.user_attrs for t in complete):  # cost is stored
-                written.append(_hypervolume_cost_png(study, out_dir / f"{HYPERVOLUME_COST}.png"))
+                path = out_dir / f"{HYPERVOLUME_COST}.png"
+                written.append(hypervolume_cost_png(study, path, reference_point(study)))
         heatmap = _block_params_png(study, out_dir / f"{BLOCK_PARAMS}.png")
         if heatmap is not None:
             written.append(heatmap)
@@ -316,21 +316,6 @@ def _hypervolume_png(study: optuna.Study, path: Path) -> Path:
 
     axes = optuna_mpl.plot_hypervolume_history(study, reference_point=reference_point(study))
     axes.set_title(f"Hypervolume of study {study.study_name}")
-    _set_size(axes, 7, 4)
-    return _save(axes, path)
-
-
-def _hypervolume_cost_png(study: optuna.Study, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from mergeopt.hypervolume import hypervolume_by_cost
-
-    unit, curve = hypervolume_by_cost(study, reference_point(study))
-    _, axes = plt.subplots()
-    axes.step([c for c, _ in curve], [h for _, h in curve], where="post", marker=".")
-    axes.set_xlabel(f"cumulative {unit}")
-    axes.set_ylabel("hypervolume")
-    axes.set_title(f"Hypervolume against {unit}, study {study.study_name}")
     _set_size(axes, 7, 4)
     return _save(axes, path)
 
