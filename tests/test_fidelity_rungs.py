@@ -310,3 +310,12 @@ def test_a_trial_whose_best_case_is_dominated_stops_at_the_first_rung(scored) ->
     assert result.items == 4 + 2 + 2  # a quarter of each task's 16, 8 and 8 items
     for name in full.values:
         assert result.low[name] <= result.values[name] <= result.high[name]
+
+
+def test_evalscope_objectives_cannot_be_scored_in_rungs(tmp_path: Path) -> None:
+    data = spec_with(tmp_path, {})
+    data["objectives"].append(
+        {"name": "qa", "task": "unused", "kind": "evalscope", "evalscope": {"dataset": "x"}}
+    )
+    with pytest.raises(UserError, match="fidelity rungs need task-file objectives"):
+        parse_spec(data, source="spec.yaml", folder=tmp_path)
