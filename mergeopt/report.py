@@ -259,7 +259,7 @@ def cost_text(cost: dict[str, Any]) -> str:
                 parts[-1] += (
                     f" ({part['stopped']} stopped early by fidelity rungs, saving "
                     f"{part['tokens_saved']:,} tokens"
-                    + (f", {fraction:.0%} of a full evaluation's" if fraction is not None else "")
+                    + (f", {fraction:.0%} of full evaluation" if fraction is not None else "")
                     + ")"
                 )
     return "; ".join(parts)

@@ -93,7 +93,7 @@ def test_trials_stopped_by_fidelity_rungs_count_what_they_saved_against_full_eva
     assert search["tokens_saved"] == 380 and search["items_saved"] == 72
     assert search["fraction_saved"] == round(380 / 1000, 4)
     text = cost_text(evaluation_cost(trials))
-    assert "2 stopped early by fidelity rungs, saving 380 tokens, 38% of a full" in text
+    assert "2 stopped early by fidelity rungs, saving 380 tokens, 38% of full evaluation)" in text
 
 
 def test_without_fidelity_nothing_is_saved() -> None:
