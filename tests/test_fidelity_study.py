@@ -43,6 +43,23 @@ def run(name: str, url: str, n_trials: int, workers: int = 1) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def enqueue_dominated_line_points(url: str, name: str) -> None:
+    """After the two experts, two model-level merges that each expert dominates on the full
+    task (docs/bench/zoo-landscape-2026-11-30.md: 0.1 of expert-direct scores 0.85 at the
+    steps expert's 21.2 tokens, which scores 0.90; 0.9 scores 0.58 at the direct expert's 4.6
+    tokens, which scores 0.63), so that the study stops a merge whatever its sampler draws."""
+    from mergeopt.study import stored_genome
+
+    study = load(url, name)
+    for direct in (0.1, 0.9):  # expert 0 is expert-direct, expert 1 expert-steps
+        study.enqueue_trial(
+            {
+                param: direct if ".e0." in param else 1.0 - direct
+                for param in stored_genome(study).param_names
+            }
+        )
+
+
 def assert_rungs_kept_their_promises(study_trials: list, items: int) -> None:
     """COMPLETE trials scored every item once; stopped ones the first rung's, with their
     partial values, intervals and cost."""
@@ -72,6 +89,7 @@ def test_a_study_with_fidelity_stops_hopeless_merges_and_says_what_it_saved(
     tmp_path: Path, zoo_dir: Path, sqlite_url: str
 ) -> None:
     create(tmp_path, zoo_dir, sqlite_url, "rungs", limit=ITEMS, fidelity=FIDELITY)
+    enqueue_dominated_line_points(sqlite_url, "rungs")
     run("rungs", sqlite_url, 12)
     study = load(sqlite_url, "rungs")
     counts = states(study)
