@@ -1,6 +1,6 @@
 """`mergeopt merge` against mergekit on the configurations issue #15 found silently different or
 crashing: scientific-notation gradients, layer stacks other than ``model.layers`` (Falcon,
-GPT-2, GPT-NeoX, LLaVA's two towers), heads planned from the last slice, mixed input dtypes,
+GPT-2, GPT-NeoX, LLaVA's two towers; Mistral and Granite), heads planned from the last slice, mixed input dtypes,
 and the one-line refusals (DELLA's epsilon, LoRA references, bad values)."""
 
 from __future__ import annotations
@@ -454,3 +454,57 @@ def test_nuslerp_matches_mergekit(qwen2: list[Path], tmp_path: Path, options: di
     }
     ours, theirs = both(config, tmp_path)
     assert_same(ours, theirs)
+
+
+def mistral(folder: Path) -> list[Path]:
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["MistralForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(5)
+    return make_family(folder, transformers.MistralForCausalLM(config))
+
+
+def granite(folder: Path) -> list[Path]:
+    import transformers
+
+    config = transformers.GraniteConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        architectures=["GraniteForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(6)
+    return make_family(folder, transformers.GraniteForCausalLM(config))
+
+
+def ties_gradient_config(paths: list[Path]) -> dict[str, Any]:
+    return {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "dtype": "float32",
+        "parameters": {"density": [0.3, 0.9]},
+        "models": [
+            {"model": str(paths[1]), "parameters": {"weight": [0.1, 0.5, 0.9]}},
+            {"model": str(paths[2]), "parameters": {"weight": 0.4, "density": 0.6}},
+        ],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [mistral, granite], ids=["mistral", "granite"])
+@pytest.mark.parametrize("make_config", ["ties", "slerp"])
+def test_mistral_and_granite_merge_with_gradients_as_mergekit(
+    build: Any, make_config: str, tmp_path: Path
+) -> None:
+    paths = build(tmp_path / "models")
+    if make_config == "ties":
+        config = ties_gradient_config(paths)
+    else:
+        config = slerp_config(paths, [0.0, 0.3, 1.0])
+        config["parameters"]["t"] = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.6}]
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    assert set(ours) == set(theirs)
