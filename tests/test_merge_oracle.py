@@ -288,7 +288,7 @@ def test_output_folder_is_a_loadable_hf_model(untied: list[Path], tmp_path: Path
     ("change", "message"),
     [
         ({"tokenizer": {"source": "union"}}, "unsupported key 'tokenizer'"),
-        ({"merge_method": "karcher"}, "unknown merge method 'karcher'"),
+        ({"merge_method": "ram"}, "unknown merge method 'ram'"),
         ({"parameters": {"rescale_norm": True}}, "parameters.rescale_norm"),
         ({"dtype": "int8"}, "dtype 'int8'"),
     ],

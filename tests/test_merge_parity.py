@@ -1,7 +1,8 @@
 """`mergeopt merge` against mergekit on the configurations issue #15 found silently different or
 crashing: scientific-notation gradients, layer stacks other than ``model.layers`` (Falcon,
-GPT-2, GPT-NeoX, LLaVA's two towers; Mistral and Granite), heads planned from the last slice, mixed input dtypes,
-and the one-line refusals (DELLA's epsilon, LoRA references, bad values)."""
+GPT-2, GPT-NeoX, LLaVA's two towers; Mistral and Granite beside them), heads planned from the
+last slice, mixed input dtypes, the one-line refusals (DELLA's epsilon, LoRA references, bad
+values), and the methods added since (passthrough, model_stock, nuslerp, multislerp, karcher)."""
 
 from __future__ import annotations
 
@@ -508,3 +509,53 @@ def test_mistral_and_granite_merge_with_gradients_as_mergekit(
     ours, theirs = both(config, tmp_path)
     assert_same(ours, theirs)
     assert set(ours) == set(theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options", [{}, {"normalize_weights": False}, {"eps": 1e-6}], ids=["defaults", "raw", "eps"]
+)
+def test_multislerp_matches_mergekit(qwen2: list[Path], tmp_path: Path, options: dict) -> None:
+    config = {
+        "merge_method": "multislerp",
+        "base_model": str(qwen2[0]),
+        "dtype": "float32",
+        "models": [
+            {"model": str(qwen2[1]), "parameters": {"weight": [0.2, 0.8]}},
+            {"model": str(qwen2[2]), "parameters": {"weight": 0.5}},
+        ],
+        "parameters": options,
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"max_iter": 3, "tol": 1e-3}], ids=["defaults", "set"])
+def test_karcher_matches_mergekit(qwen2: list[Path], tmp_path: Path, options: dict) -> None:
+    config = {
+        "merge_method": "karcher",
+        "base_model": str(qwen2[0]),
+        "dtype": "float32",
+        "models": [{"model": str(p)} for p in qwen2],
+        "parameters": options,
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.slow
+def test_multislerp_without_a_base_model_merges_the_models_as_mergekit(
+    qwen2: list[Path], tmp_path: Path
+) -> None:
+    config = {
+        "merge_method": "multislerp",
+        "dtype": "float32",
+        "models": [
+            {"model": str(qwen2[0]), "parameters": {"weight": 1.0}},
+            {"model": str(qwen2[1]), "parameters": {"weight": [0.5, 2.0]}},
+            {"model": str(qwen2[2]), "parameters": {"weight": 0.7}},
+        ],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)

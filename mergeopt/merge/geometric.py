@@ -1,7 +1,8 @@
 """The geometric methods' math: SLERP between two models, NuSLERP between two task vectors,
 Model Stock's interpolation towards the experts' average by the angle between their task
-vectors. Each follows mergekit 0.1.x's torch operations in order, so fp32 is bit-identical; their
-entries in the method table (:mod:`mergeopt.merge.methods`) call them.
+vectors, Multi-SLERP's barycentre of many task vectors on the hypersphere, the Karcher mean of
+the models' directions. Each follows mergekit 0.1.x's torch operations in order, so fp32 is
+bit-identical; their entries in the method table (:mod:`mergeopt.merge.methods`) call them.
 
 Papers: SLERP (Shoemake, 1985); Model Stock (Jang et al., 2024, arXiv 2403.19522).
 """
@@ -89,3 +90,85 @@ def model_stock(
     t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
     average: torch.Tensor = sum(ws) / count  # type: ignore[assignment]
     return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def multislerp(
+    base: torch.Tensor | None,
+    experts: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere of the task vectors (``experts`` N x shape,
+    minus ``base`` when given): their unit vectors' weighted mean, the weighted tangent
+    vectors there mapped back by the exponential map, scaled to the weighted mean norm (mergekit's
+    ``multislerp``). One expert is returned as it is; two that cancel are lerped."""
+    if experts.shape[0] == 1:
+        return experts[0]
+    tensors = experts - base if base is not None else experts.clone()
+    flat = tensors.view(tensors.shape[0], -1)
+    w = torch.tensor(list(weights), dtype=tensors.dtype, device=tensors.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if tensors.shape[0] != 2:
+            raise ValueError("multislerp: the weighted sum of the task vectors is zero")
+        result = (tensors[0] * w[0] + tensors[1] * w[1]).view(tensors.shape[1:])
+        return result + base if base is not None else result
+    mean = mean / mean_norm
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors.shape[1:])
+    return result + base if base is not None else result
+
+
+def karcher(
+    tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_iter: int, tol: float
+) -> torch.Tensor:
+    """Weighted Karcher (Riemannian) mean of the tensors' directions on the unit hypersphere by
+    at most ``max_iter`` tangent steps (stopping under ``tol``), scaled by the weighted mean of
+    their norms (mergekit's ``karcher``); norms at or under ``tol`` are left out of the mean."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(t.to(dtype)) for t in tensors]
+    units = [
+        torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype)
+        for t, n in zip(tensors, norms, strict=True)
+    ]
+    valid = [index for index, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(t * 0 for t in tensors)  # type: ignore[return-value]
+    alpha_sum = sum(alphas[index] for index in valid)
+    weights = [alphas[index] / alpha_sum for index in valid]
+    points = [units[index] for index in valid]
+    mean = torch.zeros_like(points[0])
+    for alpha, unit in zip(weights, points, strict=True):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = points[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(weights, points, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        step = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        mean = step.to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    return scale * mean

@@ -20,8 +20,8 @@ copies its one input per tensor (times ``scale``): with slices, the frankenmerge
 
 ``int8_mask`` is accepted for mergekit compatibility and changes nothing (it only picks the
 dtype of mergekit's 0/1 sign mask). mergekit's ``count`` consensus is unreachable from its
-configs and is not offered; karcher, multislerp, sce and the rest are not implemented;
-slerp, nuslerp and model_stock are in :mod:`mergeopt.merge.geometric`.
+configs and is not offered; sce, nearswap and the rest are not implemented; slerp, nuslerp,
+model_stock, multislerp and karcher are in :mod:`mergeopt.merge.geometric`.
 
 A new method is one entry in ``METHODS``: its math (a :data:`MergeMath`), its facts (what the
 engine keeps resident, expert limits), its parameters with defaults; ``weighted_sum`` and
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.merge.geometric import model_stock, nuslerp, slerp
+from mergeopt.merge.geometric import karcher, model_stock, multislerp, nuslerp, slerp
 from mergeopt.merge.sparsification import (
     MAGNITUDE_THRESHOLDS,
     SPARSIFY_DELLA,
@@ -91,6 +91,7 @@ class MethodSpec:
         task_vectors: experts enter the math as differences from the base.
         base_input: the base is an input of the math (resident in the engine); False: every
             model is an expert (linear), and a recipe's base must be one of them.
+        base_optional: a recipe without ``base_model`` merges its models without one.
         sparsification: one of the ``SPARSIFY_*`` names, or None.
         consensus: ``"sum"`` (TIES sign election) or None.
         global_defaults: method-level parameters (mergekit's SHARED scope) and defaults.
@@ -109,6 +110,7 @@ class MethodSpec:
     math: MergeMath
     task_vectors: bool = True
     base_input: bool = True
+    base_optional: bool = False
     sparsification: str | None = None
     consensus: str | None = None
     global_defaults: Mapping[str, float | bool] = field(default_factory=dict)
@@ -368,6 +370,18 @@ def _model_stock_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return model_stock(inputs.base, inputs.stack.unbind(0), filter_wise=filter_wise)
 
 
+def _multislerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    params, weights = inputs.method_params, [float(p["weight"]) for p in inputs.expert_params]
+    normalize, eps = bool(params["normalize_weights"]), float(params["eps"])
+    return multislerp(inputs.base, inputs.stack, weights, normalize_weights=normalize, eps=eps)
+
+
+def _karcher_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:  # equal weights
+    models, params = inputs.stack.unbind(0), inputs.method_params
+    alphas = [1.0 / len(models)] * len(models)
+    return karcher(models, alphas, max_iter=int(params["max_iter"]), tol=float(params["tol"]))
+
+
 def _passthrough_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     """The one input as it is, times its ``scale`` (mergekit multiplies in its dtype)."""
     experts = inputs.expert_params
@@ -384,10 +398,8 @@ def _task_arithmetic_sum(
     return float(method_params["lambda"]) / (divisor if method_params["normalize"] else 1.0)
 
 
-def _linear_sum(
-    weights: tuple[float, ...], method_params: MethodParams, dtype: torch.dtype
-) -> float:
-    return 1.0 / sum(weights) if method_params["normalize"] else 1.0
+def _linear_sum(weights: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
+    return 1.0 / sum(weights) if params["normalize"] else 1.0
 
 
 def _gta(
@@ -459,6 +471,21 @@ METHODS: dict[str, MethodSpec] = {
             task_vectors=False,
             global_defaults={"filter_wise": False},
             min_experts=2,
+        ),
+        MethodSpec(
+            name="multislerp",
+            math=_multislerp_math,
+            task_vectors=False,
+            base_optional=True,
+            global_defaults={"normalize_weights": True, "eps": 1e-8},
+            expert_defaults={"weight": None},
+        ),
+        MethodSpec(
+            name="karcher",
+            math=_karcher_math,
+            task_vectors=False,
+            base_input=False,
+            global_defaults={"max_iter": 10, "tol": 1e-5},
         ),
         MethodSpec(
             name="slerp",

@@ -166,7 +166,7 @@ def run_recipe(
                         generator = torch.Generator(device=torch_device)
                         generator.manual_seed(tensor_seed(seed, plan.name))
                     merged = merge_plan.merge_tensor(
-                        base if spec.base_input else None,
+                        base if piece.base is not None else None,
                         stack,
                         experts,
                         method_params,

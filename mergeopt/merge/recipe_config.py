@@ -230,10 +230,10 @@ class Recipe:
         self, sources: list[Source], params: Mapping[str, Any] | None, length: int, key: str
     ) -> Slice:
         """Which sources are experts: methods that take a base exclude it; linear and
-        passthrough merge them all."""
+        passthrough merge them all, as does multislerp without ``base_model``."""
         where = f"{self.where}: {key}"
         paths = [s.path for s in sources]
-        if not self.spec.base_input:
+        if not self.spec.base_input or (self.spec.base_optional and self.base_path is None):
             if self.base_path is not None and self.base_path not in paths:
                 raise UserError(
                     f"{where}: base_model of a {self.spec.name} merge must be one of the models"
