@@ -248,7 +248,8 @@ def test_method_table_matches_mergekit_defaults() -> None:
     for name, spec in METHODS.items():
         theirs = {p.name: p for p in registry.get(name).spec.parameters}
         for key, default in {**spec.global_defaults, **spec.expert_defaults}.items():
-            if key == "t" and name == "slerp":
+            if key == "t" and name in ("slerp", "nearswap"):  # required: the value only types it
+                assert theirs[key].required, (name, key)
                 continue
             assert key in theirs, (name, key)
             if (name, key) == ("passthrough", "scale"):  # mergekit's None: no scaling, ours 1.0

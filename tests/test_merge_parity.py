@@ -2,7 +2,8 @@
 crashing: scientific-notation gradients, layer stacks other than ``model.layers`` (Falcon,
 GPT-2, GPT-NeoX, LLaVA's two towers; Mistral and Granite beside them), heads planned from the
 last slice, mixed input dtypes, the one-line refusals (DELLA's epsilon, LoRA references, bad
-values), and the methods added since (passthrough, model_stock, nuslerp, multislerp, karcher)."""
+values), and the methods added since (passthrough, model_stock, nuslerp, multislerp, karcher,
+nearswap)."""
 
 from __future__ import annotations
 
@@ -559,3 +560,33 @@ def test_multislerp_without_a_base_model_merges_the_models_as_mergekit(
     }
     ours, theirs = both(config, tmp_path)
     assert_same(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "t", [0.01, [0.0, 0.05], [{"filter": "mlp", "value": 1.0}, {"value": 0.02}]]
+)
+def test_nearswap_matches_mergekit(qwen2: list[Path], tmp_path: Path, t: Any) -> None:
+    config = {
+        "merge_method": "nearswap",
+        "base_model": str(qwen2[0]),
+        "dtype": "float32",
+        "models": [{"model": str(qwen2[0])}, {"model": str(qwen2[1])}],
+        "parameters": {"t": t},
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    base = read_folder(qwen2[0])
+    assert any(not torch.equal(ours[name], base[name]) for name in theirs)
+
+
+def test_nearswap_without_t_is_one_line(qwen2: list[Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "nearswap",
+        "base_model": str(qwen2[0]),
+        "models": [{"model": str(qwen2[1])}],
+    }
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(UserError, match="'t' is required by nearswap"):
+        run_recipe(recipe, tmp_path / "out")

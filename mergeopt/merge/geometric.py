@@ -1,8 +1,9 @@
 """The geometric methods' math: SLERP between two models, NuSLERP between two task vectors,
 Model Stock's interpolation towards the experts' average by the angle between their task
 vectors, Multi-SLERP's barycentre of many task vectors on the hypersphere, the Karcher mean of
-the models' directions. Each follows mergekit 0.1.x's torch operations in order, so fp32 is
-bit-identical; their entries in the method table (:mod:`mergeopt.merge.methods`) call them.
+the models' directions, NearSwap's step of at most t towards a model. Each follows mergekit
+0.1.x's torch operations in order, so fp32 is bit-identical; their entries in the method table
+(:mod:`mergeopt.merge.methods`) call them.
 
 Papers: SLERP (Shoemake, 1985); Model Stock (Jang et al., 2024, arXiv 2403.19522).
 """
@@ -38,6 +39,13 @@ def slerp(
     )
     coef_b = torch.where(nearly_parallel, t_tensor, torch.sin(t_tensor * theta) / sin_theta)
     return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+
+
+def nearswap(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """``v1`` where it is within ``t`` of ``v0``, else a step from ``v0`` towards ``v1`` of
+    length ``t`` (the weight t / |v0 − v1|, clamped to [0, 1]; mergekit's ``nearswap``)."""
+    weight = (t / torch.abs(v0 - v1).clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * v1 + (1 - weight) * v0
 
 
 def nuslerp(

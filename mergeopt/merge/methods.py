@@ -20,7 +20,7 @@ copies its one input per tensor (times ``scale``): with slices, the frankenmerge
 
 ``int8_mask`` is accepted for mergekit compatibility and changes nothing (it only picks the
 dtype of mergekit's 0/1 sign mask). mergekit's ``count`` consensus is unreachable from its
-configs and is not offered; sce, nearswap and the rest are not implemented; slerp, nuslerp,
+configs and is not offered; sce and the rest are not implemented; slerp, nearswap, nuslerp,
 model_stock, multislerp and karcher are in :mod:`mergeopt.merge.geometric`.
 
 A new method is one entry in ``METHODS``: its math (a :data:`MergeMath`), its facts (what the
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.merge.geometric import karcher, model_stock, multislerp, nuslerp, slerp
+from mergeopt.merge.geometric import karcher, model_stock, multislerp, nearswap, nuslerp, slerp
 from mergeopt.merge.sparsification import (
     MAGNITUDE_THRESHOLDS,
     SPARSIFY_DELLA,
@@ -342,11 +342,24 @@ def _linear_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return linear(inputs.stack, weights=weights, normalize=bool(inputs.method_params["normalize"]))
 
 
-def _slerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
-    assert inputs.base is not None  # v0; stack[0] is v1
-    experts, default = inputs.expert_params, inputs.method_params["t"]
-    t = float(experts[0].get("t", default)) if experts else float(default)
-    return slerp(t, inputs.base, inputs.stack[0])
+def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MethodSpec:
+    """A method between the base (t = 0) and one model (t = 1) at ``t``, which a recipe must
+    give, per tensor as a gradient or filters if it likes (the table's 0.5 only types it)."""
+
+    def math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+        assert inputs.base is not None  # v0; stack[0] is v1
+        experts, default = inputs.expert_params, inputs.method_params["t"]
+        t = float(experts[0].get("t", default)) if experts else float(default)
+        return between(t, inputs.base, inputs.stack[0])
+
+    return MethodSpec(
+        name=name,
+        math=math,
+        task_vectors=False,
+        global_defaults={"t": 0.5},
+        expert_overrides=("t",),
+        max_experts=1,
+    )
 
 
 def _nuslerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
@@ -354,14 +367,9 @@ def _nuslerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     assert inputs.base is not None
     weights = [float(p["weight"]) for p in inputs.expert_params]
     t = 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights)
-    params = inputs.method_params
-    return inputs.base + nuslerp(
-        t,
-        inputs.stack[0],
-        inputs.stack[1],
-        row_wise=bool(params["nuslerp_row_wise"]),
-        flatten=bool(params["nuslerp_flatten"]),
-    )
+    p = inputs.method_params
+    row_wise, flatten = bool(p["nuslerp_row_wise"]), bool(p["nuslerp_flatten"])
+    return inputs.base + nuslerp(t, *inputs.stack[:2], row_wise=row_wise, flatten=flatten)
 
 
 def _model_stock_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
@@ -389,13 +397,11 @@ def _passthrough_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return inputs.stack[0].clone() if scale == 1 else inputs.stack[0] * scale
 
 
-def _task_arithmetic_sum(
-    weights: tuple[float, ...], method_params: MethodParams, dtype: torch.dtype
-) -> float:
-    """task_arithmetic's divisor sums the weights as mergekit rounds them (to ``dtype``)."""
-    divisor = _rounded_sum(weights, dtype)
+def _task_arithmetic_sum(w: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
+    """task_arithmetic's divisor sums the weights ``w`` as mergekit rounds them (to ``dtype``)."""
+    divisor = _rounded_sum(w, dtype)
     divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-    return float(method_params["lambda"]) / (divisor if method_params["normalize"] else 1.0)
+    return float(params["lambda"]) / (divisor if params["normalize"] else 1.0)
 
 
 def _linear_sum(weights: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
@@ -487,14 +493,8 @@ METHODS: dict[str, MethodSpec] = {
             base_input=False,
             global_defaults={"max_iter": 10, "tol": 1e-5},
         ),
-        MethodSpec(
-            name="slerp",
-            math=_slerp_math,
-            task_vectors=False,
-            global_defaults={"t": 0.5},
-            expert_overrides=("t",),
-            max_experts=1,
-        ),
+        _at_t("slerp", slerp),
+        _at_t("nearswap", nearswap),
     )
 }
 """mergekit's method names -> their specification (FACTS.md lists the same table)."""
