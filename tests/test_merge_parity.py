@@ -3,7 +3,7 @@ crashing: scientific-notation gradients, layer stacks other than ``model.layers`
 GPT-2, GPT-NeoX, LLaVA's two towers; Mistral and Granite beside them), heads planned from the
 last slice, mixed input dtypes, the one-line refusals (DELLA's epsilon, LoRA references, bad
 values), and the methods added since (passthrough, model_stock, nuslerp, multislerp, karcher,
-nearswap)."""
+nearswap, sce)."""
 
 from __future__ import annotations
 
@@ -590,3 +590,17 @@ def test_nearswap_without_t_is_one_line(qwen2: list[Path], tmp_path: Path) -> No
     recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match="'t' is required by nearswap"):
         run_recipe(recipe, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("select_topk", [1.0, 0.4, 0.0])
+def test_sce_matches_mergekit(qwen2: list[Path], tmp_path: Path, select_topk: float) -> None:
+    config = {
+        "merge_method": "sce",
+        "base_model": str(qwen2[0]),
+        "dtype": "float32",
+        "models": [{"model": str(p)} for p in qwen2],
+        "parameters": {"select_topk": select_topk},
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)

@@ -1,9 +1,9 @@
-"""The geometric methods' math: SLERP between two models, NuSLERP between two task vectors,
-Model Stock's interpolation towards the experts' average by the angle between their task
-vectors, Multi-SLERP's barycentre of many task vectors on the hypersphere, the Karcher mean of
-the models' directions, NearSwap's step of at most t towards a model. Each follows mergekit
-0.1.x's torch operations in order, so fp32 is bit-identical; their entries in the method table
-(:mod:`mergeopt.merge.methods`) call them.
+"""The geometric methods' math: the linear (Euclidean) weighted mean, SLERP between two
+models, NuSLERP between two task vectors, Model Stock's interpolation towards the experts'
+average by the angle between their task vectors, Multi-SLERP's barycentre of many task vectors
+on the hypersphere, the Karcher mean of the models' directions, NearSwap's step of at most t
+towards a model. Each follows mergekit 0.1.x's torch operations in order, so fp32 is
+bit-identical; their entries in the method table (:mod:`mergeopt.merge.methods`) call them.
 
 Papers: SLERP (Shoemake, 1985); Model Stock (Jang et al., 2024, arXiv 2403.19522).
 """
@@ -13,6 +13,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+
+def linear(
+    models: torch.Tensor,
+    *,
+    weights: Sequence[float],
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Σ_i w_i·x_i (divided by Σ_i w_i when ``normalize``) of stacked ``models`` (N x shape),
+    computed in fp32 (fp64 for fp64 inputs) as mergekit does; returns the input dtype."""
+    first = models[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    coefficients = torch.tensor(list(weights), dtype=dtype, device=models.device)
+    result = torch.zeros_like(first, dtype=dtype)
+    for index in range(models.shape[0]):
+        result.addcmul_(models[index], coefficients[index])
+    if normalize:
+        result.div_(coefficients.sum())
+    return result.to(first.dtype)
 
 
 def slerp(

@@ -20,8 +20,9 @@ copies its one input per tensor (times ``scale``): with slices, the frankenmerge
 
 ``int8_mask`` is accepted for mergekit compatibility and changes nothing (it only picks the
 dtype of mergekit's 0/1 sign mask). mergekit's ``count`` consensus is unreachable from its
-configs and is not offered; sce and the rest are not implemented; slerp, nearswap, nuslerp,
-model_stock, multislerp and karcher are in :mod:`mergeopt.merge.geometric`.
+configs and is not offered; arcee_fusion and ram are not implemented. The TIES sign election
+and SCE are in :mod:`mergeopt.merge.sparsification`; linear, slerp, nearswap, nuslerp,
+model_stock, multislerp and karcher in :mod:`mergeopt.merge.geometric`.
 
 A new method is one entry in ``METHODS``: its math (a :data:`MergeMath`), its facts (what the
 engine keeps resident, expert limits), its parameters with defaults; ``weighted_sum`` and
@@ -37,7 +38,15 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeopt.errors import UserError
-from mergeopt.merge.geometric import karcher, model_stock, multislerp, nearswap, nuslerp, slerp
+from mergeopt.merge.geometric import (
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    slerp,
+)
 from mergeopt.merge.sparsification import (
     MAGNITUDE_THRESHOLDS,
     SPARSIFY_DELLA,
@@ -47,6 +56,8 @@ from mergeopt.merge.sparsification import (
     _l1_scale,
     della_values_problem,
     expert_masks,
+    sce,
+    sign_consensus_mask,
 )
 
 ExpertParams = Sequence[Mapping[str, float]]
@@ -233,14 +244,6 @@ def _rounded_sum(weights: tuple[float, ...], dtype: torch.dtype) -> float:
     return sum(torch.tensor(weights, dtype=dtype).to(torch.float64).tolist())
 
 
-def sign_consensus_mask(weighted_deltas: torch.Tensor) -> torch.Tensor:
-    """TIES sign election over experts: ``weighted_deltas`` is ``N x ...``; returns a bool
-    ``N x ...`` mask of elements whose sign equals sign(Σ_i w_i·δ_i) (0 counts as +)."""
-    majority_positive = weighted_deltas.sum(dim=0) >= 0
-    majority_sign = majority_positive.to(weighted_deltas.dtype) * 2 - 1
-    return weighted_deltas.sign() == majority_sign
-
-
 def generalized_task_arithmetic(
     base: torch.Tensor,
     task_vectors: torch.Tensor,
@@ -299,25 +302,6 @@ def generalized_task_arithmetic(
     if float(params["lambda"]) != 1:
         mixed *= float(params["lambda"])
     return (base + mixed).to(base.dtype)
-
-
-def linear(
-    models: torch.Tensor,
-    *,
-    weights: Sequence[float],
-    normalize: bool = True,
-) -> torch.Tensor:
-    """Σ_i w_i·x_i (divided by Σ_i w_i when ``normalize``) of stacked ``models`` (N x shape),
-    computed in fp32 (fp64 for fp64 inputs) as mergekit does; returns the input dtype."""
-    first = models[0]
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    coefficients = torch.tensor(list(weights), dtype=dtype, device=models.device)
-    result = torch.zeros_like(first, dtype=dtype)
-    for index in range(models.shape[0]):
-        result.addcmul_(models[index], coefficients[index])
-    if normalize:
-        result.div_(coefficients.sum())
-    return result.to(first.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +372,11 @@ def _karcher_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:  # equ
     models, params = inputs.stack.unbind(0), inputs.method_params
     alphas = [1.0 / len(models)] * len(models)
     return karcher(models, alphas, max_iter=int(params["max_iter"]), tol=float(params["tol"]))
+
+
+def _sce_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    assert inputs.base is not None
+    return sce(inputs.base, inputs.stack, float(inputs.method_params["select_topk"]))
 
 
 def _passthrough_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
@@ -492,6 +481,11 @@ METHODS: dict[str, MethodSpec] = {
             task_vectors=False,
             base_input=False,
             global_defaults={"max_iter": 10, "tol": 1e-5},
+        ),
+        MethodSpec(
+            name="sce",
+            math=_sce_math,
+            global_defaults={"select_topk": 1.0, "int8_mask": False},
         ),
         _at_t("slerp", slerp),
         _at_t("nearswap", nearswap),

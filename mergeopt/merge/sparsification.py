@@ -4,7 +4,9 @@
 each element with probability ``density``; ``magnitude_outliers`` (breadcrumbs) drops the top
 ``int(gamma·n)`` and keeps the next ``int(density·n)``; ``della_magprune`` (DELLA) keeps an
 element of magnitude rank j with p = density − ε + 2ε·j/(cols−1), per row. Masks are bool
-tensors (True: kept); None means "keeps everything" (``density >= 1``).
+tensors (True: kept); None means "keeps everything" (``density >= 1``). Here too: the TIES sign
+election (``sign_consensus_mask``) and SCE, which selects elements by their variance across
+experts (``sce``).
 
 Deliberate choices where mergekit has quirks (tested in tests/test_merge_methods.py):
 
@@ -283,3 +285,38 @@ def expert_masks(
         )
         for index, values in enumerate(expert_params)
     ]
+
+
+def sign_consensus_mask(weighted_deltas: torch.Tensor) -> torch.Tensor:
+    """TIES sign election over experts: ``weighted_deltas`` is ``N x ...``; returns a bool
+    ``N x ...`` mask of elements whose sign equals sign(Σ_i w_i·δ_i) (0 counts as +)."""
+    majority_positive = weighted_deltas.sum(dim=0) >= 0
+    majority_sign = majority_positive.to(weighted_deltas.dtype) * 2 - 1
+    return weighted_deltas.sign() == majority_sign
+
+
+def sce(base: torch.Tensor, task_vectors: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """SCE (Wan et al., 2024, arXiv 2408.07990) as mergekit: keep the ``select_topk`` share of
+    elements whose task vectors (N x shape) vary most across experts, weight each expert by its
+    mean squared task vector, erase elements against the TIES sign, and add the weighted mean."""
+    if select_topk < 1:
+        task_vectors = task_vectors * _variance_mask(task_vectors, select_topk).unsqueeze(0)
+    erase = sign_consensus_mask(task_vectors)
+    weights = task_vectors.square().reshape(task_vectors.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / len(weights) if abs(total) < 1e-6 else weights / total
+    weights = weights.view(-1, *([1] * (task_vectors.dim() - 1))) * erase
+    merged = (task_vectors * weights).sum(dim=0)
+    return base + merged / torch.sum(weights, dim=0).clamp(min=1e-6)
+
+
+def _variance_mask(task_vectors: torch.Tensor, density: float) -> torch.Tensor:
+    """1 at the top ``int(density · nonzero)`` elements by variance across experts, else 0."""
+    if density <= 0:
+        return torch.zeros_like(task_vectors[0])
+    variance = torch.var(task_vectors, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * density)
+    mask = torch.zeros_like(variance)
+    if k > 0:
+        mask.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True)[1]] = 1
+    return mask
