@@ -217,7 +217,7 @@ def check_l1_kernel(engine: MergeEngine, name: str) -> list[str]:
 def check_drawn_masks(engine: MergeEngine, name: str) -> list[str]:
     """DARE's in-kernel draws: kept fractions within 6 binomial sigmas of the densities, the
     same masks for the same seed, and the merge's draws equal to the written-out masks."""
-    from mergeopt.merge.methods import _coefficients
+    from mergeopt.merge.sparsification import _coefficients
 
     stack, base = engine._stack[name], engine._base[name]
     kernels = engine.plan.kernels
@@ -354,8 +354,8 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
             verdict = "ok" if unequal == 0 else f"{unequal} unequal, max diff {worst:.3g}"
             lines.append(f"check fused {method} {name}: {verdict}")
     # task_arithmetic's one-launch block kernel against per-tensor addmm (1 ulp allowed)
-    from mergeopt.merge.methods import _coefficients
     from mergeopt.merge.plan import fused_weighted_sum
+    from mergeopt.merge.sparsification import _coefficients
 
     params = [{"weight": 0.6} for _ in range(engine.num_experts)]
     block = engine.block_names[0]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from mergeopt.merge import methods, selection, sparsification
+from mergeopt.merge import selection, sparsification
 from mergeopt.merge.backend import Switches
 from mergeopt.merge.methods import METHODS, generalized_task_arithmetic
 from mergeopt.merge.plan import MergePlan
@@ -295,7 +295,7 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
             )
             if fused and device == "cpu":  # the interpreter: call the kernel directly
                 options = {**spec.global_defaults, **method_params}
-                weights = methods._coefficients((0.6, -0.3, 0.45), dtype, base.device)
+                weights = sparsification._coefficients((0.6, -0.3, 0.45), dtype, base.device)
                 stacked = sparsification._stack_masks(masks, base)
                 norms = None
                 if options["rescale"]:  # mergekit's abs().sum(), as the torch path
@@ -344,7 +344,7 @@ def test_one_launch_block_sum_equals_the_per_tensor_kernel(with_base: bool) -> N
     shapes = [(64, 48), (5000,), (7,), (3, 2049)]
     stacks = [torch.randn(2, *s, generator=generator).bfloat16().to(device) for s in shapes]
     bases = [torch.randn(s, generator=generator).bfloat16().to(device) for s in shapes]
-    coefficients = methods._coefficients((0.6, -0.25), torch.bfloat16, torch.device(device))
+    coefficients = sparsification._coefficients((0.6, -0.25), torch.bfloat16, torch.device(device))
     outs = [torch.full(s, float("nan"), dtype=torch.bfloat16, device=device) for s in shapes]
     triton_kernels.weighted_sum_many(
         [(b if with_base else None, x, o) for b, x, o in zip(bases, stacks, outs, strict=True)],
@@ -495,7 +495,7 @@ def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
     n = base.numel()
     densities = (0.3, 0.8)
     draws = triton_kernels.DrawnMasks(
-        seed=1234, densities=methods._coefficients(densities, torch.float32, device)
+        seed=1234, densities=sparsification._coefficients(densities, torch.float32, device)
     )
     masks = triton_kernels.draw_masks(base.shape, draws, device)
     for row, density in enumerate(densities):
@@ -507,7 +507,7 @@ def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
 
     norms = triton_kernels.l1_norms(task_vectors, None, draws=draws)
     assert torch.equal(norms, triton_kernels.l1_norms(task_vectors, masks))
-    weights = methods._coefficients((0.6, 0.4), torch.bfloat16, device)
+    weights = sparsification._coefficients((0.6, 0.4), torch.bfloat16, device)
     for consensus in (True, False):
         options = {"consensus": consensus, "normalize": consensus, "lam": 1.0}
         drawn = triton_kernels.gta_combine(

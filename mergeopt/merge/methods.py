@@ -31,7 +31,6 @@ engine keeps resident, expert limits), its parameters with defaults; ``weighted_
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,7 +52,9 @@ from mergeopt.merge.sparsification import (
     SPARSIFY_MAGNITUDE,
     SPARSIFY_OUTLIERS,
     SPARSIFY_RANDOM,
+    _coefficients,
     _l1_scale,
+    _rounded_sum,
     della_values_problem,
     expert_masks,
     sce,
@@ -82,9 +83,13 @@ class TensorMerge:
 MergeMath = Callable[["MethodSpec", TensorMerge], torch.Tensor]
 """One tensor's merge by a method's reference math: ``(method, inputs)``."""
 
-WeightedSum = Callable[[tuple[float, ...], MethodParams, torch.dtype], float]
-"""``scale`` of a method that is ``[base +] scale · Σ w_i·stack[i]``, from the experts' weights
-``w``, the method's parameters and the merge dtype (for the one-pass fast path)."""
+WeightedSum = Callable[
+    [ExpertParams, MethodParams, torch.dtype, torch.device], tuple[torch.Tensor, float]
+]
+"""``(coefficients, scale)`` of a method that is ``[base +] scale · Σ c_i·stack[i]``: the
+coefficients as a device tensor of ``dtype`` (read-only), for the one-pass fast path."""
+ScaleRule = Callable[[tuple[float, ...], MethodParams, torch.dtype], float]
+"""``scale`` of a weighted-sum method from the experts' weights, its parameters and the dtype."""
 
 
 class MethodParamError(UserError, ValueError):
@@ -226,22 +231,6 @@ def get_method(name: str, where: str = "") -> MethodSpec:
 
 # ---------------------------------------------------------------------------------------------
 # The reference math
-
-
-@functools.lru_cache(maxsize=256)
-def _coefficients(
-    values: tuple[float, ...], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Per-expert coefficients as a device tensor, made once per distinct value tuple (a
-    host-to-device copy per merged tensor would synchronize the stream every time). Read-only."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=256)
-def _rounded_sum(weights: tuple[float, ...], dtype: torch.dtype) -> float:
-    """Σ weights after rounding each to ``dtype`` as mergekit does (cached: this runs for
-    every tensor of a merge, and CPU tensor ops cost more than the GPU work of small ones)."""
-    return sum(torch.tensor(weights, dtype=dtype).to(torch.float64).tolist())
 
 
 def generalized_task_arithmetic(
@@ -386,14 +375,26 @@ def _passthrough_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return inputs.stack[0].clone() if scale == 1 else inputs.stack[0] * scale
 
 
-def _task_arithmetic_sum(w: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
+def _weights_times(scale_rule: ScaleRule) -> WeightedSum:
+    """The :data:`WeightedSum` with the experts' weights as coefficients, scaled by the rule."""
+
+    def weighted_sum(
+        experts: ExpertParams, params: MethodParams, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, float]:
+        weights = tuple(float(p["weight"]) for p in experts)
+        return _coefficients(weights, dtype, device), scale_rule(weights, params, dtype)
+
+    return weighted_sum
+
+
+def _task_arithmetic_scale(w: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
     """task_arithmetic's divisor sums the weights ``w`` as mergekit rounds them (to ``dtype``)."""
     divisor = _rounded_sum(w, dtype)
     divisor = divisor if abs(divisor) >= 1e-8 else 1.0
     return float(params["lambda"]) / (divisor if params["normalize"] else 1.0)
 
 
-def _linear_sum(weights: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
+def _linear_scale(weights: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
     return 1.0 / sum(weights) if params["normalize"] else 1.0
 
 
@@ -418,7 +419,7 @@ def _gta(
             "int8_mask": False,
         },
         expert_defaults=expert,
-        weighted_sum=_task_arithmetic_sum if plain else None,
+        weighted_sum=_weights_times(_task_arithmetic_scale) if plain else None,
         fused_gta=True,
         value_check=della_values_problem if sparsification == SPARSIFY_DELLA else None,
     )
@@ -442,7 +443,7 @@ METHODS: dict[str, MethodSpec] = {
             base_input=False,
             global_defaults={"normalize": True},
             expert_defaults={"weight": None},
-            weighted_sum=_linear_sum,
+            weighted_sum=_weights_times(_linear_scale),
         ),
         MethodSpec(
             name="passthrough",

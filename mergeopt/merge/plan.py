@@ -35,11 +35,11 @@ from mergeopt.merge.methods import (
     MethodSpec,
     TensorMerge,
     WeightedSum,
-    _coefficients,
 )
 from mergeopt.merge.selection import PendingTopMasks, start_top_magnitude_masks
 from mergeopt.merge.sparsification import (
     SPARSIFY_RANDOM,
+    _coefficients,
     _stack_masks,
     expert_masks,
     magnitude_requests,
@@ -250,7 +250,8 @@ class MergePlan:
         experts: ExpertParams,
         params: MethodParams,
     ) -> NamedTensors:
-        coefficients, scale = self._sum_terms(experts, params)
+        assert self.weighted_sum is not None
+        coefficients, scale = self.weighted_sum(experts, params, self.dtype, self.device)
         floating = [(base, stack, out) for _, base, stack, out in tensors if stack is not None]
         if self.block_launch and floating:
             assert self.kernels is not None
@@ -349,16 +350,9 @@ class MergePlan:
         ``masks``: sparsification masks made already; ``out``: where a fused result may go."""
         experts, params = self._with_defaults(expert_params, method_params)
         if self.weighted_sum is not None:
-            coefficients, scale = self._sum_terms(experts, params)
+            coefficients, scale = self.weighted_sum(experts, params, self.dtype, self.device)
             return self._fused_sum(base, stack, coefficients, scale, out)
         return self._merge(TensorMerge(base, stack, experts, params, generator, masks), out)
-
-    def _sum_terms(self, experts: ExpertParams, params: MethodParams) -> tuple[torch.Tensor, float]:
-        """The weighted-sum method's coefficients (a read-only device tensor) and scale."""
-        assert self.weighted_sum is not None
-        weights = tuple(float(p["weight"]) for p in experts)
-        scale = self.weighted_sum(weights, params, self.dtype)
-        return _coefficients(weights, self.dtype, self.device), scale
 
     def _fused_sum(
         self,

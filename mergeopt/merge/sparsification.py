@@ -6,7 +6,8 @@ each element with probability ``density``; ``magnitude_outliers`` (breadcrumbs) 
 element of magnitude rank j with p = density − ε + 2ε·j/(cols−1), per row. Masks are bool
 tensors (True: kept); None means "keeps everything" (``density >= 1``). Here too: the TIES sign
 election (``sign_consensus_mask``) and SCE, which selects elements by their variance across
-experts (``sce``).
+experts (``sce``); and GTA's per-expert coefficients as device tensors (``_coefficients``, also
+the weighted sums' and the fused kernels') and mergekit's rounded weight sum.
 
 Deliberate choices where mergekit has quirks (tested in tests/test_merge_methods.py):
 
@@ -21,6 +22,7 @@ Deliberate choices where mergekit has quirks (tested in tests/test_merge_methods
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,6 +36,22 @@ SPARSIFY_DELLA = "della_magprune"
 
 MAGNITUDE_THRESHOLDS = {SPARSIFY_MAGNITUDE: 1, SPARSIFY_OUTLIERS: 2}
 """The sparsifications that select by magnitude, and how many top-k thresholds each needs."""
+
+
+@functools.lru_cache(maxsize=256)
+def _coefficients(
+    values: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Per-expert coefficients as a device tensor, made once per distinct value tuple (a
+    host-to-device copy per merged tensor would synchronize the stream every time). Read-only."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _rounded_sum(weights: tuple[float, ...], dtype: torch.dtype) -> float:
+    """Σ weights after rounding each to ``dtype`` as mergekit does (cached: this runs for
+    every tensor of a merge, and CPU tensor ops cost more than the GPU work of small ones)."""
+    return sum(torch.tensor(weights, dtype=dtype).to(torch.float64).tolist())
 
 
 def _l1_scale(
