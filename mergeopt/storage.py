@@ -18,15 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt.errors import UserError
-from mergeopt.heartbeats import TrialHeartbeats as TrialHeartbeats
 from mergeopt.optuna_compat import claim_waiting_trial, finish_unfinished_trial
-from mergeopt.optuna_compat import clock_unbeaten_trials as clock_unbeaten_trials
-from mergeopt.trial_io import batched_trial_writes as batched_trial_writes
-from mergeopt.trial_io import count_trials as count_trials
-from mergeopt.trial_io import trial_state as trial_state
-
-# The names imported "as" themselves above are re-exported for trial_loop.py, which imports
-# them from here; new code imports them from heartbeats, trial_io and optuna_compat.
 
 if TYPE_CHECKING:
     import optuna

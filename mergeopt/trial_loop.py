@@ -21,25 +21,28 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mergeopt import attrs
+from mergeopt.heartbeats import TrialHeartbeats
 from mergeopt.interrupts import Interrupts
-from mergeopt.optuna_compat import fixed_params, retry_history, storage_of, trial_id_of
+from mergeopt.optuna_compat import (
+    clock_unbeaten_trials,
+    fixed_params,
+    retry_history,
+    storage_of,
+    trial_id_of,
+)
 from mergeopt.runner import TrialRunner, TrialStopped
 from mergeopt.seeds import derive_seed
 from mergeopt.storage import (
     DatabaseUnreachable,
-    TrialHeartbeats,
-    batched_trial_writes,
-    clock_unbeaten_trials,
     connection_error_text,
-    count_trials,
     is_connection_error,
     load_study,
     mask_url,
     open_storage,
-    trial_state,
 )
 from mergeopt.study import stored_genome, stored_spec, trial_counts
 from mergeopt.tracking import WorkerTrackers
+from mergeopt.trial_io import batched_trial_writes, count_trials, trial_state
 
 if TYPE_CHECKING:
     import optuna

@@ -393,7 +393,7 @@ class BatchCoordinator:
         storage = storage_of(study)
         own_params, own_attrs = candidates[0]
         # Recorded in T's own ``assigned`` attr too, written at once: T's params and user attrs
-        # may reach the database only when its ask ends (``storage.batched_trial_writes``), and
+        # may reach the database only when its ask ends (``trial_io.batched_trial_writes``), and
         # the next fitter must see this candidate taken. A retry copy of T inherits it.
         storage.set_trial_system_attr(
             trial_id_of(trial), self.assigned_key, {"params": own_params, "user_attrs": own_attrs}
