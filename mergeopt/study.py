@@ -107,7 +107,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
 def check_method(spec: StudySpec, *, num_experts: int) -> None:
     """The method exists, knows the global parameters, takes this many experts, and every
     per-expert parameter it needs is searched or fixed (and every searched or fixed one is one
-    it uses). The checks are the method's own (``MethodSpec.check_*``), as the engine's are."""
+    it uses). The checks are the method's own (``MergeMethod.check_*``), as the engine's are."""
     from mergeopt.merge.methods import get_method
 
     merge = spec.merge

@@ -10,7 +10,7 @@ is one such stack (its name prefix); a multimodal model has several, each with i
 count, as mergekit infers them.
 
 Tensors outside the layers have a role: before the layers (input embeddings: mergekit's
-pre-weights, planned from a recipe's first slice) or after them (final norms and output
+pre-weights, planned from a mergekit config's first slice) or after them (final norms and output
 heads: post-weights, from the last slice). The role comes from the tensor's own module name,
 never from a substring: GPT-NeoX's ``embed_out`` is a head, ``embed_in`` an embedding. A
 tensor whose module this table does not know counts as a pre-weight, as mergekit treats

@@ -298,13 +298,17 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     lines += check_l1_kernel(engine, names[0])
     lines += check_drawn_masks(engine, names[0])
     for method in methods:
-        spec = METHODS.get(method)
-        if spec is None or not spec.fused_gta or spec.sparsification is None:
+        merge_method = METHODS.get(method)
+        if (
+            merge_method is None
+            or not merge_method.fused_gta
+            or merge_method.sparsification is None
+        ):
             continue
         params = [dict(METHOD_PARAMS[method]) for _ in range(engine.num_experts)]
         fused_plan, torch_plan = (
             MergePlan.build(
-                spec,
+                merge_method,
                 device=engine.device,
                 dtype=engine.dtype,
                 exact=True,
@@ -328,13 +332,13 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
                 os.environ["MERGEOPT_FUSED"] = "0"
                 return lines
             drawn: list[torch.Tensor | None] | None = None
-            if spec.sparsification == "random":
+            if merge_method.sparsification == "random":
                 # the fused path draws DARE's masks inside its kernels (check_drawn_masks
                 # checks those); the merge arithmetic is compared on masks drawn once
                 drawn = expert_masks(
-                    spec.sparsification,
+                    merge_method.sparsification,
                     engine._stack[name],
-                    [{**spec.expert_defaults, **values} for values in params],
+                    [{**merge_method.expert_defaults, **values} for values in params],
                     torch.Generator(device=engine.device).manual_seed(11),
                 )
             for plan in (fused_plan, torch_plan):
@@ -475,11 +479,11 @@ def main() -> None:
     engine: MergeEngine | None = None
     for row_name in methods:
         method, _, variant = row_name.partition(":")
-        spec = METHODS[method]
-        experts = paths[1 : 1 + (spec.max_experts or len(paths))]
+        merge_method = METHODS[method]
+        experts = paths[1 : 1 + (merge_method.max_experts or len(paths))]
         if (
             engine is None
-            or engine.spec.resident != spec.resident
+            or engine.merge_method.resident != merge_method.resident
             or engine.num_experts != len(experts)
         ):
             engine = None
@@ -498,7 +502,7 @@ def main() -> None:
         )
         exact = variant == "exact" or (variant != "fast" and args.device == "cpu")
         engine.set_method(method, exact=exact)
-        if args.check and spec.task_vectors and not checked:
+        if args.check and merge_method.task_vectors and not checked:
             layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
             check_names = [layer, "model.embed_tokens.weight"]
             check_methods = [m.partition(":")[0] for m in methods]
@@ -537,7 +541,7 @@ def main() -> None:
         one_block = statistics.median(block_times)
         if row_name in args.profile.split(","):
             profile_merge(engine, per_block, target, row_name, args.profile_dir)
-        models_read = spec.resident_models(len(experts))
+        models_read = merge_method.resident_models(len(experts))
         floor = (models_read + 1) * parameters * element / bandwidth
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
         mergekit = None
@@ -551,7 +555,7 @@ def main() -> None:
                 config["models"] = [{"model": str(paths[0])}, {"model": str(experts[0])}]
                 config["parameters"] = {"t": params["t"]}
                 config["models"][1].pop("parameters", None)
-            if spec.base_input:
+            if merge_method.base_input:
                 config["base_model"] = str(paths[0])
             if method == "slerp":
                 config["base_model"] = str(paths[0])

@@ -340,16 +340,16 @@ def small_disk(ctx: CaseContext) -> None:
     ctx.values["out"] = str(disk / "out")
 
 
-def _recipe(ctx: CaseContext, text: str | bytes) -> None:
-    path = ctx.tmp / "recipe.yml"
+def _mergekit_config(ctx: CaseContext, text: str | bytes) -> None:
+    path = ctx.tmp / "config.yml"
     if isinstance(text, bytes):
         path.write_bytes(text)
     else:
         path.write_text(text)
 
 
-def _recipe_with(ctx: CaseContext, model: str, method: str = "task_arithmetic") -> None:
-    _recipe(
+def _mergekit_config_with(ctx: CaseContext, model: str, method: str = "task_arithmetic") -> None:
+    _mergekit_config(
         ctx,
         yaml.safe_dump(
             {
@@ -362,28 +362,28 @@ def _recipe_with(ctx: CaseContext, model: str, method: str = "task_arithmetic") 
     )
 
 
-def recipe_malformed(ctx: CaseContext) -> None:
-    _recipe(ctx, "merge_method: [task_arithmetic\nbase_model: x\n")
+def mergekit_config_malformed(ctx: CaseContext) -> None:
+    _mergekit_config(ctx, "merge_method: [task_arithmetic\nbase_model: x\n")
 
 
-def recipe_binary(ctx: CaseContext) -> None:
-    _recipe(ctx, b"merge_method: \xff\xfe\x81\n")
+def mergekit_config_binary(ctx: CaseContext) -> None:
+    _mergekit_config(ctx, b"merge_method: \xff\xfe\x81\n")
 
 
-def recipe_unknown_method(ctx: CaseContext) -> None:
-    _recipe_with(ctx, str(ctx.zoo / "expert-direct"), method="frankenmerge")
+def mergekit_config_unknown_method(ctx: CaseContext) -> None:
+    _mergekit_config_with(ctx, str(ctx.zoo / "expert-direct"), method="frankenmerge")
 
 
-def recipe_missing_model(ctx: CaseContext) -> None:
-    _recipe_with(ctx, str(ctx.tmp / "no-such-model"))
+def mergekit_config_missing_model(ctx: CaseContext) -> None:
+    _mergekit_config_with(ctx, str(ctx.tmp / "no-such-model"))
 
 
-def recipe_with_broken_model(ctx: CaseContext) -> None:
-    _recipe_with(ctx, str(ctx.broken))
+def mergekit_config_with_broken_model(ctx: CaseContext) -> None:
+    _mergekit_config_with(ctx, str(ctx.broken))
 
 
-def recipe_valid(ctx: CaseContext) -> None:
-    _recipe_with(ctx, str(ctx.zoo / "expert-direct"))
+def mergekit_config_valid(ctx: CaseContext) -> None:
+    _mergekit_config_with(ctx, str(ctx.zoo / "expert-direct"))
 
 
 PREPARERS: dict[str, Callable[[CaseContext], None]] = {
@@ -411,12 +411,12 @@ PREPARERS: dict[str, Callable[[CaseContext], None]] = {
         existing_out,
         out_is_file,
         small_disk,
-        recipe_malformed,
-        recipe_binary,
-        recipe_unknown_method,
-        recipe_missing_model,
-        recipe_with_broken_model,
-        recipe_valid,
+        mergekit_config_malformed,
+        mergekit_config_binary,
+        mergekit_config_unknown_method,
+        mergekit_config_missing_model,
+        mergekit_config_with_broken_model,
+        mergekit_config_valid,
     )
 }
 

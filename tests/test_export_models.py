@@ -33,7 +33,7 @@ from mergeopt.export import (
 from mergeopt.export_choice import select_trials
 from mergeopt.genome import Genome
 from mergeopt.merge.engine import MergeEngine, ModuleTarget
-from mergeopt.merge.recipe import run_recipe
+from mergeopt.merge.mergekit_config import run_mergekit_config
 from mergeopt.objectives.scorers.hf import HFScorer
 from mergeopt.spec import StudySpec
 from tests.tiny_models import build_tiny_model
@@ -201,7 +201,7 @@ def test_hf_export_loads_in_transformers_and_generates_what_the_resident_model_d
         in (out / MERGEKIT_CONFIG).read_text()
     )
     replayed = tmp_path / "replayed"
-    run_recipe(out / MERGEKIT_CONFIG, replayed, seed=1234567)
+    run_mergekit_config(out / MERGEKIT_CONFIG, replayed, seed=1234567)
     exported_state = load_state(out)
     for name, tensor in load_state(replayed).items():
         assert torch.equal(tensor, exported_state[name]), name

@@ -15,7 +15,7 @@ from mergeopt.blocks import BlockLayout
 from mergeopt.errors import UserError
 from mergeopt.merge import engine as engine_module
 from mergeopt.merge.engine import CallbackTarget, MergeEngine, ModuleTarget, required_bytes
-from mergeopt.merge.recipe import run_recipe
+from mergeopt.merge.mergekit_config import run_mergekit_config
 
 
 def _load_oracle_module() -> ModuleType:
@@ -54,7 +54,7 @@ def load_module(path: Path) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", ["untied", "tied"])
-def test_module_target_equals_recipe_output(
+def test_module_target_equals_mergekit_config_output(
     family: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     paths: list[Path] = request.getfixturevalue(family)
@@ -66,7 +66,7 @@ def test_module_target_equals_recipe_output(
 
     config = oracle.models_config(paths, "ties", params)
     (tmp_path / "r.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_recipe(tmp_path / "r.yml", tmp_path / "out")
+    run_mergekit_config(tmp_path / "r.yml", tmp_path / "out")
     expected = oracle.read_folder(tmp_path / "out")
     state = module.state_dict()
     for name, tensor in expected.items():

@@ -232,7 +232,7 @@ def test_random_methods_are_reproducible_per_generator(method: str) -> None:
         return generalized_task_arithmetic(
             base,
             task_vectors,
-            spec=METHODS[method],
+            method=METHODS[method],
             expert_params=params,
             method_params={},
             generator=torch.Generator().manual_seed(seed),
@@ -245,9 +245,12 @@ def test_random_methods_are_reproducible_per_generator(method: str) -> None:
 def test_method_table_matches_mergekit_defaults() -> None:
     from mergekit.merge_methods import registry
 
-    for name, spec in METHODS.items():
+    for name, merge_method in METHODS.items():
         theirs = {p.name: p for p in registry.get(name).spec.parameters}
-        for key, default in {**spec.global_defaults, **spec.expert_defaults}.items():
+        for key, default in {
+            **merge_method.global_defaults,
+            **merge_method.expert_defaults,
+        }.items():
             if key == "t" and name in ("slerp", "nearswap"):  # required: the value only types it
                 assert theirs[key].required, (name, key)
                 continue
@@ -277,24 +280,24 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
     experts = [base.float() + torch.randn(37, 53, generator=generator) * 0.002 for _ in range(3)]
     task_vectors = (torch.stack([e.to(dtype) for e in experts]) - base).to(device)
     base = base.to(device)
-    spec = METHODS[method]
+    merge_method = METHODS[method]
     params = [
         {"weight": 0.6, "density": 0.5, "gamma": 0.05, "epsilon": 0.1},
         {"weight": -0.3, "density": 0.7, "gamma": 0.05, "epsilon": 0.1},
         {"weight": 0.45, "density": 1.0, "gamma": 0.05, "epsilon": 0.1},
     ]
-    params = [{k: v for k, v in p.items() if k in spec.expert_defaults} for p in params]
+    params = [{k: v for k, v in p.items() if k in merge_method.expert_defaults} for p in params]
     for method_params in ({}, {"lambda": 0.7, "normalize": True}):
         merged = {}
         for fused in (True, False):
             masks = sparsification.expert_masks(
-                spec.sparsification,
+                merge_method.sparsification,
                 task_vectors,
-                [{**spec.expert_defaults, **p} for p in params],
+                [{**merge_method.expert_defaults, **p} for p in params],
                 torch.Generator(device=device).manual_seed(1),
             )
             if fused and device == "cpu":  # the interpreter: call the kernel directly
-                options = {**spec.global_defaults, **method_params}
+                options = {**merge_method.global_defaults, **method_params}
                 weights = sparsification._coefficients((0.6, -0.3, 0.45), dtype, base.device)
                 stacked = sparsification._stack_masks(masks, base)
                 norms = None
@@ -312,13 +315,13 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
                     stacked,
                     norms,
                     weights,
-                    consensus=spec.consensus == "sum",
+                    consensus=merge_method.consensus == "sum",
                     normalize=bool(options["normalize"]),
                     lam=float(options["lambda"]),
                 )
             else:  # the fused route (a plan with the kernels) or the torch reference
                 plan = MergePlan.build(
-                    spec,
+                    merge_method,
                     device=base.device,
                     dtype=dtype,
                     exact=True,

@@ -1,4 +1,4 @@
-"""`run_recipe` equals mergekit's `run_merge` on the same YAML (mergekit is the oracle).
+"""`run_mergekit_config` equals mergekit's `run_merge` on the same YAML (mergekit is the oracle).
 
 fp32 merges must be bit-identical. bf16 merges are bit-identical too, except for magnitude
 sparsification (ties, breadcrumbs*) at elements whose |delta| equals a selection threshold of some
@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mergeopt.errors import UserError
-from mergeopt.merge.recipe import run_recipe
+from mergeopt.merge.mergekit_config import run_mergekit_config
 
 NUM_LAYERS = 4
 
@@ -98,9 +98,9 @@ def mergekit_merge(config: dict[str, Any], out: Path) -> dict[str, torch.Tensor]
 
 
 def both(config: dict[str, Any], tmp_path: Path) -> tuple[dict, dict]:
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_recipe(recipe, tmp_path / "ours")
+    config_path = tmp_path / "config.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_mergekit_config(config_path, tmp_path / "ours")
     return read_folder(tmp_path / "ours"), mergekit_merge(config, tmp_path / "theirs")
 
 
@@ -119,18 +119,18 @@ def assert_same(
         assert not differing.any(), f"{name}: max diff {(got - expected).abs().max()}"
 
 
-def threshold_ties(config: dict[str, Any], recipe_path: Path) -> dict[str, torch.Tensor]:
+def threshold_ties(config: dict[str, Any], config_path: Path) -> dict[str, torch.Tensor]:
     """Per tensor: positions whose |delta| ties with a magnitude threshold of some expert."""
-    from mergeopt.merge.recipe import Recipe
+    from mergeopt.merge.mergekit_config_plan import MergekitConfig
 
-    recipe = Recipe(config=config, config_path=recipe_path)
-    base = load_file(recipe.base_or_first / "model.safetensors")
-    piece = recipe.slices[0]
+    parsed = MergekitConfig(config=config, config_path=config_path)
+    base = load_file(parsed.base_or_first / "model.safetensors")
+    piece = parsed.slices[0]
     experts = [load_file(piece.sources[i].path / "model.safetensors") for i in piece.experts]
     ties: dict[str, torch.Tensor] = {}
-    for plan in recipe.tensor_plans(list(base)):
+    for plan in parsed.tensor_plans(list(base)):
         name, base_tensor = plan.name, base[plan.name]
-        per_expert, _ = recipe.tensor_params(plan)
+        per_expert, _ = parsed.tensor_params(plan)
         tied = torch.zeros(base_tensor.shape, dtype=torch.bool)
         for expert, params in zip(experts, per_expert, strict=True):
             delta = expert[name].bfloat16() - base_tensor.bfloat16()
@@ -138,7 +138,7 @@ def threshold_ties(config: dict[str, Any], recipe_path: Path) -> dict[str, torch
             ordered = magnitude.sort(descending=True).values
             n = magnitude.numel()
             density = params.get("density", 1.0)
-            if recipe.spec.sparsification == "magnitude":
+            if parsed.merge_method.sparsification == "magnitude":
                 cuts = [max(1, int(density * n))]
             else:
                 top = min(int(params.get("gamma", 0.01) * n), n - int(density * n))
@@ -212,7 +212,7 @@ CASES: list[tuple[str, str, list[dict], dict]] = [
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(("case", "method", "per_model", "top"), CASES, ids=[c[0] for c in CASES])
-def test_recipe_matches_mergekit(
+def test_mergekit_config_matches_mergekit(
     untied: list[Path],
     tmp_path: Path,
     dtype: str,
@@ -228,7 +228,7 @@ def test_recipe_matches_mergekit(
     ours, theirs = both(config, tmp_path)
     ties_at = None
     if dtype == "bfloat16" and method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
-        ties_at = threshold_ties(config, tmp_path / "recipe.yml")
+        ties_at = threshold_ties(config, tmp_path / "config.yml")
     assert_same(ours, theirs, ties_at=ties_at)
 
 
@@ -271,10 +271,10 @@ def test_slices_with_aligned_layers_match_mergekit(untied: list[Path], tmp_path:
 def test_output_folder_is_a_loadable_hf_model(untied: list[Path], tmp_path: Path) -> None:
     import transformers
 
-    recipe = tmp_path / "r.yml"
+    config_path = tmp_path / "r.yml"
     config = models_config(untied, "task_arithmetic", [{"weight": 0.5}], dtype="bfloat16")
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_recipe(recipe, tmp_path / "out", max_shard_bytes=100_000)
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_mergekit_config(config_path, tmp_path / "out", max_shard_bytes=100_000)
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -293,14 +293,14 @@ def test_output_folder_is_a_loadable_hf_model(untied: list[Path], tmp_path: Path
         ({"dtype": "int8"}, "dtype 'int8'"),
     ],
 )
-def test_unsupported_recipe_keys_are_user_errors(
+def test_unsupported_mergekit_config_keys_are_user_errors(
     untied: list[Path], tmp_path: Path, change: dict, message: str
 ) -> None:
     config = {**models_config(untied, "ties", TWO), **change}
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        run_recipe(recipe, tmp_path / "out")
+        run_mergekit_config(config_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -308,15 +308,17 @@ def test_per_model_parameter_of_another_method_is_ignored_with_a_warning(
     untied: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = models_config(untied, "task_arithmetic", [{"weight": 1.0, "gamma": 0.1}])
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_recipe(recipe, tmp_path / "ok")  # gamma is breadcrumbs' (mergekit ignores it here)
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_mergekit_config(
+        config_path, tmp_path / "ok"
+    )  # gamma is breadcrumbs' (mergekit ignores it here)
     assert "models[0].parameters.gamma: task_arithmetic has no per-model parameter" in caplog.text
 
 
 def test_unknown_per_model_parameter_is_a_user_error(untied: list[Path], tmp_path: Path) -> None:
     config = models_config(untied, "task_arithmetic", [{"weight": 1.0, "densty": 0.5}])
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match=r"models\[0\]\.parameters\.densty"):
-        run_recipe(recipe, tmp_path / "bad")
+        run_mergekit_config(config_path, tmp_path / "bad")

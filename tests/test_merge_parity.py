@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import save_file
 
 from mergeopt.errors import UserError
-from mergeopt.merge.recipe import run_recipe
+from mergeopt.merge.mergekit_config import run_mergekit_config
 from tests.test_merge_oracle import assert_same, both, make_tiny_qwen2_family, read_folder
 
 
@@ -155,12 +155,12 @@ def test_a_weight_that_is_not_a_number_is_one_line(
         "base_model": str(qwen2[0]),
         "models": [{"model": str(qwen2[1]), "parameters": {"weight": value}}],
     }
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(
         UserError, match=r"models\[0\]\.parameters\.weight: .* is not a valid value"
     ):
-        run_recipe(recipe, tmp_path / "out")
+        run_mergekit_config(config_path, tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -229,10 +229,10 @@ def test_della_epsilon_outside_the_unit_interval_is_refused_before_merging(
         ],
         "parameters": {"epsilon": epsilon},
     }
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match=r"density .* ± epsilon .* must stay inside \(0, 1\)"):
-        run_recipe(recipe, tmp_path / "out")
+        run_mergekit_config(config_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -242,10 +242,10 @@ def test_a_lora_reference_is_named_as_unsupported(qwen2: list[Path], tmp_path: P
         "base_model": str(qwen2[0]),
         "models": [{"model": f"{qwen2[1]}+some/adapter", "parameters": {"weight": 1.0}}],
     }
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match=r"LoRA references \(model\+adapter\) are not supported"):
-        run_recipe(recipe, tmp_path / "out")
+        run_mergekit_config(config_path, tmp_path / "out")
 
 
 def test_slerp_given_a_per_model_weight_warns_and_merges(
@@ -338,10 +338,10 @@ def test_other_tokenizer_sources_are_refused_in_one_line(
         "tokenizer_source": source,
         "models": [{"model": str(qwen2[1]), "parameters": {"weight": 1.0}}],
     }
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match="tokenizer_source .* is not supported yet"):
-        run_recipe(recipe, tmp_path / "out")
+        run_mergekit_config(config_path, tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -416,9 +416,9 @@ def test_a_frankenmerge_config_keeps_per_layer_lists_in_step(
             {"sources": [{"model": str(qwen2[2]), "layer_range": [1, 4]}]},
         ],
     }
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_recipe(recipe, tmp_path / "out")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_mergekit_config(config_path, tmp_path / "out")
     loaded = transformers.AutoConfig.from_pretrained(tmp_path / "out")
     assert loaded.num_hidden_layers == 6 and len(loaded.layer_types) == 6
     assert len({n for n in read_folder(tmp_path / "out") if ".layers.5." in n}) > 0
@@ -586,10 +586,10 @@ def test_nearswap_without_t_is_one_line(qwen2: list[Path], tmp_path: Path) -> No
         "base_model": str(qwen2[0]),
         "models": [{"model": str(qwen2[1])}],
     }
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    config_path = tmp_path / "r.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     with pytest.raises(UserError, match="'t' is required by nearswap"):
-        run_recipe(recipe, tmp_path / "out")
+        run_mergekit_config(config_path, tmp_path / "out")
 
 
 @pytest.mark.slow

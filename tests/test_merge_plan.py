@@ -77,6 +77,6 @@ def test_parameter_errors_are_one_line_user_errors_naming_the_field() -> None:
     slerp = get_method("slerp")
     slerp.check_expert_params({"t": 0.3}, "block 0 expert 0")  # an override, per tensor
     with pytest.raises(MethodParamError, match="'t' is required by slerp"):
-        slerp.check_required({}, "recipe", overrides=True)
+        slerp.check_required({}, "config", overrides=True)
     with pytest.raises(MethodParamError, match="at most 1 expert"):
         slerp.check_experts(2, "models.experts")

@@ -42,8 +42,8 @@ def zoo_build(
 
 @app.command("merge")
 def merge(
-    recipe: Annotated[
-        Path, typer.Argument(metavar="RECIPE.yml", help="A mergekit-format merge config.")
+    config: Annotated[
+        Path, typer.Argument(metavar="CONFIG.yml", help="A mergekit config (mergekit's YAML).")
     ],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the merged Hugging Face model.")],
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=one_device)] = "cpu",
@@ -55,9 +55,9 @@ def merge(
     ] = 0,
 ) -> None:
     """Run a mergekit YAML with mergeopt's engine and write a Hugging Face model folder."""
-    from mergeopt.merge.recipe import run_recipe
+    from mergeopt.merge.mergekit_config import run_mergekit_config
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder (name a new or empty folder)")
-    run_recipe(recipe, out_dir, device=device, seed=seed)
+    run_mergekit_config(config, out_dir, device=device, seed=seed)
     new_console().print(f"merged model written to {out_dir}")

@@ -37,7 +37,7 @@ from mergeopt.checkpoints import (
     iter_shards,
 )
 from mergeopt.errors import UserError
-from mergeopt.merge.methods import MethodSpec, get_method
+from mergeopt.merge.methods import MergeMethod, get_method
 from mergeopt.merge.plan import BlockMerge, BlockTensor, MergePlan, NamedTensors
 
 BlockParams = Sequence[Sequence[Mapping[str, float]]]
@@ -135,10 +135,10 @@ def required_bytes(
     (+ for TIES/breadcrumbs, a block's selection scratch, alive until the block's one host
     sync: per expert and element, the magnitude key and two bool masks per threshold)."""
     size = bytes_per_element(dtype)
-    spec = get_method(method)
-    resident_models = spec.resident_models(num_experts)
+    merge_method = get_method(method)
+    resident_models = merge_method.resident_models(num_experts)
     scratch = largest_block_parameters + (2 * num_experts + 3) * largest_tensor_parameters
-    thresholds = spec.selection_thresholds
+    thresholds = merge_method.selection_thresholds
     selection = (
         num_experts * largest_block_parameters * (size + 2 * thresholds) if thresholds else 0
     )
@@ -198,14 +198,14 @@ class MergeEngine:
         progress: bool = False,
         exact: bool | None = None,
     ) -> None:
-        self.spec: MethodSpec = get_method(method, "method")
+        self.merge_method: MergeMethod = get_method(method, "method")
         self.method_params = dict(method_params or {})
-        self.spec.check_method_params(self.method_params, "method_params")
-        self.spec.check_experts(len(experts), "experts")
+        self.merge_method.check_method_params(self.method_params, "method_params")
+        self.merge_method.check_experts(len(experts), "experts")
         self.device = torch.device(device)
         self.dtype = dtype
         self.plan = MergePlan.build(
-            self.spec,
+            self.merge_method,
             device=self.device,
             dtype=dtype,
             exact=self.device.type == "cpu" if exact is None else exact,
@@ -250,7 +250,7 @@ class MergeEngine:
             dtype=self.dtype,
             largest_block_parameters=max(block_sizes),
             largest_tensor_parameters=max(self._numel(n) for n in names),
-            method=self.spec.name,
+            method=self.merge_method.name,
         )
         self.required_bytes = needed
         free = _free_bytes(self.device)
@@ -279,9 +279,9 @@ class MergeEngine:
                         stack[index] = reader.read(
                             index + 1, name, dtype=self.dtype, device=self.device
                         )
-                    if self.spec.task_vectors:
+                    if self.merge_method.task_vectors:
                         stack -= base
-                    if self.spec.base_input:
+                    if self.merge_method.base_input:
                         self._base[name] = base
                     self._stack[name] = stack
                 if progress:
@@ -303,19 +303,19 @@ class MergeEngine:
         task-vector methods) without reloading, and plan it anew (reading the environment
         switches again; ``exact``: None keeps the current choice); the next merge rewrites
         every block."""
-        spec = get_method(method, "method")
-        if spec.resident != self.spec.resident:
+        merge_method = get_method(method, "method")
+        if merge_method.resident != self.merge_method.resident:
             raise UserError(
-                f"merge method {method} needs other resident inputs than {self.spec.name} "
-                f"(task vectors, base: {spec.resident} vs {self.spec.resident}); "
+                f"merge method {method} needs other resident inputs than {self.merge_method.name} "
+                f"(task vectors, base: {merge_method.resident} vs {self.merge_method.resident}); "
                 "build a new engine"
             )
         params = dict(method_params or {})
-        spec.check_method_params(params, "method_params")
-        self.spec = spec
+        merge_method.check_method_params(params, "method_params")
+        self.merge_method = merge_method
         self.method_params = params
         self.plan = MergePlan.build(
-            spec,
+            merge_method,
             device=self.device,
             dtype=self.dtype,
             exact=self.exact if exact is None else exact,
@@ -333,7 +333,7 @@ class MergeEngine:
                     f"block {block}: expected {self.num_experts} experts, got {len(experts)}"
                 )
             for expert, values in enumerate(experts):
-                self.spec.check_expert_params(values, f"block {block} expert {expert}")
+                self.merge_method.check_expert_params(values, f"block {block} expert {expert}")
 
     def _inputs(self, block: int, target: MergeTarget | None) -> list[BlockTensor]:
         """The block's tensors as the plan takes them, with the target's own storage where

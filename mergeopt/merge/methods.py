@@ -68,9 +68,9 @@ MethodParams = Mapping[str, float | bool]
 @dataclass(frozen=True)
 class TensorMerge:
     """One tensor's merge inputs, parameters with the method's defaults filled in. ``stack`` is
-    N x shape: task vectors or raw expert tensors (``MethodSpec.task_vectors``; slerp:
+    N x shape: task vectors or raw expert tensors (``MergeMethod.task_vectors``; slerp:
     ``base`` is v0, ``stack[0]`` v1); ``base`` is None when the method takes no base
-    (``MethodSpec.base_input``); ``masks``: sparsification masks made already."""
+    (``MergeMethod.base_input``); ``masks``: sparsification masks made already."""
 
     base: torch.Tensor | None
     stack: torch.Tensor
@@ -80,7 +80,7 @@ class TensorMerge:
     masks: Sequence[torch.Tensor | None] | None = None
 
 
-MergeMath = Callable[["MethodSpec", TensorMerge], torch.Tensor]
+MergeMath = Callable[["MergeMethod", TensorMerge], torch.Tensor]
 """One tensor's merge by a method's reference math: ``(method, inputs)``."""
 
 WeightedSum = Callable[
@@ -98,7 +98,7 @@ class MethodParamError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class MergeMethod:
     """A merge method: its math, its facts and its mergekit parameters with defaults.
 
     Attributes:
@@ -106,14 +106,14 @@ class MethodSpec:
         math: the reference math of one tensor (:data:`MergeMath`).
         task_vectors: experts enter the math as differences from the base.
         base_input: the base is an input of the math (resident in the engine); False: every
-            model is an expert (linear), and a recipe's base must be one of them.
-        base_optional: a recipe without ``base_model`` merges its models without one.
+            model is an expert (linear), and a mergekit config's base must be one of them.
+        base_optional: a mergekit config without ``base_model`` merges its models without one.
         sparsification: one of the ``SPARSIFY_*`` names, or None.
         consensus: ``"sum"`` (TIES sign election) or None.
         global_defaults: method-level parameters (mergekit's SHARED scope) and defaults.
         expert_defaults: per-expert parameters and defaults; None marks a required one.
         expert_overrides: method-level parameters that may also arrive with an expert's
-            values (per tensor: slerp's ``t``, which a recipe may give as a gradient).
+            values (per tensor: slerp's ``t``, which a mergekit config may give as a gradient).
         max_experts: the most experts the method merges (None: any number).
         min_experts: the fewest (model_stock and nuslerp need two besides the base).
         weighted_sum: the method as a weighted sum (the one-pass fast path may compute it).
@@ -157,12 +157,12 @@ class MethodSpec:
         """Top-k thresholds per expert and tensor (magnitude sparsification), else 0."""
         return MAGNITUDE_THRESHOLDS.get(self.sparsification or "", 0)
 
-    # -- parameter checks: the one place; study creation, the engine and recipes call these
+    # -- parameter checks: the one place; study creation, the engine and mergekit configs call
 
     def check_method_params(
         self, names: Iterable[str], where: str, *, shared: bool = False
     ) -> None:
-        """Every name is a method-level parameter (``shared``: a recipe's global or slice
+        """Every name is a method-level parameter (``shared``: a mergekit config's global or slice
         scope, which may also set per-expert defaults)."""
         allowed = set(self.global_defaults) | (set(self.expert_defaults) if shared else set())
         self._check_known(names, allowed, where, "")
@@ -182,7 +182,7 @@ class MethodSpec:
         self, names: Iterable[str], where: str, *, overrides: bool = False, hint: str = ""
     ) -> None:
         """Every required per-expert parameter is among ``names`` (``overrides``: the
-        ``expert_overrides`` too, as a recipe must give them per tensor)."""
+        ``expert_overrides`` too, as a mergekit config must give them per tensor)."""
         given = set(names)
         required = [name for name, default in self.expert_defaults.items() if default is None]
         for name in [*required, *(self.expert_overrides if overrides else ())]:
@@ -218,7 +218,7 @@ class MethodSpec:
             )
 
 
-def get_method(name: str, where: str = "") -> MethodSpec:
+def get_method(name: str, where: str = "") -> MergeMethod:
     """The method called ``name``; ``where`` (a field or file) prefixes the error."""
     try:
         return METHODS[name]
@@ -237,7 +237,7 @@ def generalized_task_arithmetic(
     base: torch.Tensor,
     task_vectors: torch.Tensor,
     *,
-    spec: MethodSpec,
+    method: MergeMethod,
     expert_params: Sequence[Mapping[str, float]],
     method_params: Mapping[str, float | bool],
     generator: torch.Generator | None = None,
@@ -252,17 +252,17 @@ def generalized_task_arithmetic(
     caller made them already (the engine makes a block's magnitude masks together, one host
     sync per block). Returns a new tensor.
     """
-    params = {**spec.global_defaults, **method_params}
-    expert = [{**spec.expert_defaults, **p} for p in expert_params]
+    params = {**method.global_defaults, **method_params}
+    expert = [{**method.expert_defaults, **p} for p in expert_params]
     rescale = bool(params["rescale"])
     weights = _coefficients(
         tuple(float(values["weight"]) for values in expert),  # type: ignore[arg-type]
         task_vectors.dtype,
         task_vectors.device,
     )
-    if masks is None and spec.sparsification is not None:
-        masks = expert_masks(spec.sparsification, task_vectors, expert, generator)
-    if spec.sparsification is not None:
+    if masks is None and method.sparsification is not None:
+        masks = expert_masks(method.sparsification, task_vectors, expert, generator)
+    if method.sparsification is not None:
         assert masks is not None
         deltas = torch.empty_like(task_vectors)
         for index, mask in enumerate(masks):
@@ -277,7 +277,7 @@ def generalized_task_arithmetic(
     else:
         deltas = task_vectors * weights.view(-1, *([1] * base.dim()))
     weights = weights.view(-1, *([1] * base.dim()))
-    if spec.consensus == "sum":
+    if method.consensus == "sum":
         mask = sign_consensus_mask(deltas)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
@@ -297,12 +297,12 @@ def generalized_task_arithmetic(
 # The table: each method's math as a MergeMath, and its weighted-sum form where it has one
 
 
-def _gta_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _gta_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     assert inputs.base is not None
     return generalized_task_arithmetic(
         inputs.base,
         inputs.stack,
-        spec=spec,
+        method=method,
         expert_params=inputs.expert_params,
         method_params=inputs.method_params,
         generator=inputs.generator,
@@ -310,22 +310,22 @@ def _gta_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     )
 
 
-def _linear_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _linear_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     weights = [float(p["weight"]) for p in inputs.expert_params]
     return linear(inputs.stack, weights=weights, normalize=bool(inputs.method_params["normalize"]))
 
 
-def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MethodSpec:
-    """A method between the base (t = 0) and one model (t = 1) at ``t``, which a recipe must
-    give, per tensor as a gradient or filters if it likes (the table's 0.5 only types it)."""
+def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MergeMethod:
+    """A method between the base (t = 0) and one model (t = 1) at ``t``, which a mergekit config
+    must give, per tensor as a gradient or filters if it likes (the table's 0.5 only types it)."""
 
-    def math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+    def math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
         assert inputs.base is not None  # v0; stack[0] is v1
         experts, default = inputs.expert_params, inputs.method_params["t"]
         t = float(experts[0].get("t", default)) if experts else float(default)
         return between(t, inputs.base, inputs.stack[0])
 
-    return MethodSpec(
+    return MergeMethod(
         name=name,
         math=math,
         task_vectors=False,
@@ -335,7 +335,7 @@ def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MethodSpec:
     )
 
 
-def _nuslerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _nuslerp_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     """base + nuslerp of the two task vectors at t = w1 / (w0 + w1) (0.5 if they cancel)."""
     assert inputs.base is not None
     weights = [float(p["weight"]) for p in inputs.expert_params]
@@ -345,30 +345,30 @@ def _nuslerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
     return inputs.base + nuslerp(t, *inputs.stack[:2], row_wise=row_wise, flatten=flatten)
 
 
-def _model_stock_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _model_stock_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     assert inputs.base is not None
     filter_wise = bool(inputs.method_params["filter_wise"])
     return model_stock(inputs.base, inputs.stack.unbind(0), filter_wise=filter_wise)
 
 
-def _multislerp_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _multislerp_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     params, weights = inputs.method_params, [float(p["weight"]) for p in inputs.expert_params]
     normalize, eps = bool(params["normalize_weights"]), float(params["eps"])
     return multislerp(inputs.base, inputs.stack, weights, normalize_weights=normalize, eps=eps)
 
 
-def _karcher_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:  # equal weights
+def _karcher_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:  # equal weights
     models, params = inputs.stack.unbind(0), inputs.method_params
     alphas = [1.0 / len(models)] * len(models)
     return karcher(models, alphas, max_iter=int(params["max_iter"]), tol=float(params["tol"]))
 
 
-def _sce_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _sce_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     assert inputs.base is not None
     return sce(inputs.base, inputs.stack, float(inputs.method_params["select_topk"]))
 
 
-def _passthrough_math(spec: MethodSpec, inputs: TensorMerge) -> torch.Tensor:
+def _passthrough_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     """The one input as it is, times its ``scale`` (mergekit multiplies in its dtype)."""
     experts = inputs.expert_params
     scale = float(experts[0].get("scale", 1.0)) if experts else 1.0
@@ -400,14 +400,14 @@ def _linear_scale(weights: tuple[float, ...], params: MethodParams, dtype: torch
 
 def _gta(
     name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool
-) -> MethodSpec:
+) -> MergeMethod:
     expert: dict[str, float | None] = {"weight": None, "density": 1.0}
     if sparsification == SPARSIFY_OUTLIERS:
         expert["gamma"] = 0.01
     if sparsification == SPARSIFY_DELLA:
         expert["epsilon"] = 0.15
     plain = sparsification is None and consensus is None
-    return MethodSpec(
+    return MergeMethod(
         name=name,
         math=_gta_math,
         sparsification=sparsification,
@@ -425,9 +425,9 @@ def _gta(
     )
 
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
+METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
         _gta("task_arithmetic", None, None, False, False),
         _gta("ties", SPARSIFY_MAGNITUDE, "sum", True, False),
         _gta("dare_ties", SPARSIFY_RANDOM, "sum", False, True),
@@ -436,7 +436,7 @@ METHODS: dict[str, MethodSpec] = {
         _gta("breadcrumbs_ties", SPARSIFY_OUTLIERS, "sum", False, False),
         _gta("della", SPARSIFY_DELLA, "sum", True, True),
         _gta("della_linear", SPARSIFY_DELLA, None, False, True),
-        MethodSpec(
+        MergeMethod(
             name="linear",
             math=_linear_math,
             task_vectors=False,
@@ -445,7 +445,7 @@ METHODS: dict[str, MethodSpec] = {
             expert_defaults={"weight": None},
             weighted_sum=_weights_times(_linear_scale),
         ),
-        MethodSpec(
+        MergeMethod(
             name="passthrough",
             math=_passthrough_math,
             task_vectors=False,
@@ -453,7 +453,7 @@ METHODS: dict[str, MethodSpec] = {
             expert_defaults={"scale": 1.0},
             max_experts=1,
         ),
-        MethodSpec(
+        MergeMethod(
             name="nuslerp",
             math=_nuslerp_math,
             global_defaults={"nuslerp_row_wise": False, "nuslerp_flatten": True},
@@ -461,14 +461,14 @@ METHODS: dict[str, MethodSpec] = {
             min_experts=2,
             max_experts=2,
         ),
-        MethodSpec(
+        MergeMethod(
             name="model_stock",
             math=_model_stock_math,
             task_vectors=False,
             global_defaults={"filter_wise": False},
             min_experts=2,
         ),
-        MethodSpec(
+        MergeMethod(
             name="multislerp",
             math=_multislerp_math,
             task_vectors=False,
@@ -476,14 +476,14 @@ METHODS: dict[str, MethodSpec] = {
             global_defaults={"normalize_weights": True, "eps": 1e-8},
             expert_defaults={"weight": None},
         ),
-        MethodSpec(
+        MergeMethod(
             name="karcher",
             math=_karcher_math,
             task_vectors=False,
             base_input=False,
             global_defaults={"max_iter": 10, "tol": 1e-5},
         ),
-        MethodSpec(
+        MergeMethod(
             name="sce",
             math=_sce_math,
             global_defaults={"select_topk": 1.0, "int8_mask": False},

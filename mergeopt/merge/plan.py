@@ -1,8 +1,8 @@
 """The route of a merge, decided once: :class:`MergePlan`.
 
 A plan is built for one method, device and dtype (the engine builds one when it is made and
-when its method changes; a recipe run builds one per dtype). It decides, from the method's
-facts, the device, Triton's presence and the environment switches (read once, here; see
+when its method changes; a mergekit config's run builds one per dtype). It decides, from the
+method's facts, the device, Triton's presence and the environment switches (read once, here; see
 :mod:`mergeopt.merge.backend`):
 
 - the weighted-sum fast path (task_arithmetic, linear; not ``exact``): one rounding, written
@@ -13,10 +13,11 @@ facts, the device, Triton's presence and the environment switches (read once, he
 - where masks come from: a block's magnitude top-k together, one host sync per block (by the
   Triton passes for 16-bit tensors on CUDA: ``select``), DARE's drawn inside the kernels
   (``draws``), others by torch;
-- otherwise the method's reference math (``MethodSpec.math``).
+- otherwise the method's reference math (``MergeMethod.math``).
 
 The engine calls :meth:`MergePlan.merge_block` once per block and :meth:`BlockMerge.check`
-when the block's top-k windows are to be checked; recipes call :meth:`MergePlan.merge_tensor`.
+when the block's top-k windows are to be checked; a mergekit config's run calls
+:meth:`MergePlan.merge_tensor`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch
 from mergeopt.merge.backend import Switches, triton_on
 from mergeopt.merge.methods import (
     ExpertParams,
+    MergeMethod,
     MethodParams,
-    MethodSpec,
     TensorMerge,
     WeightedSum,
 )
@@ -56,7 +57,10 @@ _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def tensor_seed(seed: int, name: str) -> int:
-    """A generator seed for one tensor: the trial seed plus a stable offset of its name."""
+    """A generator seed for one tensor: the trial seed plus a stable offset of its name.
+
+    Not ``seeds.derive_seed``: its multiplier differs, so switching would change the masks of
+    every random merge (dare_*, della*) of existing studies and exported ``--seed`` replays."""
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
 
 
@@ -155,7 +159,7 @@ class MergePlan:
             here so that a block merge reads fields instead of calling into the method.
     """
 
-    method: MethodSpec
+    method: MergeMethod
     device: torch.device
     dtype: torch.dtype
     weighted_sum: WeightedSum | None
@@ -176,7 +180,7 @@ class MergePlan:
     @classmethod
     def build(
         cls,
-        method: MethodSpec,
+        method: MergeMethod,
         *,
         device: torch.device,
         dtype: torch.dtype,

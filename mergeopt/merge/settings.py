@@ -1,11 +1,11 @@
-"""Parameter values of a mergekit recipe: the one place that reads them.
+"""Parameter values of a mergekit config: the one place that reads them.
 
 A setting is a scalar, a gradient (a list of scalars, interpolated over a slice's layers at
 ``t``) or filter entries (``{filter, value}``, the first whose filter is a substring of the
 tensor name wins). Every scalar is validated by its parameter's type as mergekit validates it
 (pydantic): a float parameter takes ``0.5``, ``1`` and the string ``"1e-1"`` (PyYAML reads
 ``1e-1`` without a dot as a string); a bool parameter takes ``true`` or ``"yes"``.
-:func:`check_setting` checks a whole setting when the recipe is read (a bad value is one
+:func:`check_setting` checks a whole setting when the config is read (a bad value is one
 :class:`UserError` line); :func:`evaluate_setting` resolves it for one tensor.
 """
 

@@ -1,4 +1,4 @@
-"""A recipe's ``tokenizer_source: base``: the merged model's vocabulary is the base tokenizer's.
+"""A mergekit config's ``tokenizer_source: base``: the merged vocabulary is the base tokenizer's.
 
 Checkpoints often pad their embeddings past the tokenizer (Qwen2.5, Llama-3: config
 ``vocab_size`` rows, fewer tokens). mergekit then writes embeddings and head with one row per

@@ -1,13 +1,13 @@
-"""Run a mergekit-format YAML recipe with mergeopt's merge math and write a Hugging Face folder.
+"""Run a mergekit config (mergekit's YAML) with mergeopt's merge math; write a Hugging Face folder.
 
-``mergeopt merge RECIPE.yml OUT_DIR`` calls :func:`run_recipe`. The recipe is mergekit's
+``mergeopt merge CONFIG.yml OUT_DIR`` calls :func:`run_mergekit_config`. The config is mergekit's
 format; what it may hold:
 
 - ``merge_method`` (a name in ``mergeopt.merge.methods.METHODS``), ``base_model``, ``dtype``,
   ``out_dtype``, ``tokenizer_source`` (absent or ``base``: :mod:`mergeopt.merge.vocabulary`);
 - ``models: [{model: PATH, parameters: {weight, density, gamma, epsilon}}]``, or ``slices``
   whose sources give ``layer_range``s of one length (stacked, reordered or a subset: the
-  frankenmerge; :mod:`mergeopt.merge.recipe_config` plans each output tensor);
+  frankenmerge; :mod:`mergeopt.merge.mergekit_config_plan` plans each output tensor);
 - ``parameters`` (global: normalize, rescale, lambda, int8_mask, t, or per-model defaults);
 - every value a scalar, a gradient list (interpolated over the layers of a slice,
   ``t = layer / (layers - 1)``, each layer stack with its own count: :mod:`mergeopt.tensor_names`;
@@ -20,15 +20,14 @@ Anything else (LoRA ``model+adapter``, ``modules``, ``tokenizer``, ``chat_templa
 ``slices[].base_model``, slices of a model with several layer stacks, unknown parameters,
 DELLA's density ± epsilon outside (0, 1)) is a :class:`UserError` naming the key; a per-model
 parameter of another method (which mergekit ignores) is a warning. The output is written to a
-temporary folder next to ``OUT_DIR`` and renamed into place when complete.
+staging folder next to ``OUT_DIR`` (:func:`mergeopt.staging.staged_folder`) and renamed into place
+when complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,12 @@ from typing import Any
 import yaml
 
 from mergeopt.errors import UserError
-from mergeopt.merge.recipe_config import Recipe
+from mergeopt.merge.mergekit_config_plan import MergekitConfig
 from mergeopt.merge.vocabulary import base_vocabulary_rows, config_vocab_size
+from mergeopt.staging import staged_folder
 from mergeopt.tensor_names import config_num_layers, has_vocabulary_rows
 
-__all__ = ["Recipe", "run_recipe"]
+__all__ = ["MergekitConfig", "run_mergekit_config"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -57,7 +57,7 @@ TOKENIZER_FILES = (
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def run_recipe(
+def run_mergekit_config(
     config_path: Path,
     out_dir: Path,
     *,
@@ -65,7 +65,7 @@ def run_recipe(
     seed: int = 0,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
-    """Merge the models of a mergekit YAML recipe and write a Hugging Face folder to ``out_dir``.
+    """Merge the models of a mergekit config and write a Hugging Face folder to ``out_dir``.
 
     Reads one tensor of each model at a time (safetensors, memory-mapped), merges it on
     ``device`` by a :class:`~mergeopt.merge.plan.MergePlan` (mergekit's operation order), and
@@ -74,7 +74,7 @@ def run_recipe(
     vocabulary size updated) and tokenizer files. ``seed`` seeds random methods.
 
     Raises:
-        UserError: unreadable or unsupported recipe, missing models, ``out_dir`` exists.
+        UserError: unreadable or unsupported config, missing models, ``out_dir`` exists.
     """
     import torch
     from safetensors.torch import save_file
@@ -92,35 +92,34 @@ def run_recipe(
         raise UserError(f"{config_path}: not a UTF-8 text file (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{config_path}: not valid YAML ({exc.__class__.__name__})") from None
-    recipe = Recipe(config=config, config_path=config_path)
+    parsed = MergekitConfig(config=config, config_path=config_path)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty")
 
-    checkpoints = [Checkpoint(path=p) for p in recipe.paths]
+    checkpoints = [Checkpoint(path=p) for p in parsed.paths]
     reference = checkpoints[0]
-    index_of = {p: i for i, p in enumerate(recipe.paths)}
+    index_of = {p: i for i, p in enumerate(parsed.paths)}
     # models: every model holds every tensor of the reference; slices: each source the layers
     # it gives (checked per tensor below)
-    names = reference.names if recipe.sliced else check_mergeable(reference, checkpoints[1:])
-    plans = recipe.tensor_plans(names)
+    names = reference.names if parsed.sliced else check_mergeable(reference, checkpoints[1:])
+    plans = parsed.tensor_plans(names)
     for plan in plans:
-        _check_sources(plan, checkpoints, index_of, recipe.where)
-    params = {plan.name: recipe.tensor_params(plan) for plan in plans}  # all checked first
+        _check_sources(plan, checkpoints, index_of, parsed.where)
+    params = {plan.name: parsed.tensor_params(plan) for plan in plans}  # all checked first
     keep_rows = None  # tokenizer_source base: embeddings and head cut to the base tokenizer
     vocab_scope = config_vocab_size(reference.config)
-    if recipe.tokenizer_source == "base" and vocab_scope is not None:
+    if parsed.tokenizer_source == "base" and vocab_scope is not None:
         keep_rows = base_vocabulary_rows(
-            recipe.base_or_first, recipe.paths, vocab_scope[0][vocab_scope[1]], recipe.where
+            parsed.base_or_first, parsed.paths, vocab_scope[0][vocab_scope[1]], parsed.where
         )
     torch_device = torch.device(device)
     dtype_of = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     # one merge plan per dtype met; exact: mergekit's operation order, as mergekit-yaml merges
     merge_plans: dict[torch.dtype, MergePlan] = {}
-    spec = recipe.spec
+    merge_method = parsed.merge_method
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    # an existing empty out_dir is replaced by the final rename
+    with staged_folder(out_dir) as staging:
         shards: list[dict[str, torch.Tensor]] = [{}]
         shard_bytes = 0
         with CheckpointReader(checkpoints) as reader:
@@ -128,7 +127,7 @@ def run_recipe(
                 piece = plan.piece
                 models = [index_of[s.path] for s in piece.sources]
                 first = piece.base if piece.base is not None else 0
-                work = dtype_of[recipe.dtype] if recipe.dtype else None
+                work = dtype_of[parsed.dtype] if parsed.dtype else None
                 base = reader.read(
                     models[first], plan.source_names[first], dtype=work, device=torch_device
                 )
@@ -156,10 +155,10 @@ def run_recipe(
                     merge_plan = merge_plans.get(base.dtype)
                     if merge_plan is None:
                         merge_plan = MergePlan.build(
-                            spec, device=torch_device, dtype=base.dtype, exact=True
+                            merge_method, device=torch_device, dtype=base.dtype, exact=True
                         )
                         merge_plans[base.dtype] = merge_plan
-                    if spec.task_vectors:
+                    if merge_method.task_vectors:
                         stack -= base
                     generator = None
                     if merge_plan.randomized:
@@ -172,8 +171,8 @@ def run_recipe(
                         method_params,
                         generator=generator,
                     )
-                    if recipe.out_dtype:
-                        merged = merged.to(dtype_of[recipe.out_dtype])
+                    if parsed.out_dtype:
+                        merged = merged.to(dtype_of[parsed.out_dtype])
                     del stack
                 merged = merged.to("cpu").contiguous()
                 size = merged.numel() * merged.element_size()
@@ -183,7 +182,7 @@ def run_recipe(
                 shards[-1][plan.name] = merged
                 shard_bytes += size
         _write_shards(shards, staging, save_file)
-        _write_config(reference, staging, recipe.out_dtype, keep_rows, recipe.layer_sources)
+        _write_config(reference, staging, parsed.out_dtype, keep_rows, parsed.layer_sources)
         for file_name in TOKENIZER_FILES:
             source = reference.path / file_name
             if source.is_file():
@@ -191,12 +190,6 @@ def run_recipe(
         (staging / "mergekit_config.yml").write_text(
             config_path.read_text(encoding="utf-8"), encoding="utf-8"
         )
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _check_sources(
@@ -220,7 +213,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 
 
 def promoted_dtype(reads: Sequence[tuple[Any, str]], torch: Any) -> Any:
-    """The dtype the tensors ``reads`` (checkpoint, name) are merged in without a recipe
+    """The dtype the tensors ``reads`` (checkpoint, name) are merged in without a config
     ``dtype``: their stored floating dtypes promoted (bf16 with fp32 -> fp32, bf16 with fp16
     -> fp32), as mergekit promotes each tensor group."""
     dtype = None

@@ -1,5 +1,5 @@
-"""A mergekit recipe read and checked (:class:`Recipe`), and its plan: which input tensors make
-each output tensor, with which parameters (:meth:`Recipe.tensor_plans`).
+"""A mergekit config read and checked (:class:`MergekitConfig`), and its plan: which input
+tensors make each output tensor, with which parameters (:meth:`MergekitConfig.tensor_plans`).
 
 ``models:`` merges every tensor of the models, each layer stack aligned (a multimodal model's
 towers each with their own layer count). ``slices:`` builds the output's layers slice after
@@ -70,8 +70,9 @@ class TensorPlan:
     source_names: list[str]
 
 
-class Recipe:
-    """A parsed, validated recipe (see :mod:`mergeopt.merge.recipe` for what is accepted)."""
+class MergekitConfig:
+    """A parsed, validated mergekit config (:mod:`mergeopt.merge.mergekit_config` says what is
+    accepted)."""
 
     def __init__(self, *, config: Mapping[str, Any], config_path: Path) -> None:
         from mergeopt.merge.methods import get_method
@@ -84,7 +85,7 @@ class Recipe:
             raise UserError(f"{where}: unsupported key {unknown[0]!r}")
         if "merge_method" not in config:
             raise UserError(f"{where}: merge_method is required")
-        self.spec = get_method(str(config["merge_method"]), f"{where}: merge_method")
+        self.merge_method = get_method(str(config["merge_method"]), f"{where}: merge_method")
         tokenizer_source = config.get("tokenizer_source")
         if tokenizer_source not in (None, "base"):
             raise UserError(
@@ -115,7 +116,7 @@ class Recipe:
         paths = [s.path for piece in self.slices for s in piece.sources]
         self.base_or_first = self.base_path or paths[0]
         self.paths = list(dict.fromkeys([self.base_or_first, *paths]))
-        """Every model the recipe reads, the base (or the first model) first."""
+        """Every model the config reads, the base (or the first model) first."""
         self.num_layers: int | None = None
         """The output's layer count where slices set it (:meth:`tensor_plans`)."""
         self.layer_sources: list[int] = []
@@ -164,12 +165,12 @@ class Recipe:
         if not isinstance(params, Mapping):
             raise UserError(f"{self.where}: {key}: expected a mapping")
         where = f"{self.where}: {key}"
-        spec = self.spec
+        merge_method = self.merge_method
         if global_scope:  # mergekit: per-model defaults may be set here too
-            spec.check_method_params(params, where, shared=True)
-            kinds: dict[str, Any] = {**spec.expert_defaults, **spec.global_defaults}
+            merge_method.check_method_params(params, where, shared=True)
+            kinds: dict[str, Any] = {**merge_method.expert_defaults, **merge_method.global_defaults}
         else:
-            own = set(spec.expert_defaults) | set(spec.expert_overrides)
+            own = set(merge_method.expert_defaults) | set(merge_method.expert_overrides)
             elsewhere = {n for m in METHODS.values() for n in m.expert_defaults}
             for name in sorted(set(params) - own):
                 if name in elsewhere:
@@ -177,7 +178,7 @@ class Recipe:
                         "%s.%s: %s has no per-model parameter %r; ignored, as mergekit does",
                         where,
                         name,
-                        spec.name,
+                        merge_method.name,
                         name,
                     )
             params = {
@@ -185,9 +186,11 @@ class Recipe:
                 for name, value in params.items()
                 if name in own or name not in elsewhere
             }
-            spec.check_expert_params(params, where, required=False)
-            kinds = {**spec.expert_defaults}
-            kinds.update({name: spec.global_defaults[name] for name in spec.expert_overrides})
+            merge_method.check_expert_params(params, where, required=False)
+            kinds = {**merge_method.expert_defaults}
+            kinds.update(
+                {name: merge_method.global_defaults[name] for name in merge_method.expert_overrides}
+            )
         for name, setting in params.items():
             check_setting(setting, validator_for(kinds.get(name)), f"{where}.{name}")
         return params
@@ -233,22 +236,23 @@ class Recipe:
         passthrough merge them all, as does multislerp without ``base_model``."""
         where = f"{self.where}: {key}"
         paths = [s.path for s in sources]
-        if not self.spec.base_input or (self.spec.base_optional and self.base_path is None):
+        merge_method = self.merge_method
+        if not merge_method.base_input or (merge_method.base_optional and self.base_path is None):
             if self.base_path is not None and self.base_path not in paths:
                 raise UserError(
-                    f"{where}: base_model of a {self.spec.name} merge must be one of the models"
+                    f"{where}: base_model of a {merge_method.name} merge must be one of the models"
                 )
-            self.spec.check_experts(len(paths), where)
+            self.merge_method.check_experts(len(paths), where)
             return Slice(sources, params, length, None, list(range(len(paths))))
         if self.base_path is None:
-            raise UserError(f"{self.where}: {self.spec.name} needs base_model")
+            raise UserError(f"{self.where}: {self.merge_method.name} needs base_model")
         if self.base_path not in paths and length == -1:  # models: the base joins them
             sources = [*sources, Source(path=self.base_path, parameters=None)]
             paths.append(self.base_path)
         if self.base_path not in paths:
             raise UserError(f"{where}: base_model {self.base_path} is not among the sources")
         experts = [i for i, p in enumerate(paths) if p != self.base_path]
-        self.spec.check_experts(len(experts), f"{where}: models besides the base")
+        self.merge_method.check_experts(len(experts), f"{where}: models besides the base")
         return Slice(sources, params, length, paths.index(self.base_path), experts)
 
     # -- the plan ------------------------------------------------------------------------------
@@ -311,10 +315,10 @@ class Recipe:
         Filters match the output name (per model: the name read in that model)."""
         piece, t, name = plan.piece, plan.t, plan.name
         shared_scopes = [piece.parameters, self.parameters]
-        spec = self.spec
+        merge_method = self.merge_method
         method_params: dict[str, float | bool] = {}
-        for key, default in spec.global_defaults.items():
-            if key in spec.expert_overrides:
+        for key, default in merge_method.global_defaults.items():
+            if key in merge_method.expert_overrides:
                 continue  # given per tensor with the experts' values, below
             value = resolve(shared_scopes, key, name, t, default)
             if value is not None:
@@ -324,17 +328,17 @@ class Recipe:
             source = piece.sources[index]
             read = plan.source_names[index]
             values: dict[str, float] = {}
-            for key, expert_default in spec.expert_defaults.items():
+            for key, expert_default in merge_method.expert_defaults.items():
                 scopes = [source.parameters, *shared_scopes]
                 value = resolve(scopes, key, read, t, expert_default)
                 if value is not None:
                     values[key] = value
-            for key in spec.expert_overrides:  # mergekit reads these from shared scopes
-                value = resolve(shared_scopes, key, name, t, spec.global_defaults[key])
+            for key in merge_method.expert_overrides:  # mergekit reads these from shared scopes
+                value = resolve(shared_scopes, key, name, t, merge_method.global_defaults[key])
                 if value is not None:
                     values[key] = value
             where = f"{self.where}: {source.path.name}, {read}"
-            spec.check_required(values, where, overrides=True)
-            spec.check_values(values, where)
+            merge_method.check_required(values, where, overrides=True)
+            merge_method.check_values(values, where)
             experts.append(values)
         return experts, method_params
