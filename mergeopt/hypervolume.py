@@ -39,11 +39,15 @@ def _volume(points: list[list[float]]) -> float:
         return max(p[0] for p in points)
     ordered = sorted(points, key=lambda p: p[0], reverse=True)
     total = 0.0
+    tallest = 0.0  # in 2-D the slice's area is the running maximum: O(n log n), not O(n^2)
     for index, point in enumerate(ordered):
         below = ordered[index + 1][0] if index + 1 < len(ordered) else 0.0
         width = point[0] - below
+        if len(point) == 2:
+            tallest = max(tallest, point[1])
         if width > 0:
-            total += width * _volume([p[1:] for p in ordered[: index + 1]])
+            area = tallest if len(point) == 2 else _volume([p[1:] for p in ordered[: index + 1]])
+            total += width * area
     return total
 
 

@@ -110,16 +110,9 @@ def values_of(prob: dict[str, Any], x: np.ndarray) -> tuple[float, float]:
 
 def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
     """2-D hypervolume (maximization) of ``points`` (n x 2) above ``ref``."""
-    pts = points[np.all(points > ref, axis=1)]
-    if len(pts) == 0:
-        return 0.0
-    pts = pts[np.argsort(-pts[:, 0])]
-    volume, best_y = 0.0, ref[1]
-    for x, y in pts:
-        if y > best_y:
-            volume += (x - ref[0]) * (y - best_y)
-            best_y = y
-    return float(volume)
+    from mergeopt.hypervolume import hypervolume as dominated_volume
+
+    return dominated_volume(points.tolist(), ref.tolist(), [True, True])
 
 
 def true_hypervolume(prob: dict[str, Any]) -> tuple[float, np.ndarray]:
