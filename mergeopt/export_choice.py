@@ -125,15 +125,11 @@ def non_dominated(
     objective, better on one), in their order."""
     from optuna.study import StudyDirection
 
-    signs = [-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in directions]
-    costs = [[s * float(v) for s, v in zip(signs, value_of(t), strict=True)] for t in trials]
+    from mergeopt.objectives.fidelity import dominated
 
-    def dominates(a: list[float], b: list[float]) -> bool:
-        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
-
-    return [
-        t for t, c in zip(trials, costs, strict=True) if not any(dominates(o, c) for o in costs)
-    ]
+    maximize = [d == StudyDirection.MAXIMIZE for d in directions]
+    values = [[float(v) for v in value_of(t)] for t in trials]
+    return [t for t, v in zip(trials, values, strict=True) if not dominated(v, values, maximize)]
 
 
 def _objective_index(names: Sequence[str], wanted: str, study_name: str) -> int:
