@@ -438,23 +438,27 @@ def test_model_stock_matches_mergekit(qwen2: list[Path], tmp_path: Path, filter_
     assert_same(ours, theirs)
 
 
+def base_and_two_weighted_models(method: str, paths: list[Path], options: dict) -> dict:
+    """``method`` over ``paths[0]`` as the base and two models, one weight a gradient."""
+    return {
+        "merge_method": method,
+        "base_model": str(paths[0]),
+        "dtype": "float32",
+        "models": [
+            {"model": str(paths[1]), "parameters": {"weight": [0.2, 0.8]}},
+            {"model": str(paths[2]), "parameters": {"weight": 0.5}},
+        ],
+        "parameters": options,
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
 )
 def test_nuslerp_matches_mergekit(qwen2: list[Path], tmp_path: Path, options: dict) -> None:
-    config = {
-        "merge_method": "nuslerp",
-        "base_model": str(qwen2[0]),
-        "dtype": "float32",
-        "models": [
-            {"model": str(qwen2[1]), "parameters": {"weight": [0.2, 0.8]}},
-            {"model": str(qwen2[2]), "parameters": {"weight": 0.5}},
-        ],
-        "parameters": options,
-    }
-    ours, theirs = both(config, tmp_path)
+    ours, theirs = both(base_and_two_weighted_models("nuslerp", qwen2, options), tmp_path)
     assert_same(ours, theirs)
 
 
@@ -517,17 +521,7 @@ def test_mistral_and_granite_merge_with_gradients_as_mergekit(
     "options", [{}, {"normalize_weights": False}, {"eps": 1e-6}], ids=["defaults", "raw", "eps"]
 )
 def test_multislerp_matches_mergekit(qwen2: list[Path], tmp_path: Path, options: dict) -> None:
-    config = {
-        "merge_method": "multislerp",
-        "base_model": str(qwen2[0]),
-        "dtype": "float32",
-        "models": [
-            {"model": str(qwen2[1]), "parameters": {"weight": [0.2, 0.8]}},
-            {"model": str(qwen2[2]), "parameters": {"weight": 0.5}},
-        ],
-        "parameters": options,
-    }
-    ours, theirs = both(config, tmp_path)
+    ours, theirs = both(base_and_two_weighted_models("multislerp", qwen2, options), tmp_path)
     assert_same(ours, theirs)
 
 
