@@ -94,7 +94,7 @@ def trial_metadata(
         "base": spec.models.base,
         "experts": list(spec.models.experts),
         "layout": stored_layout(study).to_dict(),
-        "seed": trial_seed(trial),
+        "seed": trial_seed(study, trial),
         "params": dict(trial.params),
         "recipe": trial_recipe(study, trial),
         "format": fmt,
@@ -269,7 +269,9 @@ def export_trials(
             folder = staging / trial_folder_name(trial) if use_index else staging
             folder.mkdir(exist_ok=True)
             if writer is not None:
-                writer.write(trial_recipe(study, trial), seed=trial_seed(trial), folder=folder)
+                writer.write(
+                    trial_recipe(study, trial), seed=trial_seed(study, trial), folder=folder
+                )
             if trial.number in configs:
                 write_mergekit_config(
                     configs[trial.number],

@@ -55,7 +55,7 @@ def is_randomized(method: str) -> bool:
 def mergekit_header(study: optuna.Study, trial: FrozenTrial, *, randomized: bool) -> str:
     lines = [f"# study {study.study_name}, trial {trial.number} (mergeopt export)"]
     if randomized:
-        seed = trial_seed(trial)
+        seed = trial_seed(study, trial)
         lines += [
             f"# merge seed {seed}: mergekit-yaml draws the random masks from its global RNG, so",
             "# it reproduces these weights only in distribution; the exact weights:",

@@ -20,8 +20,7 @@ from mergeopt import attrs
 from mergeopt.errors import UserError
 from mergeopt.optuna_compat import trial_id_of
 from mergeopt.report import objective_names
-from mergeopt.seeds import derive_seed
-from mergeopt.study import complete_trial
+from mergeopt.study import complete_trial, trial_seed
 
 if TYPE_CHECKING:
     import optuna
@@ -98,14 +97,7 @@ def evaluate_heldout(
         try:
             advance = reporter.begin("held-out evaluation", len(trials))
             for trial in trials:
-                # The seed the trial was merged with; trials stored without one get the seed
-                # the worker loop derives for that number.
-                stored_seed = attrs.SEED.get(trial)
-                seed = (
-                    int(stored_seed)
-                    if stored_seed is not None
-                    else derive_seed(runner.spec.seed, trial.number)
-                )
+                seed = trial_seed(study, trial)  # the seed the trial was merged with
                 try:
                     values, user_attrs = runner.evaluate(trial.params, seed=seed)
                 except TrialEvaluationError as exc:

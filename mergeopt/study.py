@@ -274,6 +274,12 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> list[list[dict[str,
     return stored_genome(study).block_params(trial.params)
 
 
-def trial_seed(trial: FrozenTrial) -> int:
-    """The merge seed a trial was run with (0 for trials stored without one)."""
-    return int(attrs.SEED.get(trial) or 0)
+def trial_seed(study: optuna.Study, trial: FrozenTrial) -> int:
+    """The merge seed a trial was run with: the one it stored, else the one the worker loop
+    derives for its number (a trial added outside a worker, or stored before seeds were)."""
+    from mergeopt.seeds import derive_seed
+
+    stored = attrs.SEED.get(trial)
+    if stored is not None:
+        return int(stored)
+    return derive_seed(stored_spec(study).seed, trial.number)

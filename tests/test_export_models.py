@@ -59,7 +59,7 @@ def make_study(
     *,
     method: str,
     search: dict[str, tuple[float, float]],
-    trials: list[tuple[dict[str, float], list[float], int]],
+    trials: list[tuple[dict[str, float], list[float], int | None]],
     name: str = "export-test",
 ) -> optuna.Study:
     """A study as ``create_study`` stores it, with COMPLETE trials (params, values, seed)."""
@@ -157,6 +157,25 @@ def resident_generations(
 
 
 @pytest.mark.slow
+def test_a_trial_stored_without_a_seed_is_exported_with_the_seed_its_worker_derives(
+    model_dirs: dict[str, Path], sqlite_url: str
+) -> None:
+    from mergeopt.seeds import derive_seed
+    from mergeopt.study import stored_spec, trial_seed
+
+    study = make_study(
+        model_dirs,
+        sqlite_url,
+        method="dare_ties",
+        search={"weight": (0.0, 1.0), "density": (0.1, 1.0)},
+        trials=[(DARE_TRIAL, [0.5, 10.0], 1234567), (DARE_TRIAL, [0.4, 9.0], None)],
+    )
+    seeded, unseeded = study.trials
+    assert trial_seed(study, seeded) == 1234567
+    # The rule of the worker loop and of held-out evaluation: derived from the spec's seed.
+    assert trial_seed(study, unseeded) == derive_seed(stored_spec(study).seed, 1)
+
+
 def test_hf_export_loads_in_transformers_and_generates_what_the_resident_model_did(
     model_dirs: dict[str, Path], sqlite_url: str, tmp_path: Path
 ) -> None:
