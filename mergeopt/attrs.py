@@ -147,6 +147,9 @@ FIDELITY: TrialUserAttr[dict[str, Any]] = TrialUserAttr(PREFIX + "fidelity")
 "stopped": bool, "values": {name: estimate}, "intervals": {name: [low, high]}}`` (normalized
 as the study's values; a bound is None where unbounded). A stopped (PRUNED) trial's cost is
 in ``ITEMS_SCORED``, ``TOKENS_GENERATED`` and ``EVAL_SECONDS``, as a complete one's."""
+STOPPED_VALUES: TrialUserAttr[list[float]] = TrialUserAttr(PREFIX + "stopped_values")
+"""A trial stopped by fidelity rungs: its estimated values in objective order (normalized as
+the study's values), which samplers may observe in place of the values a PRUNED trial lacks."""
 
 # Held-out evaluation (`mergeopt study evaluate NAME --heldout`), written onto COMPLETE trials.
 # Re-evaluating a trial overwrites these keys (same merge, same seed, greedy decoding: the

@@ -17,6 +17,8 @@ from mergeopt.study import stored_genome, stored_layout, stored_spec
 if TYPE_CHECKING:
     import optuna
 
+    from mergeopt.objectives.fidelity import Finished
+
 logger = logging.getLogger("mergeopt")
 
 
@@ -85,9 +87,9 @@ class TrialRunner:
             dtype=getattr(torch, spec.merge.dtype),
         )
         self.plan: Any = None
-        self.front: Callable[[], Sequence[Sequence[float]]] | None = None
-        """Set by the worker loop: reads the values of the study's COMPLETE trials (one
-        database read), which fidelity rungs compare a trial with."""
+        self.front: Callable[[], Sequence[Finished]] | None = None
+        """Set by the worker loop: reads the study's COMPLETE trials (one database read),
+        which fidelity rungs compare a trial with and calibrate their estimates on."""
         self.anchors = self._anchors(study)
 
     def _build_scorer(self) -> None:
@@ -212,6 +214,7 @@ class TrialRunner:
                 raise TrialEvaluationError(f"objective {name} is NaN")
         values = [scored.values[objective.name] for objective in self.spec.objectives]
         if scored.stopped:
+            user_attrs[attrs.STOPPED_VALUES] = values
             raise TrialStopped(values, user_attrs)
         return values, user_attrs
 
@@ -220,7 +223,7 @@ class TrialRunner:
 
         return normalize_values(raw, self.anchors, self.spec.objectives) if self.anchors else raw
 
-    def _score_by_rungs(self, plan: Any, front: Callable[[], Sequence[Sequence[float]]]) -> _Scored:
+    def _score_by_rungs(self, plan: Any, front: Callable[[], Sequence[Finished]]) -> _Scored:
         from mergeopt.objectives.fidelity import score_by_rungs
 
         fidelity = self.spec.fidelity
@@ -233,6 +236,7 @@ class TrialRunner:
             objectives=self.spec.objectives,
             normalize=self._normalized,
             front=front,
+            estimator=fidelity.estimator,
         )
         record = {
             "rung": rungs.rung,
@@ -242,6 +246,7 @@ class TrialRunner:
             "intervals": {
                 name: [_finite(rungs.low[name]), _finite(rungs.high[name])] for name in rungs.values
             },
+            "rung_raw": rungs.rung_raw,
         }
         return _Scored(
             rungs.raw,

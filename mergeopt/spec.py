@@ -219,12 +219,15 @@ class FidelitySpec(_Strict):
     ``rungs``: fractions of the items scored by each rung, strictly increasing in (0, 1],
     the last 1.0. ``confidence``: two-sided level of each objective's interval.
     ``first_rung_items``: ``informative`` (items on which the source models disagree first,
-    padded with random ones) or ``random``.
+    padded with random ones) or ``random``. ``estimator``: ``calibrated`` (predict the full
+    value from the rung's with a line fitted on the study's COMPLETE trials, once 8 finished)
+    or ``design`` (intervals of the items as a random sample only).
     """
 
     rungs: list[float] = Field(default_factory=lambda: [0.25, 1.0], min_length=1)
     confidence: float = Field(default=0.9, gt=0, lt=1)
     first_rung_items: Literal["informative", "random"] = "informative"
+    estimator: Literal["calibrated", "design"] = "calibrated"
 
     @field_validator("rungs")
     @classmethod

@@ -47,6 +47,8 @@ from mergeopt.trial_io import batched_trial_writes, count_trials, trial_state
 if TYPE_CHECKING:
     import optuna
 
+    from mergeopt.objectives.fidelity import Finished
+
 logger = logging.getLogger("mergeopt")
 
 POLL_SECONDS = 0.5
@@ -122,7 +124,7 @@ def run_worker(
     study = load_study(study_name, storage, sampler=sampler)
     interrupts = Interrupts.install()
     runner = (runner_factory or _default_runner)(study, device)
-    runner.front = lambda: reconnect.call(_complete_values, study)
+    runner.front = lambda: reconnect.call(_complete_trials, study)
     distributions = genome.distributions()
     label = worker_label(device)
     trackers = WorkerTrackers.open(
@@ -454,12 +456,13 @@ def _tell_stopped(study: optuna.Study, trial: optuna.Trial, user_attrs: dict[str
     return TrialState.PRUNED
 
 
-def _complete_values(study: optuna.Study) -> list[list[float]]:
-    """The values of the study's COMPLETE trials (one read), for fidelity rungs."""
+def _complete_trials(study: optuna.Study) -> list[Finished]:
+    """The study's COMPLETE trials (one read), for fidelity rungs."""
     from optuna.trial import TrialState
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [list(t.values) for t in complete if t.values is not None]
+    from mergeopt.objectives.fidelity import finished_trials
+
+    return finished_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _adopt_retry(study: optuna.Study, failed_number: int) -> int | None:

@@ -9,8 +9,14 @@ and ``max_new_tokens`` 32. Each run evaluates ``--trials`` trials (COMPLETE or s
 see earlier ones in the front). Modes:
 
 - ``full``: no fidelity, every trial scored on every item;
-- ``informative``: ``fidelity: {rungs: RUNGS, confidence: C, first_rung_items: informative}``;
-- ``random``: the same with ``first_rung_items: random``.
+- ``informative``: ``fidelity: {rungs: RUNGS, confidence: C, first_rung_items: informative}``
+  (the default estimator, ``calibrated``);
+- ``random``: the same with ``first_rung_items: random``;
+- ``informative-design``, ``random-design``: the same with ``estimator: design``.
+
+A sampler ``saasbo-qnehvi:ignore`` is saasbo with ``stopped_trials: ignore`` (the default
+observes stopped trials); its fractions are of plain saasbo's ``full`` run, which no stopped
+trial can change.
 
 Every stopped trial is also scored fully inside the benchmark (not counted in its tokens), to
 know whether full evaluation would have put it on the run's final front.
@@ -45,7 +51,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's mergeopt and tests, not an installed copy
-MODES = ("full", "informative", "random")
+MODES = ("full", "informative", "random", "informative-design", "random-design")
 REFERENCE = [0.0, 32.0]  # accuracy 0, max_new_tokens
 MAXIMIZE = [True, False]
 BATCH = 4
@@ -64,7 +70,13 @@ def make_spec(mode: str, seed: int, items: int, rungs: list[float], confidence: 
     data["scorer"]["batch_size"] = min(items, 96)
     data["seed"] = seed
     if mode != "full":
-        data["fidelity"] = {"rungs": rungs, "confidence": confidence, "first_rung_items": mode}
+        items, _, estimator = mode.partition("-")
+        data["fidelity"] = {
+            "rungs": rungs,
+            "confidence": confidence,
+            "first_rung_items": items,
+            "estimator": estimator or "calibrated",
+        }
     return StudySpec.model_validate(data)
 
 
@@ -72,8 +84,11 @@ def make_sampler(name: str, seed: int, genome: Any) -> Any:
     from mergeopt.samplers import create_sampler
 
     options: dict[str, Any] = {}
+    name, _, stopped = name.partition(":")
     if name.startswith("saasbo"):
         options = {"n_startup_trials": STARTUP, "batch_size": BATCH}
+        if stopped:
+            options["stopped_trials"] = stopped
     return create_sampler(name, options, seed=seed, genome=genome, num_objectives=2)
 
 
@@ -85,7 +100,7 @@ def run_one(args: argparse.Namespace, sampler: str, mode: str, seed: int) -> dic
     from optuna.trial import TrialState
 
     from mergeopt.hypervolume import hypervolume
-    from mergeopt.objectives.fidelity import dominated
+    from mergeopt.objectives.fidelity import Finished, dominated, finished_trials
     from mergeopt.runner import TrialRunner, TrialStopped
     from mergeopt.seeds import derive_seed
     from mergeopt.study import create_study, stored_genome
@@ -106,12 +121,11 @@ def run_one(args: argparse.Namespace, sampler: str, mode: str, seed: int) -> dic
     runner = TrialRunner(study, device="cpu")
     setup_seconds = time.perf_counter() - started
 
+    def complete_trials() -> list[Finished]:
+        return finished_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
     def complete_values() -> list[list[float]]:
-        return [
-            list(t.values)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values is not None
-        ]
+        return [list(f.values) for f in complete_trials()]
 
     trials: list[dict[str, Any]] = []
     curve: list[tuple[int, float]] = []
@@ -121,14 +135,18 @@ def run_one(args: argparse.Namespace, sampler: str, mode: str, seed: int) -> dic
             batch = min(BATCH, args.trials - len(trials))
             for trial in [study.ask(genome.distributions()) for _ in range(batch)]:
                 merge_seed = derive_seed(seed, trial.number)
-                runner.front = complete_values if mode != "full" else None
+                runner.front = complete_trials if mode != "full" else None
                 row: dict[str, Any] = {"number": trial.number}
                 try:
                     values, user_attrs = runner.evaluate(trial.params, seed=merge_seed)
+                    for key, value in user_attrs.items():  # the rungs calibrate on them
+                        trial.set_user_attr(key, value)
                     study.tell(trial, values)
                     row.update(state="COMPLETE", values=values)
                 except TrialStopped as stop:
                     user_attrs = stop.user_attrs
+                    for key, value in user_attrs.items():  # samplers may observe its values
+                        trial.set_user_attr(key, value)
                     study.tell(trial, state=TrialState.PRUNED)
                     runner.front = None  # score it fully, outside the run's cost
                     full_values, _ = runner.evaluate(trial.params, seed=merge_seed)
@@ -137,6 +155,9 @@ def run_one(args: argparse.Namespace, sampler: str, mode: str, seed: int) -> dic
                 row["items"] = user_attrs["mergeopt:items_scored"]
                 if "mergeopt:fidelity" in user_attrs:
                     row["rung"] = user_attrs["mergeopt:fidelity"]["rung"]
+                    row["intervals"] = user_attrs["mergeopt:fidelity"]["intervals"]
+                    row["rung_raw"] = user_attrs["mergeopt:fidelity"].get("rung_raw", [])
+                    row["raw"] = user_attrs.get("mergeopt:raw_values")
                 spent += row["tokens"]
                 trials.append(row)
                 curve.append((spent, hypervolume(complete_values(), REFERENCE, MAXIMIZE)))
@@ -242,7 +263,7 @@ def table(records: list[dict[str, Any]], machine: str) -> str:
             runs = [r for (s, m, _), r in sorted(by_key.items()) if s == sampler and m == mode]
             hv, tokens, reach, stopped, share = [], [], [], [], []
             for run in runs:
-                full = by_key.get((sampler, "full", run["seed"]))
+                full = by_key.get((sampler.partition(":")[0], "full", run["seed"]))
                 if full is None or not full["hypervolume"] or not full["tokens"]:
                     continue
                 hv.append(run["hypervolume"] / full["hypervolume"])

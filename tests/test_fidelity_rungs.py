@@ -202,9 +202,10 @@ def test_fidelity_is_off_by_default_and_fills_its_defaults_when_given(tmp_path: 
     assert spec.fidelity.first_rung_items == "informative"
 
 
-def test_saasbo_fits_complete_trials_only_so_stopped_trials_are_ignored() -> None:
-    """What ships (README, Fidelity rungs): saasbo-qnehvi's GPs see COMPLETE trials, not the
-    partial values of trials that fidelity rungs stopped."""
+@pytest.mark.parametrize(("stopped_trials", "observed"), [("observe", 2), ("ignore", 1)])
+def test_saasbo_observes_stopped_trials_by_their_estimates_unless_told_to_ignore_them(
+    stopped_trials: str, observed: int
+) -> None:
     import optuna
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
@@ -222,11 +223,46 @@ def test_saasbo_fits_complete_trials_only_so_stopped_trials_are_ignored() -> Non
             state=TrialState.PRUNED,
             params={"b00.e0.weight": 0.9},
             distributions=space,
-            user_attrs={"mergeopt:fidelity": {"values": {"accuracy": 0.1, "tokens": 9.0}}},
+            user_attrs={"mergeopt:stopped_values": [0.1, 9.0]},
         )
     )
-    data = SaasQnehviSampler._complete(study, UnitCube(space))
-    assert [values for _, values in data] == [[0.5, 4.0]]
+    sampler = SaasQnehviSampler(stopped_trials=stopped_trials)
+    data = sampler._complete(study, UnitCube(space))
+    assert [values for _, values in data] == [[0.5, 4.0], [0.1, 9.0]][:observed]
+
+
+def test_calibrated_estimate_predicts_the_full_value_from_the_rung_with_a_prediction_interval() -> (
+    None
+):
+    from mergeopt.objectives.fidelity import MIN_CALIBRATION, calibrated
+
+    # Finished trials whose full accuracy is 0.1 + 0.8 x their rung's, give or take 0.01.
+    xs = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    pairs = [(x, 0.1 + 0.8 * x + (0.01 if i % 2 else -0.01)) for i, x in enumerate(xs)]
+    assert calibrated("accuracy", 0.5, pairs[: MIN_CALIBRATION - 1], confidence=0.9) is None
+    inside = calibrated("accuracy", 0.5, pairs, confidence=0.9)
+    assert inside is not None
+    assert inside.value == pytest.approx(0.5, abs=0.01)
+    assert inside.low < inside.value < inside.high
+    assert inside.high - inside.low < 0.06  # far tighter than 24 items' Wilson interval (~0.3)
+    beyond = calibrated("accuracy", 0.0, pairs, confidence=0.9)  # unlike any finished trial
+    assert beyond is not None and beyond.high - beyond.low > inside.high - inside.low
+    top = calibrated("accuracy", 1.2, pairs, confidence=0.9)
+    assert top is not None and top.high == 1.0  # cut at what accuracy can be
+    flat = [(0.5, 0.1 * i) for i in range(MIN_CALIBRATION)]  # no spread in x: no line
+    assert calibrated("accuracy", 0.5, flat, confidence=0.9) is None
+
+
+def test_calibration_pairs_take_finished_trials_that_recorded_the_rung() -> None:
+    from mergeopt.objectives.fidelity import Finished, calibration_pairs
+
+    finished = [
+        Finished([0.5, 3.0], {"acc": 0.5}, [{"acc": 0.4}]),
+        Finished([0.6, 3.0], {"acc": 0.6}, []),  # no fidelity when it ran
+        Finished([0.7, 3.0], {}, [{"acc": 0.7}]),
+    ]
+    assert calibration_pairs(finished, 0, "acc") == [(0.4, 0.5)]
+    assert calibration_pairs(finished, 1, "acc") == []
 
 
 # -- the rungs on a real (tiny, untrained) model ----------------------------------------------
@@ -268,14 +304,14 @@ def scored(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 def rungs_of(scored, front: list[list[float]], rungs=(0.25, 0.5, 1.0)):  # noqa: ANN001, ANN201
-    from mergeopt.objectives.fidelity import score_by_rungs
+    from mergeopt.objectives.fidelity import Finished, score_by_rungs
 
     evaluator, objectives, _ = scored
     reads: list[int] = []
 
-    def read_front() -> list[list[float]]:
+    def read_front() -> list[Finished]:
         reads.append(1)
-        return front
+        return [Finished(values) for values in front]
 
     plan = make_plan(evaluator.group_sizes(), first_fraction=rungs[0], seed=0)
     result = score_by_rungs(
@@ -319,3 +355,52 @@ def test_evalscope_objectives_cannot_be_scored_in_rungs(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match="fidelity rungs need task-file objectives"):
         parse_spec(data, source="spec.yaml", folder=tmp_path)
+
+
+def test_a_trial_the_calibrated_line_predicts_dominated_stops_where_the_design_interval_would_not(
+    scored,  # noqa: ANN001
+) -> None:
+    from mergeopt.objectives.fidelity import Finished, score_by_rungs
+
+    evaluator, objectives, full = scored
+    names = [o.name for o in objectives]
+    plan = make_plan(evaluator.group_sizes(), first_fraction=0.25, seed=0)
+    first = score_by_rungs(
+        evaluator,
+        plan,
+        rungs=[0.25, 1.0],
+        confidence=0.9,
+        objectives=objectives,
+        normalize=dict,
+        front=lambda: [],
+        estimator="design",
+    )
+    x = first.rung_raw[0]
+    # Finished trials on which every objective's full value is its rung estimate: the line says
+    # this trial ends exactly at its rung estimates, and one finished trial beats those a bit.
+    spread = [-0.2, -0.1, 0.0, 0.1, 0.2, 0.3, -0.3, 0.15, -0.15]
+    worst = [-1.0 if o.direction == "maximize" else 1e9 for o in objectives]
+    finished = [
+        Finished(worst, {n: x[n] + d for n in names}, [{n: x[n] + d for n in names}])
+        for d in spread
+    ]
+    better = [
+        x[n] + (0.02 if o.direction == "maximize" else -0.02)
+        for n, o in zip(names, objectives, strict=True)
+    ]
+    finished.append(Finished(better))
+
+    def outcome(estimator: str) -> bool:
+        return score_by_rungs(
+            evaluator,
+            plan,
+            rungs=[0.25, 1.0],
+            confidence=0.9,
+            objectives=objectives,
+            normalize=dict,
+            front=lambda: finished,
+            estimator=estimator,
+        ).stopped
+
+    assert not first.stopped and len(first.rung_raw) == 1 and full.items > 0
+    assert outcome("calibrated") and not outcome("design")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mergeopt import attrs
+from mergeopt.objectives.fidelity import Finished
 from mergeopt.storage import DatabaseUnreachable, open_storage
 from tests.fault_storage import (
     GENOME,
@@ -317,7 +318,7 @@ class StoppingRunner(NoopRunner):
     """Stops a trial, as fidelity rungs do, when a COMPLETE trial dominates its values (read
     through the front the worker loop gives the runner)."""
 
-    front: Callable[[], list[list[float]]] | None = None
+    front: Callable[[], Sequence[Finished]] | None = None
 
     def evaluate(
         self, params: Mapping[str, float], *, seed: int
@@ -327,7 +328,7 @@ class StoppingRunner(NoopRunner):
 
         values, user_attrs = super().evaluate(params, seed=seed)
         assert self.front is not None
-        if dominated(values, self.front(), [True, False]):
+        if dominated(values, [f.values for f in self.front()], [True, False]):
             stopped = {attrs.FIDELITY: {"rung": 0, "stopped": True}, attrs.ITEMS_SCORED: 6}
             raise TrialStopped(values, {**user_attrs, **stopped})
         return values, user_attrs

@@ -70,6 +70,7 @@ FIT_SECONDS_ATTR: TrialUserAttr[float] = TrialUserAttr(PREFIX + "fit_seconds")
 ACQ_SECONDS_ATTR: TrialUserAttr[float] = TrialUserAttr(PREFIX + "acq_seconds")
 """Acquisition time of the trial's batch."""
 _warned_uniform_importance = False
+STOPPED_TRIALS = ("observe", "ignore")
 
 
 def parse_initial_solutions(solutions: str | Sequence[str] | None) -> list[list[float]]:
@@ -111,6 +112,10 @@ class SaasQnehviSampler(BatchedGenomeSampler):
         n_startup_trials: design points before the first fit.
         startup_design: ``"sobol"`` or ``"lhs"``.
         custom_initial_solutions: see the module docstring.
+        stopped_trials: trials stopped early by fidelity rungs (PRUNED, with their estimated
+            values in ``mergeopt:stopped_values``): ``"observe"`` (default) fits them as
+            observations like COMPLETE trials, so the model learns where hopeless merges lie;
+            ``"ignore"`` leaves them out (``docs/bench/fidelity-*.md`` compares the two).
         enable_importance_prior, importance_strength, lengthscale_prior_scale: the structural
             prior (:mod:`mergeopt.samplers.saasbo_gp`); ``enable_importance_prior=False`` for
             ablations.
@@ -147,6 +152,7 @@ class SaasQnehviSampler(BatchedGenomeSampler):
         n_startup_trials: int = 10,
         startup_design: str = "sobol",
         custom_initial_solutions: str | Sequence[str] | None = None,
+        stopped_trials: str = "observe",
         enable_importance_prior: bool = True,
         importance_strength: float = 2.0,
         lengthscale_prior_scale: float = math.sqrt(3.0),
@@ -177,6 +183,10 @@ class SaasQnehviSampler(BatchedGenomeSampler):
         if ref_point_rule not in ("pareto-nadir", "observed-worst"):
             raise ValueError(
                 f"ref_point_rule must be 'pareto-nadir' or 'observed-worst', got {ref_point_rule!r}"
+            )
+        if stopped_trials not in STOPPED_TRIALS:
+            raise ValueError(
+                f"stopped_trials must be 'observe' or 'ignore', got {stopped_trials!r}"
             )
         if startup_design not in ("sobol", "lhs"):
             raise ValueError(f"startup_design must be 'sobol' or 'lhs', got {startup_design!r}")
@@ -213,6 +223,7 @@ class SaasQnehviSampler(BatchedGenomeSampler):
         self.ref_point_rule = ref_point_rule
         self.n_startup_trials = n_startup_trials
         self.startup_design = startup_design
+        self.stopped_trials = stopped_trials
         self.enable_importance_prior = bool(enable_importance_prior)
         self.importance_strength = float(importance_strength)
         self.lengthscale_prior_scale = float(lengthscale_prior_scale)
@@ -263,13 +274,18 @@ class SaasQnehviSampler(BatchedGenomeSampler):
 
     # -- data ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _complete(study: Study, cube: UnitCube) -> list[tuple[np.ndarray, list[float]]]:
+    def _complete(self, study: Study, cube: UnitCube) -> list[tuple[np.ndarray, list[float]]]:
+        """Observations: COMPLETE trials, and stopped ones with their estimated values when
+        ``stopped_trials`` is ``"observe"``."""
+        states: tuple[TrialState, ...] = (TrialState.COMPLETE, TrialState.PRUNED)
+        if self.stopped_trials == "ignore":
+            states = (TrialState.COMPLETE,)
         data = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for t in study.get_trials(deepcopy=False, states=states):
+            values = t.values if t.state == TrialState.COMPLETE else attrs.STOPPED_VALUES.get(t)
             x = trial_unit_params(t, cube)
-            if x is not None and t.values is not None and all(map(math.isfinite, t.values)):
-                data.append((x, list(t.values)))
+            if x is not None and values is not None and all(map(math.isfinite, values)):
+                data.append((x, list(values)))
         return data
 
     def _pending(self, study: Study, cube: UnitCube) -> list[np.ndarray]:
