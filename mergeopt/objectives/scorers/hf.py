@@ -243,22 +243,27 @@ class HFScorer(LoglikelihoodFromSequences):
         self, batch_ids: list[list[int]], max_new_tokens: int, stop: list[str]
     ) -> list[Generation]:
         """The same tokens as ``_generate_batch`` through a ``StaticDecoder``: every row runs
-        until the whole batch has ended, and the tokens are read back every
-        ``STEPS_BETWEEN_CHECKS`` steps (the overshoot is at most that many steps)."""
+        until the whole batch has ended; tokens are read back ``STEPS_BETWEEN_CHECKS`` steps at
+        a time (the overshoot is at most twice that)."""
         import torch
 
         decoder = self._decoder(len(batch_ids), prefill_width(batch_ids), max_new_tokens)
         generated: list[list[int]] = [[] for _ in batch_ids]
         done: list[Generation | None] = [None] * len(batch_ids)
-        checked = produced = 0
         with torch.inference_mode():
             decoder.prefill(batch_ids, pad_token_id=self.pad_token_id)
             produced = 1
+            pending = decoder.read_back(0, produced)
             while True:
-                # Columns are steps: token k of every row, and whether step k's logits were
-                # finite; rows that ended earlier are not looked at (the dynamic path drops them).
-                tokens = decoder.generated[: len(batch_ids), checked:produced].T.tolist()
-                finite = decoder.finite[: len(batch_ids), checked:produced].T.tolist()
+                # Queue the next chunk before reading the last one: the device decodes while
+                # the host checks stops. Rows that ended are not looked at again (the dynamic
+                # path drops them from the batch).
+                steps = min(STEPS_BETWEEN_CHECKS, max_new_tokens - produced)
+                for _ in range(steps):
+                    decoder.advance()
+                queued = decoder.read_back(produced, produced + steps) if steps else None
+                produced += steps
+                tokens, finite = pending()
                 for step_tokens, step_finite in zip(tokens, finite, strict=True):
                     live = [row for row, ended in enumerate(done) if ended is None]
                     if not all(step_finite[row] for row in live):
@@ -266,13 +271,9 @@ class HFScorer(LoglikelihoodFromSequences):
                     for row in live:
                         generated[row].append(step_tokens[row])
                         done[row] = self._ended(generated[row], stop)
-                checked = produced
-                if produced == max_new_tokens or all(d is not None for d in done):
+                if queued is None or all(d is not None for d in done):
                     break
-                steps = min(STEPS_BETWEEN_CHECKS, max_new_tokens - produced)
-                for _ in range(steps):
-                    decoder.advance()
-                produced += steps
+                pending = queued
         return [
             d if d is not None else Generation(text=self._decode(g), num_tokens=len(g))
             for d, g in zip(done, generated, strict=True)

@@ -7,6 +7,11 @@ every token of every trial: the merge engine writes merged weights into the same
 tensors, which the graph reads where they lie. Off CUDA the same step runs eagerly; the graph is
 a thin layer over it, so CPU tests check the decoding itself.
 
+On CUDA the model's forward pass in the step is compiled (``torch.compile``, Inductor, no
+CUDA graphs of its own) before the capture: fused elementwise kernels are what bring a step
+near the time of reading the weights once. Compilation and capture are paid once per decoder
+shape and worker.
+
 Shapes: ``rows`` prompts per batch (the last batch padded with one-token dummy rows) and a
 cache of ``length`` slots. A batch's prompts are left-padded to a prefill width; prompt slots
 are ``[0, width)``, generated tokens take the slots after it.
@@ -14,12 +19,14 @@ are ``[0, width)``, generated tokens take the slots after it.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-# How many steps run between two looks at the generated tokens (one host sync each): a batch
-# whose every row has stopped runs at most this many steps too many.
+# How many steps are queued at a time; the host reads a chunk's tokens while the next chunk
+# runs, so a batch whose every row has stopped runs at most two chunks too many.
 STEPS_BETWEEN_CHECKS = 8
 # Prefill widths and cache lengths round up to these, so a few shapes serve every batch.
 PREFILL_WIDTH_MULTIPLE = 16
@@ -138,6 +145,46 @@ class StaticDecoder:
         self.finite = torch.ones((rows, length), dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
+        self._forward: Callable[..., torch.Tensor] = self._model_logits
+        if capture:
+            self._forward = torch.compile(self._model_logits, dynamic=False)
+
+    def _model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Last-position logits, ``rows x vocab``; writes the step's keys and values."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_field: self.cache},
+        )
+        return out.logits[:, -1, :]
+
+    def read_back(
+        self, start: int, stop: int
+    ) -> Callable[[], tuple[list[list[int]], list[list[bool]]]]:
+        """Queue the copy of steps ``start .. stop - 1`` to the host (token and finiteness of
+        every row, step by step); the returned function waits for it and gives the lists."""
+        tokens = self.generated[:, start:stop].T
+        finite = self.finite[:, start:stop].T
+        if self.tokens.device.type != "cuda":  # the steps have run already
+            lists = tokens.tolist(), finite.tolist()
+            return lambda: lists
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_finite.copy_(finite, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> tuple[list[list[int]], list[list[bool]]]:
+            copied.synchronize()
+            return host_tokens.tolist(), host_finite.tolist()
+
+        return wait
 
     def prefill(self, prompts: list[list[int]], *, pad_token_id: int) -> None:
         """Left-pad ``prompts`` (dummy rows fill the batch), run them through the model, and
@@ -182,15 +229,7 @@ class StaticDecoder:
         """One token for every row; advances every buffer in place (the captured body)."""
         # The new token's keys and values go to slot ``position``, which it attends to.
         self.mask.index_fill_(3, self.cache.position, 0.0)
-        out = self.model(
-            input_ids=self.tokens,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_field: self.cache},
-        )
-        logits = out.logits[:, -1, :]
+        logits = self._forward(self.tokens, self.mask, self.positions)
         self.finite.index_copy_(1, self.step_index, torch.isfinite(logits).all(-1, keepdim=True))
         next_tokens = logits.argmax(dim=-1, keepdim=True)
         self.generated.index_copy_(1, self.step_index, next_tokens)
@@ -211,7 +250,7 @@ class StaticDecoder:
             side = torch.cuda.Stream(device=self.tokens.device)
             side.wait_stream(torch.cuda.current_stream(self.tokens.device))
             with torch.cuda.stream(side):
-                self._step()
+                self._warm_up_step()
             torch.cuda.current_stream(self.tokens.device).wait_stream(side)
             self.eager_steps += 1
             return
@@ -220,6 +259,21 @@ class StaticDecoder:
             self._step()  # recorded, not run
         self.graph = graph
         graph.replay()
+
+    def _warm_up_step(self) -> None:
+        """A step outside any graph; the first one compiles. A model Inductor cannot compile
+        is decoded uncompiled (still one graph per step), with a warning."""
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the model still decodes
+            if self._forward == self._model_logits:
+                raise
+            warnings.warn(
+                f"torch.compile failed on the decode step, decoding uncompiled: {exc!r}"[:300],
+                stacklevel=2,
+            )
+            self._forward = self._model_logits
+            self._step()
 
     def close(self) -> None:
         self.graph = None
