@@ -56,6 +56,7 @@ from mergeopt.merge.engine import MergeEngine  # noqa: E402
 from mergeopt.objectives.evaluate import Evaluator, GenerationOptions  # noqa: E402
 from mergeopt.objectives.scorers import create_scorer  # noqa: E402
 from mergeopt.objectives.scorers.hf import HFScorer  # noqa: E402
+from mergeopt.objectives.scorers.static_decode import prefill_width  # noqa: E402
 from mergeopt.samplers import create_sampler  # noqa: E402
 
 PARTS = ("ask", "merge", "swap", "evaluate", "tell")
@@ -191,6 +192,29 @@ def agreement(
         )
         previous = first
     return lines
+
+
+def device_decode_seconds(
+    scorer: HFScorer, prompts: list[str], max_new_tokens: int, device: torch.device
+) -> tuple[float, float]:
+    """Seconds of one batch's prefill and of one decode step (the median of its steps), timed
+    on the static decoder alone: the device's share of an evaluation, without the host's
+    reading back and stop checks."""
+    token_ids = [scorer.tokenizer(p)["input_ids"] for p in prompts][: scorer.batch_size]
+    decoder = scorer._decoder(len(token_ids), prefill_width(token_ids), max_new_tokens)
+    steps = []
+    with torch.inference_mode():
+        _sync(device)
+        started = time.perf_counter()
+        decoder.prefill(token_ids, pad_token_id=scorer.pad_token_id)
+        _sync(device)
+        prefill = time.perf_counter() - started
+        for _ in range(max_new_tokens - 1):
+            started = time.perf_counter()
+            decoder.advance()
+            _sync(device)
+            steps.append(time.perf_counter() - started)
+    return prefill, statistics.median(steps)
 
 
 def _mean(rows: Sequence[dict[str, float]], key: str) -> float:
@@ -351,6 +375,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     prompts = [json.loads(line)["prompt"] for line in task.read_text().splitlines()][: args.limit]
     agreement_lines = agreement(scorers, engine, genome, prompts, args.max_new_tokens, device)
+    for decode, scorer in scorers.items():
+        if scorer.static_decoding:
+            prefill, step = device_decode_seconds(scorer, prompts, args.max_new_tokens, device)
+            device_total = prefill + (args.max_new_tokens - 1) * step
+            agreement_lines += [
+                "",
+                f"Device time of one {decode} batch ({len(prompts[: args.batch_size])} prompts, "
+                f"decoder timed alone): prefill {1000 * prefill:.1f} ms + "
+                f"{args.max_new_tokens - 1} steps x {1000 * step:.2f} ms = "
+                f"{1000 * device_total:.0f} ms ({device_total / floor:.1f}x the floor; "
+                f"one step's weights alone: {1000 * weight_bytes / bandwidth:.2f} ms); the rest "
+                "of an evaluation is the host's (tokenizing, reading back, stop checks, metrics).",
+            ]
 
     setup = (
         f"random {args.shape}-shaped Qwen3, base + 2 experts, {args.dtype}; task_arithmetic "

@@ -306,6 +306,8 @@ class HFScorer(LoglikelihoodFromSequences):
         """The generation if its last token ended it (EOS, or it completed a stop string)."""
         if tokens[-1] in self.eos_token_ids:
             return Generation(text=self._decode(tokens[:-1]), num_tokens=len(tokens))
+        if not any(stop):
+            return None  # nothing to look for: the text is decoded once, at the end
         text = self._decode(tokens)
         cut = first_stop(text, stop)
         if cut >= 0:
