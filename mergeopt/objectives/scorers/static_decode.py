@@ -90,9 +90,11 @@ class StaticKVCache:
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         layer_idx: int,
-        *_: Any,
-        **__: Any,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values at ``position``; give the layer's whole cache (the
+        extra arguments transformers versions pass are not needed)."""
         if layer_idx == len(self.keys):
             rows, heads, _, key_dim = key_states.shape
             self.keys.append(key_states.new_zeros(rows, heads, self.length, key_dim))
