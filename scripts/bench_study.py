@@ -248,7 +248,7 @@ def report(
         f"{1000 * floor:.0f} ms per evaluation",
         "",
         "Mean seconds per trial; the first trial of each path is shown on its own row (it pays "
-        "CUDA warm-up, and for static decoding the graph capture).",
+        "CUDA warm-up, and for static decoding compilation and the graph capture).",
         "",
         "| decode | trials | ask/fit | merge | swap | evaluate | tell | total | tokens/s "
         "| evaluate / floor | total / evaluate |",
