@@ -12,7 +12,7 @@ import torch
 
 from mergeopt.errors import UserError
 from mergeopt.objectives.scorers.hf import HFScorer
-from mergeopt.objectives.scorers.static_decode import STEPS_BETWEEN_CHECKS
+from mergeopt.objectives.scorers.static_decode import STEPS_BETWEEN_CHECKS, StaticDecoder
 from tests.tiny_models import build_tiny_model
 
 # 7 prompts in batches of 4: a full batch, then 3 prompts and one dummy row.
@@ -98,6 +98,31 @@ def test_decode_auto_is_dynamic_on_the_cpu_and_unknown_paths_are_user_errors(
     assert not HFScorer(model_dir=tiny_model, decode="auto").static_decoding
     with pytest.raises(UserError, match="scorer.decode: 'graph' is not one of auto, static"):
         HFScorer(model_dir=tiny_model, decode="graph")
+
+
+def test_a_decode_step_the_compiler_fails_on_runs_uncompiled_with_a_warning(
+    dynamic: HFScorer, static: HFScorer
+) -> None:
+    decoder = StaticDecoder(
+        static.model, rows=1, length=64, cache_field=static._cache_field, capture=False
+    )
+
+    def compiler_failure(*args: object) -> torch.Tensor:
+        raise RuntimeError("inductor: no C compiler")
+
+    decoder._forward = compiler_failure
+    with torch.inference_mode():
+        decoder.prefill([static.tokenizer(PROMPTS[0])["input_ids"]], pad_token_id=0)
+        with pytest.warns(UserWarning, match="torch.compile failed on the decode step"):
+            decoder._warm_up_step()
+        tokens = decoder.generated[0, :2].tolist()
+    assert decoder._forward == decoder._model_logits
+    dynamic.eos_token_ids = set()
+    try:
+        expected = dynamic.generate(PROMPTS[:1], max_new_tokens=2, stop=[])[0]
+    finally:
+        dynamic.eos_token_ids = {1}
+    assert static.tokenizer.decode(tokens, skip_special_tokens=True) == expected.text
 
 
 @pytest.mark.slow

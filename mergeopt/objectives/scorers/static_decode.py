@@ -31,7 +31,8 @@ STEPS_BETWEEN_CHECKS = 8
 # Prefill widths and cache lengths round up to these, so a few shapes serve every batch.
 PREFILL_WIDTH_MULTIPLE = 16
 CACHE_LENGTH_MULTIPLE = 64
-# Eager steps before a graph is captured (cuBLAS and allocator warm-up, on a side stream).
+# Steps run outside a graph before the capture, on a side stream: the first compiles the
+# forward pass, both warm cuBLAS and the allocator up.
 WARMUP_STEPS = 2
 
 
