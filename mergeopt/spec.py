@@ -177,6 +177,9 @@ class ScorerSpec(_Strict):
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     chat_template: bool = False
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # hf: a static KV cache with its decode step captured as a CUDA graph ("static"), or
+    # transformers' dynamic cache; "auto" is static on CUDA (same greedy tokens either way).
+    decode: Literal["auto", "static", "dynamic"] = "auto"
 
     @field_validator("backend")
     @classmethod

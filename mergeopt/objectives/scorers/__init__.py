@@ -28,7 +28,7 @@ class ScorerOptions:
 
     ``device`` is a torch device string ("cpu", "cuda:1"); the vLLM scorer runs on the device
     the process sees (set ``CUDA_VISIBLE_DEVICES`` per worker) and ignores the index.
-    ``batch_size`` applies to hf (vLLM schedules the whole list itself);
+    ``batch_size`` and ``decode`` apply to hf (vLLM schedules the whole list itself);
     ``gpu_memory_utilization``, ``max_model_len`` and ``enforce_eager`` apply to vLLM.
     """
 
@@ -41,6 +41,7 @@ class ScorerOptions:
     max_model_len: int | None = None
     trust_remote_code: bool = False
     enforce_eager: bool = False
+    decode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ _EVERY_BACKEND = ("model_dir", "device", "dtype", "chat_template", "trust_remote
 
 SCORERS: dict[str, Callable[[ScorerOptions], Scorer]] = {
     "hf": ScorerClass(  # transformers
-        "mergeopt.objectives.scorers.hf", "HFScorer", (*_EVERY_BACKEND, "batch_size")
+        "mergeopt.objectives.scorers.hf", "HFScorer", (*_EVERY_BACKEND, "batch_size", "decode")
     ),
     "vllm": ScorerClass(
         "mergeopt.objectives.scorers.vllm",
@@ -84,6 +85,7 @@ def create_scorer(
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
     enforce_eager: bool = False,
+    decode: str = "auto",
 ) -> Scorer:
     """A resident scorer for ``backend`` (a name in ``SCORERS``) holding the model in
     ``model_dir``; the options are those of :class:`ScorerOptions`."""
@@ -103,6 +105,7 @@ def create_scorer(
             max_model_len=max_model_len,
             trust_remote_code=trust_remote_code,
             enforce_eager=enforce_eager,
+            decode=decode,
         )
     )
 

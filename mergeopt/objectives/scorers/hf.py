@@ -2,7 +2,9 @@
 
 Merged tensors are written straight into the model's parameters (``merge_target``), so a trial
 costs no disk and no reload. Generation is greedy, batched with left padding and a KV cache;
-prompts are sorted by length so that a batch pads little.
+prompts are sorted by length so that a batch pads little. Two decoding paths give the same
+tokens: transformers' dynamic cache (finished rows leave the batch), and a static cache whose
+decode step is captured once as a CUDA graph on CUDA (``static_decode``; the default there).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from mergeopt.objectives.scorers.base import (
     first_stop,
     format_prompt,
 )
+from mergeopt.objectives.scorers.static_decode import (
+    STEPS_BETWEEN_CHECKS,
+    StaticDecoder,
+    batch_rows,
+    cache_length,
+    prefill_width,
+    supports_static_decoding,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +37,7 @@ if TYPE_CHECKING:
     from mergeopt.merge.engine import MergeTarget
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
+DECODE_PATHS = ("auto", "static", "dynamic")
 
 
 class HFScorer(LoglikelihoodFromSequences):
@@ -38,6 +49,9 @@ class HFScorer(LoglikelihoodFromSequences):
         dtype: the precision the model is held and run in.
         batch_size: prompts (or scored sequences) per forward pass.
         chat_template: wrap each prompt as a user turn of the tokenizer's chat template.
+        decode: ``"static"`` (static KV cache; its decode step a CUDA graph on CUDA),
+            ``"dynamic"`` (transformers' cache), or ``"auto"``: static on CUDA when the model's
+            attention allows it (full causal attention through sdpa or eager), else dynamic.
     """
 
     def __init__(
@@ -49,12 +63,15 @@ class HFScorer(LoglikelihoodFromSequences):
         batch_size: int = 32,
         chat_template: bool = False,
         trust_remote_code: bool = False,
+        decode: str = "auto",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in TORCH_DTYPES:
             raise UserError(f"scorer.dtype: {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+        if decode not in DECODE_PATHS:
+            raise UserError(f"scorer.decode: {decode!r} is not one of {', '.join(DECODE_PATHS)}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -85,6 +102,23 @@ class HFScorer(LoglikelihoodFromSequences):
         # shares the embedding): several names may point at one tensor.
         self._tensors_by_name: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
         self._target: MergeTarget | None = None
+        self.static_decoding = self._static_decoding(decode)
+        # Static decoders by (rows, cache length), kept for the worker's life: their caches
+        # and captured graphs serve every trial (the weights change in place).
+        self._decoders: dict[tuple[int, int], StaticDecoder] = {}
+        self._graph_pool: Any = None
+
+    def _static_decoding(self, decode: str) -> bool:
+        if decode == "dynamic" or (decode == "auto" and self.device.type != "cuda"):
+            return False
+        if supports_static_decoding(self.model):
+            return True
+        if decode == "static":
+            raise UserError(
+                f"scorer.decode: static decoding needs full causal attention through sdpa or "
+                f"eager; {self.model_dir} has sliding windows or another attention"
+            )
+        return False
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -128,10 +162,13 @@ class HFScorer(LoglikelihoodFromSequences):
         # Longest first: the first batch shows at once whether memory suffices.
         order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
         results: list[Generation | None] = [None] * len(prompts)
+        generate_batch = (
+            self._generate_batch_static if self.static_decoding else self._generate_batch
+        )
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             outputs = self._guarded(
-                self._generate_batch, [token_ids[i] for i in batch], max_new_tokens, list(stop)
+                generate_batch, [token_ids[i] for i in batch], max_new_tokens, list(stop)
             )
             for i, output in zip(batch, outputs, strict=True):
                 results[i] = output
@@ -179,16 +216,9 @@ class HFScorer(LoglikelihoodFromSequences):
                 keep: list[int] = []
                 for position, (row, token) in enumerate(zip(rows, next_tokens, strict=True)):
                     generated[row].append(token)
-                    if token in self.eos_token_ids:
-                        text = self._decode(generated[row][:-1])
-                        done[row] = Generation(text=text, num_tokens=len(generated[row]))
-                        continue
-                    text = self._decode(generated[row])
-                    cut = first_stop(text, stop)
-                    if cut >= 0:
-                        done[row] = Generation(text=text[:cut], num_tokens=len(generated[row]))
-                        continue
-                    keep.append(position)
+                    done[row] = self._ended(generated[row], stop)
+                    if done[row] is None:
+                        keep.append(position)
                 if not keep:
                     break
                 if len(keep) < len(rows):
@@ -208,6 +238,81 @@ class HFScorer(LoglikelihoodFromSequences):
             d if d is not None else Generation(text=self._decode(g), num_tokens=len(g))
             for d, g in zip(done, generated, strict=True)
         ]
+
+    def _generate_batch_static(
+        self, batch_ids: list[list[int]], max_new_tokens: int, stop: list[str]
+    ) -> list[Generation]:
+        """The same tokens as ``_generate_batch`` through a ``StaticDecoder``: every row runs
+        until the whole batch has ended; tokens are read back ``STEPS_BETWEEN_CHECKS`` steps at
+        a time (the overshoot is at most twice that)."""
+        import torch
+
+        decoder = self._decoder(len(batch_ids), prefill_width(batch_ids), max_new_tokens)
+        generated: list[list[int]] = [[] for _ in batch_ids]
+        done: list[Generation | None] = [None] * len(batch_ids)
+        with torch.inference_mode():
+            decoder.prefill(batch_ids, pad_token_id=self.pad_token_id)
+            produced = 1
+            pending = decoder.read_back(0, produced)
+            while True:
+                # Queue the next chunk before reading the last one: the device decodes while
+                # the host checks stops. Rows that ended are not looked at again (the dynamic
+                # path drops them from the batch).
+                steps = min(STEPS_BETWEEN_CHECKS, max_new_tokens - produced)
+                for _ in range(steps):
+                    decoder.advance()
+                queued = decoder.read_back(produced, produced + steps) if steps else None
+                produced += steps
+                tokens, finite = pending()
+                for step_tokens, step_finite in zip(tokens, finite, strict=True):
+                    live = [row for row, ended in enumerate(done) if ended is None]
+                    if not all(step_finite[row] for row in live):
+                        raise TrialEvaluationError("non-finite logits (NaN or inf) in generation")
+                    for row in live:
+                        generated[row].append(step_tokens[row])
+                        done[row] = self._ended(generated[row], stop)
+                if queued is None or all(d is not None for d in done):
+                    break
+                pending = queued
+        return [
+            d if d is not None else Generation(text=self._decode(g), num_tokens=len(g))
+            for d, g in zip(done, generated, strict=True)
+        ]
+
+    def _decoder(self, count: int, width: int, max_new_tokens: int) -> StaticDecoder:
+        """The static decoder for ``count`` prompts padded to ``width`` and ``max_new_tokens``
+        generated, made on first use (on CUDA its graph is captured in its first batch)."""
+        import torch
+
+        rows = batch_rows(count, self.batch_size)
+        length = cache_length(width, max_new_tokens)
+        decoder = self._decoders.get((rows, length))
+        if decoder is None:
+            capture = self.device.type == "cuda"
+            if capture and self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            decoder = StaticDecoder(
+                self.model,
+                rows=rows,
+                length=length,
+                cache_field=self._cache_field,
+                capture=capture,
+                graph_pool=self._graph_pool,
+            )
+            self._decoders[(rows, length)] = decoder
+        return decoder
+
+    def _ended(self, tokens: list[int], stop: Sequence[str]) -> Generation | None:
+        """The generation if its last token ended it (EOS, or it completed a stop string)."""
+        if tokens[-1] in self.eos_token_ids:
+            return Generation(text=self._decode(tokens[:-1]), num_tokens=len(tokens))
+        if not any(stop):
+            return None  # nothing to look for: the text is decoded once, at the end
+        text = self._decode(tokens)
+        cut = first_stop(text, stop)
+        if cut >= 0:
+            return Generation(text=text[:cut], num_tokens=len(tokens))
+        return None
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -289,6 +394,9 @@ class HFScorer(LoglikelihoodFromSequences):
 
         import torch
 
+        for decoder in self._decoders.values():
+            decoder.close()
+        self._decoders.clear()
         self._tensors_by_name.clear()
         del self.model
         gc.collect()
