@@ -36,7 +36,12 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.merge.mergekit_config_plan import MergekitConfig
-from mergeopt.merge.vocabulary import base_vocabulary_rows, config_vocab_size
+from mergeopt.merge.vocabulary import (
+    OutputVocabulary,
+    build_vocabulary,
+    chat_template,
+    config_vocab_size,
+)
 from mergeopt.staging import staged_folder
 from mergeopt.tensor_names import config_num_layers, has_vocabulary_rows
 
@@ -106,12 +111,14 @@ def run_mergekit_config(
     for plan in plans:
         _check_sources(plan, checkpoints, index_of, parsed.where)
     params = {plan.name: parsed.tensor_params(plan) for plan in plans}  # all checked first
-    keep_rows = None  # tokenizer_source base: embeddings and head cut to the base tokenizer
-    vocab_scope = config_vocab_size(reference.config)
-    if parsed.tokenizer_source == "base" and vocab_scope is not None:
-        keep_rows = base_vocabulary_rows(
-            parsed.base_or_first, parsed.paths, vocab_scope[0][vocab_scope[1]], parsed.where
+    vocabulary = None  # a tokenizer of its own: embeddings and head re-indexed to it
+    if parsed.tokenizer is not None:
+        vocabulary = build_vocabulary(
+            parsed.tokenizer, parsed.base_or_first, parsed.paths, parsed.where
         )
+    template = None
+    if parsed.chat_template is not None:
+        template = chat_template(parsed.chat_template, parsed.paths, parsed.where)
     torch_device = torch.device(device)
     dtype_of = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     # one merge plan per dtype met; exact: mergekit's operation order, as mergekit-yaml merges
@@ -141,17 +148,26 @@ def run_mergekit_config(
                         ]
                         base = base.to(promoted_dtype(reads, torch))
                     experts, method_params = params[plan.name]
-                    cut = keep_rows is not None and has_vocabulary_rows(plan.name)
-                    inputs = [
-                        reader.read(
-                            models[i], plan.source_names[i], dtype=base.dtype, device=torch_device
+                    read = {first: base}
+                    permute = vocabulary is not None and has_vocabulary_rows(plan.name)
+                    for i in range(len(models)) if permute else piece.experts:
+                        if i not in read:
+                            name = plan.source_names[i]
+                            read[i] = reader.read(
+                                models[i], name, dtype=base.dtype, device=torch_device
+                            )
+                    if permute:
+                        assert vocabulary is not None
+                        order = sorted(read)
+                        rows = vocabulary.permute(
+                            [read[i] for i in order],
+                            [piece.sources[i].path for i in order],
+                            piece.base_model,
                         )
-                        for i in piece.experts
-                    ]
-                    if cut:
-                        base, inputs = base[:keep_rows], [x[:keep_rows] for x in inputs]
-                    stack = torch.stack(inputs)
-                    del inputs
+                        read = dict(zip(order, rows, strict=True))
+                        base = read[first]
+                    stack = torch.stack([read[i] for i in piece.experts])
+                    del read
                     merge_plan = merge_plans.get(base.dtype)
                     if merge_plan is None:
                         merge_plan = MergePlan.build(
@@ -182,14 +198,39 @@ def run_mergekit_config(
                 shards[-1][plan.name] = merged
                 shard_bytes += size
         _write_shards(shards, staging, save_file)
-        _write_config(reference, staging, parsed.out_dtype, keep_rows, parsed.layer_sources)
-        for file_name in TOKENIZER_FILES:
-            source = reference.path / file_name
-            if source.is_file():
-                shutil.copy2(source, staging / file_name)
+        vocab_rows = None if vocabulary is None else vocabulary.rows
+        _write_config(reference, staging, parsed.out_dtype, vocab_rows, parsed.layer_sources)
+        _write_tokenizer(reference.path, staging, vocabulary, parsed.chat_template, template)
         (staging / "mergekit_config.yml").write_text(
             config_path.read_text(encoding="utf-8"), encoding="utf-8"
         )
+
+
+def _write_tokenizer(
+    reference: Path,
+    folder: Path,
+    vocabulary: OutputVocabulary | None,
+    template_asked: str | None,
+    template: str | None,
+) -> None:
+    """The output's tokenizer, as mergekit-yaml writes it: a built one saved (with the chat
+    template set); else the reference's files copied, or, when a chat template is asked for,
+    the reference's tokenizer loaded and saved with it."""
+    if vocabulary is None and template_asked is None:
+        for file_name in TOKENIZER_FILES:
+            source = reference / file_name
+            if source.is_file():
+                shutil.copy2(source, folder / file_name)
+        return
+    if vocabulary is not None:
+        tokenizer = vocabulary.tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(reference))
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(folder))
 
 
 def _check_sources(
