@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from mergeopt.errors import UserError
@@ -98,4 +99,185 @@ def test_a_slice_base_model_outside_its_sources_is_one_line(
         ],
     }
     with pytest.raises(UserError, match=r"slices\[0\]: base_model .* is not among the sources"):
+        run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+
+
+def save_word_tokenizer(folder: Path, words: list[str]) -> None:
+    """A word-level tokenizer whose token ids are the positions of ``words``."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(
+        models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The Llama family (64 embedding rows) with tokenizers that differ: the base has 50
+    tokens; the first expert has them reordered, without w7, plus x0..x4; the second lacks w3
+    and w7 and adds y0..y2."""
+    paths = llama(tmp_path_factory.mktemp("tokenized"))
+    words = ["<unk>", *(f"w{i}" for i in range(1, 50))]
+    save_word_tokenizer(paths[0], words)
+    first = [w for w in words if w != "w7"]
+    first[5:15] = reversed(first[5:15])
+    save_word_tokenizer(paths[1], [*first, *(f"x{i}" for i in range(5))])
+    save_word_tokenizer(paths[2], [*(w for w in words if w not in ("w3", "w7")), "y0", "y1", "y2"])
+    return paths
+
+
+VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def assert_same_by_token(ours_dir: Path, theirs_dir: Path) -> None:
+    """Both outputs hold the same tokens and, for each token, bit-identical embedding and
+    head rows (mergekit orders a union's new tokens by its models' set order, which varies
+    from run to run); every other tensor and the vocabulary size are identical."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.test_merge_oracle import read_folder
+
+    ours, theirs = read_folder(ours_dir), read_folder(theirs_dir)
+    our_vocab = AutoTokenizer.from_pretrained(ours_dir).get_vocab()
+    their_vocab = AutoTokenizer.from_pretrained(theirs_dir).get_vocab()
+    assert set(our_vocab) == set(their_vocab)
+    for name in VOCABULARY_TENSORS:
+        assert ours[name].shape == theirs[name].shape, name
+        for token, row in their_vocab.items():
+            assert torch.equal(ours[name][our_vocab[token]], theirs[name][row]), (name, token)
+        padding = range(len(their_vocab), theirs[name].shape[0])
+        assert all(torch.equal(ours[name][i], theirs[name][i]) for i in padding), name
+    assert_same(
+        {k: v for k, v in ours.items() if k not in VOCABULARY_TENSORS},
+        {k: v for k, v in theirs.items() if k not in VOCABULARY_TENSORS},
+    )
+    read = [json.loads((d / "config.json").read_text()) for d in (ours_dir, theirs_dir)]
+    assert read[0]["vocab_size"] == read[1]["vocab_size"]
+
+
+def merge_both(config: dict[str, Any], tmp_path: Path, *, copy_tokenizer: bool = False) -> None:
+    """``config`` merged by mergeopt into tmp_path/ours and by mergekit into tmp_path/theirs."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_mergekit_config(write_config(config, tmp_path), tmp_path / "ours")
+    options = MergeOptions(quiet=True, copy_tokenizer=copy_tokenizer, write_model_card=False)
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "theirs"), options)
+
+
+def tokenizer_config(method: str, paths: list[Path], **extra: Any) -> dict[str, Any]:
+    models = paths if method == "linear" else paths[1:]
+    weights = [0.5, 0.3, 0.2] if method == "linear" else [0.6, 0.4]
+    return {
+        "merge_method": method,
+        "base_model": str(paths[0]),
+        "dtype": "float32",
+        "models": [
+            {
+                "model": str(p),
+                "parameters": {"weight": w, "density": 0.7} if method == "ties" else {"weight": w},
+            }
+            for p, w in zip(models, weights, strict=True)
+        ],
+        **extra,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_a_union_tokenizer_merges_every_token_as_mergekit(
+    tokenized: list[Path], tmp_path: Path, method: str
+) -> None:
+    merge_both(tokenizer_config(method, tokenized, tokenizer_source="union"), tmp_path)
+    assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
+
+
+@pytest.mark.slow
+def test_a_model_as_tokenizer_source_as_mergekit(tokenized: list[Path], tmp_path: Path) -> None:
+    config = tokenizer_config("task_arithmetic", tokenized, tokenizer_source=str(tokenized[2]))
+    merge_both(config, tmp_path)
+    assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
+
+
+@pytest.mark.slow
+def test_the_tokenizer_block_adds_tokens_forces_rows_and_pads_as_mergekit(
+    tokenized: list[Path], tmp_path: Path
+) -> None:
+    first, second = (str(p) for p in tokenized[1:])
+    block = {
+        "source": "base",
+        "pad_to_multiple_of": 16,
+        "tokens": {
+            "new": {"source": {"kind": "zero"}},
+            "w5": {"source": second, "force": True},
+            "x1": {"source": {"kind": "model_token", "model": first, "token": "x3"}},
+            "w9": {
+                "source": {"kind": "model_token", "model": second, "token_id": 2},
+                "force": True,
+            },
+        },
+    }
+    # task_arithmetic: the padding rows are equal, so a top-k would meet ties at its threshold
+    merge_both(tokenizer_config("task_arithmetic", tokenized, tokenizer=block), tmp_path)
+    assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
+    from tests.test_merge_oracle import read_folder
+
+    assert read_folder(tmp_path / "ours")["model.embed_tokens.weight"].shape[0] == 64
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def written_tokenizers(tmp_path: Path) -> list[Any]:
+    from transformers import AutoTokenizer
+
+    return [AutoTokenizer.from_pretrained(tmp_path / side) for side in ("ours", "theirs")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("template", "source"), [(TEMPLATE, "base"), ("chatml", None)], ids=["text", "named"]
+)
+def test_the_chat_template_is_written_into_the_tokenizer_as_mergekit(
+    tokenized: list[Path], tmp_path: Path, template: str, source: str | None
+) -> None:
+    config = tokenizer_config("task_arithmetic", tokenized, chat_template=template)
+    if source is not None:
+        config["tokenizer_source"] = source
+    merge_both(config, tmp_path, copy_tokenizer=True)
+    ours, theirs = written_tokenizers(tmp_path)
+    assert ours.chat_template == theirs.chat_template
+    assert ours.chat_template and ("im_start" in ours.chat_template or "role" in ours.chat_template)
+    assert ours.get_vocab() == theirs.get_vocab()
+
+
+@pytest.mark.slow
+def test_chat_template_auto_takes_the_most_common_template_as_mergekit(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    paths = llama(tmp_path / "models")
+    for path, template in zip(paths, [TEMPLATE, "{{ 'other' }}", TEMPLATE], strict=True):
+        save_word_tokenizer(path, ["<unk>", "a", "b"])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(path)
+    merge_both(
+        tokenizer_config("task_arithmetic", paths, chat_template="auto"),
+        tmp_path,
+        copy_tokenizer=True,
+    )
+    ours, theirs = written_tokenizers(tmp_path)
+    assert ours.chat_template == theirs.chat_template == TEMPLATE
+
+
+def test_a_chat_template_that_is_no_template_is_one_line(
+    family: list[Path], tmp_path: Path
+) -> None:
+    config = tokenizer_config("task_arithmetic", family, chat_template="{short}")
+    with pytest.raises(UserError, match="chat_template '{short}' is not a template"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
