@@ -281,3 +281,44 @@ def test_a_chat_template_that_is_no_template_is_one_line(
     config = tokenizer_config("task_arithmetic", family, chat_template="{short}")
     with pytest.raises(UserError, match="chat_template '{short}' is not a template"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("ram", {}),
+        ("ram", {"epsilon": 0.02}),  # about half the changes count: unique and shared ones
+        ("ramplus_tl", {}),
+        ("ramplus_tl", {"r": 0.5, "alpha": 0.8, "epsilon": "2e-2"}),
+    ],
+)
+def test_ram_methods_match_mergekit(
+    family: list[Path], tmp_path: Path, method: str, options: dict
+) -> None:
+    config = {
+        "merge_method": method,
+        "base_model": str(family[0]),
+        "dtype": "float32",
+        "models": [{"model": str(p)} for p in family[1:]],
+        "parameters": options,
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.slow
+def test_arcee_fusion_matches_mergekit(family: list[Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "arcee_fusion",
+        "base_model": str(family[0]),
+        "dtype": "float32",
+        "models": [{"model": str(family[1])}],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    from tests.test_merge_oracle import read_folder
+
+    base, expert = read_folder(family[0]), read_folder(family[1])
+    name = "model.layers.1.mlp.up_proj.weight"  # some changes kept, some not
+    assert not torch.equal(ours[name], base[name]) and not torch.equal(ours[name], expert[name])

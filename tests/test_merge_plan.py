@@ -37,7 +37,8 @@ def test_a_cpu_plan_runs_torch_and_the_weighted_sums_only_when_not_exact(
     assert not plan.block_launch and not plan.draws
     assert (plan.weighted_sum is not None) == (not exact and name in ("task_arithmetic", "linear"))
     assert plan.block_masks == (method.sparsification in ("magnitude", "magnitude_outliers"))
-    assert plan.randomized == (name.startswith(("dare", "della")))
+    # arcee_fusion samples its quartiles from tensors over a million elements
+    assert plan.randomized == (name.startswith(("dare", "della")) or name == "arcee_fusion")
 
 
 @pytest.mark.parametrize("name", list(METHODS))
