@@ -236,18 +236,6 @@ def test_della_epsilon_outside_the_unit_interval_is_refused_before_merging(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_lora_reference_is_named_as_unsupported(qwen2: list[Path], tmp_path: Path) -> None:
-    config = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(qwen2[0]),
-        "models": [{"model": f"{qwen2[1]}+some/adapter", "parameters": {"weight": 1.0}}],
-    }
-    config_path = tmp_path / "r.yml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    with pytest.raises(UserError, match=r"LoRA references \(model\+adapter\) are not supported"):
-        run_mergekit_config(config_path, tmp_path / "out")
-
-
 def test_slerp_given_a_per_model_weight_warns_and_merges(
     qwen2: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

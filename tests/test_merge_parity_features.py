@@ -322,3 +322,58 @@ def test_arcee_fusion_matches_mergekit(family: list[Path], tmp_path: Path) -> No
     base, expert = read_folder(family[0]), read_folder(family[1])
     name = "model.layers.1.mlp.up_proj.weight"  # some changes kept, some not
     assert not torch.equal(ours[name], base[name]) and not torch.equal(ours[name], expert[name])
+
+
+def save_lora_adapter(model: Path, folder: Path) -> None:
+    """A random rank-4 LoRA adapter (non-zero B, so that it changes the model) on the
+    attention projections of ``model``."""
+    import peft
+    import transformers
+
+    torch.manual_seed(7)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(model)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft.get_peft_model(loaded, config).save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_a_lora_reference_merges_its_adapter_first_as_mergekit(
+    family: list[Path], tmp_path: Path
+) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from tests.test_merge_oracle import read_folder
+
+    adapter = tmp_path / "adapter"
+    save_lora_adapter(family[1], adapter)
+    config = tokenizer_config("ties", [family[0], family[1], family[2]])
+    config["models"][0]["model"] = f"{family[1]}+{adapter}"
+    run_mergekit_config(write_config(config, tmp_path), tmp_path / "ours")
+    options = MergeOptions(
+        quiet=True,
+        copy_tokenizer=False,
+        write_model_card=False,
+        lora_merge_cache=str(tmp_path / "cache"),
+    )
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "theirs"), options)
+    ours, theirs = read_folder(tmp_path / "ours"), read_folder(tmp_path / "theirs")
+    assert_same(ours, theirs)
+    without = tmp_path / "without"
+    config["models"][0]["model"] = str(family[1])
+    run_mergekit_config(write_config(config, tmp_path), without)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(ours[name], read_folder(without)[name])  # the adapter counted
+    assert not [p for p in tmp_path.iterdir() if ".adapters-" in p.name]  # removed after
+
+
+def test_a_lora_reference_whose_adapter_is_missing_is_one_line(
+    family: list[Path], tmp_path: Path
+) -> None:
+    config = tokenizer_config("task_arithmetic", family)
+    config["models"][0]["model"] = f"{family[1]}+{tmp_path / 'no-adapter'}"
+    with pytest.raises(UserError, match=r"models\[0\]\.model: folder .*no-adapter not found"):
+        run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,6 @@ def run_mergekit_config(
     Raises:
         UserError: unreadable or unsupported config, missing models, ``out_dir`` exists.
     """
-    import torch
-    from safetensors.torch import save_file
-
-    from mergeopt.checkpoints import Checkpoint, CheckpointReader, check_mergeable
-    from mergeopt.merge.plan import MergePlan, tensor_seed
-
     config_path = Path(config_path)
     out_dir = Path(out_dir)
     try:
@@ -97,9 +92,29 @@ def run_mergekit_config(
         raise UserError(f"{config_path}: not a UTF-8 text file (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{config_path}: not valid YAML ({exc.__class__.__name__})") from None
-    parsed = MergekitConfig(config=config, config_path=config_path)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty")
+    # LoRA references' models are made here, beside the output, and removed after the merge
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    adapters = tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.adapters-", dir=out_dir.parent)
+    with adapters as made:
+        parsed = MergekitConfig(config=config, config_path=config_path, adapters_dir=Path(made))
+        _merge(parsed, config_path, out_dir, device, seed, max_shard_bytes)
+
+
+def _merge(
+    parsed: MergekitConfig,
+    config_path: Path,
+    out_dir: Path,
+    device: str,
+    seed: int,
+    max_shard_bytes: int,
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from mergeopt.checkpoints import Checkpoint, CheckpointReader, check_mergeable
+    from mergeopt.merge.plan import MergePlan, tensor_seed
 
     checkpoints = [Checkpoint(path=p) for p in parsed.paths]
     reference = checkpoints[0]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
+from mergeopt.merge.adapters import apply_adapter
 from mergeopt.merge.settings import check_setting, resolve, validator, validator_for
 from mergeopt.merge.vocabulary import read_tokenizer_spec
 from mergeopt.tensor_names import is_post_weight, layer_counts, layer_of
@@ -79,10 +80,14 @@ class MergekitConfig:
     """A parsed, validated mergekit config (:mod:`mergeopt.merge.mergekit_config` says what is
     accepted)."""
 
-    def __init__(self, *, config: Mapping[str, Any], config_path: Path) -> None:
+    def __init__(
+        self, *, config: Mapping[str, Any], config_path: Path, adapters_dir: Path | None = None
+    ) -> None:
+        """``adapters_dir``: where LoRA references' models are made (None: refused)."""
         from mergeopt.merge.methods import get_method
 
         where = str(config_path)
+        self._adapters_dir = adapters_dir
         if not isinstance(config, Mapping):
             raise UserError(f"{where}: expected a mapping at the top level")
         unknown = sorted(set(config) - TOP_LEVEL_KEYS)
@@ -147,11 +152,9 @@ class MergekitConfig:
         path = Path(reference).expanduser()
         if not path.is_dir() and (self._dir / path).is_dir():
             path = self._dir / path
-        if not path.is_dir() and "+" in reference:
-            raise UserError(
-                f"{self.where}: {key}: {reference}: LoRA references (model+adapter) are not "
-                "supported yet; merge the adapter into its model first (PEFT merge_and_unload)"
-            )
+        if not path.is_dir() and reference.count("+") == 1 and self._adapters_dir is not None:
+            model, adapter = (self._folder(part, key) for part in reference.split("+"))
+            return apply_adapter(model, adapter, self._adapters_dir, f"{self.where}: {key}")
         if not path.is_dir() and "@" in reference:
             raise UserError(
                 f"{self.where}: {key}: {reference}: revisions (model@revision) are not "
@@ -159,6 +162,14 @@ class MergekitConfig:
             )
         if not path.is_dir():
             raise UserError(f"{self.where}: {key}: model folder {reference} not found")
+        return path.resolve()
+
+    def _folder(self, reference: str, key: str) -> Path:
+        path = Path(reference).expanduser()
+        if not path.is_dir() and (self._dir / path).is_dir():
+            path = self._dir / path
+        if not path.is_dir():
+            raise UserError(f"{self.where}: {key}: folder {reference} not found")
         return path.resolve()
 
     def _check_params(self, params: Any, key: str, *, global_scope: bool) -> Mapping[str, Any]:
