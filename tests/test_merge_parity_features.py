@@ -377,3 +377,51 @@ def test_a_lora_reference_whose_adapter_is_missing_is_one_line(
     config["models"][0]["model"] = f"{family[1]}+{tmp_path / 'no-adapter'}"
     with pytest.raises(UserError, match=r"models\[0\]\.model: folder .*no-adapter not found"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+
+
+def test_arcee_fusion_over_a_million_elements_samples_its_quartiles_as_mergekit() -> None:
+    from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion, _compute_importance
+
+    from mergeopt.merge.selective import arcee_fusion
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1100, 1000, generator=generator)  # 1.1 M elements: sampled quartiles
+    expert = base + 0.02 * torch.randn(base.shape, generator=generator)
+    torch.manual_seed(1)  # mergekit samples from the global generator
+    mask, _ = DynamicThresholdFusion().compute_fusion_mask(_compute_importance(expert, base))
+    kept = arcee_fusion(base, expert, torch.Generator().manual_seed(2)) != base
+    theirs = mask.bool()
+    assert 0.01 < theirs.float().mean() < 0.5
+    assert abs(kept.float().mean() - theirs.float().mean()) < 0.002
+    assert (kept == theirs).float().mean() > 0.995
+
+
+def test_a_base_tokenizer_past_its_embedding_rows_is_one_line(
+    family: list[Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(family[0], base)
+    save_word_tokenizer(base, ["<unk>", *(f"w{i}" for i in range(1, 70))])  # 70 > 64 rows
+    config = tokenizer_config("task_arithmetic", [base, *family[1:]], tokenizer_source="union")
+    with pytest.raises(UserError, match="base tokenizer has tokens past its model's 64 embedding"):
+        run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+def test_nuslerp_without_a_base_model_interpolates_the_two_models_as_mergekit(
+    family: list[Path], tmp_path: Path, options: dict
+) -> None:
+    config = {
+        "merge_method": "nuslerp",
+        "dtype": "float32",
+        "models": [
+            {"model": str(family[1]), "parameters": {"weight": [0.2, 0.8]}},
+            {"model": str(family[2]), "parameters": {"weight": 0.5}},
+        ],
+        "parameters": options,
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)

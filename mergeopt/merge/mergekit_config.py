@@ -4,10 +4,13 @@
 format; what it may hold:
 
 - ``merge_method`` (a name in ``mergeopt.merge.methods.METHODS``), ``base_model``, ``dtype``,
-  ``out_dtype``, ``tokenizer_source`` (absent or ``base``: :mod:`mergeopt.merge.vocabulary`);
+  ``out_dtype``; ``tokenizer_source`` or ``tokenizer:`` and ``chat_template``
+  (:mod:`mergeopt.merge.vocabulary`);
 - ``models: [{model: PATH, parameters: {weight, density, gamma, epsilon}}]``, or ``slices``
   whose sources give ``layer_range``s of one length (stacked, reordered or a subset: the
-  frankenmerge; :mod:`mergeopt.merge.mergekit_config_plan` plans each output tensor);
+  frankenmerge; a slice may name its own ``base_model``; ``residual_weight``, which mergekit
+  ignores, is a warning; :mod:`mergeopt.merge.mergekit_config_plan` plans each output tensor);
+- a model may be a LoRA reference ``MODEL+ADAPTER`` (:mod:`mergeopt.merge.adapters`);
 - ``parameters`` (global: normalize, rescale, lambda, int8_mask, t, or per-model defaults);
 - every value a scalar, a gradient list (interpolated over the layers of a slice,
   ``t = layer / (layers - 1)``, each layer stack with its own count: :mod:`mergeopt.tensor_names`;
@@ -16,8 +19,7 @@ format; what it may hold:
 - embeddings are planned from the first slice, final norms and heads from the last;
 - without ``dtype``, each tensor is merged in its inputs' dtypes promoted, as mergekit does.
 
-Anything else (LoRA ``model+adapter``, ``modules``, ``tokenizer``, ``chat_template``,
-``slices[].base_model``, slices of a model with several layer stacks, unknown parameters,
+Anything else (``modules``, slices of a model with several layer stacks, unknown parameters,
 DELLA's density ± epsilon outside (0, 1)) is a :class:`UserError` naming the key; a per-model
 parameter of another method (which mergekit ignores) is a warning. The output is written to a
 staging folder next to ``OUT_DIR`` (:func:`mergeopt.staging.staged_folder`) and renamed into place
@@ -189,7 +191,7 @@ def _merge(
                             merge_method, device=torch_device, dtype=base.dtype, exact=True
                         )
                         merge_plans[base.dtype] = merge_plan
-                    if merge_method.task_vectors:
+                    if merge_method.task_vectors and piece.base is not None:
                         stack -= base
                     generator = None
                     if merge_plan.randomized:

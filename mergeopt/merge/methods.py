@@ -111,7 +111,8 @@ class MergeMethod:
         task_vectors: experts enter the math as differences from the base.
         base_input: the base is an input of the math (resident in the engine); False: every
             model is an expert (linear), and a mergekit config's base must be one of them.
-        base_optional: a mergekit config without ``base_model`` merges its models without one.
+        base_optional: a mergekit config without ``base_model`` merges its models without one
+            (as raw tensors, not task vectors).
         sparsification: one of the ``SPARSIFY_*`` names, or None.
         consensus: ``"sum"`` (TIES sign election) or None.
         global_defaults: method-level parameters (mergekit's SHARED scope) and defaults.
@@ -340,12 +341,14 @@ def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MergeMethod:
 
 
 def _nuslerp_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-    """base + nuslerp of the two task vectors at t = w1 / (w0 + w1) (0.5 if they cancel)."""
+    """base + nuslerp of the two task vectors at t = w1 / (w0 + w1) (0.5 if they cancel);
+    without a base, nuslerp of the two models."""
     weights = [float(p["weight"]) for p in inputs.expert_params]
     t = 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights)
     p = inputs.method_params
     row_wise, flatten = bool(p["nuslerp_row_wise"]), bool(p["nuslerp_flatten"])
-    return inputs.base_tensor + nuslerp(t, *inputs.stack[:2], row_wise=row_wise, flatten=flatten)
+    merged = nuslerp(t, *inputs.stack[:2], row_wise=row_wise, flatten=flatten)
+    return merged if inputs.base is None else inputs.base + merged
 
 
 def _model_stock_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
@@ -439,6 +442,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             name="nuslerp",
             math=_nuslerp_math,
+            base_optional=True,
             global_defaults={"nuslerp_row_wise": False, "nuslerp_flatten": True},
             expert_defaults={"weight": None},
             min_experts=2,
