@@ -425,3 +425,49 @@ def test_nuslerp_without_a_base_model_interpolates_the_two_models_as_mergekit(
     }
     ours, theirs = both(config, tmp_path)
     assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_the_study_engine_merges_the_weighted_spherical_methods_as_mergekit(
+    family: list[Path], tmp_path: Path, method: str
+) -> None:
+    """Studies search these methods' per-expert ``weight``: the resident engine's merge of
+    one recipe equals mergekit's merge of the same config."""
+    import transformers
+
+    from mergeopt.blocks import BlockLayout
+    from mergeopt.merge.engine import MergeEngine, ModuleTarget
+    from tests.test_merge_oracle import mergekit_merge
+
+    layout = BlockLayout.fixed(4, num_blocks=2)
+    weights = [{"weight": 0.3}, {"weight": 0.6}]
+    engine = MergeEngine(base=family[0], experts=family[1:], layout=layout, method=method)
+    module = transformers.AutoModelForCausalLM.from_pretrained(family[0], dtype=torch.float32)
+    recipe = [[dict(w) for w in weights] for _ in range(layout.num_blocks)]
+    engine.merge(recipe, target=ModuleTarget(module=module))
+    config = {
+        "merge_method": method,
+        "base_model": str(family[0]),
+        "dtype": "float32",
+        "models": [
+            {"model": str(p), "parameters": w} for p, w in zip(family[1:], weights, strict=True)
+        ],
+    }
+    state = module.state_dict()
+    for name, tensor in mergekit_merge(config, tmp_path / "theirs").items():
+        assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl", "arcee_fusion", "model_stock"])
+def test_a_study_of_a_method_without_per_model_parameters_is_one_line(
+    tmp_path: Path, method: str
+) -> None:
+    from mergeopt.spec import load_spec
+    from mergeopt.study import check_method
+
+    spec_text = (Path(__file__).parents[1] / "studies" / "tiny.yaml").read_text(encoding="utf-8")
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(spec_text.replace("method: task_arithmetic", f"method: {method}"))
+    spec = load_spec(spec_path)
+    with pytest.raises(UserError, match=f"merge.method: {method} has no per-model parameter"):
+        check_method(spec, num_experts=2)
