@@ -112,7 +112,7 @@ def check_method(spec: StudySpec, *, num_experts: int) -> None:
 
     merge = spec.merge
     method = get_method(merge.method, "merge.method")
-    if not method.expert_defaults:  # model_stock, karcher, sce, ram, ramplus_tl, arcee_fusion
+    if not method.expert_defaults:  # model_stock, karcher, sce, ram, arcee_fusion, slerp, ...
         raise UserError(
             f"merge.method: {method.name} has no per-model parameter for a study to search; "
             "merge with it by `mergeopt merge`"

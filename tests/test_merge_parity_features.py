@@ -458,7 +458,7 @@ def test_the_study_engine_merges_the_weighted_spherical_methods_as_mergekit(
         assert torch.equal(state[name], tensor), name
 
 
-@pytest.mark.parametrize("method", ["ram", "ramplus_tl", "arcee_fusion", "model_stock"])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl", "arcee_fusion", "model_stock", "slerp"])
 def test_a_study_of_a_method_without_per_model_parameters_is_one_line(
     tmp_path: Path, method: str
 ) -> None:
