@@ -152,7 +152,9 @@ class MergekitConfig:
         path = Path(reference).expanduser()
         if not path.is_dir() and (self._dir / path).is_dir():
             path = self._dir / path
-        if not path.is_dir() and reference.count("+") == 1 and self._adapters_dir is not None:
+        if not path.is_dir() and reference.count("+") == 1:
+            if self._adapters_dir is None:
+                raise UserError(f"{self.where}: {key}: {reference}: no folder to apply LoRA into")
             model, adapter = (self._folder(part, key) for part in reference.split("+"))
             return apply_adapter(model, adapter, self._adapters_dir, f"{self.where}: {key}")
         if not path.is_dir() and "@" in reference:

@@ -173,18 +173,15 @@ class OutputVocabulary:
         tensors = [t.to(dtype) for t in tensors]
         by_model = dict(zip(models, tensors, strict=True))
         size = len(self.vocab)
-        index = {m: torch.tensor(self.rows_of[m], dtype=torch.long) for m in models}
-        defaults = self._default_rows(by_model, index, base)
+        defaults = self._default_rows(by_model, base)
+        forced = {self.vocab[t] for t, s in self.tokens.items() if s.force and t in self.vocab}
         result = []
         for model, tensor in by_model.items():
-            rows = index[model]
-            forced = torch.zeros(size, dtype=torch.bool)
-            for token, source in self.tokens.items():
-                if source.force and token in self.vocab:
-                    forced[self.vocab[token]] = True
-            keep = (rows >= 0) & ~forced
+            keep = [row >= 0 and i not in forced for i, row in enumerate(self.rows_of[model])]
+            kept = torch.tensor(keep, dtype=torch.bool)
+            rows = torch.tensor(self.rows_of[model], dtype=torch.long)[kept]
             out = tensor.new_zeros((self.rows, *tensor.shape[1:]))
-            out[:size][keep.to(out.device)] = tensor[rows[keep].to(tensor.device)]
+            out[:size][kept.to(out.device)] = tensor[rows.to(tensor.device)]
             for token_id, row in defaults.items():
                 if not keep[token_id]:
                     out[token_id] = row
@@ -196,33 +193,31 @@ class OutputVocabulary:
             result.append(out)
         return result
 
-    def _default_rows(
-        self, tensors: dict[Path, Any], index: dict[Path, Any], base: Path | None
-    ) -> dict[int, Any]:
+    def _default_rows(self, tensors: dict[Path, Any], base: Path | None) -> dict[int, Any]:
         """The row of each token some model lacks (or whose source is forced): mergekit's
         choice of source (the one model that has it, the base, the mean of those that have
         it, zeros; or the config's ``tokens`` entry)."""
-        models = list(tensors)
+        models, index = list(tensors), self.rows_of
         first = tensors[models[0]]
         rows: dict[int, Any] = {}
         for token, token_id in self.vocab.items():
-            present = [m for m in models if int(index[m][token_id]) >= 0]
+            present = [m for m in models if index[m][token_id] >= 0]
             source = self.tokens.get(token)
             if not (source is not None and source.force) and len(present) == len(models):
                 continue
             if source is not None:
-                rows[token_id] = self._configured_row(token, token_id, source, tensors, index)
+                rows[token_id] = self._configured_row(token, token_id, source, tensors)
             elif len(present) == 1:
-                rows[token_id] = tensors[present[0]][int(index[present[0]][token_id])]
+                rows[token_id] = tensors[present[0]][index[present[0]][token_id]]
             elif not present:
                 logger.warning("token %r is in none of the models: its row is zeros", token)
                 rows[token_id] = first.new_zeros(first.shape[1:])
             elif base in present:
-                rows[token_id] = tensors[base][int(index[base][token_id])]
+                rows[token_id] = tensors[base][index[base][token_id]]
             else:  # mergekit's order: a zero row, each model's row added, divided by the count
                 total = first.new_zeros(first.shape[1:])
                 for model in present:
-                    total = total + tensors[model][int(index[model][token_id])]
+                    total = total + tensors[model][index[model][token_id]]
                 total /= len(present)
                 rows[token_id] = total
         return rows
@@ -233,7 +228,6 @@ class OutputVocabulary:
         token_id: int,
         source: TokenSource,
         tensors: dict[Path, Any],
-        index: dict[Path, Any],
     ) -> Any:
         if source.kind == "zero":
             first = next(iter(tensors.values()))
@@ -256,7 +250,7 @@ class OutputVocabulary:
             if not 0 <= row < tensor.shape[0]:
                 raise UserError(f"tokenizer.tokens.{token}: token id {row} is out of range")
             return tensor[row]
-        row = int(index[source.model][token_id])
+        row = self.rows_of[source.model][token_id]
         if row < 0:
             raise UserError(f"tokenizer.tokens.{token}: {source.model} has no token {token!r}")
         return tensor[row]
