@@ -170,7 +170,9 @@ def merge_both(config: dict[str, Any], tmp_path: Path, *, copy_tokenizer: bool =
     run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "theirs"), options)
 
 
-def tokenizer_config(method: str, paths: list[Path], **extra: Any) -> dict[str, Any]:
+def weighted_config(method: str, paths: list[Path], **extra: Any) -> dict[str, Any]:
+    """``method`` over ``paths[0]`` as the base and the rest (linear: all of them) weighted,
+    in fp32, with the ``extra`` top-level keys."""
     models = paths if method == "linear" else paths[1:]
     weights = [0.5, 0.3, 0.2] if method == "linear" else [0.6, 0.4]
     return {
@@ -189,17 +191,19 @@ def tokenizer_config(method: str, paths: list[Path], **extra: Any) -> dict[str, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ties", "linear"])
-def test_a_union_tokenizer_merges_every_token_as_mergekit(
-    tokenized: list[Path], tmp_path: Path, method: str
+@pytest.mark.parametrize(
+    ("source", "method"), [("union", "ties"), ("union", "linear"), ("base", "ties")]
+)
+def test_models_with_different_tokenizers_merge_every_token_as_mergekit(
+    tokenized: list[Path], tmp_path: Path, source: str, method: str
 ) -> None:
-    merge_both(tokenizer_config(method, tokenized, tokenizer_source="union"), tmp_path)
+    merge_both(weighted_config(method, tokenized, tokenizer_source=source), tmp_path)
     assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
 
 
 @pytest.mark.slow
 def test_a_model_as_tokenizer_source_as_mergekit(tokenized: list[Path], tmp_path: Path) -> None:
-    config = tokenizer_config("task_arithmetic", tokenized, tokenizer_source=str(tokenized[2]))
+    config = weighted_config("task_arithmetic", tokenized, tokenizer_source=str(tokenized[2]))
     merge_both(config, tmp_path)
     assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
 
@@ -223,7 +227,7 @@ def test_the_tokenizer_block_adds_tokens_forces_rows_and_pads_as_mergekit(
         },
     }
     # task_arithmetic: the padding rows are equal, so a top-k would meet ties at its threshold
-    merge_both(tokenizer_config("task_arithmetic", tokenized, tokenizer=block), tmp_path)
+    merge_both(weighted_config("task_arithmetic", tokenized, tokenizer=block), tmp_path)
     assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
     from tests.test_merge_oracle import read_folder
 
@@ -246,7 +250,7 @@ def written_tokenizers(tmp_path: Path) -> list[Any]:
 def test_the_chat_template_is_written_into_the_tokenizer_as_mergekit(
     tokenized: list[Path], tmp_path: Path, template: str, source: str | None
 ) -> None:
-    config = tokenizer_config("task_arithmetic", tokenized, chat_template=template)
+    config = weighted_config("task_arithmetic", tokenized, chat_template=template)
     if source is not None:
         config["tokenizer_source"] = source
     merge_both(config, tmp_path, copy_tokenizer=True)
@@ -267,7 +271,7 @@ def test_chat_template_auto_takes_the_most_common_template_as_mergekit(tmp_path:
         tokenizer.chat_template = template
         tokenizer.save_pretrained(path)
     merge_both(
-        tokenizer_config("task_arithmetic", paths, chat_template="auto"),
+        weighted_config("task_arithmetic", paths, chat_template="auto"),
         tmp_path,
         copy_tokenizer=True,
     )
@@ -278,7 +282,7 @@ def test_chat_template_auto_takes_the_most_common_template_as_mergekit(tmp_path:
 def test_a_chat_template_that_is_no_template_is_one_line(
     family: list[Path], tmp_path: Path
 ) -> None:
-    config = tokenizer_config("task_arithmetic", family, chat_template="{short}")
+    config = weighted_config("task_arithmetic", family, chat_template="{short}")
     with pytest.raises(UserError, match="chat_template '{short}' is not a template"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
 
@@ -350,7 +354,7 @@ def test_a_lora_reference_merges_its_adapter_first_as_mergekit(
 
     adapter = tmp_path / "adapter"
     save_lora_adapter(family[1], adapter)
-    config = tokenizer_config("ties", [family[0], family[1], family[2]])
+    config = weighted_config("ties", [family[0], family[1], family[2]])
     config["models"][0]["model"] = f"{family[1]}+{adapter}"
     run_mergekit_config(write_config(config, tmp_path), tmp_path / "ours")
     options = MergeOptions(
@@ -373,7 +377,7 @@ def test_a_lora_reference_merges_its_adapter_first_as_mergekit(
 def test_a_lora_reference_whose_adapter_is_missing_is_one_line(
     family: list[Path], tmp_path: Path
 ) -> None:
-    config = tokenizer_config("task_arithmetic", family)
+    config = weighted_config("task_arithmetic", family)
     config["models"][0]["model"] = f"{family[1]}+{tmp_path / 'no-adapter'}"
     with pytest.raises(UserError, match=r"models\[0\]\.model: folder .*no-adapter not found"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
@@ -404,7 +408,7 @@ def test_a_base_tokenizer_past_its_embedding_rows_is_one_line(
     base = tmp_path / "base"
     shutil.copytree(family[0], base)
     save_word_tokenizer(base, ["<unk>", *(f"w{i}" for i in range(1, 70))])  # 70 > 64 rows
-    config = tokenizer_config("task_arithmetic", [base, *family[1:]], tokenizer_source="union")
+    config = weighted_config("task_arithmetic", [base, *family[1:]], tokenizer_source="union")
     with pytest.raises(UserError, match="base tokenizer has tokens past its model's 64 embedding"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
 
