@@ -475,3 +475,23 @@ def test_a_study_of_a_method_without_per_model_parameters_is_one_line(
     spec = load_spec(spec_path)
     with pytest.raises(UserError, match=f"merge.method: {method} has no per-model parameter"):
         check_method(spec, num_experts=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl", "arcee_fusion"])
+def test_bf16_ram_and_fusion_write_what_mergekit_writes(
+    family: list[Path], tmp_path: Path, method: str
+) -> None:
+    """In a bf16 merge without ``out_dtype``, mergekit writes what the method returns: bf16
+    from ram, fp32 from ramplus_tl and arcee_fusion (their scales and masks are fp32)."""
+    experts = family[1:2] if method == "arcee_fusion" else family[1:]
+    config = {
+        "merge_method": method,
+        "base_model": str(family[0]),
+        "dtype": "bfloat16",
+        "models": [{"model": str(p)} for p in experts],
+    }
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    expected = torch.bfloat16 if method == "ram" else torch.float32
+    assert {tensor.dtype for tensor in ours.values()} == {expected}

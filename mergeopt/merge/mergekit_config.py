@@ -216,7 +216,7 @@ def _merge(
                 shard_bytes += size
         _write_shards(shards, staging, save_file)
         vocab_rows = None if vocabulary is None else vocabulary.rows
-        _write_config(reference, staging, parsed.out_dtype, vocab_rows, parsed.layer_sources)
+        _write_config(reference, staging, parsed.config_dtype, vocab_rows, parsed.layer_sources)
         _write_tokenizer(reference.path, staging, vocabulary, parsed.chat_template, template)
         (staging / "mergekit_config.yml").write_text(
             config_path.read_text(encoding="utf-8"), encoding="utf-8"

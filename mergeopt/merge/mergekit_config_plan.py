@@ -104,7 +104,11 @@ class MergekitConfig:
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise UserError(f"{where}: chat_template: expected a template, a name or auto")
         self.dtype = self._dtype(config.get("dtype"), "dtype")
-        self.out_dtype = self._dtype(config.get("out_dtype"), "out_dtype") or self.dtype
+        self.out_dtype = self._dtype(config.get("out_dtype"), "out_dtype")
+        """The dtype tensors are written in; None: the merge's own (mergekit writes what its
+        method returns: fp32 from ramplus_tl and arcee_fusion in a bf16 merge)."""
+        self.config_dtype = self.out_dtype or self.dtype
+        """The dtype ``config.json`` names (mergekit's: ``out_dtype``, else ``dtype``)."""
         self.parameters = self._check_params(
             config.get("parameters") or {}, "parameters", global_scope=True
         )
