@@ -374,6 +374,29 @@ def test_a_lora_reference_merges_its_adapter_first_as_mergekit(
     assert not [p for p in tmp_path.iterdir() if ".adapters-" in p.name]  # removed after
 
 
+@pytest.mark.slow
+def test_a_lora_reference_keeps_its_model_tokenizer_as_mergekit(
+    tokenized: list[Path], tmp_path: Path
+) -> None:
+    """A union of tokenizers takes the LoRA reference's tokens from its model's tokenizer."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    save_lora_adapter(tokenized[1], adapter)
+    config = weighted_config("task_arithmetic", tokenized, tokenizer_source="union")
+    config["models"][0]["model"] = f"{tokenized[1]}+{adapter}"
+    run_mergekit_config(write_config(config, tmp_path), tmp_path / "ours")
+    options = MergeOptions(
+        quiet=True, write_model_card=False, lora_merge_cache=str(tmp_path / "cache")
+    )
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "theirs"), options)
+    assert_same_by_token(tmp_path / "ours", tmp_path / "theirs")
+    assert "x3" in AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+
+
 def test_a_lora_reference_whose_adapter_is_missing_is_one_line(
     family: list[Path], tmp_path: Path
 ) -> None:

@@ -1,11 +1,13 @@
 """LoRA references of a mergekit config (``MODEL+ADAPTER``): the PEFT adapter applied to its
 model first, as mergekit does (the model loaded by its architecture's auto class in its stored
 dtype, ``PeftModel.from_pretrained``, ``merge_and_unload``, saved as safetensors), into a folder
-that the merge then reads like any model. Needs ``peft`` (the ``lora`` extra)."""
+that the merge then reads like any model, with the model's other files (its tokenizer) beside
+the merged weights. Needs ``peft`` (the ``lora`` extra)."""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,14 @@ def apply_adapter(model: Path, adapter: Path, into: Path, where: str) -> Path:
     merged = peft.PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
     merged = merged.merge_and_unload()
     merged.save_pretrained(str(folder), safe_serialization=True)
+    for path in model.iterdir():  # its tokenizer and the like: mergekit reads them from model
+        if path.is_file() and not (folder / path.name).exists() and not _is_weights(path.name):
+            shutil.copy2(path, folder / path.name)
     return folder
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
 
 
 def _auto_class(transformers: Any, architecture: str) -> Any:
