@@ -153,9 +153,7 @@ class MergekitConfig:
             reference = reference.get("model")
         if not isinstance(reference, str):
             raise UserError(f"{self.where}: {key}: expected a model folder path")
-        path = Path(reference).expanduser()
-        if not path.is_dir() and (self._dir / path).is_dir():
-            path = self._dir / path
+        path = self._resolved(reference)
         if not path.is_dir() and reference.count("+") == 1:
             if self._adapters_dir is None:
                 raise UserError(f"{self.where}: {key}: {reference}: no folder to apply LoRA into")
@@ -170,10 +168,13 @@ class MergekitConfig:
             raise UserError(f"{self.where}: {key}: model folder {reference} not found")
         return path.resolve()
 
-    def _folder(self, reference: str, key: str) -> Path:
+    def _resolved(self, reference: str) -> Path:
+        """``reference`` as a path, relative to the config's folder where it is one there."""
         path = Path(reference).expanduser()
-        if not path.is_dir() and (self._dir / path).is_dir():
-            path = self._dir / path
+        return self._dir / path if not path.is_dir() and (self._dir / path).is_dir() else path
+
+    def _folder(self, reference: str, key: str) -> Path:
+        path = self._resolved(reference)
         if not path.is_dir():
             raise UserError(f"{self.where}: {key}: folder {reference} not found")
         return path.resolve()
@@ -240,8 +241,11 @@ class MergekitConfig:
         extra = sorted(set(entry) - {"sources", "parameters", "base_model", "residual_weight"})
         if extra:
             raise UserError(f"{self.where}: {key}: unsupported key {extra[0]!r}")
-        if entry.get("residual_weight") is not None:  # mergekit 0.1.5 reads it, then never uses it
-            check_setting(entry["residual_weight"], validator(float), f"{key}.residual_weight")
+        residual = entry.get("residual_weight")
+        if residual is not None:  # mergekit 0.1.5 reads it, then never uses it
+            if isinstance(residual, (list, Mapping)):
+                raise UserError(f"{self.where}: {key}.residual_weight: expected a number")
+            check_setting(residual, validator(float), f"{key}.residual_weight")
             logger.warning("%s: %s.residual_weight is ignored, as mergekit does", self.where, key)
         base = self.base_path
         if entry.get("base_model") is not None:  # this slice's base, instead of the config's
