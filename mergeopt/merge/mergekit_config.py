@@ -112,6 +112,7 @@ def _merge(
     seed: int,
     max_shard_bytes: int,
 ) -> None:
+    """:func:`run_mergekit_config`'s merge of a parsed config into ``out_dir``."""
     import torch
     from safetensors.torch import save_file
 
