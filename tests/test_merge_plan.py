@@ -37,7 +37,8 @@ def test_a_cpu_plan_runs_torch_and_the_weighted_sums_only_when_not_exact(
     assert not plan.block_launch and not plan.draws
     assert (plan.weighted_sum is not None) == (not exact and name in ("task_arithmetic", "linear"))
     assert plan.block_masks == (method.sparsification in ("magnitude", "magnitude_outliers"))
-    assert plan.randomized == (name.startswith(("dare", "della")))
+    # arcee_fusion samples its quartiles from tensors over a million elements
+    assert plan.randomized == (name.startswith(("dare", "della")) or name == "arcee_fusion")
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -72,8 +73,8 @@ def test_parameter_errors_are_one_line_user_errors_naming_the_field() -> None:
         ties.check_expert_params({"density": 0.5}, "block 0 expert 0")
     with pytest.raises(MethodParamError, match="unknown per-expert parameter 'gamma'"):
         ties.check_expert_params({"weight": 1.0, "gamma": 0.1}, "block 0 expert 0")
-    with pytest.raises(MethodParamError, match="unknown merge method 'ram'"):
-        get_method("ram", "merge.method")
+    with pytest.raises(MethodParamError, match="unknown merge method 'rem'"):
+        get_method("rem", "merge.method")
     slerp = get_method("slerp")
     slerp.check_expert_params({"t": 0.3}, "block 0 expert 0")  # an override, per tensor
     with pytest.raises(MethodParamError, match="'t' is required by slerp"):

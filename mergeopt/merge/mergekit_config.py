@@ -4,10 +4,13 @@
 format; what it may hold:
 
 - ``merge_method`` (a name in ``mergeopt.merge.methods.METHODS``), ``base_model``, ``dtype``,
-  ``out_dtype``, ``tokenizer_source`` (absent or ``base``: :mod:`mergeopt.merge.vocabulary`);
+  ``out_dtype``; ``tokenizer_source`` or ``tokenizer:`` and ``chat_template``
+  (:mod:`mergeopt.merge.vocabulary`);
 - ``models: [{model: PATH, parameters: {weight, density, gamma, epsilon}}]``, or ``slices``
   whose sources give ``layer_range``s of one length (stacked, reordered or a subset: the
-  frankenmerge; :mod:`mergeopt.merge.mergekit_config_plan` plans each output tensor);
+  frankenmerge; a slice may name its own ``base_model``; ``residual_weight``, which mergekit
+  ignores, is a warning; :mod:`mergeopt.merge.mergekit_config_plan` plans each output tensor);
+- a model may be a LoRA reference ``MODEL+ADAPTER`` (:mod:`mergeopt.merge.adapters`);
 - ``parameters`` (global: normalize, rescale, lambda, int8_mask, t, or per-model defaults);
 - every value a scalar, a gradient list (interpolated over the layers of a slice,
   ``t = layer / (layers - 1)``, each layer stack with its own count: :mod:`mergeopt.tensor_names`;
@@ -16,8 +19,7 @@ format; what it may hold:
 - embeddings are planned from the first slice, final norms and heads from the last;
 - without ``dtype``, each tensor is merged in its inputs' dtypes promoted, as mergekit does.
 
-Anything else (LoRA ``model+adapter``, ``modules``, ``tokenizer``, ``chat_template``,
-``slices[].base_model``, slices of a model with several layer stacks, unknown parameters,
+Anything else (``modules``, slices of a model with several layer stacks, unknown parameters,
 DELLA's density ± epsilon outside (0, 1)) is a :class:`UserError` naming the key; a per-model
 parameter of another method (which mergekit ignores) is a warning. The output is written to a
 staging folder next to ``OUT_DIR`` (:func:`mergeopt.staging.staged_folder`) and renamed into place
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,12 @@ import yaml
 
 from mergeopt.errors import UserError
 from mergeopt.merge.mergekit_config_plan import MergekitConfig
-from mergeopt.merge.vocabulary import base_vocabulary_rows, config_vocab_size
+from mergeopt.merge.vocabulary import (
+    OutputVocabulary,
+    build_vocabulary,
+    chat_template,
+    config_vocab_size,
+)
 from mergeopt.staging import staged_folder
 from mergeopt.tensor_names import config_num_layers, has_vocabulary_rows
 
@@ -76,12 +84,6 @@ def run_mergekit_config(
     Raises:
         UserError: unreadable or unsupported config, missing models, ``out_dir`` exists.
     """
-    import torch
-    from safetensors.torch import save_file
-
-    from mergeopt.checkpoints import Checkpoint, CheckpointReader, check_mergeable
-    from mergeopt.merge.plan import MergePlan, tensor_seed
-
     config_path = Path(config_path)
     out_dir = Path(out_dir)
     try:
@@ -92,9 +94,30 @@ def run_mergekit_config(
         raise UserError(f"{config_path}: not a UTF-8 text file (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{config_path}: not valid YAML ({exc.__class__.__name__})") from None
-    parsed = MergekitConfig(config=config, config_path=config_path)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty")
+    # LoRA references' models are made here, beside the output, and removed after the merge
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    adapters = tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.adapters-", dir=out_dir.parent)
+    with adapters as made:
+        parsed = MergekitConfig(config=config, config_path=config_path, adapters_dir=Path(made))
+        _merge(parsed, config_path, out_dir, device, seed, max_shard_bytes)
+
+
+def _merge(
+    parsed: MergekitConfig,
+    config_path: Path,
+    out_dir: Path,
+    device: str,
+    seed: int,
+    max_shard_bytes: int,
+) -> None:
+    """:func:`run_mergekit_config`'s merge of a parsed config into ``out_dir``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mergeopt.checkpoints import Checkpoint, CheckpointReader, check_mergeable
+    from mergeopt.merge.plan import MergePlan, tensor_seed
 
     checkpoints = [Checkpoint(path=p) for p in parsed.paths]
     reference = checkpoints[0]
@@ -106,12 +129,14 @@ def run_mergekit_config(
     for plan in plans:
         _check_sources(plan, checkpoints, index_of, parsed.where)
     params = {plan.name: parsed.tensor_params(plan) for plan in plans}  # all checked first
-    keep_rows = None  # tokenizer_source base: embeddings and head cut to the base tokenizer
-    vocab_scope = config_vocab_size(reference.config)
-    if parsed.tokenizer_source == "base" and vocab_scope is not None:
-        keep_rows = base_vocabulary_rows(
-            parsed.base_or_first, parsed.paths, vocab_scope[0][vocab_scope[1]], parsed.where
+    vocabulary = None  # a tokenizer of its own: embeddings and head re-indexed to it
+    if parsed.tokenizer is not None:
+        vocabulary = build_vocabulary(
+            parsed.tokenizer, parsed.base_or_first, parsed.paths, parsed.where
         )
+    template = None
+    if parsed.chat_template is not None:
+        template = chat_template(parsed.chat_template, parsed.paths, parsed.where)
     torch_device = torch.device(device)
     dtype_of = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     # one merge plan per dtype met; exact: mergekit's operation order, as mergekit-yaml merges
@@ -141,24 +166,33 @@ def run_mergekit_config(
                         ]
                         base = base.to(promoted_dtype(reads, torch))
                     experts, method_params = params[plan.name]
-                    cut = keep_rows is not None and has_vocabulary_rows(plan.name)
-                    inputs = [
-                        reader.read(
-                            models[i], plan.source_names[i], dtype=base.dtype, device=torch_device
+                    read = {first: base}
+                    permute = vocabulary is not None and has_vocabulary_rows(plan.name)
+                    for i in range(len(models)) if permute else piece.experts:
+                        if i not in read:
+                            name = plan.source_names[i]
+                            read[i] = reader.read(
+                                models[i], name, dtype=base.dtype, device=torch_device
+                            )
+                    if permute:
+                        assert vocabulary is not None
+                        order = sorted(read)
+                        rows = vocabulary.permute(
+                            [read[i] for i in order],
+                            [piece.sources[i].path for i in order],
+                            piece.base_model,
                         )
-                        for i in piece.experts
-                    ]
-                    if cut:
-                        base, inputs = base[:keep_rows], [x[:keep_rows] for x in inputs]
-                    stack = torch.stack(inputs)
-                    del inputs
+                        read = dict(zip(order, rows, strict=True))
+                        base = read[first]
+                    stack = torch.stack([read[i] for i in piece.experts])
+                    del read
                     merge_plan = merge_plans.get(base.dtype)
                     if merge_plan is None:
                         merge_plan = MergePlan.build(
                             merge_method, device=torch_device, dtype=base.dtype, exact=True
                         )
                         merge_plans[base.dtype] = merge_plan
-                    if merge_method.task_vectors:
+                    if merge_method.task_vectors and piece.base is not None:
                         stack -= base
                     generator = None
                     if merge_plan.randomized:
@@ -182,14 +216,39 @@ def run_mergekit_config(
                 shards[-1][plan.name] = merged
                 shard_bytes += size
         _write_shards(shards, staging, save_file)
-        _write_config(reference, staging, parsed.out_dtype, keep_rows, parsed.layer_sources)
-        for file_name in TOKENIZER_FILES:
-            source = reference.path / file_name
-            if source.is_file():
-                shutil.copy2(source, staging / file_name)
+        vocab_rows = None if vocabulary is None else vocabulary.rows
+        _write_config(reference, staging, parsed.config_dtype, vocab_rows, parsed.layer_sources)
+        _write_tokenizer(reference.path, staging, vocabulary, parsed.chat_template, template)
         (staging / "mergekit_config.yml").write_text(
             config_path.read_text(encoding="utf-8"), encoding="utf-8"
         )
+
+
+def _write_tokenizer(
+    reference: Path,
+    folder: Path,
+    vocabulary: OutputVocabulary | None,
+    template_asked: str | None,
+    template: str | None,
+) -> None:
+    """The output's tokenizer, as mergekit-yaml writes it: a built one saved (with the chat
+    template set); else the reference's files copied, or, when a chat template is asked for,
+    the reference's tokenizer loaded and saved with it."""
+    if vocabulary is None and template_asked is None:
+        for file_name in TOKENIZER_FILES:
+            source = reference / file_name
+            if source.is_file():
+                shutil.copy2(source, folder / file_name)
+        return
+    if vocabulary is not None:
+        tokenizer = vocabulary.tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(reference))
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(folder))
 
 
 def _check_sources(

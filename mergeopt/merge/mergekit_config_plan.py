@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError
-from mergeopt.merge.settings import check_setting, resolve, validator_for
+from mergeopt.merge.adapters import apply_adapter
+from mergeopt.merge.settings import check_setting, resolve, validator, validator_for
+from mergeopt.merge.vocabulary import read_tokenizer_spec
 from mergeopt.tensor_names import is_post_weight, layer_counts, layer_of
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ TOP_LEVEL_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
 }
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32"}
 DTYPES.update({"fp16": "float16", "bf16": "bfloat16", "float": "float32", "half": "float16"})
@@ -50,13 +54,15 @@ class Source:
 @dataclass(frozen=True)
 class Slice:
     """Sources merged layer by layer; ``length`` layers (-1: every layer, ``models:``);
-    ``base``: the index of the base among the sources (methods that take one)."""
+    ``base``: the index of the base among the sources (methods that take one); ``base_model``:
+    the slice's base model as the config names it (also for methods that take none)."""
 
     sources: list[Source]
     parameters: Mapping[str, Any] | None
     length: int
     base: int | None
     experts: list[int]
+    base_model: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,14 @@ class MergekitConfig:
     """A parsed, validated mergekit config (:mod:`mergeopt.merge.mergekit_config` says what is
     accepted)."""
 
-    def __init__(self, *, config: Mapping[str, Any], config_path: Path) -> None:
+    def __init__(
+        self, *, config: Mapping[str, Any], config_path: Path, adapters_dir: Path | None = None
+    ) -> None:
+        """``adapters_dir``: where LoRA references' models are made (None: refused)."""
         from mergeopt.merge.methods import get_method
 
         where = str(config_path)
+        self._adapters_dir = adapters_dir
         if not isinstance(config, Mapping):
             raise UserError(f"{where}: expected a mapping at the top level")
         unknown = sorted(set(config) - TOP_LEVEL_KEYS)
@@ -86,16 +96,19 @@ class MergekitConfig:
         if "merge_method" not in config:
             raise UserError(f"{where}: merge_method is required")
         self.merge_method = get_method(str(config["merge_method"]), f"{where}: merge_method")
-        tokenizer_source = config.get("tokenizer_source")
-        if tokenizer_source not in (None, "base"):
-            raise UserError(
-                f"{where}: tokenizer_source {tokenizer_source!r} is not supported yet (only 'base')"
-            )
-        self.tokenizer_source = tokenizer_source
         self.where = where
         self._dir = config_path.parent
+        self.tokenizer = read_tokenizer_spec(config, self._model_path, where)
+        """The output tokenizer's source, tokens and padding; None: the base's files, copied."""
+        self.chat_template = config.get("chat_template")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise UserError(f"{where}: chat_template: expected a template, a name or auto")
         self.dtype = self._dtype(config.get("dtype"), "dtype")
-        self.out_dtype = self._dtype(config.get("out_dtype"), "out_dtype") or self.dtype
+        self.out_dtype = self._dtype(config.get("out_dtype"), "out_dtype")
+        """The dtype tensors are written in; None: the merge's own (mergekit writes what its
+        method returns: fp32 from ramplus_tl and arcee_fusion in a bf16 merge)."""
+        self.config_dtype = self.out_dtype or self.dtype
+        """The dtype ``config.json`` names (mergekit's: ``out_dtype``, else ``dtype``)."""
         self.parameters = self._check_params(
             config.get("parameters") or {}, "parameters", global_scope=True
         )
@@ -107,7 +120,7 @@ class MergekitConfig:
         if "models" in config:
             entries = config["models"] or []
             sources = [self._source(m, f"models[{i}]", False) for i, m in enumerate(entries)]
-            self.slices.append(self._slice_of(sources, None, -1, "models"))
+            self.slices.append(self._slice_of(sources, None, -1, "models", self.base_path))
         else:
             for index, entry in enumerate(config["slices"] or []):
                 self.slices.append(self._slice(entry, f"slices[{index}]"))
@@ -140,14 +153,12 @@ class MergekitConfig:
             reference = reference.get("model")
         if not isinstance(reference, str):
             raise UserError(f"{self.where}: {key}: expected a model folder path")
-        path = Path(reference).expanduser()
-        if not path.is_dir() and (self._dir / path).is_dir():
-            path = self._dir / path
-        if not path.is_dir() and "+" in reference:
-            raise UserError(
-                f"{self.where}: {key}: {reference}: LoRA references (model+adapter) are not "
-                "supported yet; merge the adapter into its model first (PEFT merge_and_unload)"
-            )
+        path = self._resolved(reference)
+        if not path.is_dir() and reference.count("+") == 1:
+            if self._adapters_dir is None:
+                raise UserError(f"{self.where}: {key}: {reference}: no folder to apply LoRA into")
+            model, adapter = (self._folder(part, key) for part in reference.split("+"))
+            return apply_adapter(model, adapter, self._adapters_dir, f"{self.where}: {key}")
         if not path.is_dir() and "@" in reference:
             raise UserError(
                 f"{self.where}: {key}: {reference}: revisions (model@revision) are not "
@@ -155,6 +166,17 @@ class MergekitConfig:
             )
         if not path.is_dir():
             raise UserError(f"{self.where}: {key}: model folder {reference} not found")
+        return path.resolve()
+
+    def _resolved(self, reference: str) -> Path:
+        """``reference`` as a path, relative to the config's folder where it is one there."""
+        path = Path(reference).expanduser()
+        return self._dir / path if not path.is_dir() and (self._dir / path).is_dir() else path
+
+    def _folder(self, reference: str, key: str) -> Path:
+        path = self._resolved(reference)
+        if not path.is_dir():
+            raise UserError(f"{self.where}: {key}: folder {reference} not found")
         return path.resolve()
 
     def _check_params(self, params: Any, key: str, *, global_scope: bool) -> Mapping[str, Any]:
@@ -216,9 +238,18 @@ class MergekitConfig:
     def _slice(self, entry: Any, key: str) -> Slice:
         if not isinstance(entry, Mapping) or not entry.get("sources"):
             raise UserError(f"{self.where}: {key}: expected {{sources, parameters}}")
-        extra = sorted(set(entry) - {"sources", "parameters"})
+        extra = sorted(set(entry) - {"sources", "parameters", "base_model", "residual_weight"})
         if extra:
             raise UserError(f"{self.where}: {key}: unsupported key {extra[0]!r}")
+        residual = entry.get("residual_weight")
+        if residual is not None:  # mergekit 0.1.5 reads it, then never uses it
+            if isinstance(residual, (list, Mapping)):
+                raise UserError(f"{self.where}: {key}.residual_weight: expected a number")
+            check_setting(residual, validator(float), f"{key}.residual_weight")
+            logger.warning("%s: %s.residual_weight is ignored, as mergekit does", self.where, key)
+        base = self.base_path
+        if entry.get("base_model") is not None:  # this slice's base, instead of the config's
+            base = self._model_path(entry["base_model"], f"{key}.base_model")
         raw = entry["sources"]
         sources = [self._source(s, f"{key}.sources[{i}]", True) for i, s in enumerate(raw)]
         lengths = {int(s["layer_range"][1]) - int(s["layer_range"][0]) for s in raw}
@@ -227,33 +258,39 @@ class MergekitConfig:
         params = self._check_params(
             entry.get("parameters") or {}, f"{key}.parameters", global_scope=True
         )
-        return self._slice_of(sources, params, lengths.pop(), key)
+        return self._slice_of(sources, params, lengths.pop(), key, base)
 
     def _slice_of(
-        self, sources: list[Source], params: Mapping[str, Any] | None, length: int, key: str
+        self,
+        sources: list[Source],
+        params: Mapping[str, Any] | None,
+        length: int,
+        key: str,
+        base: Path | None,
     ) -> Slice:
-        """Which sources are experts: methods that take a base exclude it; linear and
-        passthrough merge them all, as does multislerp without ``base_model``."""
+        """Which sources are experts: methods that take a base (``base``: the slice's, else
+        the config's) exclude it; linear and passthrough merge them all, as does multislerp
+        without a base."""
         where = f"{self.where}: {key}"
         paths = [s.path for s in sources]
         merge_method = self.merge_method
-        if not merge_method.base_input or (merge_method.base_optional and self.base_path is None):
-            if self.base_path is not None and self.base_path not in paths:
+        if not merge_method.base_input or (merge_method.base_optional and base is None):
+            if base is not None and base not in paths:
                 raise UserError(
                     f"{where}: base_model of a {merge_method.name} merge must be one of the models"
                 )
             self.merge_method.check_experts(len(paths), where)
-            return Slice(sources, params, length, None, list(range(len(paths))))
-        if self.base_path is None:
-            raise UserError(f"{self.where}: {self.merge_method.name} needs base_model")
-        if self.base_path not in paths and length == -1:  # models: the base joins them
-            sources = [*sources, Source(path=self.base_path, parameters=None)]
-            paths.append(self.base_path)
-        if self.base_path not in paths:
-            raise UserError(f"{where}: base_model {self.base_path} is not among the sources")
-        experts = [i for i, p in enumerate(paths) if p != self.base_path]
+            return Slice(sources, params, length, None, list(range(len(paths))), base)
+        if base is None:
+            raise UserError(f"{where}: {self.merge_method.name} needs base_model")
+        if base not in paths and length == -1:  # models: the base joins them
+            sources = [*sources, Source(path=base, parameters=None)]
+            paths.append(base)
+        if base not in paths:
+            raise UserError(f"{where}: base_model {base} is not among the sources")
+        experts = [i for i, p in enumerate(paths) if p != base]
         self.merge_method.check_experts(len(experts), f"{where}: models besides the base")
-        return Slice(sources, params, length, paths.index(self.base_path), experts)
+        return Slice(sources, params, length, paths.index(base), experts, base)
 
     # -- the plan ------------------------------------------------------------------------------
 

@@ -20,9 +20,10 @@ copies its one input per tensor (times ``scale``): with slices, the frankenmerge
 
 ``int8_mask`` is accepted for mergekit compatibility and changes nothing (it only picks the
 dtype of mergekit's 0/1 sign mask). mergekit's ``count`` consensus is unreachable from its
-configs and is not offered; arcee_fusion and ram are not implemented. The TIES sign election
-and SCE are in :mod:`mergeopt.merge.sparsification`; linear, slerp, nearswap, nuslerp,
-model_stock, multislerp and karcher in :mod:`mergeopt.merge.geometric`.
+configs and is not offered. The TIES sign election and SCE are in
+:mod:`mergeopt.merge.sparsification`; linear, slerp, nearswap, nuslerp, model_stock, multislerp
+and karcher in :mod:`mergeopt.merge.geometric`; ram, ramplus_tl and arcee_fusion in
+:mod:`mergeopt.merge.selective`.
 
 A new method is one entry in ``METHODS``: its math (a :data:`MergeMath`), its facts (what the
 engine keeps resident, expert limits), its parameters with defaults; ``weighted_sum`` and
@@ -46,6 +47,7 @@ from mergeopt.merge.geometric import (
     nuslerp,
     slerp,
 )
+from mergeopt.merge.selective import arcee_fusion, ram
 from mergeopt.merge.sparsification import (
     MAGNITUDE_THRESHOLDS,
     SPARSIFY_DELLA,
@@ -54,15 +56,19 @@ from mergeopt.merge.sparsification import (
     SPARSIFY_RANDOM,
     _coefficients,
     _l1_scale,
-    _rounded_sum,
     della_values_problem,
     expert_masks,
     sce,
     sign_consensus_mask,
 )
-
-ExpertParams = Sequence[Mapping[str, float]]
-MethodParams = Mapping[str, float | bool]
+from mergeopt.merge.weighted_sum import (
+    ExpertParams,
+    MethodParams,
+    WeightedSum,
+    linear_scale,
+    task_arithmetic_scale,
+    weights_times,
+)
 
 
 @dataclass(frozen=True)
@@ -79,17 +85,15 @@ class TensorMerge:
     generator: torch.Generator | None = None
     masks: Sequence[torch.Tensor | None] | None = None
 
+    @property
+    def base_tensor(self) -> torch.Tensor:
+        """``base``, for the methods that take one."""
+        assert self.base is not None
+        return self.base
+
 
 MergeMath = Callable[["MergeMethod", TensorMerge], torch.Tensor]
 """One tensor's merge by a method's reference math: ``(method, inputs)``."""
-
-WeightedSum = Callable[
-    [ExpertParams, MethodParams, torch.dtype, torch.device], tuple[torch.Tensor, float]
-]
-"""``(coefficients, scale)`` of a method that is ``[base +] scale · Σ c_i·stack[i]``: the
-coefficients as a device tensor of ``dtype`` (read-only), for the one-pass fast path."""
-ScaleRule = Callable[[tuple[float, ...], MethodParams, torch.dtype], float]
-"""``scale`` of a weighted-sum method from the experts' weights, its parameters and the dtype."""
 
 
 class MethodParamError(UserError, ValueError):
@@ -107,7 +111,8 @@ class MergeMethod:
         task_vectors: experts enter the math as differences from the base.
         base_input: the base is an input of the math (resident in the engine); False: every
             model is an expert (linear), and a mergekit config's base must be one of them.
-        base_optional: a mergekit config without ``base_model`` merges its models without one.
+        base_optional: a mergekit config without ``base_model`` merges its models without one
+            (as raw tensors, not task vectors).
         sparsification: one of the ``SPARSIFY_*`` names, or None.
         consensus: ``"sum"`` (TIES sign election) or None.
         global_defaults: method-level parameters (mergekit's SHARED scope) and defaults.
@@ -120,6 +125,7 @@ class MergeMethod:
         fused_gta: the fused GTA kernel computes it (task vectors, masks, consensus, weights).
         value_check: what is wrong with one expert's values for one tensor (defaults filled
             in), or None; mergekit refuses these values when it merges (DELLA's epsilon).
+        samples: the math draws from the generator other than for masks (Arcee Fusion).
     """
 
     name: str
@@ -137,10 +143,11 @@ class MergeMethod:
     weighted_sum: WeightedSum | None = None
     fused_gta: bool = False
     value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
+    samples: bool = False
 
     @property
     def randomized(self) -> bool:
-        return self.sparsification in (SPARSIFY_RANDOM, SPARSIFY_DELLA)
+        return self.samples or self.sparsification in (SPARSIFY_RANDOM, SPARSIFY_DELLA)
 
     @property
     def resident(self) -> tuple[bool, bool]:
@@ -298,9 +305,8 @@ def generalized_task_arithmetic(
 
 
 def _gta_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-    assert inputs.base is not None
     return generalized_task_arithmetic(
-        inputs.base,
+        inputs.base_tensor,
         inputs.stack,
         method=method,
         expert_params=inputs.expert_params,
@@ -320,10 +326,9 @@ def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MergeMethod:
     must give, per tensor as a gradient or filters if it likes (the table's 0.5 only types it)."""
 
     def math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-        assert inputs.base is not None  # v0; stack[0] is v1
         experts, default = inputs.expert_params, inputs.method_params["t"]
         t = float(experts[0].get("t", default)) if experts else float(default)
-        return between(t, inputs.base, inputs.stack[0])
+        return between(t, inputs.base_tensor, inputs.stack[0])  # v0 and v1
 
     return MergeMethod(
         name=name,
@@ -336,19 +341,19 @@ def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MergeMethod:
 
 
 def _nuslerp_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-    """base + nuslerp of the two task vectors at t = w1 / (w0 + w1) (0.5 if they cancel)."""
-    assert inputs.base is not None
+    """base + nuslerp of the two task vectors at t = w1 / (w0 + w1) (0.5 if they cancel);
+    without a base, nuslerp of the two models."""
     weights = [float(p["weight"]) for p in inputs.expert_params]
     t = 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights)
     p = inputs.method_params
     row_wise, flatten = bool(p["nuslerp_row_wise"]), bool(p["nuslerp_flatten"])
-    return inputs.base + nuslerp(t, *inputs.stack[:2], row_wise=row_wise, flatten=flatten)
+    merged = nuslerp(t, *inputs.stack[:2], row_wise=row_wise, flatten=flatten)
+    return merged if inputs.base is None else inputs.base + merged
 
 
 def _model_stock_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-    assert inputs.base is not None
     filter_wise = bool(inputs.method_params["filter_wise"])
-    return model_stock(inputs.base, inputs.stack.unbind(0), filter_wise=filter_wise)
+    return model_stock(inputs.base_tensor, inputs.stack.unbind(0), filter_wise=filter_wise)
 
 
 def _multislerp_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
@@ -364,8 +369,12 @@ def _karcher_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:  # 
 
 
 def _sce_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-    assert inputs.base is not None
-    return sce(inputs.base, inputs.stack, float(inputs.method_params["select_topk"]))
+    return sce(inputs.base_tensor, inputs.stack, float(inputs.method_params["select_topk"]))
+
+
+def _ram_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:  # ram, ramplus_tl
+    params = {name: float(value) for name, value in inputs.method_params.items()}
+    return ram(inputs.base_tensor, inputs.stack, **params)
 
 
 def _passthrough_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
@@ -373,29 +382,6 @@ def _passthrough_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     experts = inputs.expert_params
     scale = float(experts[0].get("scale", 1.0)) if experts else 1.0
     return inputs.stack[0].clone() if scale == 1 else inputs.stack[0] * scale
-
-
-def _weights_times(scale_rule: ScaleRule) -> WeightedSum:
-    """The :data:`WeightedSum` with the experts' weights as coefficients, scaled by the rule."""
-
-    def weighted_sum(
-        experts: ExpertParams, params: MethodParams, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, float]:
-        weights = tuple(float(p["weight"]) for p in experts)
-        return _coefficients(weights, dtype, device), scale_rule(weights, params, dtype)
-
-    return weighted_sum
-
-
-def _task_arithmetic_scale(w: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
-    """task_arithmetic's divisor sums the weights ``w`` as mergekit rounds them (to ``dtype``)."""
-    divisor = _rounded_sum(w, dtype)
-    divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-    return float(params["lambda"]) / (divisor if params["normalize"] else 1.0)
-
-
-def _linear_scale(weights: tuple[float, ...], params: MethodParams, dtype: torch.dtype) -> float:
-    return 1.0 / sum(weights) if params["normalize"] else 1.0
 
 
 def _gta(
@@ -419,7 +405,7 @@ def _gta(
             "int8_mask": False,
         },
         expert_defaults=expert,
-        weighted_sum=_weights_times(_task_arithmetic_scale) if plain else None,
+        weighted_sum=weights_times(task_arithmetic_scale) if plain else None,
         fused_gta=True,
         value_check=della_values_problem if sparsification == SPARSIFY_DELLA else None,
     )
@@ -443,7 +429,7 @@ METHODS: dict[str, MergeMethod] = {
             base_input=False,
             global_defaults={"normalize": True},
             expert_defaults={"weight": None},
-            weighted_sum=_weights_times(_linear_scale),
+            weighted_sum=weights_times(linear_scale),
         ),
         MergeMethod(
             name="passthrough",
@@ -456,6 +442,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             name="nuslerp",
             math=_nuslerp_math,
+            base_optional=True,
             global_defaults={"nuslerp_row_wise": False, "nuslerp_flatten": True},
             expert_defaults={"weight": None},
             min_experts=2,
@@ -490,6 +477,19 @@ METHODS: dict[str, MergeMethod] = {
         ),
         _at_t("slerp", slerp),
         _at_t("nearswap", nearswap),
+        MergeMethod(name="ram", math=_ram_math, global_defaults={"epsilon": 1e-5}),
+        MergeMethod(
+            name="ramplus_tl",
+            math=_ram_math,
+            global_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        ),
+        MergeMethod(
+            name="arcee_fusion",
+            math=lambda _, x: arcee_fusion(x.base_tensor, x.stack[0], x.generator),
+            task_vectors=False,
+            max_experts=1,
+            samples=True,
+        ),
     )
 }
 """mergekit's method names -> their specification (FACTS.md lists the same table)."""

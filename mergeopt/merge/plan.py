@@ -30,13 +30,7 @@ from types import ModuleType
 import torch
 
 from mergeopt.merge.backend import Switches, triton_on
-from mergeopt.merge.methods import (
-    ExpertParams,
-    MergeMethod,
-    MethodParams,
-    TensorMerge,
-    WeightedSum,
-)
+from mergeopt.merge.methods import MergeMethod, TensorMerge
 from mergeopt.merge.selection import PendingTopMasks, start_top_magnitude_masks
 from mergeopt.merge.sparsification import (
     SPARSIFY_RANDOM,
@@ -45,6 +39,7 @@ from mergeopt.merge.sparsification import (
     expert_masks,
     magnitude_requests,
 )
+from mergeopt.merge.weighted_sum import ExpertParams, MethodParams, WeightedSum
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
