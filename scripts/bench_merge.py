@@ -52,6 +52,15 @@ METHOD_PARAMS = {
     "della": {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
     "della_linear": {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
     "slerp": {"t": 0.4},
+    "nearswap": {"t": 0.4},
+    "nuslerp": {"weight": 0.6},
+    "multislerp": {"weight": 0.6},
+    "model_stock": {},
+    "karcher": {},
+    "sce": {},
+    "ram": {},
+    "ramplus_tl": {},
+    "arcee_fusion": {},
 }
 
 
@@ -529,7 +538,9 @@ def main() -> None:
         # timings from a merge with the seed they use.
         engine.merge(per_block, target=target, seed=0)
         block_times = []
-        for repeat in range(args.repeats):
+        # A method with no per-model parameter (model_stock, karcher, ...) has nothing to
+        # change in one block: its one-block column is "-".
+        for repeat in range(args.repeats if params else 0):
             changed = [list(b) for b in per_block]
             key = "weight" if "weight" in params else "t"
             changed[layers // 2] = [
@@ -538,7 +549,7 @@ def main() -> None:
             stats = engine.merge(changed, target=target, seed=0)
             block_times.append(stats.seconds)
             engine.merge(per_block, target=target, seed=0)
-        one_block = statistics.median(block_times)
+        one_block = statistics.median(block_times) if block_times else None
         if row_name in args.profile.split(","):
             profile_merge(engine, per_block, target, row_name, args.profile_dir)
         models_read = merge_method.resident_models(len(experts))
@@ -584,9 +595,12 @@ def main() -> None:
         mk = f"{mergekit:.2f}" if mergekit is not None else "-"
         speedup = f"{mergekit / whole:.0f}x" if mergekit is not None else "-"
         peak_text = f"{peak / 2**30:.2f}" if peak is not None else "-"
+        block_text = (
+            f"{one_block * 1e3:.2f} | 1/{whole / one_block:.0f}" if one_block else "- | -"
+        )
         print(
             f"| {method} | {whole * 1e3:.1f} | {ratio:.2f} | {mk} | {speedup} "
-            f"| {one_block * 1e3:.2f} | 1/{whole / one_block:.0f} | {peak_text} |"
+            f"| {block_text} | {peak_text} |"
         )
     resident = (1 + args.experts) * parameters * element
     print(
