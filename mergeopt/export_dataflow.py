@@ -65,8 +65,15 @@ def write_dataflow_model(
         [by_index.get(i, {}) for i in range(max(by_index, default=-1) + 1)] for by_index in layers
     ]
     state = dict(outer)
+    written: set[int] = set()
     for position, tensors in folded_layer_tensors(path, layer_tensors):
-        state.update({f"{LAYER_PREFIX}{position}.{n}": t for n, t in tensors.items()})
+        for name, tensor in tensors.items():
+            # A layer taken twice unscaled would be one tensor under two names, which
+            # save_pretrained refuses (shared tensors): the second position gets a copy.
+            if id(tensor) in written:
+                tensor = tensor.clone()
+            written.add(id(tensor))
+            state[f"{LAYER_PREFIX}{position}.{name}"] = tensor
 
     config: Any = AutoConfig.from_pretrained(sources[0])
     source_configs = [AutoConfig.from_pretrained(s) for s in sources]

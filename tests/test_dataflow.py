@@ -263,3 +263,50 @@ def test_mergekit_yaml_on_the_passthrough_slices_reproduces_the_exported_weights
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
         assert torch.equal(theirs[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_cmaes_dataflow_study_runs_in_place_and_its_export_scores_what_the_trial_scored(
+    sources: list[Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    from mergeopt.objectives.evaluate import Evaluator
+    from mergeopt.study import create_study, stored_genome, trial_path
+    from mergeopt.trial_loop import run_worker
+
+    task = tmp_path / "echo.jsonl"
+    task.write_text(
+        "".join(json.dumps({"prompt": f"{n}+{n}=", "answer": str(2 * n)}) + "\n" for n in range(6))
+    )
+    spec = parse_spec(
+        {
+            "name": "dataflow-run",
+            "models": {"base": str(sources[0]), "experts": [str(sources[1])]},
+            "merge": {"space": "dataflow", "dataflow": {"repeats": 1}},
+            "objectives": [
+                {"name": "accuracy", "task": str(task)},
+                {
+                    "name": "tokens",
+                    "task": str(task),
+                    "metric": "mean_tokens",
+                    "direction": "minimize",
+                },
+            ],
+            "sampler": {"name": "cmaes", "options": {"popsize": 4}, "enqueue_experts": True},
+            "scorer": {"max_new_tokens": 6},
+        },
+        source="dataflow.yaml",
+        folder=tmp_path,
+    )
+    study = create_study(spec, storage_url=sqlite_url)
+    assert isinstance(stored_genome(study), DataflowGenome)
+    assert run_worker("dataflow-run", sqlite_url, n_trials=4) == 4
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trial_path(study, trials[0]) == [(0, i, 1.0) for i in range(NUM_LAYERS)]  # A alone
+    depths = {len(trial_path(study, t)) for t in trials}
+    assert len(depths) > 1  # the depth changes from trial to trial
+    deepest = max(trials, key=lambda t: len(trial_path(study, t)))
+    out = tmp_path / "exported"
+    export_trials(study, [deepest], out, fmt="hf")
+    scorer = HFScorer(model_dir=out)
+    values = Evaluator(spec.objectives, scorer, scorer_options=spec.scorer).evaluate().values
+    assert [values["accuracy"], values["tokens"]] == deepest.values
