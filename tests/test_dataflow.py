@@ -263,6 +263,12 @@ def test_mergekit_yaml_on_the_passthrough_slices_reproduces_the_exported_weights
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
         assert torch.equal(theirs[name], tensor), name
+    # mergeopt's own runner of mergekit configs writes the config too: a loadable model.
+    from mergeopt.merge.mergekit_config import run_mergekit_config
+
+    replayed = tmp_path / "mergeopt-merge-out"
+    run_mergekit_config(out / MERGEKIT_CONFIG, replayed)
+    assert texts(HFScorer(model_dir=replayed)) == texts(HFScorer(model_dir=out))
 
 
 @pytest.mark.slow
