@@ -44,9 +44,11 @@ def write_dataflow_model(
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from mergeopt.merge.dataflow import folded_layer_tensors
 
+    transformers_logging.disable_progress_bar()  # the CLI says what it exported
     torch_dtype = getattr(torch, dtype)
     used = {(s, i) for s, i, _ in path}
     outer: dict[str, torch.Tensor] = {}

@@ -343,8 +343,8 @@ class StudySpec(_Strict):
     def _dataflow_scorer(self) -> StudySpec:
         if self.merge.space == "dataflow" and self.scorer.backend != "hf":
             raise ValueError(
-                f"space: dataflow changes the model's depth per trial, which only scorer "
-                f"backend hf does in place ({self.scorer.backend} cannot); use backend: hf"
+                f"scorer.backend: {self.scorer.backend} cannot change the model's depth per "
+                "trial in place, which merge space dataflow needs; use backend: hf"
             )
         return self
 

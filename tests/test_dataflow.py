@@ -96,7 +96,7 @@ def test_a_spec_without_space_dataflow_is_unchanged_and_vllm_is_refused_in_one_l
     old = parse_spec({**base, "merge": {"method": "ties"}}, source="s.yaml", folder=Path("/"))
     assert old.merge.space == "parameter" and old.merge.dataflow is None
     refusals = {
-        "vllm": ({"space": "dataflow"}, {"backend": "vllm"}),
+        "backend: hf": ({"space": "dataflow"}, {"backend": "vllm"}),
         "leave method out": ({"space": "dataflow", "method": "ties"}, {}),
         "searches no merge parameters": ({"space": "dataflow", "fixed": {"weight": 1}}, {}),
         "need space: dataflow": ({"method": "ties", "dataflow": {"repeats": 3}}, {}),
