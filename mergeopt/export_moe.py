@@ -2,10 +2,11 @@
 ``mergekit-moe`` build (``study export NAME --moe``).
 
 The router: with ``gate_mode: hidden`` (mergekit's default) or ``cheap_embed`` each expert's
-router row is initialized from positive prompts, here the first ``prompts`` prompts of the
-search task of the trial's *strongest objective* — the objective on which the trial stands best
-among the chosen trials (its value's distance from the best of them, as a fraction of their
-range; ties go to the earlier objective). ``random`` needs no prompts.
+router row is initialized from positive prompts, here the first :data:`PROMPTS_PER_EXPERT`
+prompts (raw, as the task file gives them) of the search task of the trial's *strongest
+objective* — the objective on which the trial stands best among the chosen trials (its value's
+distance from the best of them, as a fraction of their range; ties go to the earlier
+objective). ``random`` needs no prompts.
 
 The MoE's attention, embeddings, norms and head are the study's base model's (mergekit-moe's
 ``base_model``; the common ancestor of the merges, and the model the ``hidden`` router reads
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 GATE_MODES = ("hidden", "cheap_embed", "random")
 MOE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_CONFIG = "mergekit_moe_config.yml"
-DEFAULT_PROMPTS = 16
+PROMPTS_PER_EXPERT = 16
+"""Prompts of its strongest objective's task that initialize each expert's router row."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,9 @@ def strongest_objectives(
 
 
 def moe_experts(
-    study: optuna.Study, trials: Sequence[FrozenTrial], *, gate_mode: str, prompts: int
+    study: optuna.Study, trials: Sequence[FrozenTrial], *, gate_mode: str
 ) -> list[MoeExpert]:
-    """Each trial's strongest objective and its task's first ``prompts`` prompts; refuses
+    """Each trial's strongest objective and its task's first prompts; refuses
     (one line) routers that could not tell two experts apart."""
     from optuna.study import StudyDirection
 
@@ -99,7 +101,7 @@ def moe_experts(
             split = search_split(
                 objective.task, objective.kind, limit=objective.limit, seed=objective.subsample_seed
             )
-            items = split.items[:prompts]
+            items = split.items[:PROMPTS_PER_EXPERT]
             texts = tuple(
                 item.prompt
                 if isinstance(item, GenerationItem)
@@ -182,7 +184,6 @@ def export_moe(
     *,
     gate_mode: str = "hidden",
     experts_per_token: int = 1,
-    prompts: int = DEFAULT_PROMPTS,
     device: str = "cpu",
     force: bool = False,
     storage_url: str | None = None,
@@ -201,7 +202,7 @@ def export_moe(
         raise UserError(
             f"--experts-per-token: expected 1 to {len(trials)}, got {experts_per_token}"
         )
-    experts = moe_experts(study, trials, gate_mode=gate_mode, prompts=prompts)
+    experts = moe_experts(study, trials, gate_mode=gate_mode)
     out_dir = Path(out_dir)
     with atomic_folder(out_dir, force=force) as staging:
         with tempfile.TemporaryDirectory(prefix=".moe-experts-", dir=staging.parent) as scratch:

@@ -197,12 +197,12 @@ class DataflowGenome:
     def distributions(self) -> dict[str, BaseDistribution]:
         from optuna.distributions import FloatDistribution
 
-        take = FloatDistribution(-1.0, 1.0)
-        scale = None if self.scale is None else FloatDistribution(*self.scale, log=True)
-        return {
-            name: take if name.endswith(".take") else scale  # type: ignore[misc]
-            for name in self.param_names
-        }
+        distributions: dict[str, BaseDistribution] = {}
+        for hop in range(len(self.hops)):
+            distributions[f"h{hop:03d}.take"] = FloatDistribution(-1.0, 1.0)
+            if self.scale is not None:
+                distributions[f"h{hop:03d}.scale"] = FloatDistribution(*self.scale, log=True)
+        return distributions
 
     def path(self, params: Mapping[str, float]) -> list[Hop]:
         """The trial's path: A's first layer, the taken hops, A's last layer."""
