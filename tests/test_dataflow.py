@@ -122,6 +122,7 @@ def test_model_a_own_path_gives_model_a_bit_for_bit(sources: list[Path]) -> None
     assert texts(scorer) == texts(reference)
 
 
+@pytest.mark.slow
 def test_a_path_is_re_pointed_in_place_with_its_own_cache_slot_per_position(
     sources: list[Path],
 ) -> None:
