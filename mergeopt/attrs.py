@@ -100,7 +100,7 @@ SPEC: StudyUserAttr[dict[str, Any]] = StudyUserAttr(PREFIX + "spec")
 SPEC_PATH: StudyUserAttr[str | None] = StudyUserAttr(PREFIX + "spec_path")
 """Where the spec was read from (for messages only)."""
 GENOME: StudyUserAttr[dict[str, Any]] = StudyUserAttr(PREFIX + "genome")
-"""``Genome.to_dict()``: blocks, experts, searched bounds."""
+"""``Genome.to_dict()`` (blocks, experts, searched bounds) or ``DataflowGenome.to_dict()``."""
 LAYOUT: StudyUserAttr[dict[str, Any]] = StudyUserAttr(PREFIX + "layout")
 """``BlockLayout.to_dict()``."""
 BLOCK_IMPORTANCE: StudyUserAttr[list[float]] = StudyUserAttr(PREFIX + "block_importance")
@@ -124,6 +124,8 @@ by the first worker of a study with ``fidelity:``."""
 # Trial user_attrs of an evaluated trial (written by the worker)
 RECIPE: TrialUserAttr[list[list[dict[str, float]]]] = TrialUserAttr(PREFIX + "recipe")
 """The trial's merge parameters: ``recipe[block][expert][parameter]``."""
+DATAFLOW_PATH: TrialUserAttr[list[list[float]]] = TrialUserAttr(PREFIX + "dataflow_path")
+"""A data-flow trial's path: ``[[source, layer, scale], ...]`` (``genome.DataflowGenome``)."""
 METRICS: TrialUserAttr[dict[str, Any]] = TrialUserAttr(PREFIX + "metrics")
 """Raw per-task metrics before normalization."""
 RAW_VALUES: TrialUserAttr[dict[str, float]] = TrialUserAttr(PREFIX + "raw_values")

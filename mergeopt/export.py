@@ -32,6 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mergeopt import attrs
 from mergeopt.errors import UserError
+from mergeopt.export_dataflow import (
+    dataflow_mergekit_config,
+    dataflow_metadata,
+    write_dataflow_model,
+)
 from mergeopt.export_mergekit import (
     MERGEKIT_CONFIG,
     is_randomized,
@@ -41,7 +46,7 @@ from mergeopt.export_mergekit import (
 )
 from mergeopt.report import heldout_values, objective_names
 from mergeopt.staging import staged_folder
-from mergeopt.study import trial_recipe, trial_seed
+from mergeopt.study import trial_path, trial_recipe, trial_seed
 
 if TYPE_CHECKING:
     import optuna
@@ -96,7 +101,11 @@ def trial_metadata(
         "layout": stored_layout(study).to_dict(),
         "seed": trial_seed(study, trial),
         "params": dict(trial.params),
-        "recipe": trial_recipe(study, trial),
+        **(
+            dataflow_metadata(trial_path(study, trial), spec)
+            if spec.merge.space == "dataflow"
+            else {"recipe": trial_recipe(study, trial)}
+        ),
         "format": fmt,
         "mergeopt_version": __version__,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -245,6 +254,7 @@ def export_trials(
         index: sub-folders and index files; default: when more than one trial is exported.
         storage_url: recorded, with its password masked, in ``mergeopt.json``.
     """
+    from mergeopt.models import resolve_model
     from mergeopt.study import stored_layout, stored_spec
 
     if fmt not in FORMATS:
@@ -254,20 +264,40 @@ def export_trials(
     out_dir = Path(out_dir)
     use_index = len(trials) > 1 if index is None else index
     spec = stored_spec(study)
+    dataflow = spec.merge.space == "dataflow"
+    sources = [spec.models.base, *spec.models.experts]
     configs = (
-        {t.number: mergekit_config(study, t) for t in trials} if fmt != "hf" else {}
+        {
+            t.number: (
+                dataflow_mergekit_config(
+                    trial_path(study, t), sources=sources, dtype=spec.scorer.dtype
+                )
+                if dataflow
+                else mergekit_config(study, t)
+            )
+            for t in trials
+        }
+        if fmt != "hf"
+        else {}
     )  # computed first: a recipe mergekit cannot express fails before anything is written
     folders = [out_dir / trial_folder_name(t) if use_index else out_dir for t in trials]
     randomized = is_randomized(spec.merge.method)
     with atomic_folder(out_dir, force=force) as staging:
         writer = (
             HFModelWriter(spec=spec, layout=stored_layout(study), device=device)
-            if (fmt != "mergekit")
+            if fmt != "mergekit" and not dataflow
             else None
         )
         for trial in trials:
             folder = staging / trial_folder_name(trial) if use_index else staging
             folder.mkdir(exist_ok=True)
+            if dataflow and fmt != "mergekit":
+                write_dataflow_model(
+                    trial_path(study, trial),
+                    sources=[resolve_model(s) for s in sources],
+                    dtype=spec.scorer.dtype,
+                    folder=folder,
+                )
             if writer is not None:
                 writer.write(
                     trial_recipe(study, trial), seed=trial_seed(study, trial), folder=folder

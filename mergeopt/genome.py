@@ -1,9 +1,15 @@
-"""The genome: Optuna trial parameters <-> per-block, per-expert merge parameters.
+"""The genome: Optuna trial parameters <-> per-block, per-expert merge parameters, or (data-flow
+space) <-> a path through the source models' layers.
 
-Every searched merge parameter is one trial parameter per (block, expert), named
-``b{block:02d}.e{expert}.{param}`` — for example ``b03.e1.weight`` is the weight of expert 1
-in block 3. The last block holds embeddings, final norm and LM head (see ``blocks.py``).
-This module is the only place that knows that mapping.
+Parameter space (:class:`Genome`): every searched merge parameter is one trial parameter per
+(block, expert), named ``b{block:02d}.e{expert}.{param}`` — for example ``b03.e1.weight`` is the
+weight of expert 1 in block 3. The last block holds embeddings, final norm and LM head (see
+``blocks.py``).
+
+Data-flow space (:class:`DataflowGenome`): ``h{hop:03d}.take`` and ``h{hop:03d}.scale`` per
+candidate hop (see its docstring).
+
+This module is the only place that knows either mapping.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
 _PARAM_RE = re.compile(r"^b(\d+)\.e(\d+)\.([a-z_]+)$")
+_HOP_RE = re.compile(r"^h(\d+)\.(take|scale)$")
 
 BlockParams = list[list[dict[str, float]]]
 """``block_params[block][expert]`` is the parameter dict of one expert in one block."""
@@ -138,6 +145,117 @@ class Genome:
             searched={k: (float(v[0]), float(v[1])) for k, v in data["searched"].items()},
             fixed={k: float(v) for k, v in data.get("fixed", {}).items()},
         )
+
+
+Hop = tuple[int, int, float]
+"""``(source, layer, scale)``: one position of a data-flow path (``merge/dataflow.py``)."""
+
+
+@dataclass(frozen=True)
+class DataflowGenome:
+    """The search space of a data-flow study (Sakana's DFS, arXiv:2403.13187).
+
+    The candidate hops are every decoder layer of every source model, sources in order (model A
+    first), repeated ``repeats`` times: ``T = M x repeats`` hops for ``M`` layers in all. Hop
+    ``t`` has ``h{t:03d}.take`` in [-1, 1] (taken when positive) and, when ``scale`` is given,
+    ``h{t:03d}.scale`` (the factor on its input, searched on a log scale so that 1 is the
+    middle of the range). The path is model A's first layer, the taken hops in order, model A's
+    last layer (the ends, fixed, with scale 1); around it, model A's embeddings, final norm
+    and head.
+
+    Attributes:
+        source_layers: the number of decoder layers of each source model.
+        repeats: ``r``, how many times the layers of all sources are offered in turn.
+        scale: bounds of the searched input scales, or None (every scale 1).
+    """
+
+    source_layers: tuple[int, ...]
+    repeats: int
+    scale: tuple[float, float] | None
+
+    def __post_init__(self) -> None:
+        if not self.source_layers or min(self.source_layers) < 2 or self.repeats < 1:
+            raise ValueError("a data-flow genome needs sources of 2+ layers and repeats >= 1")
+        if self.scale is not None and not 0 < self.scale[0] < self.scale[1]:
+            raise ValueError(f"scale bounds must satisfy 0 < low < high, got {self.scale}")
+
+    @property
+    def hops(self) -> list[tuple[int, int]]:
+        """``(source, layer)`` of each candidate hop, in genome order."""
+        one_pass = [(s, i) for s, count in enumerate(self.source_layers) for i in range(count)]
+        return one_pass * self.repeats
+
+    @property
+    def param_names(self) -> list[str]:
+        kinds = ("take", "scale") if self.scale is not None else ("take",)
+        return [f"h{hop:03d}.{kind}" for hop in range(len(self.hops)) for kind in kinds]
+
+    @property
+    def dimension(self) -> int:
+        return len(self.param_names)
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        from optuna.distributions import FloatDistribution
+
+        distributions: dict[str, BaseDistribution] = {}
+        for hop in range(len(self.hops)):
+            distributions[f"h{hop:03d}.take"] = FloatDistribution(-1.0, 1.0)
+            if self.scale is not None:
+                distributions[f"h{hop:03d}.scale"] = FloatDistribution(*self.scale, log=True)
+        return distributions
+
+    def path(self, params: Mapping[str, float]) -> list[Hop]:
+        """The trial's path: A's first layer, the taken hops, A's last layer."""
+        for name in self.param_names:
+            if name not in params:
+                raise KeyError(f"trial has no value for genome parameter {name!r}")
+        middle = [
+            (source, layer, float(params[f"h{hop:03d}.scale"]) if self.scale is not None else 1.0)
+            for hop, (source, layer) in enumerate(self.hops)
+            if params[f"h{hop:03d}.take"] > 0
+        ]
+        return [(0, 0, 1.0), *middle, (0, self.source_layers[0] - 1, 1.0)]
+
+    def source_alone(self) -> dict[str, float]:
+        """Trial parameters whose path is model A's own layers, in order, unscaled."""
+        inner = set(range(1, self.source_layers[0] - 1))
+        params: dict[str, float] = {}
+        for hop, (source, layer) in enumerate(self.hops):
+            first_pass = hop < sum(self.source_layers)
+            params[f"h{hop:03d}.take"] = (
+                1.0 if first_pass and source == 0 and layer in inner else -1.0
+            )
+            if self.scale is not None:
+                params[f"h{hop:03d}.scale"] = 1.0
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "space": "dataflow",
+            "source_layers": list(self.source_layers),
+            "repeats": self.repeats,
+            "scale": None if self.scale is None else list(self.scale),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataflowGenome:
+        scale = data.get("scale")
+        return cls(
+            source_layers=tuple(int(n) for n in data["source_layers"]),
+            repeats=int(data["repeats"]),
+            scale=None if scale is None else (float(scale[0]), float(scale[1])),
+        )
+
+
+SearchGenome = Genome | DataflowGenome
+"""A study's search space: parameter space or data-flow space."""
+
+
+def genome_from_dict(data: Mapping[str, Any]) -> SearchGenome:
+    """The genome a study stores (``to_dict``), of either space."""
+    if data.get("space") == "dataflow":
+        return DataflowGenome.from_dict(data)
+    return Genome.from_dict(data)
 
 
 def to_mergekit_config(

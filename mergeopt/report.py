@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt import attrs
-from mergeopt.genome import Genome
+from mergeopt.genome import DataflowGenome, Genome, Hop, SearchGenome
 from mergeopt.study import stored_genome, stored_spec, trial_counts
 
 if TYPE_CHECKING:
@@ -41,9 +41,14 @@ def best_values_text(study: optuna.Study) -> str:
     return "best of each: " + " ".join(parts)
 
 
-def recipe_summary(params: Mapping[str, float], genome: Genome) -> str:
-    """Mean of each searched parameter per expert over the blocks, e.g. ``e0.weight=0.42``."""
+def recipe_summary(params: Mapping[str, float], genome: SearchGenome) -> str:
+    """Mean of each searched parameter per expert over the blocks, e.g. ``e0.weight=0.42``;
+    for a data-flow path its depth, layers per source model and range of scales, e.g.
+    ``depth 11: A 8, B 3; scale 0.71-1.40``."""
     from mergeopt.genome import parse_param_name
+
+    if isinstance(genome, DataflowGenome):
+        return path_summary(genome.path(params))
 
     sums: dict[str, list[float]] = {}
     for name, value in params.items():
@@ -53,6 +58,17 @@ def recipe_summary(params: Mapping[str, float], genome: Genome) -> str:
             continue
         sums.setdefault(f"e{expert}.{param}", []).append(value)
     return " ".join(f"{key}={sum(v) / len(v):.2f}" for key, v in sorted(sums.items()))
+
+
+def path_summary(path: Sequence[Hop]) -> str:
+    """``depth 11: A 8, B 3; scale 0.71-1.40``: a data-flow path at a glance (sources as
+    letters, model A first)."""
+    counts: dict[int, int] = {}
+    for source, _, _ in path:
+        counts[source] = counts.get(source, 0) + 1
+    sources = ", ".join(f"{chr(ord('A') + s)} {n}" for s, n in sorted(counts.items()))
+    scales = [scale for _, _, scale in path]
+    return f"depth {len(path)}: {sources}; scale {min(scales):.2f}-{max(scales):.2f}"
 
 
 def status_report(study: optuna.Study) -> dict[str, Any]:
@@ -68,7 +84,7 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = objective_names(study)
     genome = stored_genome(study) if attrs.GENOME in study.user_attrs else None
-    experts = _expert_trial_params(study, genome)
+    experts = _expert_trial_params(study, genome if isinstance(genome, Genome) else None)
     front = study.best_trials if complete else []
     pareto = [
         {

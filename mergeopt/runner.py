@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from mergeopt import attrs
+from mergeopt.genome import DataflowGenome
 from mergeopt.seeds import derive_seed
 from mergeopt.study import stored_genome, stored_layout, stored_spec
 
@@ -77,15 +78,19 @@ class TrialRunner:
         self.experts = [resolve_model(e) for e in spec.models.experts]
         # The scorer first: the engine checks its own needs against the memory left free.
         self._build_scorer()
-        self.engine = MergeEngine(
-            base=self.base,
-            experts=self.experts,
-            layout=self.layout,
-            method=spec.merge.method,
-            method_params=dict(spec.merge.parameters),
-            device=device,
-            dtype=getattr(torch, spec.merge.dtype),
-        )
+        self.engine: Any
+        if isinstance(self.genome, DataflowGenome):
+            self._build_dataflow_engine()
+        else:
+            self.engine = MergeEngine(
+                base=self.base,
+                experts=self.experts,
+                layout=self.layout,
+                method=spec.merge.method,
+                method_params=dict(spec.merge.parameters),
+                device=device,
+                dtype=getattr(torch, spec.merge.dtype),
+            )
         self.plan: Any = None
         self.front: Callable[[], Sequence[Finished]] | None = None
         """Set by the worker loop: reads the study's COMPLETE trials (one database read),
@@ -110,6 +115,19 @@ class TrialRunner:
         )
         self.evaluator = Evaluator(
             self.spec.objectives, self.scorer, scorer_options=options, split=self.split
+        )
+
+    def _build_dataflow_engine(self) -> None:
+        """Data-flow space: the other source models' layers resident beside the scorer's model
+        (model A), which each trial re-points (``merge/dataflow.py``)."""
+        from mergeopt.merge.dataflow import DataflowEngine
+        from mergeopt.objectives.scorers.hf import HFScorer
+
+        assert isinstance(self.scorer, HFScorer)  # the spec allows no other backend
+        self.engine = DataflowEngine(
+            model=self.scorer.model,
+            sources=self.experts,
+            trust_remote_code=self.spec.models.trust_remote_code,
         )
 
     def _anchors(self, study: optuna.Study) -> Any:
@@ -173,11 +191,23 @@ class TrialRunner:
         """
         from mergeopt.objectives.scorers.base import TrialEvaluationError
 
-        block_params = self.genome.block_params(params)
+        recipe: dict[str, Any]
+        if isinstance(self.genome, DataflowGenome):
+            path = self.genome.path(params)
+            recipe = {attrs.DATAFLOW_PATH: [list(hop) for hop in path]}
+        else:
+            block_params = self.genome.block_params(params)
+            recipe = {attrs.RECIPE: block_params}
         try:
             started = time.perf_counter()
-            target = self.scorer.merge_target()
-            stats = self.engine.merge(block_params, target=target, seed=seed)
+            if isinstance(self.genome, DataflowGenome):
+                self.engine.apply(path)
+                blocks_merged = 0  # nothing merged: the layer list is re-pointed
+            else:
+                target = self.scorer.merge_target()
+                blocks_merged = self.engine.merge(
+                    block_params, target=target, seed=seed
+                ).blocks_merged
             self.scorer.after_weights_loaded()
             merge_seconds = time.perf_counter() - started
             if self.plan is not None and self.front is not None:
@@ -198,15 +228,17 @@ class TrialRunner:
                 self.engine.forget(self.scorer.merge_target())
                 self.scorer.close()
                 self._build_scorer()
+                if isinstance(self.genome, DataflowGenome):
+                    self._build_dataflow_engine()
             raise
         user_attrs: dict[str, Any] = {
-            attrs.RECIPE: block_params,
+            **recipe,
             attrs.METRICS: scored.metrics,
             attrs.MERGE_SECONDS: round(merge_seconds, 4),
             attrs.EVAL_SECONDS: round(scored.seconds, 4),
             attrs.ITEMS_SCORED: scored.items,
             attrs.TOKENS_GENERATED: scored.tokens,
-            attrs.BLOCKS_MERGED: stats.blocks_merged,
+            attrs.BLOCKS_MERGED: blocks_merged,
             attrs.RAW_VALUES: scored.raw,
             **scored.extra,
         }

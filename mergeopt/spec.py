@@ -76,10 +76,35 @@ class BlocksSpec(_Strict):
         return self
 
 
+class DataflowSpec(_Strict):
+    """Data-flow search (``merge: {space: dataflow}``): the path tokens take through the
+    decoder layers of the source models (``models.base`` is model A, then ``models.experts``),
+    Sakana's DFS. ``repeats``: how many times every layer is offered (``r``, so ``T = M x r``
+    candidate hops for ``M`` layers in all). ``scale``: bounds of each hop's searched input
+    scaling (log scale, 1 in the middle), or null for none (every scale 1)."""
+
+    repeats: int = Field(default=2, ge=1)
+    scale: tuple[float, float] | None = (0.5, 2.0)
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] < value[1]:
+            raise ValueError("scale must be [low, high] with 0 < low < high")
+        return value
+
+
 class MergeSpec(_Strict):
-    """The fusion method, its global parameters and the searched per-expert parameters."""
+    """The fusion method, its global parameters and the searched per-expert parameters.
+
+    ``space``: ``parameter`` (per-block merge parameters, the default) or ``dataflow`` (the
+    path through the source models' layers, options in ``dataflow``; ``method`` is then
+    ``passthrough``, which is what its mergekit export is, and is filled in when left out).
+    """
 
     method: str
+    space: Literal["parameter", "dataflow"] = "parameter"
+    dataflow: DataflowSpec | None = None
     parameters: dict[str, float | bool] = Field(default_factory=dict)
     blocks: BlocksSpec = Field(default_factory=BlocksSpec)
     search: dict[str, tuple[float, float]] = Field(default_factory=lambda: {"weight": (0.0, 1.0)})
@@ -108,6 +133,34 @@ class MergeSpec(_Strict):
             if name in ("density", "gamma", "epsilon") and not (low >= 0.0 and high <= 1.0):
                 raise ValueError(f"bounds of {name} must lie in [0, 1]")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataflow_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("space") == "dataflow":
+            return {"method": "passthrough", "dataflow": {}, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _space_fields(self) -> MergeSpec:
+        if self.space == "parameter":
+            if self.dataflow is not None:
+                raise ValueError("dataflow options need space: dataflow")
+            return self
+        if self.method != "passthrough":
+            raise ValueError("space: dataflow searches a path, not a merge; leave method out")
+        defaults = MergeSpec(method="passthrough")  # a stored spec holds every default
+        searched = [
+            name
+            for name in ("blocks", "fixed", "parameters", "search")
+            if getattr(self, name) != getattr(defaults, name)
+        ]
+        if searched:
+            raise ValueError(
+                "space: dataflow searches no merge parameters; remove "
+                + ", ".join(sorted(searched))
+            )
+        return self
 
     @model_validator(mode="after")
     def _disjoint(self) -> MergeSpec:
@@ -291,6 +344,15 @@ class StudySpec(_Strict):
         if duplicated:
             raise ValueError(f"objective names must be unique: {', '.join(duplicated)}")
         return value
+
+    @model_validator(mode="after")
+    def _dataflow_scorer(self) -> StudySpec:
+        if self.merge.space == "dataflow" and self.scorer.backend != "hf":
+            raise ValueError(
+                f"scorer.backend: {self.scorer.backend} cannot change the model's depth per "
+                "trial in place, which merge space dataflow needs; use backend: hf"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fidelity_needs_task_files(self) -> StudySpec:

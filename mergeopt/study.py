@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from mergeopt import attrs
 from mergeopt.blocks import BlockLayout
 from mergeopt.errors import UserError
-from mergeopt.genome import Genome
+from mergeopt.genome import DataflowGenome, Genome, Hop, SearchGenome, genome_from_dict
 from mergeopt.spec import StudySpec
 from mergeopt.storage import (
     load_study,
@@ -30,6 +30,8 @@ from mergeopt.trial_io import count_trials
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
+
+    from mergeopt.checkpoints import Checkpoint
 
 
 # --------------------------------------------------------------------------- creation
@@ -52,7 +54,7 @@ class StudyPlan:
 
     spec: StudySpec
     layout: BlockLayout
-    genome: Genome
+    genome: SearchGenome
     block_importance: list[float]
 
 
@@ -78,8 +80,10 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     ]
     base, *experts = (Checkpoint(path=folder) for folder in folders)
     check_mergeable(base, experts)
-    check_method(spec, num_experts=len(experts))
     validate_objectives(spec.objectives)
+    if spec.merge.space == "dataflow":
+        return _plan_dataflow(spec, [base, *experts])
+    check_method(spec, num_experts=len(experts))
 
     blocks = spec.merge.blocks
     num_layers = base.num_layers
@@ -102,6 +106,40 @@ def plan_study(spec: StudySpec) -> StudyPlan:
         spec.sampler.name, spec.sampler.options, genome=genome, num_objectives=len(spec.objectives)
     )
     return StudyPlan(spec=spec, layout=layout, genome=genome, block_importance=block_importance)
+
+
+def _plan_dataflow(spec: StudySpec, sources: list[Checkpoint]) -> StudyPlan:
+    """A data-flow study's genome over ``sources`` (model A first); its layout is model A's
+    layers as one block each, which only the exports' metadata reads."""
+    from mergeopt.merge.dataflow import LLAMA_STYLE_LAYER
+    from mergeopt.samplers import validate_sampler_options
+
+    options = spec.merge.dataflow
+    assert options is not None  # the spec fills it in for space: dataflow
+    for checkpoint in sources:
+        prefix = "model.layers.0."
+        layer = {n.removeprefix(prefix) for n in checkpoint.names if n.startswith(prefix)}
+        if not layer or not layer <= LLAMA_STYLE_LAYER:
+            raise UserError(
+                f"model {checkpoint.path}: data-flow search needs pre-norm Llama-style decoder "
+                f"layers (model.layers.N with input_layernorm, self_attn.o_proj, mlp.down_proj: "
+                f"Llama, Mistral, Qwen2, Qwen3); {checkpoint.config.get('model_type')!r} is not"
+            )
+    if spec.sampler.name in ("model-level", "saasbo-qnehvi"):
+        raise UserError(
+            f"sampler.name: {spec.sampler.name} searches merge parameters; a data-flow study "
+            "uses cmaes, random, tpe, nsga2 or gp"
+        )
+    genome = DataflowGenome(
+        source_layers=tuple(c.num_layers for c in sources),
+        repeats=options.repeats,
+        scale=options.scale,
+    )
+    validate_sampler_options(
+        spec.sampler.name, spec.sampler.options, genome=None, num_objectives=len(spec.objectives)
+    )
+    layout = BlockLayout.fixed(sources[0].num_layers, layers_per_block=1)
+    return StudyPlan(spec=spec, layout=layout, genome=genome, block_importance=[])
 
 
 def check_method(spec: StudySpec, *, num_experts: int) -> None:
@@ -217,10 +255,13 @@ def _create_study(
         from mergeopt import __version__
 
         attrs.CREATED_WITH.set(study, __version__)
-        if spec.sampler.enqueue_experts:
-            for expert in range(plan.genome.num_experts):
+        genome = plan.genome
+        if spec.sampler.enqueue_experts and isinstance(genome, DataflowGenome):
+            study.enqueue_trial(genome.source_alone(), user_attrs={attrs.SOURCE: "model A alone"})
+        elif spec.sampler.enqueue_experts and isinstance(genome, Genome):
+            for expert in range(genome.num_experts):
                 study.enqueue_trial(
-                    plan.genome.expert_alone(expert),
+                    genome.expert_alone(expert),
                     user_attrs={attrs.SOURCE: f"expert {expert}"},
                 )
     except BaseException:
@@ -236,8 +277,19 @@ def stored_spec(study: optuna.Study) -> StudySpec:
     return StudySpec.from_json(data)
 
 
-def stored_genome(study: optuna.Study) -> Genome:
-    return Genome.from_dict(attrs.GENOME.read(study))
+def stored_genome(study: optuna.Study) -> SearchGenome:
+    return genome_from_dict(attrs.GENOME.read(study))
+
+
+def stored_parameter_genome(study: optuna.Study, *, done_to_it: str) -> Genome:
+    """The study's parameter-space genome; a one-line ``UserError`` for a data-flow study,
+    which cannot ``done_to_it`` (e.g. "be merged with mergeopt merge")."""
+    genome = stored_genome(study)
+    if not isinstance(genome, Genome):
+        raise UserError(
+            f"study {study.study_name!r} searches data-flow paths, which cannot {done_to_it}"
+        )
+    return genome
 
 
 def stored_layout(study: optuna.Study) -> BlockLayout:
@@ -276,7 +328,20 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> list[list[dict[str,
     recipe = attrs.RECIPE.get(trial)
     if recipe is not None:
         return [[{k: float(v) for k, v in e.items()} for e in block] for block in recipe]
-    return stored_genome(study).block_params(trial.params)
+    return stored_parameter_genome(study, done_to_it="have a merge recipe").block_params(
+        trial.params
+    )
+
+
+def trial_path(study: optuna.Study, trial: FrozenTrial) -> list[Hop]:
+    """The data-flow path of a trial (stored, else from its params)."""
+    path = attrs.DATAFLOW_PATH.get(trial)
+    if path is not None:
+        return [(int(s), int(i), float(w)) for s, i, w in path]
+    genome = stored_genome(study)
+    if not isinstance(genome, DataflowGenome):
+        raise UserError(f"study {study.study_name!r} searches merge parameters, not paths")
+    return genome.path(trial.params)
 
 
 def trial_seed(study: optuna.Study, trial: FrozenTrial) -> int:

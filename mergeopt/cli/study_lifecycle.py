@@ -48,6 +48,7 @@ def study_create(
     ] = False,
 ) -> None:
     """Validate a spec and create its study (one direction per objective)."""
+    from mergeopt.genome import DataflowGenome
     from mergeopt.spec import load_spec
     from mergeopt.storage import mask_url, resolve_storage_url
     from mergeopt.study import create_study, stored_genome
@@ -64,10 +65,19 @@ def study_create(
     )
     genome = stored_genome(study)
     console = new_console()
+    if isinstance(genome, DataflowGenome):
+        kinds = "take and scale" if genome.scale is not None else "take"
+        space = (
+            f"data-flow paths over {sum(genome.source_layers)} layers x {genome.repeats} "
+            f"repeats = {len(genome.hops)} hops ({kinds}) = {genome.dimension} dimensions"
+        )
+    else:
+        space = (
+            f"{genome.num_blocks} blocks x {genome.num_experts} experts x "
+            f"{len(genome.searched)} parameters = {genome.dimension} dimensions"
+        )
     console.print(
-        f"study [bold]{study.study_name}[/] in {mask_url(url)}: "
-        f"{genome.num_blocks} blocks x {genome.num_experts} experts x "
-        f"{len(genome.searched)} parameters = {genome.dimension} dimensions, "
+        f"study [bold]{study.study_name}[/] in {mask_url(url)}: {space}, "
         f"objectives {', '.join(o.name for o in spec.objectives)}"
     )
     console.print(

@@ -116,12 +116,49 @@ def study_export(
         typer.Option(help="Device that redoes the merge (cpu, cuda).", callback=one_device),
     ] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    moe: Annotated[
+        bool,
+        typer.Option(
+            "--moe",
+            help="Build one Mixture-of-Experts model (mergekit-moe) from --trials or --pareto, "
+            "each trial's merge an expert.",
+        ),
+    ] = False,
+    trials_list: Annotated[
+        str | None,
+        typer.Option("--trials", metavar="N,M,...", help="With --moe: the trials to combine."),
+    ] = None,
+    gate_mode: Annotated[
+        str,
+        typer.Option(
+            help="With --moe: router initialization: hidden (prompts of each trial's strongest "
+            "objective), cheap_embed or random."
+        ),
+    ] = "hidden",
+    experts_per_token: Annotated[
+        int, typer.Option(help="With --moe: experts each token is routed to.")
+    ] = 1,
     storage: StorageOption = None,
 ) -> None:
     from mergeopt.export import FORMATS, export_trials
     from mergeopt.export_choice import parse_preference, select_trials
     from mergeopt.storage import load_study, resolve_storage_url
 
+    if moe or trials_list is not None:
+        _export_moe(
+            name,
+            out,
+            trials_list=trials_list,
+            pareto=pareto,
+            others=[trial is not None, best is not None, preference is not None],
+            gate_mode=gate_mode,
+            experts_per_token=experts_per_token,
+            device=device,
+            force=force,
+            moe=moe,
+            storage=storage,
+        )
+        return
     if fmt not in FORMATS:
         raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     url = resolve_storage_url(storage)
@@ -147,6 +184,57 @@ def study_export(
     console = new_console()
     for path in written:
         console.print(f"exported {path}")
+
+
+def _export_moe(
+    name: str,
+    out: Path,
+    *,
+    trials_list: str | None,
+    pareto: bool,
+    others: list[bool],
+    gate_mode: str,
+    experts_per_token: int,
+    device: str,
+    force: bool,
+    moe: bool,
+    storage: str | None,
+) -> None:
+    """``study export --moe``: the chosen trials as the experts of one MoE model."""
+    from mergeopt.export_choice import select_trials
+    from mergeopt.export_moe import export_moe
+    from mergeopt.storage import load_study, resolve_storage_url
+    from mergeopt.study import complete_trial
+
+    if not moe:
+        raise UserError("--trials chooses the experts of --moe; export one trial with --trial N")
+    if any(others) or (trials_list is None) == (not pareto):
+        raise UserError("--moe takes exactly one of --trials N,M,... or --pareto")
+    url = resolve_storage_url(storage)
+    study = load_study(name, url)
+    if trials_list is not None:
+        try:
+            numbers = [int(part) for part in trials_list.split(",") if part.strip()]
+        except ValueError:
+            raise UserError(
+                f"--trials: expected trial numbers like 3,7,12, got {trials_list!r}"
+            ) from None
+        chosen = [complete_trial(study, n, done_to_it="be experts of a MoE") for n in numbers]
+    else:
+        chosen = select_trials(study, pareto=True)
+    written = export_moe(
+        study,
+        chosen,
+        out,
+        gate_mode=gate_mode,
+        experts_per_token=experts_per_token,
+        device=device,
+        force=force,
+        storage_url=url,
+    )
+    new_console().print(
+        f"exported a MoE of trials {', '.join(str(t.number) for t in chosen)} to {written}"
+    )
 
 
 @study_app.command("plot")

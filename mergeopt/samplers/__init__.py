@@ -26,7 +26,7 @@ from mergeopt.errors import UserError
 if TYPE_CHECKING:
     import optuna
 
-    from mergeopt.genome import Genome
+    from mergeopt.genome import SearchGenome
 
 SAMPLERS: dict[str, tuple[str, str]] = {
     "random": ("optuna.samplers", "RandomSampler"),
@@ -63,7 +63,7 @@ def _constructor_kwargs(
     options: Mapping[str, Any],
     *,
     seed: int | None,
-    genome: Genome | None,
+    genome: SearchGenome | None,
     num_objectives: int,
 ) -> dict[str, Any]:
     parameters = inspect.signature(cls).parameters
@@ -98,7 +98,7 @@ def create_sampler(
     options: Mapping[str, Any],
     *,
     seed: int | None,
-    genome: Genome | None,
+    genome: SearchGenome | None,
     num_objectives: int,
 ) -> optuna.samplers.BaseSampler:
     """The sampler called ``name`` with the spec's ``options`` (one per worker process).
@@ -120,7 +120,7 @@ def validate_sampler_options(
     name: str,
     options: Mapping[str, Any],
     *,
-    genome: Genome | None,
+    genome: SearchGenome | None,
     num_objectives: int,
 ) -> None:
     """Raise :class:`UserError` (one line naming the option) if ``name``/``options`` are bad.

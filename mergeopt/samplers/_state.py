@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from optuna import Study
     from optuna.search_space import IntersectionSearchSpace
 
-    from mergeopt.genome import Genome
+    from mergeopt.genome import SearchGenome
 
 Candidate = tuple[dict[str, Any], dict[str, Any]]
 """``(params, user_attrs)`` of one candidate, parameters in Optuna's external representation."""
@@ -174,18 +174,19 @@ def dimension_importance(
     return np.array(values)
 
 
-def genome_of(study: Study, genome: Genome | None) -> Genome | None:
-    """The genome given to the sampler, else the one stored in the study (``mergeopt:genome``)."""
-    from mergeopt.genome import Genome
+def genome_of(study: Study, genome: SearchGenome | None) -> SearchGenome | None:
+    """The genome given to the sampler, else the one stored in the study (``mergeopt:genome``;
+    parameter space or data-flow space)."""
+    from mergeopt.genome import genome_from_dict
 
     if genome is not None:
         return genome
     data = attrs.GENOME.get(study)
-    return Genome.from_dict(data) if data else None
+    return genome_from_dict(data) if data else None
 
 
 def relative_search_space(
-    study: Study, genome: Genome | None, intersection: IntersectionSearchSpace
+    study: Study, genome: SearchGenome | None, intersection: IntersectionSearchSpace
 ) -> dict[str, BaseDistribution]:
     """The space a relative sampler models: the genome's whole space when there is one (fixed,
     so even the first trial is sampled jointly), else the numerical part of the parameters

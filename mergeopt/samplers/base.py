@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
 
-    from mergeopt.genome import Genome
+    from mergeopt.genome import SearchGenome
 
 
 class GenomeSampler(BaseSampler):
@@ -25,7 +25,7 @@ class GenomeSampler(BaseSampler):
     stored one) from the first trial on; parameters outside it (categorical ones, names that
     are not genome names) are drawn by a ``RandomSampler`` with the same ``seed``."""
 
-    def __init__(self, *, seed: int | None, genome: Genome | None) -> None:
+    def __init__(self, *, seed: int | None, genome: SearchGenome | None) -> None:
         self._seed = seed
         self._genome = genome
         self._independent = RandomSampler(seed=seed)
@@ -78,7 +78,7 @@ class BatchedGenomeSampler(GenomeSampler):
         prefix: str,
         *,
         seed: int | None,
-        genome: Genome | None,
+        genome: SearchGenome | None,
         timing: tuple[float, float | None, float],
         enqueue_rest: bool = True,
     ) -> None:

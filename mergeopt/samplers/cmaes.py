@@ -71,7 +71,7 @@ from mergeopt.seeds import derive_seed
 if TYPE_CHECKING:
     from optuna import Study
 
-    from mergeopt.genome import Genome
+    from mergeopt.genome import SearchGenome
 
 PREFIX = sampler_prefix("cmaes")
 STATE_KEY = PREFIX + "state"
@@ -114,7 +114,7 @@ class ScalarizedCmaEsSampler(BatchedGenomeSampler):
         scalarization: str = "weighted",
         weights: Sequence[float] | None = None,
         seed: int | None = None,
-        genome: Genome | None = None,
+        genome: SearchGenome | None = None,
         num_objectives: int | None = None,
         lock_ttl_seconds: float = 120.0,
         settle_seconds: float | None = None,

@@ -247,8 +247,10 @@ class SaasQnehviSampler(BatchedGenomeSampler):
     def _design_point(self, study: Study, cube: UnitCube, index: int) -> dict[str, Any]:
         if index < len(self._initial_solutions):
             solution = self._initial_solutions[index]
+            from mergeopt.genome import Genome
+
             genome = genome_of(study, self._genome)
-            if genome is not None and len(solution) == len(genome.searched):
+            if isinstance(genome, Genome) and len(solution) == len(genome.searched):
                 values = dict(zip(genome.searched, solution, strict=True))
                 per_expert = [values] * genome.num_experts
                 broadcast = genome.broadcast(per_expert)
