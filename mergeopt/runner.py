@@ -104,6 +104,7 @@ class TrialRunner:
             chat_template=options.chat_template,
             gpu_memory_utilization=options.gpu_memory_utilization,
             trust_remote_code=self.spec.models.trust_remote_code,
+            expert_dirs=tuple(self.experts),
         )
         self.evaluator = Evaluator(
             self.spec.objectives, self.scorer, scorer_options=options, split=self.split
