@@ -102,7 +102,8 @@ def _rounded(values: Mapping[str, float]) -> dict[str, float]:
 
 
 def score_table(metadata: Mapping[str, Any]) -> str:
-    """The zoo's scores as a Markdown table: a row per model and merge, a column per task."""
+    """The zoo's scores as a Markdown table: a row per model (its body; each task answered by
+    its expert's head, as studies score it) and merge, a column per task."""
     tasks = list(encoder_tasks.LABEL_COUNTS)
     header = (
         "| model | " + " | ".join(f"{t} ({encoder_tasks.LABEL_COUNTS[t]})" for t in tasks) + " |"
