@@ -83,6 +83,22 @@ def test_a_study_on_the_encoder_zoo_runs_end_to_end(
     assert len({tuple(t.values) for t in complete}) > 1  # the merge changes the model
     status = run_cli("study", "status", "enc", "--storage", url)
     assert status.returncode == 0, status.stderr
+    evaluated = run_cli("study", "evaluate", "enc", "--heldout", "--pareto", "--storage", url)
+    assert evaluated.returncode == 0, evaluated.stderr
+
+    # the export: a sequence classifier carrying the merged head, padded to the widest (4)
+    out = tmp_path / "best"
+    exported = run_cli(
+        "study", "export", "enc", "--best", "topic", "--format", "hf", "--out", str(out),
+        "--storage", url,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        next(out.glob("**/config.json")).parent
+    )
+    assert model.config.num_labels == 4
 
 
 def _create_error(tmp_path: Path, zoo: EncoderZoo, change: dict, records: list[dict]) -> str:
