@@ -33,6 +33,7 @@ def test_each_expert_learned_its_task_and_a_ties_merge_keeps_them(
         assert metadata["merges"]["ties"][task] > chance[task] + MARGIN, task
 
 
+@pytest.mark.slow
 def test_a_seed_builds_the_same_zoo(tmp_path: Path) -> None:
     small = EncoderZooTraining(pretrain_steps=3, probe_steps=2, expert_steps=2, split_size=8)
     first = build_encoder_zoo(tmp_path / "a", training=small, progress=False)
