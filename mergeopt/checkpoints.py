@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeopt.errors import UserError
-from mergeopt.tensor_names import config_num_layers
+from mergeopt.tensor_names import config_num_layers, is_classifier_head
 
 if TYPE_CHECKING:
     import torch
@@ -154,15 +154,65 @@ class CheckpointReader:
             tensor = tensor.to(device=device).to(dtype)
         return tensor.to(device=device)
 
+    def read_fitted(
+        self,
+        model: int,
+        name: str,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
+        """Tensor ``name`` of checkpoint ``model`` in the merged ``shape`` (:func:`merge_shapes`):
+        zero-padded along dimension 0 when it has fewer rows (a smaller classification head),
+        zeros when the checkpoint lacks it (a base without a head)."""
+        import torch
 
-def check_mergeable(base: Checkpoint, experts: Sequence[Checkpoint]) -> list[str]:
-    """The tensor names to merge (the base's); raises UserError when an expert does not fit."""
+        checkpoint = self.checkpoints[model]
+        if name not in checkpoint.shard_of:
+            try:
+                checkpoint.source_name(name)
+            except UserError:
+                return torch.zeros(tuple(shape), dtype=dtype, device=device)
+        tensor = self.read(model, name, dtype=dtype, device=device)
+        if tuple(tensor.shape) == tuple(shape):
+            return tensor
+        fitted = torch.zeros(tuple(shape), dtype=tensor.dtype, device=device)
+        fitted[: tensor.shape[0]] = tensor
+        return fitted
+
+
+def is_sequence_classifier(checkpoint: Checkpoint) -> bool:
+    """A ``*ForSequenceClassification`` model (its config's ``architectures`` say so)."""
+    return any(
+        str(name).endswith("ForSequenceClassification")
+        for name in checkpoint.config.get("architectures") or ()
+    )
+
+
+def merge_shapes(base: Checkpoint, experts: Sequence[Checkpoint]) -> dict[str, tuple[int, ...]]:
+    """Each tensor to merge and its merged shape; raises UserError when an expert does not fit.
+
+    Causal LMs and other models: the base's tensors, every expert holding each in the same shape.
+
+    Sequence classifiers (every expert a ``*ForSequenceClassification``, as fine-tunes of one
+    encoder on tasks with different label counts are): the experts' tensors, which they must
+    share. Tensors of the classification head (under a ``classifier`` module, outside the
+    layers) may differ between experts in their first dimension, the label count: each is
+    zero-padded to the largest (a task's missing labels score 0, which stays 0 in its task
+    vector). A tensor the base lacks (the head of a base pretrained without one, BERT's pooler)
+    is zeros in the base, so its task vector is the expert's whole tensor. Base tensors no expert
+    has (a masked-LM head) are not merged.
+    """
     for expert in experts:
         if expert.config.get("model_type") != base.config.get("model_type"):
             raise UserError(
                 f"model {expert.path}: architecture {expert.config.get('model_type')!r} "
                 f"differs from the base's {base.config.get('model_type')!r}"
             )
+    if experts and all(is_sequence_classifier(expert) for expert in experts):
+        return _classifier_shapes(base, experts)
+    for expert in experts:
         for name, shape in base.shapes.items():
             try:
                 source = expert.source_name(name)
@@ -175,7 +225,54 @@ def check_mergeable(base: Checkpoint, experts: Sequence[Checkpoint]) -> list[str
                     f"model {expert.path}: tensor {name} has shape "
                     f"{list(expert.shapes[source])}, the base has {list(shape)}"
                 )
-    return base.names
+    return dict(base.shapes)
+
+
+def _classifier_shapes(
+    base: Checkpoint, experts: Sequence[Checkpoint]
+) -> dict[str, tuple[int, ...]]:
+    first = experts[0]
+    shapes = dict(first.shapes)
+    for expert in experts[1:]:
+        missing = sorted(set(first.shapes) ^ set(expert.shapes))
+        if missing:
+            owner = first if missing[0] in first.shapes else expert
+            raise UserError(
+                f"model {expert.path}: tensor {missing[0]} is in {owner.path} only (the experts "
+                "must have the same tensors)"
+            )
+        for name, shape in expert.shapes.items():
+            shapes[name] = _fitted_shape(name, shapes[name], shape, where=f"model {expert.path}")
+    for name, shape in shapes.items():
+        if name in base.shapes:
+            merged = _fitted_shape(name, shape, base.shapes[name], where=f"base {base.path}")
+            if merged != shape:
+                raise UserError(
+                    f"base {base.path}: tensor {name} has shape {list(base.shapes[name])}, "
+                    f"larger than every expert's {list(shape)}"
+                )
+    return shapes
+
+
+def _fitted_shape(
+    name: str, shape: tuple[int, ...], other: tuple[int, ...], *, where: str
+) -> tuple[int, ...]:
+    """The shape both fit in: equal shapes, or a head tensor's larger label count."""
+    if shape == other:
+        return shape
+    if is_classifier_head(name) and len(shape) == len(other) and shape[1:] == other[1:]:
+        return (max(shape[0], other[0]), *shape[1:])
+    kind = "classification head tensor" if is_classifier_head(name) else "tensor"
+    raise UserError(
+        f"{where}: {kind} {name} has shape {list(other)}, another model has {list(shape)} "
+        "(only a head's label count may differ)"
+    )
+
+
+def check_mergeable(base: Checkpoint, experts: Sequence[Checkpoint]) -> list[str]:
+    """The tensor names to merge (see :func:`merge_shapes`); raises UserError when an expert
+    does not fit."""
+    return list(merge_shapes(base, experts))
 
 
 def iter_shards(checkpoint: Checkpoint) -> Iterator[tuple[Path, list[str]]]:
@@ -210,17 +307,17 @@ def tensor_difference_stats(
 
     base_checkpoint = Checkpoint(path=Path(base))
     expert_checkpoints = [Checkpoint(path=Path(p)) for p in experts]
-    names = check_mergeable(base_checkpoint, expert_checkpoints)
+    shapes = merge_shapes(base_checkpoint, expert_checkpoints)
     stats: dict[str, list[tuple[float, float, float, float, int]]] = {}
     with CheckpointReader([base_checkpoint, *expert_checkpoints]) as reader:
-        for name in names:
-            b = reader.read(0, name, dtype=torch.float32, device=device)
+        for name, shape in shapes.items():
+            b = reader.read_fitted(0, name, shape, dtype=torch.float32, device=device)
             if not b.is_floating_point():
                 continue
             base_sq = float(b.square().sum())
             rows = []
             for index in range(len(expert_checkpoints)):
-                e = reader.read(index + 1, name, dtype=torch.float32, device=device)
+                e = reader.read_fitted(index + 1, name, shape, dtype=torch.float32, device=device)
                 rows.append(
                     (
                         float((e - b).square().sum()),

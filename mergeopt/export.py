@@ -113,7 +113,9 @@ def trial_metadata(
 
 
 class HFModelWriter:
-    """The base model in the scorer's dtype, re-merged per trial and saved with ``save_pretrained``.
+    """The base model in the scorer's dtype, re-merged per trial and saved with ``save_pretrained``
+    (a study scored by the ``classifier`` backend: a sequence classifier with the merged,
+    zero-padded head; its tasks' own heads are not exported).
 
     One resident :class:`~mergeopt.merge.engine.MergeEngine` serves every exported trial, so a
     Pareto export loads base and experts once.
@@ -124,7 +126,7 @@ class HFModelWriter:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
-        from mergeopt.merge.engine import MergeEngine, ModuleTarget
+        from mergeopt.merge.engine import MergeEngine, MergeTarget, ModuleTarget
         from mergeopt.models import resolve_model
 
         # The CLI says what it exported; loading/writing bars would bury an error line.
@@ -132,12 +134,28 @@ class HFModelWriter:
 
         self.base = resolve_model(spec.models.base)
         remote = spec.models.trust_remote_code
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.base, dtype=getattr(torch, spec.scorer.dtype), trust_remote_code=remote
-        )
-        self.model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to badly
-        self.model.requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base, trust_remote_code=remote)
+        self.target: MergeTarget
+        if spec.scorer.backend == "classifier":
+            # A sequence classifier with the merged head, zero-padded to the largest expert's
+            # (the resident scorer's model, whose head takes the merged head's label count).
+            from mergeopt.objectives.scorers.classifier import ClassifierScorer
+
+            classifier = ClassifierScorer(
+                model_dir=self.base,
+                device=device,
+                dtype=spec.scorer.dtype,
+                trust_remote_code=remote,
+            )
+            self.model, self.tokenizer = classifier.model, classifier.tokenizer
+            self.target = classifier.merge_target()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.base, dtype=getattr(torch, spec.scorer.dtype), trust_remote_code=remote
+            )
+            self.model.to(device).eval()
+            self.model.requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.base, trust_remote_code=remote)
+            self.target = ModuleTarget(module=self.model)
         self.engine = MergeEngine(
             base=self.base,
             experts=[resolve_model(e) for e in spec.models.experts],
@@ -147,7 +165,6 @@ class HFModelWriter:
             device=device,
             dtype=getattr(torch, spec.merge.dtype),
         )
-        self.target = ModuleTarget(module=self.model)
 
     def write(self, block_params: list[list[dict[str, float]]], *, seed: int, folder: Path) -> None:
         """Merge ``block_params`` (with ``seed``) into the model and save it into ``folder``."""

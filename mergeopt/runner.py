@@ -112,6 +112,7 @@ class TrialRunner:
             gpu_memory_utilization=options.gpu_memory_utilization,
             trust_remote_code=self.spec.models.trust_remote_code,
             decode=options.decode,
+            expert_dirs=tuple(self.experts),
         )
         self.evaluator = Evaluator(
             self.spec.objectives, self.scorer, scorer_options=options, split=self.split

@@ -175,7 +175,9 @@ class ObjectiveSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     task: str
-    kind: Literal["generation", "multiple_choice", "perplexity", "evalscope"] = "generation"
+    kind: Literal["generation", "multiple_choice", "perplexity", "classification", "evalscope"] = (
+        "generation"
+    )
     metric: str = "accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
     extract: Literal["last_number", "exact", "regex"] = "last_number"
@@ -185,6 +187,9 @@ class ObjectiveSpec(_Strict):
     heldout: str | None = None
     normalize: bool = False
     evalscope: dict[str, Any] | None = None
+    head: int | None = Field(default=None, ge=0)
+    """``classification``: the expert (its index in ``models.experts``) whose classification
+    head answers this task on the merged model's body."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ObjectiveSpec:
@@ -192,6 +197,7 @@ class ObjectiveSpec(_Strict):
             "generation": ("accuracy", "mean_tokens"),
             "multiple_choice": ("accuracy",),
             "perplexity": ("perplexity",),
+            "classification": ("accuracy", "macro_f1"),
         }
         if self.kind in metrics and self.metric not in metrics[self.kind]:
             raise ValueError(
@@ -200,6 +206,11 @@ class ObjectiveSpec(_Strict):
             )
         if self.extract == "regex" and not self.pattern:
             raise ValueError("extract: regex needs a pattern")
+        if (self.kind == "classification") != (self.head is not None):
+            raise ValueError(
+                "head (the index of the expert whose classification head answers the task) "
+                "is required for kind: classification, and only there"
+            )
         if self.pattern is not None:
             try:
                 re.compile(self.pattern)
@@ -358,6 +369,27 @@ class StudySpec(_Strict):
     def _fidelity_needs_task_files(self) -> StudySpec:
         if self.fidelity is not None and any(o.kind == "evalscope" for o in self.objectives):
             raise ValueError("fidelity rungs need task-file objectives (not kind: evalscope)")
+        if self.fidelity is not None and any(o.metric == "macro_f1" for o in self.objectives):
+            raise ValueError("fidelity rungs need per-item metrics (not macro_f1)")
+        return self
+
+    @model_validator(mode="after")
+    def _classifier_scores_classification(self) -> StudySpec:
+        """The classifier scorer answers classification objectives, and only it does."""
+        classifying = [o.kind == "classification" for o in self.objectives]
+        if self.scorer.backend == "classifier" and not all(classifying):
+            raise ValueError(
+                "scorer.backend classifier scores kind: classification objectives only"
+            )
+        if self.scorer.backend != "classifier" and any(classifying):
+            raise ValueError("kind: classification objectives need scorer.backend: classifier")
+        experts = len(self.models.experts)
+        for objective in self.objectives:
+            if objective.head is not None and objective.head >= experts:
+                raise ValueError(
+                    f"objective {objective.name}: head {objective.head} is not an expert's index "
+                    f"(0..{experts - 1} for the {experts} models.experts)"
+                )
         return self
 
     def to_json(self) -> dict[str, Any]:

@@ -81,6 +81,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     base, *experts = (Checkpoint(path=folder) for folder in folders)
     check_mergeable(base, experts)
     validate_objectives(spec.objectives)
+    _check_label_counts(spec, experts)
     if spec.merge.space == "dataflow":
         return _plan_dataflow(spec, [base, *experts])
     check_method(spec, num_experts=len(experts))
@@ -140,6 +141,30 @@ def _plan_dataflow(spec: StudySpec, sources: list[Checkpoint]) -> StudyPlan:
     )
     layout = BlockLayout.fixed(sources[0].num_layers, layers_per_block=1)
     return StudyPlan(spec=spec, layout=layout, genome=genome, block_importance=[])
+
+
+def _check_label_counts(spec: StudySpec, experts: list[Checkpoint]) -> None:
+    """Every classification task's labels fit the head of the expert that answers it."""
+    from mergeopt.checkpoints import is_sequence_classifier
+    from mergeopt.objectives.tasks import label_count, load_task
+
+    tasks = [o for o in spec.objectives if o.kind == "classification"]
+    if tasks and not all(is_sequence_classifier(expert) for expert in experts):
+        raise UserError(
+            "classification objectives need sequence classifiers as experts "
+            "(config.json architectures: *ForSequenceClassification)"
+        )
+    for objective in tasks:
+        assert objective.head is not None  # the spec requires it for classification
+        expert = experts[objective.head]
+        labels = len(expert.config.get("id2label") or {}) or 2
+        count = label_count(load_task(objective.task, "classification"))
+        if count > labels:
+            raise UserError(
+                f"objective {objective.name}: label {count - 1} of {objective.task} is out of "
+                f"range: the head of expert {objective.head} ({expert.path.name}) has "
+                f"{labels} labels"
+            )
 
 
 def check_method(spec: StudySpec, *, num_experts: int) -> None:

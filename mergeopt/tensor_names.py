@@ -76,6 +76,17 @@ def is_post_weight(name: str) -> bool:
     return layer_of(name) is None and _module_name(name) in POST_MODULES
 
 
+def is_classifier_head(name: str) -> bool:
+    """A tensor of a sequence classifier's head (``classifier.out_proj.weight`` of RoBERTa,
+    ``classifier.weight`` of BERT, ``roberta.classifier...`` when prefixed): outside the layers,
+    under a module called ``classifier``. Its first dimension may be the task's label count.
+
+    >>> is_classifier_head("classifier.out_proj.bias"), is_classifier_head("bert.pooler.dense.bias")
+    (True, False)
+    """
+    return layer_of(name) is None and "classifier" in name.split(".")[:-1]
+
+
 def has_vocabulary_rows(name: str) -> bool:
     """The input embeddings or the output head: dimension 0 runs over the vocabulary."""
     if layer_of(name) is not None:

@@ -595,9 +595,7 @@ def main() -> None:
         mk = f"{mergekit:.2f}" if mergekit is not None else "-"
         speedup = f"{mergekit / whole:.0f}x" if mergekit is not None else "-"
         peak_text = f"{peak / 2**30:.2f}" if peak is not None else "-"
-        block_text = (
-            f"{one_block * 1e3:.2f} | 1/{whole / one_block:.0f}" if one_block else "- | -"
-        )
+        block_text = f"{one_block * 1e3:.2f} | 1/{whole / one_block:.0f}" if one_block else "- | -"
         print(
             f"| {method} | {whole * 1e3:.1f} | {ratio:.2f} | {mk} | {speedup} "
             f"| {block_text} | {peak_text} |"

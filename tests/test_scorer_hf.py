@@ -153,7 +153,7 @@ def test_the_spec_accepts_exactly_the_registered_backends() -> None:
 
     for backend in SCORERS:
         assert ScorerSpec(backend=backend).backend == backend
-    with pytest.raises(ValidationError, match="Input should be 'hf' or 'vllm'"):
+    with pytest.raises(ValidationError, match="Input should be 'hf', 'vllm' or 'classifier'"):
         ScorerSpec(backend="tgi")
 
 

@@ -33,8 +33,7 @@ from mergeopt.checkpoints import (
     Checkpoint,
     CheckpointReader,
     available_host_bytes,
-    check_mergeable,
-    iter_shards,
+    merge_shapes,
 )
 from mergeopt.errors import UserError
 from mergeopt.merge.methods import MergeMethod, get_method
@@ -213,7 +212,8 @@ class MergeEngine:
         self.layout = layout
         self.base_checkpoint = Checkpoint(path=Path(base))
         self.expert_checkpoints = [Checkpoint(path=Path(p)) for p in experts]
-        names = check_mergeable(self.base_checkpoint, self.expert_checkpoints)
+        self.shapes = merge_shapes(self.base_checkpoint, self.expert_checkpoints)
+        names = list(self.shapes)
         if self.base_checkpoint.num_layers != layout.num_layers:
             raise UserError(
                 f"block layout has {layout.num_layers} layers, model "
@@ -238,7 +238,7 @@ class MergeEngine:
 
     def _numel(self, name: str) -> int:
         count = 1
-        for size in self.base_checkpoint.shapes[name]:
+        for size in self.shapes[name]:
             count *= size
         return count
 
@@ -262,13 +262,19 @@ class MergeEngine:
             )
 
     def _load(self, progress: bool) -> None:
-        """Read every tensor once, shard by shard; one tensor per model in host RAM at a time."""
+        """Read every tensor once, shard by shard of the base (tensors it lacks last: a
+        classifier's head); one tensor per model in host RAM at a time."""
         started = time.perf_counter()
         checkpoints = [self.base_checkpoint, *self.expert_checkpoints]
+        groups: dict[str, list[str]] = {}
+        for name in self.shapes:
+            shard = self.base_checkpoint.shard_of.get(name)
+            groups.setdefault(shard.name if shard else "the experts' own tensors", []).append(name)
         with CheckpointReader(checkpoints) as reader:
-            for shard, shard_names in iter_shards(self.base_checkpoint):
-                for name in shard_names:
-                    base = reader.read(0, name, dtype=self.dtype, device=self.device)
+            for group, group_names in groups.items():
+                for name in group_names:
+                    shape = self.shapes[name]
+                    base = reader.read_fitted(0, name, shape, dtype=self.dtype, device=self.device)
                     if not base.is_floating_point():
                         self._base[name] = base
                         continue
@@ -276,8 +282,8 @@ class MergeEngine:
                         (self.num_experts, *base.shape), dtype=self.dtype, device=self.device
                     )
                     for index in range(self.num_experts):
-                        stack[index] = reader.read(
-                            index + 1, name, dtype=self.dtype, device=self.device
+                        stack[index] = reader.read_fitted(
+                            index + 1, name, shape, dtype=self.dtype, device=self.device
                         )
                     if self.merge_method.task_vectors:
                         stack -= base
@@ -286,7 +292,7 @@ class MergeEngine:
                     self._stack[name] = stack
                 if progress:
                     print(
-                        f"mergeopt: loaded {shard.name} ({time.perf_counter() - started:.1f} s)",
+                        f"mergeopt: loaded {group} ({time.perf_counter() - started:.1f} s)",
                         file=sys.stderr,
                     )
 

@@ -18,13 +18,16 @@ from typing import Any, Literal
 
 from mergeopt.errors import UserError
 from mergeopt.objectives import metrics
-from mergeopt.objectives.scorers.base import Scorer, TrialEvaluationError
+from mergeopt.objectives.scorers.base import Classifier, Scorer, TrialEvaluationError
 from mergeopt.objectives.tasks import (
+    ClassificationItem,
     GenerationItem,
     MultipleChoiceItem,
     TaskSplit,
     TextItem,
     heldout_split,
+    label_count,
+    load_task,
     search_split,
 )
 
@@ -32,6 +35,7 @@ KIND_METRICS = {
     "generation": ("accuracy", "mean_tokens"),
     "multiple_choice": ("accuracy",),
     "perplexity": ("perplexity",),
+    "classification": ("accuracy", "macro_f1"),
 }
 
 
@@ -61,6 +65,8 @@ class EvalResult:
 
 WEIGHT = "_w"
 TOKENS = "_tokens"
+LABEL = "_label"
+PREDICTED = "_predicted"
 
 
 @dataclass
@@ -81,6 +87,10 @@ class _Group:
     label: str
     split: TaskSplit
     objectives: list[Any] = field(default_factory=list)
+    num_labels: int = 0
+    """Classification: the task's classes (its task file's), the head rows a prediction reads."""
+    head: int = 0
+    """Classification: the expert whose classification head answers the task."""
 
 
 def _option(objective: Any, name: str, default: Any = None) -> Any:
@@ -188,7 +198,7 @@ class Evaluator:
                     f"objective {objective.name}: no held-out items (give heldout: "
                     "a file, or a limit smaller than the task)"
                 )
-            key = (kind, str(task_split.path), task_split.description)
+            key = (kind, str(task_split.path), task_split.description, _option(objective, "head"))
             if key not in by_key:
                 label = Path(task_split.path).stem
                 if label in labels:
@@ -197,6 +207,9 @@ class Evaluator:
                     label += "_"
                 labels.add(label)
                 by_key[key] = _Group(label=label, split=task_split)
+                if kind == "classification":
+                    by_key[key].num_labels = _classes(objective.task, task_split)
+                    by_key[key].head = objective.head
                 self._groups.append(by_key[key])
             by_key[key].objectives.append(objective)
 
@@ -237,7 +250,8 @@ class Evaluator:
         """Per-item records of the task groups' items (all, or ``subset[label]`` indices).
 
         A record maps each objective of the group to its per-item observation ``y`` (1/0
-        correct for accuracy, tokens for mean tokens, log-likelihood for perplexity) and
+        correct for accuracy, tokens for mean tokens, log-likelihood for perplexity; a
+        classification record also holds its true and predicted labels, for macro-F1) and
         ``WEIGHT`` to its weight ``w`` (1, or the text's tokens for perplexity): an objective's
         value over any set of items is ``sum(y) / sum(w)`` (``exp(-...)`` for perplexity).
         """
@@ -328,10 +342,51 @@ class Evaluator:
                 correct = metrics.choice_accuracy([choice_scores], [question.answer])
                 records.append({WEIGHT: 1.0, **dict.fromkeys(_names(group), correct)})
             return records, 0
+        if group.split.kind == "classification":
+            return self._classify(group, items), 0
         texts = [item.text for item in items if isinstance(item, TextItem)]
         for log_likelihood, count in self.scorer.rolling_loglikelihood(texts):
             records.append({WEIGHT: float(count), **dict.fromkeys(_names(group), log_likelihood)})
         return records, 0
+
+    def _classify(self, group: _Group, items: Sequence[Any]) -> list[dict[str, float]]:
+        """Predictions from the first ``num_labels`` logits of the task's expert's head on the
+        model's body; labels beyond that head's rows score 0, as zero padding would."""
+        if not isinstance(self.scorer, Classifier):
+            raise UserError(
+                f"task {group.label}: classification objectives need scorer.backend: classifier"
+            )
+        examples = [item for item in items if isinstance(item, ClassificationItem)]
+        logits = self.scorer.classify(
+            [item.text for item in examples], [item.text_pair for item in examples], head=group.head
+        )
+        records: list[dict[str, float]] = []
+        for item, row in zip(examples, logits, strict=True):
+            scores = [*row, *[0.0] * (group.num_labels - len(row))][: group.num_labels]
+            predicted = max(range(len(scores)), key=lambda i: scores[i])
+            correct = float(predicted == item.label)
+            records.append(
+                {
+                    WEIGHT: 1.0,
+                    LABEL: float(item.label),
+                    PREDICTED: float(predicted),
+                    **dict.fromkeys(_names(group), correct),
+                }
+            )
+        return records
+
+
+def _classes(task: str | Path, split: TaskSplit) -> int:
+    """A classification task's label count (its task file's); a held-out label beyond it is
+    a one-line error."""
+    count = label_count(load_task(task, "classification"))
+    for item in split.items:
+        if isinstance(item, ClassificationItem) and item.label >= count:
+            raise UserError(
+                f"{split.path}: label {item.label} is out of range: the task file {task} has "
+                f"labels 0..{count - 1}"
+            )
+    return count
 
 
 def _names(group: _Group) -> list[str]:
@@ -340,9 +395,14 @@ def _names(group: _Group) -> list[str]:
 
 def aggregate(metric: str, records: Sequence[Mapping[str, float]], key: str) -> float:
     """An objective's value over ``records``: ``sum(y) / sum(w)``, perplexity
-    ``exp(-sum(log-likelihood) / sum(tokens))``, 0 for no items (as the metrics do)."""
+    ``exp(-sum(log-likelihood) / sum(tokens))``, macro-F1 from the records' predicted and true
+    labels; 0 for no items (as the metrics do)."""
     if metric == "perplexity":
         return metrics.perplexity([r[key] for r in records], [int(r[WEIGHT]) for r in records])
+    if metric == "macro_f1":
+        return metrics.macro_f1(
+            [int(r[PREDICTED]) for r in records], [int(r[LABEL]) for r in records]
+        )
     weight = sum(r[WEIGHT] for r in records)
     return sum(r[key] for r in records) / weight if weight else 0.0
 

@@ -1,4 +1,5 @@
-"""Answer extraction and the metrics computed from generations and log-likelihoods.
+"""Answer extraction and the metrics computed from generations, log-likelihoods and class
+predictions.
 
 Extraction rules (``extract`` of an objective):
 
@@ -92,3 +93,17 @@ def perplexity(log_likelihoods: Sequence[float], token_counts: Sequence[int]) ->
     if total_tokens == 0:
         return float("nan")
     return math.exp(-sum(log_likelihoods) / total_tokens)
+
+
+def macro_f1(predicted: Sequence[int], labels: Sequence[int]) -> float:
+    """The mean over classes of F1 = 2·TP / (2·TP + FP + FN), over the classes that occur among
+    the labels or the predictions (scikit-learn's ``f1_score(average="macro")``); 0 for no items."""
+    classes = set(labels) | set(predicted)
+    if not classes:
+        return 0.0
+    total = 0.0
+    for cls in classes:
+        true_positives = sum(p == cls and y == cls for p, y in zip(predicted, labels, strict=True))
+        false = sum((p == cls) != (y == cls) for p, y in zip(predicted, labels, strict=True))
+        total += 2 * true_positives / (2 * true_positives + false)
+    return total / len(classes)

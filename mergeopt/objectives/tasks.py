@@ -7,6 +7,9 @@ Three kinds, one record per line (JSONL) or row (CSV):
   choices). In CSV, ``choices`` is a JSON list, or the choices are columns ``A``, ``B``, ...
   with ``answer`` a letter or an index (evalscope's ``general_mcq`` layout).
 - ``perplexity``: ``{"text": str}``.
+- ``classification``: ``{"text": str, "text_pair": str (optional), "label": int}``, the label
+  an index ``0 .. n-1`` (in CSV, digits); a task's ``n`` classes are those of its task file
+  (its largest label + 1, :func:`label_count`), so a held-out file may not use a larger one.
 
 ``limit`` keeps a fixed-seed random subset (the same for every worker and trial), so a study
 scores every candidate on the same items; the items left out are the default held-out split.
@@ -17,13 +20,14 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergeopt.errors import UserError, read_user_text
 
-TASK_KINDS = ("generation", "multiple_choice", "perplexity")
+TASK_KINDS = ("generation", "multiple_choice", "perplexity", "classification")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,14 @@ class TextItem:
     text: str
 
 
-TaskItem = GenerationItem | MultipleChoiceItem | TextItem
+@dataclass(frozen=True)
+class ClassificationItem:
+    text: str
+    text_pair: str | None
+    label: int
+
+
+TaskItem = GenerationItem | MultipleChoiceItem | TextItem | ClassificationItem
 
 
 def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -122,6 +133,27 @@ def _multiple_choice(record: dict[str, Any], where: str) -> MultipleChoiceItem:
     )
 
 
+def _classification(record: dict[str, Any], where: str) -> ClassificationItem:
+    text = _text_field(record, "text", where)
+    pair = record.get("text_pair")
+    text_pair = None if pair is None or pair == "" else _text_field(record, "text_pair", where)
+    label: Any = record.get("label")
+    if label is None or label == "":
+        raise UserError(f"{where}: missing field 'label'")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label.strip())
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise UserError(
+            f"{where}: field 'label' must be a class index 0, 1, ..., got {record.get('label')!r}"
+        )
+    return ClassificationItem(text=text, text_pair=text_pair, label=label)
+
+
+def label_count(items: Sequence[TaskItem]) -> int:
+    """A classification task's classes: its largest label + 1."""
+    return 1 + max(item.label for item in items if isinstance(item, ClassificationItem))
+
+
 def load_task(path: str | Path, kind: str) -> list[TaskItem]:
     """All items of a task file, checked; ``UserError`` names the file and line of a problem."""
     if kind not in TASK_KINDS:
@@ -141,6 +173,8 @@ def load_task(path: str | Path, kind: str) -> list[TaskItem]:
             )
         elif kind == "multiple_choice":
             items.append(_multiple_choice(record, where))
+        elif kind == "classification":
+            items.append(_classification(record, where))
         else:
             items.append(TextItem(text=_text_field(record, "text", where)))
     return items

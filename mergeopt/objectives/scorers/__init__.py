@@ -28,8 +28,9 @@ class ScorerOptions:
 
     ``device`` is a torch device string ("cpu", "cuda:1"); the vLLM scorer runs on the device
     the process sees (set ``CUDA_VISIBLE_DEVICES`` per worker) and ignores the index.
-    ``batch_size`` and ``decode`` apply to hf (vLLM schedules the whole list itself);
-    ``gpu_memory_utilization``, ``max_model_len`` and ``enforce_eager`` apply to vLLM.
+    ``batch_size`` applies to hf and classifier (vLLM schedules the whole list itself);
+    ``decode`` to hf; ``gpu_memory_utilization``, ``max_model_len`` and ``enforce_eager`` to
+    vLLM; ``expert_dirs`` to classifier, which keeps each expert's classification head.
     """
 
     model_dir: Path
@@ -42,6 +43,7 @@ class ScorerOptions:
     trust_remote_code: bool = False
     enforce_eager: bool = False
     decode: str = "auto"
+    expert_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ SCORERS: dict[str, Callable[[ScorerOptions], Scorer]] = {
         "VLLMScorer",
         (*_EVERY_BACKEND, "gpu_memory_utilization", "max_model_len", "enforce_eager"),
     ),
+    "classifier": ScorerClass(  # transformers' sequence classifiers: classification objectives
+        "mergeopt.objectives.scorers.classifier",
+        "ClassifierScorer",
+        ("model_dir", "device", "dtype", "trust_remote_code", "batch_size", "expert_dirs"),
+    ),
 }
 """Scorer backends by the name a spec gives (``scorer.backend``) -> factory."""
 
@@ -86,13 +93,14 @@ def create_scorer(
     trust_remote_code: bool = False,
     enforce_eager: bool = False,
     decode: str = "auto",
+    expert_dirs: tuple[Path, ...] = (),
 ) -> Scorer:
     """A resident scorer for ``backend`` (a name in ``SCORERS``) holding the model in
     ``model_dir``; the options are those of :class:`ScorerOptions`."""
     factory = SCORERS.get(backend)
     if factory is None:
         raise UserError(
-            f"scorer.backend: unknown backend {backend!r}; expected {' or '.join(SCORERS)}"
+            f"scorer.backend: unknown backend {backend!r}; expected {', '.join(SCORERS)}"
         )
     return factory(
         ScorerOptions(
@@ -106,6 +114,7 @@ def create_scorer(
             trust_remote_code=trust_remote_code,
             enforce_eager=enforce_eager,
             decode=decode,
+            expert_dirs=expert_dirs,
         )
     )
 

@@ -83,6 +83,18 @@ class Scorer(Protocol):
         ...
 
 
+@runtime_checkable
+class Classifier(Protocol):
+    """A scorer that answers classification tasks (``scorers/classifier.py``)."""
+
+    def classify(
+        self, texts: list[str], text_pairs: list[str | None], *, head: int
+    ) -> list[list[float]]:
+        """Logits of expert ``head``'s classification head on the model's body, for each text
+        (and its pair, where not None)."""
+        ...
+
+
 def format_prompt(tokenizer: Any, prompt: str, *, chat_template: bool) -> str:
     """The prompt as the model sees it: raw, or as one user turn of the tokenizer's chat template
     with the assistant's turn opened (both scorers format prompts here, so they agree)."""
