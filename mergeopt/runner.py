@@ -111,7 +111,9 @@ class TrialRunner:
             chat_template=options.chat_template,
             gpu_memory_utilization=options.gpu_memory_utilization,
             trust_remote_code=self.spec.models.trust_remote_code,
-            decode=options.decode,
+            # A data-flow trial re-points the layer list, which a captured decode step
+            # would not follow: those studies decode dynamically (static is refused).
+            decode="dynamic" if self.spec.merge.space == "dataflow" else options.decode,
             expert_dirs=tuple(self.experts),
         )
         self.evaluator = Evaluator(
@@ -228,6 +230,8 @@ class TrialRunner:
                 logger.warning("the scorer is unusable after this failure; rebuilding it")
                 self.engine.forget(self.scorer.merge_target())
                 self.scorer.close()
+                if isinstance(self.genome, DataflowGenome):
+                    self.engine = None  # free its resident layers before loading new ones
                 self._build_scorer()
                 if isinstance(self.genome, DataflowGenome):
                     self._build_dataflow_engine()

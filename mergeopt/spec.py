@@ -138,7 +138,8 @@ class MergeSpec(_Strict):
     @classmethod
     def _dataflow_method(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("space") == "dataflow":
-            return {"method": "passthrough", "dataflow": {}, **data}
+            # ``dataflow:`` left empty in YAML is None: the defaults, as when it is left out
+            return {"method": "passthrough", **data, "dataflow": data.get("dataflow") or {}}
         return data
 
     @model_validator(mode="after")
@@ -152,13 +153,13 @@ class MergeSpec(_Strict):
         defaults = MergeSpec(method="passthrough")  # a stored spec holds every default
         searched = [
             name
-            for name in ("blocks", "fixed", "parameters", "search")
+            for name in ("blocks", "dtype", "fixed", "parameters", "search")
             if getattr(self, name) != getattr(defaults, name)
         ]
         if searched:
             raise ValueError(
-                "space: dataflow searches no merge parameters; remove "
-                + ", ".join(sorted(searched))
+                "space: dataflow searches no merge parameters (its layers run in scorer.dtype); "
+                "remove " + ", ".join(sorted(searched))
             )
         return self
 
@@ -362,6 +363,34 @@ class StudySpec(_Strict):
             raise ValueError(
                 f"scorer.backend: {self.scorer.backend} cannot change the model's depth per "
                 "trial in place, which merge space dataflow needs; use backend: hf"
+            )
+        if self.merge.space == "dataflow" and self.scorer.decode == "static":
+            raise ValueError(
+                "scorer.decode: static replays a decode step captured for one layer path, and "
+                "merge space dataflow changes the path every trial; use decode: dynamic or auto "
+                "(which decodes dynamically for data-flow studies)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scorer_options_used(self) -> StudySpec:
+        """Every scorer option given is one the backend reads (no option is silently dead)."""
+        from mergeopt.objectives.scorers import SCORERS
+
+        defaults = ScorerSpec()
+        read = set(getattr(SCORERS[self.scorer.backend], "options", ()))
+        if any(o.kind != "classification" for o in self.objectives):
+            read |= {"max_new_tokens", "stop"}  # the evaluator's generation options
+        ignored = [
+            name
+            for name in ("batch_size", "chat_template", "gpu_memory_utilization", "decode")
+            + ("max_new_tokens", "stop")
+            if name not in read and getattr(self.scorer, name) != getattr(defaults, name)
+        ]
+        if ignored:
+            raise ValueError(
+                f"scorer.{ignored[0]}: backend {self.scorer.backend} does not use it; remove "
+                + ", ".join(f"scorer.{name}" for name in ignored)
             )
         return self
 

@@ -93,6 +93,10 @@ def test_a_spec_without_space_dataflow_is_unchanged_and_vllm_is_refused_in_one_l
     assert spec.merge.method == "passthrough" and spec.merge.dataflow is not None
     assert (spec.merge.dataflow.repeats, spec.merge.dataflow.scale) == (2, (0.5, 2.0))
     assert StudySpec.from_json(spec.to_json()) == spec  # the stored spec reads back
+    empty = parse_spec(
+        {**base, "merge": {"space": "dataflow", "dataflow": None}}, source="s", folder=Path("/")
+    )  # `dataflow:` left empty in YAML
+    assert empty.merge.dataflow == spec.merge.dataflow
     old = parse_spec({**base, "merge": {"method": "ties"}}, source="s.yaml", folder=Path("/"))
     assert old.merge.space == "parameter" and old.merge.dataflow is None
     refusals = {
@@ -100,6 +104,8 @@ def test_a_spec_without_space_dataflow_is_unchanged_and_vllm_is_refused_in_one_l
         "leave method out": ({"space": "dataflow", "method": "ties"}, {}),
         "searches no merge parameters": ({"space": "dataflow", "fixed": {"weight": 1}}, {}),
         "need space: dataflow": ({"method": "ties", "dataflow": {"repeats": 3}}, {}),
+        "remove dtype": ({"space": "dataflow", "dtype": "bfloat16"}, {}),
+        "decode: dynamic or auto": ({"space": "dataflow"}, {"decode": "static"}),
     }
     for expected, (merge, scorer) in refusals.items():
         with pytest.raises(UserError, match=expected) as caught:

@@ -166,3 +166,32 @@ def test_an_unknown_backend_or_a_missing_chat_template_is_a_user_error(tiny_mode
         HFScorer(model_dir=tiny_model, chat_template=True).generate(
             ["x"], max_new_tokens=1, stop=[]
         )
+
+
+@pytest.mark.parametrize(
+    ("scorer", "objective", "dead"),
+    [
+        ({"backend": "vllm", "decode": "static"}, {}, "scorer.decode"),
+        ({"backend": "vllm", "batch_size": 8}, {}, "scorer.batch_size"),
+        ({"backend": "hf", "gpu_memory_utilization": 0.5}, {}, "scorer.gpu_memory_utilization"),
+        (
+            {"backend": "classifier", "max_new_tokens": 8},
+            {"kind": "classification", "head": 0},
+            "scorer.max_new_tokens",
+        ),
+    ],
+)
+def test_a_scorer_option_its_backend_does_not_read_is_refused_in_one_line(
+    scorer: dict, objective: dict, dead: str
+) -> None:
+    from mergeopt.errors import UserError
+    from mergeopt.spec import parse_spec
+
+    data = {
+        "models": {"base": "/a", "experts": ["/b"]},
+        "merge": {"method": "ties", "search": {"weight": [0, 1]}},
+        "objectives": [{"name": "accuracy", "task": "/t.jsonl", **objective}],
+        "scorer": scorer,
+    }
+    with pytest.raises(UserError, match=f"{dead}: backend {scorer['backend']} does not use it"):
+        parse_spec(data, source="s.yaml", folder=Path("/"))
