@@ -105,6 +105,7 @@ class TrialRunner:
             batch_size=options.batch_size,
             chat_template=options.chat_template,
             gpu_memory_utilization=options.gpu_memory_utilization,
+            enforce_eager=options.enforce_eager,
             trust_remote_code=self.spec.models.trust_remote_code,
             decode=options.decode,
         )
