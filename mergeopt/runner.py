@@ -110,6 +110,7 @@ class TrialRunner:
             batch_size=options.batch_size,
             chat_template=options.chat_template,
             gpu_memory_utilization=options.gpu_memory_utilization,
+            enforce_eager=options.enforce_eager,
             trust_remote_code=self.spec.models.trust_remote_code,
             # A data-flow trial re-points the layer list, which a captured decode step
             # would not follow: those studies decode dynamically (static is refused).

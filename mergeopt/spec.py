@@ -242,6 +242,9 @@ class ScorerSpec(_Strict):
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     chat_template: bool = False
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # vllm: no torch.compile and no CUDA graphs; the engine starts in seconds instead of tens of
+    # seconds (each worker pays that once) and generates more slowly.
+    enforce_eager: bool = False
     # hf: a static KV cache with its decode step captured as a CUDA graph ("static"), or
     # transformers' dynamic cache; "auto" is static on CUDA (same greedy tokens either way).
     decode: Literal["auto", "static", "dynamic"] = "auto"
@@ -384,7 +387,7 @@ class StudySpec(_Strict):
         ignored = [
             name
             for name in ("batch_size", "chat_template", "gpu_memory_utilization", "decode")
-            + ("max_new_tokens", "stop")
+            + ("enforce_eager", "max_new_tokens", "stop")
             if name not in read and getattr(self.scorer, name) != getattr(defaults, name)
         ]
         if ignored:

@@ -174,6 +174,7 @@ def test_an_unknown_backend_or_a_missing_chat_template_is_a_user_error(tiny_mode
         ({"backend": "vllm", "decode": "static"}, {}, "scorer.decode"),
         ({"backend": "vllm", "batch_size": 8}, {}, "scorer.batch_size"),
         ({"backend": "hf", "gpu_memory_utilization": 0.5}, {}, "scorer.gpu_memory_utilization"),
+        ({"backend": "hf", "enforce_eager": True}, {}, "scorer.enforce_eager"),
         (
             {"backend": "classifier", "max_new_tokens": 8},
             {"kind": "classification", "head": 0},
