@@ -406,6 +406,26 @@ def test_a_lora_reference_whose_adapter_is_missing_is_one_line(
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
 
 
+def test_a_lora_adapter_of_another_width_is_one_line(family: list[Path], tmp_path: Path) -> None:
+    import transformers
+
+    wider = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(wider).save_pretrained(tmp_path / "wider")
+    adapter = tmp_path / "adapter"
+    save_lora_adapter(tmp_path / "wider", adapter)
+    config = weighted_config("task_arithmetic", family)
+    config["models"][0]["model"] = f"{family[1]}+{adapter}"
+    with pytest.raises(
+        UserError, match=r"models\[0\]\.model: adapter .*adapter does not apply to model .*: \S"
+    ) as error:
+        run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_arcee_fusion_over_a_million_elements_samples_its_quartiles_as_mergekit() -> None:
     from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion, _compute_importance
 
