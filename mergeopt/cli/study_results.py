@@ -142,9 +142,10 @@ def study_export(
     ] = None,
     storage: StorageOption = None,
 ) -> None:
-    from mergeopt.export import FORMATS, export_trials
+    from mergeopt.export import FORMATS, export_format, export_trials
     from mergeopt.export_choice import parse_preference, select_trials
     from mergeopt.storage import load_study, resolve_storage_url
+    from mergeopt.study import stored_spec
 
     if moe or trials_list is not None:
         # what an MoE export does not use is refused rather than silently ignored
@@ -176,6 +177,8 @@ def study_export(
         raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     url = resolve_storage_url(storage)
     study = load_study(name, url)
+    # fmt is a FORMATS name, checked above
+    written_fmt, note = export_format(stored_spec(study), cast("ExportFormat", fmt))
     trials = select_trials(
         study,
         trial=trial,
@@ -188,13 +191,15 @@ def study_export(
         study,
         trials,
         out,
-        fmt=cast("ExportFormat", fmt),  # checked against FORMATS above
+        fmt=written_fmt,
         device=device,
         force=force,
         index=pareto,
         storage_url=url,
     )
     console = new_console()
+    if note is not None:
+        console.print(note)
     for path in written:
         console.print(f"exported {path}")
 
