@@ -248,6 +248,24 @@ def trial_folder_name(trial: FrozenTrial) -> str:
     return f"trial-{trial.number:04d}"
 
 
+def export_format(spec: StudySpec, fmt: ExportFormat) -> tuple[ExportFormat, str | None]:
+    """The format an export of ``spec``'s study writes for ``fmt``, and a note when it writes
+    less than asked. A ``classifier`` study merges a masked-LM base with experts whose heads
+    are zero-padded to the widest: no mergekit config reproduces that (mergekit-yaml wants
+    ``--allow-crimes``, and the base has no pooler or head), so ``mergekit`` is refused and
+    ``both`` writes the hf folder only."""
+    if spec.scorer.backend != "classifier":
+        return fmt, None
+    if fmt == "mergekit":
+        raise UserError(
+            "--format mergekit: a classifier study's merge (zero-padded heads on a masked-LM "
+            "base) has no mergekit config; export --format hf"
+        )
+    if fmt == "both":
+        return "hf", "note: a classifier study has no mergekit config: writing the hf folder only"
+    return fmt, None
+
+
 def export_trials(
     study: optuna.Study,
     trials: Sequence[FrozenTrial],
@@ -281,6 +299,7 @@ def export_trials(
     out_dir = Path(out_dir)
     use_index = len(trials) > 1 if index is None else index
     spec = stored_spec(study)
+    fmt, _ = export_format(spec, fmt)  # the CLI prints the note
     dataflow = spec.merge.space == "dataflow"
     sources = [spec.models.base, *spec.models.experts]
     configs = (

@@ -176,3 +176,28 @@ def test_mismatched_models_are_one_line_errors(tmp_path: Path, models: dict[str,
             Checkpoint(path=models["base"]),
             [Checkpoint(path=models["topic"]), Checkpoint(path=masked_lm)],
         )
+
+
+def test_texts_longer_than_the_position_embeddings_are_truncated_to_them(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    from transformers import BertForSequenceClassification, BertTokenizer
+
+    # a tokenizer saved without model_max_length has no limit of its own
+    folder = classifier(tmp_path / "unlimited", labels=2, seed=3)
+    vocabulary = make_tokenizer().get_vocab()
+    BertTokenizer(vocab=vocabulary, do_lower_case=True).save_pretrained(folder)
+    scorer = ClassifierScorer(model_dir=folder, expert_dirs=[folder])
+    assert scorer.tokenizer.model_max_length > 10**20
+    words = [w for w in vocabulary if w.isalpha()]
+    long_text = " ".join(words[i % len(words)] for i in range(100))
+
+    logits = scorer.classify([long_text], [None], head=0)
+
+    # what the model sees: the text cut to its 64 positions, special tokens included
+    encoded = scorer.tokenizer([long_text], truncation=True, max_length=64, return_tensors="pt")
+    assert encoded["input_ids"].shape[1] == 64
+    model = BertForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model(**encoded).logits
+    torch.testing.assert_close(torch.tensor(logits), expected)

@@ -146,3 +146,44 @@ def test_bad_classification_inputs_are_one_line_errors(
     import re
 
     assert re.search(message, _create_error(tmp_path, encoder_zoo, change, records))
+
+
+def test_a_classifier_study_exports_hf_only_and_refuses_mergekit(
+    tmp_path: Path,
+    encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
+) -> None:
+    """No mergekit config reproduces zero-padded heads on a masked-LM base: ``both`` (the
+    default) writes the hf folder and says so, ``mergekit`` is a one-line error."""
+    from optuna.trial import create_trial
+
+    from mergeopt.spec import StudySpec
+    from mergeopt.study import create_study, stored_genome
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = create_study(
+        StudySpec.model_validate(encoder_spec(encoder_zoo, "enc")), storage_url=url
+    )
+    distributions = stored_genome(study).distributions()
+    study.add_trial(
+        create_trial(
+            values=[0.5] * len(study.directions),
+            params={name: 0.5 for name in distributions},
+            distributions=distributions,
+        )
+    )
+    refused = run_cli(
+        "study", "export", "enc", "--trial", "0", "--format", "mergekit",
+        "--out", str(tmp_path / "mk"), "--storage", url,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: --format mergekit: a classifier study")
+    assert refused.stderr.count("\n") == 1 and not (tmp_path / "mk").exists()
+
+    out = tmp_path / "both"
+    exported = run_cli(
+        "study", "export", "enc", "--trial", "0", "--out", str(out), "--storage", url
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert "writing the hf folder only" in exported.stdout
+    assert (out / "config.json").is_file() and not (out / "mergekit_config.yml").exists()
+    assert json.loads((out / "mergeopt.json").read_text())["format"] == "hf"

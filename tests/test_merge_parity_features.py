@@ -237,6 +237,44 @@ def test_the_tokenizer_block_adds_tokens_forces_rows_and_pads_as_mergekit(
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
 
+def test_a_slice_naming_one_model_twice_merges_with_a_built_tokenizer(
+    tokenized: list[Path], tmp_path: Path
+) -> None:
+    """Two layer ranges of one model in a slice (mergekit refuses: "Duplicate merge inputs"):
+    the union of its tokenizer with itself leaves every token's row as without a tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tests.test_merge_oracle import read_folder
+
+    model = str(tokenized[0])
+    config: dict[str, Any] = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "slices": [
+            {
+                "sources": [
+                    {"model": model, "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                    {"model": model, "layer_range": [2, 4], "parameters": {"weight": 0.5}},
+                ]
+            }
+        ],
+    }
+    run_mergekit_config(write_config(config, tmp_path), tmp_path / "plain")
+    config["tokenizer_source"] = "union"
+    run_mergekit_config(write_config(config, tmp_path), tmp_path / "union")
+
+    plain, union = read_folder(tmp_path / "plain"), read_folder(tmp_path / "union")
+    assert union.keys() == plain.keys()
+    for name in plain.keys() - set(VOCABULARY_TENSORS):
+        assert torch.equal(union[name], plain[name]), name
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "union").get_vocab()
+    original = AutoTokenizer.from_pretrained(tokenized[0]).get_vocab()
+    assert vocab.keys() == original.keys()
+    for name in VOCABULARY_TENSORS:
+        for token, token_id in vocab.items():
+            assert torch.equal(union[name][token_id], plain[name][original[token]]), token
+
+
 def written_tokenizers(tmp_path: Path) -> list[Any]:
     from transformers import AutoTokenizer
 
@@ -404,6 +442,26 @@ def test_a_lora_reference_whose_adapter_is_missing_is_one_line(
     config["models"][0]["model"] = f"{family[1]}+{tmp_path / 'no-adapter'}"
     with pytest.raises(UserError, match=r"models\[0\]\.model: folder .*no-adapter not found"):
         run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+
+
+def test_a_lora_adapter_of_another_width_is_one_line(family: list[Path], tmp_path: Path) -> None:
+    import transformers
+
+    wider = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(wider).save_pretrained(tmp_path / "wider")
+    adapter = tmp_path / "adapter"
+    save_lora_adapter(tmp_path / "wider", adapter)
+    config = weighted_config("task_arithmetic", family)
+    config["models"][0]["model"] = f"{family[1]}+{adapter}"
+    with pytest.raises(
+        UserError, match=r"models\[0\]\.model: adapter .*adapter does not apply to model .*: \S"
+    ) as error:
+        run_mergekit_config(write_config(config, tmp_path), tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_arcee_fusion_over_a_million_elements_samples_its_quartiles_as_mergekit() -> None:

@@ -103,14 +103,16 @@ def study_export(
         ),
     ] = None,
     on: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--on",
-            help="search or heldout: --best and --preference choose by the values of that split "
-            "(heldout: stored by `mergeopt study evaluate NAME --heldout`).",
+            help="search (default) or heldout: --best and --preference choose by the values of "
+            "that split (heldout: stored by `mergeopt study evaluate NAME --heldout`).",
         ),
-    ] = "search",
-    fmt: Annotated[str, typer.Option("--format", help="hf, mergekit or both.")] = "both",
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="hf, mergekit or both (default).")
+    ] = None,
     device: Annotated[
         str,
         typer.Option(help="Device that redoes the merge (cpu, cuda).", callback=one_device),
@@ -129,59 +131,75 @@ def study_export(
         typer.Option("--trials", metavar="N,M,...", help="With --moe: the trials to combine."),
     ] = None,
     gate_mode: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="With --moe: router initialization: hidden (prompts of each trial's strongest "
-            "objective), cheap_embed or random."
+            help="With --moe: router initialization: hidden (default; prompts of each trial's "
+            "strongest objective), cheap_embed or random."
         ),
-    ] = "hidden",
+    ] = None,
     experts_per_token: Annotated[
-        int, typer.Option(help="With --moe: experts each token is routed to.")
-    ] = 1,
+        int | None, typer.Option(help="With --moe: experts each token is routed to (default 1).")
+    ] = None,
     storage: StorageOption = None,
 ) -> None:
-    from mergeopt.export import FORMATS, export_trials
+    from mergeopt.export import FORMATS, export_format, export_trials
     from mergeopt.export_choice import parse_preference, select_trials
     from mergeopt.storage import load_study, resolve_storage_url
+    from mergeopt.study import stored_spec
 
     if moe or trials_list is not None:
+        # what an MoE export does not use is refused rather than silently ignored
+        for option, value in (("--format", fmt), ("--on", on)):
+            if moe and value is not None:
+                raise UserError(f"{option} does not apply to --moe (it writes one hf model)")
         _export_moe(
             name,
             out,
             trials_list=trials_list,
             pareto=pareto,
             others=[trial is not None, best is not None, preference is not None],
-            gate_mode=gate_mode,
-            experts_per_token=experts_per_token,
+            gate_mode=gate_mode or "hidden",
+            experts_per_token=1 if experts_per_token is None else experts_per_token,
             device=device,
             force=force,
             moe=moe,
             storage=storage,
         )
         return
+    for option, given in (
+        ("--gate-mode", gate_mode is not None),
+        ("--experts-per-token", experts_per_token is not None),
+    ):
+        if given:
+            raise UserError(f"{option} applies only to --moe")
+    fmt = fmt or "both"
     if fmt not in FORMATS:
         raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     url = resolve_storage_url(storage)
     study = load_study(name, url)
+    # fmt is a FORMATS name, checked above
+    written_fmt, note = export_format(stored_spec(study), cast("ExportFormat", fmt))
     trials = select_trials(
         study,
         trial=trial,
         best=best,
         pareto=pareto,
         preference=parse_preference(preference) if preference is not None else None,
-        on=on,
+        on=on or "search",
     )
     written = export_trials(
         study,
         trials,
         out,
-        fmt=cast("ExportFormat", fmt),  # checked against FORMATS above
+        fmt=written_fmt,
         device=device,
         force=force,
         index=pareto,
         storage_url=url,
     )
     console = new_console()
+    if note is not None:
+        console.print(note)
     for path in written:
         console.print(f"exported {path}")
 

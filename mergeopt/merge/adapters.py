@@ -31,11 +31,18 @@ def apply_adapter(model: Path, adapter: Path, into: Path, where: str) -> Path:
 
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{where}: {adapter} is not a PEFT adapter (no adapter_config.json)")
-    config = transformers.AutoConfig.from_pretrained(str(model))
-    auto_class = _auto_class(transformers, (config.architectures or [""])[0])
-    loaded = auto_class.from_pretrained(str(model), low_cpu_mem_usage=True)
-    merged = peft.PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
-    merged = merged.merge_and_unload()
+    try:  # an adapter of another model: shape mismatches, missing modules, bad configs
+        config = transformers.AutoConfig.from_pretrained(str(model))
+        auto_class = _auto_class(transformers, (config.architectures or [""])[0])
+        loaded = auto_class.from_pretrained(str(model), low_cpu_mem_usage=True)
+        merged = peft.PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
+        merged = merged.merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(
+            f"{where}: adapter {adapter} does not apply to model {model}: {first_line}"
+        ) from None
     merged.save_pretrained(str(folder), safe_serialization=True)
     for path in model.iterdir():  # its tokenizer and the like: mergekit reads them from model
         if path.is_file() and not (folder / path.name).exists() and not _is_weights(path.name):

@@ -171,12 +171,16 @@ class OutputVocabulary:
         for tensor in tensors:
             dtype = torch.promote_types(dtype, tensor.dtype)
         tensors = [t.to(dtype) for t in tensors]
-        by_model = dict(zip(models, tensors, strict=True))
+        # a model may be named twice (two layer ranges of it in one slice): one result per
+        # position, while the rows some model lacks come from the distinct models
+        by_model: dict[Path, Any] = {}
+        for model, tensor in zip(models, tensors, strict=True):
+            by_model.setdefault(model, tensor)
         size = len(self.vocab)
         defaults = self._default_rows(by_model, base)
         forced = {self.vocab[t] for t, s in self.tokens.items() if s.force and t in self.vocab}
         result = []
-        for model, tensor in by_model.items():
+        for model, tensor in zip(models, tensors, strict=True):
             keep = [row >= 0 and i not in forced for i, row in enumerate(self.rows_of[model])]
             kept = torch.tensor(keep, dtype=torch.bool)
             rows = torch.tensor(self.rows_of[model], dtype=torch.long)[kept]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mergeopt.errors import UserError
 from mergeopt.merge.engine import ModuleTarget
@@ -104,6 +104,7 @@ class ClassifierScorer:
                     self._tensors[name].zero_()
         self._target: MergeTarget | None = None
         self.heads = [self._expert_head(Path(folder)) for folder in expert_dirs]
+        self.max_length = _max_length(self.tokenizer, self.model.config)
 
     def _expert_head(self, folder: Path) -> dict[str, torch.Tensor]:
         """An expert's own tensors: its classification head, and what the base lacks."""
@@ -215,13 +216,20 @@ class ClassifierScorer:
 
         try:
             if all(pair is None for pair in pairs):
-                encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+                encoded = self.tokenizer(
+                    texts,
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
             else:
                 encoded = self.tokenizer(
                     texts,
                     [pair or "" for pair in pairs],
                     padding=True,
                     truncation=True,
+                    max_length=self.max_length,
                     return_tensors="pt",
                 )
             with torch.inference_mode():
@@ -274,3 +282,22 @@ class ClassifierScorer:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# transformers' stand-in for "no limit" when a tokenizer was saved without model_max_length
+_NO_LIMIT = 10**20
+
+
+def _max_length(tokenizer: Any, config: Any) -> int | None:
+    """Tokens a text may keep: the tokenizer's limit and the model's position embeddings,
+    whichever is smaller (a tokenizer saved without ``model_max_length`` has no limit of its
+    own, and texts past the position embeddings crash the forward pass)."""
+    limits = [
+        limit
+        for limit in (
+            getattr(tokenizer, "model_max_length", None),
+            getattr(config, "max_position_embeddings", None),
+        )
+        if isinstance(limit, int) and 0 < limit < _NO_LIMIT
+    ]
+    return min(limits) if limits else None
