@@ -272,12 +272,13 @@ def generalized_task_arithmetic(
     if method.sparsification is not None:
         assert masks is not None
         deltas = torch.empty_like(task_vectors)
+        zero = task_vectors.new_zeros(())
         for index, mask in enumerate(masks):
             if mask is None:
                 deltas[index] = task_vectors[index]
             else:
-                deltas[index] = task_vectors[index]
-                deltas[index].masked_fill_(~mask, 0)
+                # one pass, no inverted mask: the dropped elements are +0, as masked_fill's
+                torch.where(mask, task_vectors[index], zero, out=deltas[index])
                 if rescale:
                     deltas[index] *= _l1_scale(task_vectors[index], deltas[index])
         deltas.mul_(weights.view(-1, *([1] * base.dim())))
@@ -286,7 +287,8 @@ def generalized_task_arithmetic(
     weights = weights.view(-1, *([1] * base.dim()))
     if method.consensus == "sum":
         mask = sign_consensus_mask(deltas)
-        mixed = (deltas * mask).sum(dim=0)
+        # deltas is ours: multiplied in place (the values of deltas * mask, no N x shape copy)
+        mixed = deltas.mul_(mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor.masked_fill_(divisor == 0, 1)  # no boolean indexing: it synchronizes
     else:
@@ -297,6 +299,8 @@ def generalized_task_arithmetic(
         mixed /= divisor
     if float(params["lambda"]) != 1:
         mixed *= float(params["lambda"])
+    if mixed.dtype == base.dtype:
+        return mixed.add_(base)  # base + mixed, in place (IEEE addition commutes)
     return (base + mixed).to(base.dtype)
 
 

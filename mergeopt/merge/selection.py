@@ -160,10 +160,11 @@ class _Bracket:
         # hi beyond the sample: nothing is "above"; lo beyond it: everything is "at least lo"
         self.above = keys > sample[hi_index] if hi_index >= 0 else None
         self.at_least_lo = keys >= sample[lo_index] if lo_index < m else None
+        # count_nonzero, not sum: a bool sum first copies the mask as int64 (8 bytes an element)
         if self.above is not None:
-            self.device_values.append(self.above.sum())
+            self.device_values.append(torch.count_nonzero(self.above))
         if self.at_least_lo is not None:
-            self.device_values.append(self.at_least_lo.sum())
+            self.device_values.append(torch.count_nonzero(self.at_least_lo))
         if self.above is not None and self.at_least_lo is not None:
             self.device_values.append(torch.eq(sample[lo_index], sample[hi_index]))
 

@@ -309,8 +309,9 @@ def sign_consensus_mask(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """TIES sign election over experts: ``weighted_deltas`` is ``N x ...``; returns a bool
     ``N x ...`` mask of elements whose sign equals sign(Σ_i w_i·δ_i) (0 counts as +)."""
     majority_positive = weighted_deltas.sum(dim=0) >= 0
-    majority_sign = majority_positive.to(weighted_deltas.dtype) * 2 - 1
-    return weighted_deltas.sign() == majority_sign
+    # sign(x) == ±1 without a float sign tensor: x > 0 where the majority is +, x < 0 where
+    # it is - (0 and NaN match neither, as their sign equals neither)
+    return torch.where(majority_positive, weighted_deltas > 0, weighted_deltas < 0)
 
 
 def sce(base: torch.Tensor, task_vectors: torch.Tensor, select_topk: float) -> torch.Tensor:
