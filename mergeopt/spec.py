@@ -386,9 +386,10 @@ class StudySpec(_Strict):
             read |= {"max_new_tokens", "stop"}  # the evaluator's generation options
         ignored = [
             name
-            for name in ("batch_size", "chat_template", "gpu_memory_utilization", "decode")
-            + ("enforce_eager", "max_new_tokens", "stop")
-            if name not in read and getattr(self.scorer, name) != getattr(defaults, name)
+            for name in ScorerSpec.model_fields
+            if name != "backend"
+            and name not in read
+            and getattr(self.scorer, name) != getattr(defaults, name)
         ]
         if ignored:
             raise ValueError(

@@ -61,8 +61,8 @@ Record = Mapping[str, float]
 @dataclass(frozen=True)
 class Finished:
     """A COMPLETE trial as the rungs see it: ``values`` as the study stores them (objective
-    order), ``raw`` its full values before normalization and ``rung_raw`` the design-based
-    raw estimates of its rungs before the last (by objective name), all by objective name."""
+    order); ``raw``, its full values before normalization, and ``rung_raw``, the design-based
+    raw estimates of its rungs before the last, by objective name."""
 
     values: Sequence[float]
     raw: Mapping[str, float] = field(default_factory=dict)
