@@ -17,7 +17,8 @@ from mergeopt.merge.sparsification import sparsify
 
 
 def reference_top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k by |x| with ties kept in index order (stable sort)."""
+    """Top-k by |x| with ties kept in index order (stable sort): mergeopt's order, except for
+    fp32 on the CPU where a threshold splits equal nonzero magnitudes (then mergekit's)."""
     order = torch.sort(x.abs().float().reshape(-1), descending=True, stable=True).indices
     mask = torch.zeros(x.numel(), dtype=torch.bool)
     mask[order[:k]] = True
@@ -167,6 +168,82 @@ def test_breadcrumbs_quirks_follow_mergekit(selection_path: str) -> None:
             sparsify(big, method="magnitude_outliers", density=density, gamma=gamma),
             magnitude_outliers(big, density, gamma=gamma),
         )
+
+
+def fp32_grids(n: int) -> dict[str, torch.Tensor]:
+    """fp32 deltas whose magnitudes take few values, so that a threshold falls inside a group of
+    equal magnitudes: 13 values (one key per bracket), and a finer grid (brackets of several
+    keys, a few ties each)."""
+    generator = torch.Generator().manual_seed(n)
+    return {
+        "13 magnitudes": torch.randint(-6, 7, (n,), generator=generator).float() * 0.25,
+        "fine grid": torch.randint(-3000, 3001, (n // 100, 100), generator=generator) * 2.0**-12,
+    }
+
+
+@pytest.mark.parametrize("path", ["sort", "bracket", "radix"])
+@pytest.mark.parametrize("kind", list(fp32_grids(8)))
+def test_fp32_ties_at_a_threshold_are_kept_as_mergekits_sort_keeps_them(
+    path: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mergekit's CPU argsort is not stable: of a group of equal magnitudes split by the
+    threshold it keeps members that depend on the whole tensor. fp32 merges must equal its
+    bits, so there mergeopt keeps the members mergekit keeps, on every selection path."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    monkeypatch.setattr(selection, "_SORT_BELOW", 1 << 30 if path == "sort" else 0)
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 512)
+    if path == "radix":  # brackets miss: the radix select runs
+        monkeypatch.setattr(selection, "_SAMPLE_SIGMAS", -30.0)
+    selection._sample_positions.cache_clear()
+    x = fp32_grids(20_000)[kind]
+    n = x.numel()
+    differs_from_index_order = 0
+    for density in (0.1, 0.3, 0.5, 0.77):
+        theirs = magnitude(x, density)
+        assert torch.equal(sparsify(x, method="magnitude", density=density), theirs), density
+        differs_from_index_order += not torch.equal(
+            theirs != 0, reference_top_mask(x, int(density * n)) & (x != 0)
+        )
+        for gamma in (0.0, 0.05):
+            assert torch.equal(
+                sparsify(x, method="magnitude_outliers", density=density, gamma=gamma),
+                magnitude_outliers(x, density, gamma=gamma),
+            ), (density, gamma)
+    # the ties do split: index order would have kept other elements
+    assert differs_from_index_order > 0
+
+
+def test_fp32_ties_in_a_batch_are_kept_as_mergekit_keeps_them_beside_other_tensors() -> None:
+    from mergekit.sparsify import magnitude
+
+    grids = fp32_grids(100_000)
+    smooth = torch.randn(300, 400, generator=torch.Generator().manual_seed(8))
+    items = [(grids["13 magnitudes"], 0.3, 0.0), (smooth, 0.3, 0.0), (grids["fine grid"], 0.6, 0.0)]
+    masks = sparsification.magnitude_masks_batch("magnitude", items)
+    for (delta, density, _), mask in zip(items, masks, strict=True):
+        assert mask is not None
+        assert torch.equal(torch.where(mask, delta, 0), magnitude(delta, density))
+
+
+def test_ties_at_zero_keep_index_order_without_mergekits_sort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A zero delta adds nothing and counts in no norm or sign election: where the threshold
+    splits the zeros, no full sort is needed (sparse fine-tunes have many)."""
+    sorted_like_mergekit: list[int] = []
+    redo = selection._mergekit_top_masks
+
+    def counted(x: torch.Tensor, ks: list[int], band: bool) -> list[torch.Tensor]:
+        sorted_like_mergekit.append(x.numel())
+        return redo(x, ks, band)
+
+    monkeypatch.setattr(selection, "_mergekit_top_masks", counted)
+    generator = torch.Generator().manual_seed(2)
+    for n in (5_000, 200_000):  # the sort path and the bracket path
+        x = torch.where(torch.rand(n, generator=generator) < 0.8, 0, torch.randn(n))
+        assert torch.equal(top_magnitude_mask(x, n // 2), reference_top_mask(x, n // 2))
+    assert sorted_like_mergekit == []
 
 
 def binomial_bound(n: int, p: float, sigmas: float = 5.0) -> float:

@@ -585,3 +585,54 @@ def test_sce_matches_mergekit(qwen2: list[Path], tmp_path: Path, select_topk: fl
     }
     ours, theirs = both(config, tmp_path)
     assert_same(ours, theirs)
+
+
+def grid_llama(folder: Path) -> list[Path]:
+    """A tiny Llama (embeddings and head of 134,400 elements: past the small-tensor sort) whose
+    weights lie on a grid of 2^-6 and whose experts add 0 to ±4 steps: fp32 task vectors are
+    exact and take 5 magnitudes, so every magnitude threshold splits a group of ties."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=2100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(6)
+    paths = make_family(folder, transformers.LlamaForCausalLM(config))
+    base = {name: (t * 64).round() / 64 for name, t in read_folder(paths[0]).items()}
+    generator = torch.Generator().manual_seed(7)
+    for index, path in enumerate(paths):
+        tensors = {
+            name: t if index == 0 else t + torch.randint(-4, 5, t.shape, generator=generator) / 64
+            for name, t in base.items()
+        }
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_fp32_magnitude_ties_at_the_thresholds_merge_bit_identical_to_mergekit(
+    method: str, tmp_path: Path
+) -> None:
+    paths = grid_llama(tmp_path / "models")
+    delta = (
+        read_folder(paths[1])["model.embed_tokens.weight"]
+        - read_folder(paths[0])["model.embed_tokens.weight"]
+    )
+    assert delta.abs().unique().numel() == 5  # every threshold falls inside a group of ties
+    config = {
+        "merge_method": method,
+        "base_model": str(paths[0]),
+        "dtype": "float32",
+        "models": [
+            {"model": str(paths[1]), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": str(paths[2]), "parameters": {"weight": 0.4, "density": 0.55}},
+        ],
+    }
+    if method != "ties":
+        config["parameters"] = {"gamma": 0.05}
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    assert set(ours) == set(theirs)

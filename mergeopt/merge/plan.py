@@ -295,9 +295,11 @@ class MergePlan:
             # the fused merge then reads as it is (no stacking copy)
             rows = [torch.empty(s.shape, dtype=torch.bool, device=self.device) for s in stacks]
             outs = [row[index] for row in rows for index in range(len(experts))]
-        requests, request_outs, slots = magnitude_requests(self.method.sparsification, items, outs)
+        requests, request_outs, slots, band = magnitude_requests(
+            self.method.sparsification, items, outs
+        )
         pending = start_top_magnitude_masks(
-            requests, band=[True] * len(requests), outs=request_outs, select=self.select
+            requests, band=band, outs=request_outs, select=self.select
         )
         return _BlockMasks(names, slots, pending)
 

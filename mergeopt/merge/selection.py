@@ -5,8 +5,16 @@ magnitude). Small tensors (norms, biases) are ranked by one stable sort; large o
 sampled bracket and an exact count (:class:`_Bracket`), on CUDA for 16-bit tensors by three
 Triton passes (``triton_kernels.top_select_many``), with an exact radix select where a bracket
 or window misses. Ties at the threshold are kept in index order, so a selection is a prefix of
-one (magnitude descending, index ascending) order. mergekit's argsort keeps an unspecified
-subset of the ties, so bf16 merges may differ from it there (fp32 ties are practically absent).
+one (magnitude descending, index ascending) order.
+
+mergekit sorts ``|x|`` instead (TIES: ``torch.argsort(descending=True)[:k]``; breadcrumbs: a
+slice of ``torch.sort`` ascending). On the CPU that sort is not stable (introsort past 16
+elements), so which members of a group of tied magnitudes it keeps depends on the whole tensor:
+no selection short of that sort reproduces it. fp32 tensors on the CPU therefore take
+mergekit's sort exactly where the threshold splits a group of equal nonzero magnitudes
+(:func:`_mergekit_top_masks`; rare in fp32, and ties at zero change no merge). 16-bit tensors
+tie at nearly every threshold: they keep the index order (merges differ from mergekit's only
+there: matching would mean sorting every tensor as mergekit does), and so does the GPU.
 
 A batch of selections shares one host sync (:func:`start_top_magnitude_masks` and
 :meth:`PendingTopMasks.finish`): the engine passes a whole block.
@@ -133,6 +141,49 @@ def _radix_top_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def _ties_as_mergekit(x: torch.Tensor) -> bool:
+    """Whether ties at a threshold must be kept as mergekit's CPU sort keeps them: fp32 on the
+    CPU (where fp32 merges must be bit-identical to mergekit's; see the module docstring)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+def _splits_tied_group(sorted_keys: torch.Tensor, kept: int) -> bool:
+    """Whether keeping the first ``kept`` of these keys (sorted descending, more than ``kept``
+    of them) splits a group of equal nonzero keys. Ties at zero need no particular order: a
+    zero delta adds nothing, counts in no L1 norm, and the sign election ignores it."""
+    if kept <= 0 or kept >= sorted_keys.numel():
+        return False
+    last, first_left = sorted_keys[kept - 1 : kept + 1].tolist()
+    return bool(last == first_left != 0)
+
+
+def _splits_ties_in_mask(keys: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``mask`` (a top-k of ``keys``) keeps some but not all of the keys equal to its
+    smallest kept key, that key nonzero (the radix fallback's check: two passes, rare)."""
+    if not bool(mask.any()):
+        return False
+    threshold = torch.where(mask, keys, torch.iinfo(keys.dtype).max).min()
+    return bool(threshold != 0) and bool(((keys == threshold) & ~mask).any())
+
+
+def _mergekit_top_masks(x: torch.Tensor, ks: Sequence[int], band: bool) -> list[torch.Tensor]:
+    """Top-``k`` magnitude masks of ``x`` for each ``k``, from mergekit's own sort of ``|x|``
+    (same call, same order of tied magnitudes): ``torch.argsort(descending=True)`` for TIES;
+    for breadcrumbs (``band``) ``torch.sort`` ascending, whose top ``k`` are its last ``k``
+    (its kept band ``[n - k0, n - k1)`` is then the difference of two of these masks)."""
+    magnitudes = x.abs().reshape(-1).float()
+    if band:
+        order = torch.sort(magnitudes, descending=False).indices.flip(0)
+    else:
+        order = torch.argsort(magnitudes, descending=True)
+    masks = []
+    for k in ks:
+        mask = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=x.device)
+        mask[order[:k]] = True
+        masks.append(mask.view(x.shape))
+    return masks
+
+
 class _Bracket:
     """One exact top-``k`` selection of 1-D non-negative integer ``keys`` (``1 <= k < n``),
     in two phases around a host sync that a batch of selections shares.
@@ -147,9 +198,15 @@ class _Bracket:
     Otherwise (a miss) the radix select runs. No histogram, no atomics.
     """
 
-    def __init__(self, keys: torch.Tensor, k: int, sample: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor, k: int, sample: torch.Tensor, *, check_ties: bool = False
+    ) -> None:
         self.keys = keys
         self.k = k
+        self.check_ties = check_ties
+        self.splits_ties = False
+        """Set by :meth:`finish` where ``check_ties``: whether the mask keeps only part of the
+        group of equal nonzero keys at the threshold (mergekit's sort may keep others)."""
         n = keys.numel()
         m = sample.numel()
         fraction = k / n
@@ -177,19 +234,26 @@ class _Bracket:
             bool(next(read)) if self.above is not None and self.at_least_lo is not None else False
         )
         if not count_above < k <= count_at_least_lo:
-            return _radix_top_mask(keys, k)
+            mask = _radix_top_mask(keys, k)
+            self.splits_ties = self.check_ties and _splits_ties_in_mask(keys, mask)
+            return mask
         above = self.above if self.above is not None else torch.zeros_like(keys, dtype=torch.bool)
         if self.at_least_lo is None:
             inside = torch.logical_not(above)
         else:
             inside = self.at_least_lo.logical_xor_(above)
         wanted = k - count_above
+        inside_count = count_at_least_lo - count_above
         if one_key:  # a single key value: the first ``wanted`` of it, in index order
             chosen = _nonzero_first(inside, wanted)
+            if self.check_ties:
+                self.splits_ties = wanted < inside_count and bool(keys[chosen[0]] != 0)
         else:
-            candidates = _nonzero_first(inside, count_at_least_lo - count_above)
-            order = torch.sort(keys[candidates], descending=True, stable=True).indices
-            chosen = candidates[order[:wanted]]
+            candidates = _nonzero_first(inside, inside_count)
+            ranked = torch.sort(keys[candidates], descending=True, stable=True)
+            chosen = candidates[ranked.indices[:wanted]]
+            if self.check_ties:
+                self.splits_ties = _splits_tied_group(ranked.values, wanted)
         above[chosen] = True
         return above
 
@@ -250,6 +314,9 @@ class PendingTopMasks:
         groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]],
         statuses: list[torch.Tensor],
     ) -> None:
+        self._as_mergekit: set[int] = set()
+        """Requests whose masks split tied magnitudes where mergekit's order rules (fp32 on
+        the CPU): :meth:`finish` redoes them with mergekit's sort."""
         self._requests = requests
         self._results = results
         self._band = band
@@ -293,6 +360,9 @@ class PendingTopMasks:
             mask = bracket.finish(values[start : start + count])
             start += count
             results[request_index][index] = mask.view(requests[request_index][0].shape)
+            if bracket.splits_ties:
+                self._as_mergekit.add(request_index)
+        _redo_as_mergekit(requests, results, self._band, self._as_mergekit)
         redone = False
         for (_, as_band, _), members in self._groups.items():
             for request_index, pending, found in members:
@@ -314,6 +384,25 @@ class PendingTopMasks:
         if not self.ready or redone:
             self.masks = self._collect()
         return redone
+
+
+def _redo_as_mergekit(
+    requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
+    results: list[list[torch.Tensor | None]],
+    band: Sequence[bool] | None,
+    indices: set[int],
+) -> None:
+    """Replace the masks of the requests ``indices`` (each a split group of tied magnitudes
+    where mergekit's order rules) by masks from mergekit's own sort, all of a request's ks
+    from one sort (a band's two tops must be prefixes of one order)."""
+    for request_index in sorted(indices):
+        x, ks = requests[request_index]
+        as_band = bool(band and band[request_index])
+        pending = [i for i, k in enumerate(ks) if 0 < k < x.numel()]
+        redone = _mergekit_top_masks(x, [ks[i] for i in pending], as_band)
+        for index, mask in zip(pending, redone, strict=True):
+            results[request_index][index] = mask
+    indices.clear()
 
 
 def top_magnitude_masks_batch(
@@ -338,15 +427,18 @@ def start_top_magnitude_masks(
 ) -> PendingTopMasks:
     """For each request ``(x, ks)``: boolean masks (shape of ``x``) of the ``k`` elements of
     largest magnitude, one per ``k``; one host sync for the whole batch (the engine passes a
-    whole block), none when every tensor is small. ``band[i]`` (request i has two ks): one
-    mask instead, the first top-k minus the second (breadcrumbs' kept band). ``outs[i]``: a
+    whole block), none when every tensor is small. ``band[i]``: request i is breadcrumbs';
+    with two ks, one mask instead, the first top-k minus the second (its kept band); fp32
+    ties on the CPU follow mergekit's ascending sort (else its descending argsort, as for
+    TIES; see the module docstring). ``outs[i]``: a
     contiguous bool tensor of ``x``'s size that the Triton path writes request i's one mask
     into and returns as it is (the engine passes the rows of one N x shape tensor, which the
     fused merge then reads without a copy); other paths return new tensors. ``select``: the
     Triton kernels (used for the tensors they take) or None, as a merge plan decided.
 
     Exact: elements above the k-th largest magnitude, plus as many elements equal to it as
-    needed, taken in index order. Small tensors: one stable sort. Large ones: a sampled
+    needed, taken in index order (fp32 on the CPU: in mergekit's order where that splits a
+    group of equal nonzero magnitudes). Small tensors: one stable sort. Large ones: a sampled
     bracket and an exact count, no sort or histogram of the whole tensor: with ``select`` for
     16-bit tensors three Triton passes, each one launch for all tensors of the batch with the
     same number of ks (a window histogram below the bracket, the ties per tile, the mask;
@@ -358,6 +450,7 @@ def start_top_magnitude_masks(
     # each group (a block's tensors all have full samples: one group)
     groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]] = {}
     small: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, int]]] = {}
+    as_mergekit: set[int] = set()  # small requests that split tied magnitudes (fp32, CPU)
     kernels: ModuleType | None = None
     for request_index, (x, ks) in enumerate(requests):
         n = x.numel()
@@ -412,22 +505,29 @@ def start_top_magnitude_masks(
             keys = _magnitude_keys(x)
             positions = _sample_positions(n, keys.device)
             sample = torch.sort(keys[positions], descending=True).values
+            check_ties = _ties_as_mergekit(x)
             for index in pending:
-                brackets.append((request_index, index, _Bracket(keys, ks[index], sample)))
+                bracket = _Bracket(keys, ks[index], sample, check_ties=check_ties)
+                brackets.append((request_index, index, bracket))
         results.append(masks)
     for (size, _, device), sorted_members in small.items():
         stacked = torch.stack([requests[r][0].reshape(-1) for r, _ in sorted_members])
-        order = torch.sort(
+        ranked = torch.sort(
             _magnitude_keys(stacked).view(stacked.shape), dim=1, descending=True, stable=True
-        ).indices
+        )
+        order = ranked.indices
         ks_column = (
             torch.tensor([requests[r][1][i] for r, i in sorted_members]).to(device).view(-1, 1)
         )
         kept_ranks = torch.arange(size, device=device).view(1, -1) < ks_column
         found_small = torch.empty(stacked.shape, dtype=torch.bool, device=device)
         found_small.scatter_(1, order, kept_ranks)
+        check_ties = _ties_as_mergekit(stacked)
         for row, (r, index) in enumerate(sorted_members):
             results[r][index] = found_small[row].view(requests[r][0].shape)
+            if check_ties and _splits_tied_group(ranked.values[row], requests[r][1][index]):
+                as_mergekit.add(r)
+    _redo_as_mergekit(requests, results, band, as_mergekit)
     statuses = []
     for (_, as_band, _), members in groups.items():
         assert kernels is not None

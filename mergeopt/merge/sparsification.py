@@ -145,9 +145,13 @@ def _magnitude_ranks(method: str, n: int, density: float, gamma: float) -> list[
 
 
 MagnitudeRequests = tuple[
-    list[tuple[torch.Tensor, list[int]]], list[torch.Tensor | None], list[int | None]
+    list[tuple[torch.Tensor, list[int]]],
+    list[torch.Tensor | None],
+    list[int | None],
+    list[bool],
 ]
-"""(top-k requests, their out tensors, each item's request index or None: keeps all)."""
+"""(top-k requests, their out tensors, each item's request index or None: keeps all, each
+request's ``band`` flag: breadcrumbs')."""
 
 
 def magnitude_requests(
@@ -158,7 +162,8 @@ def magnitude_requests(
     """The top-k selections (``selection.start_top_magnitude_masks`` with ``band``) that make
     the masks of a magnitude sparsification (``magnitude`` or ``magnitude_outliers``) for
     many ``(delta, density, gamma)``; an item with ``density >= 1`` needs none. ``outs[i]``:
-    where the Triton path may write item i's mask."""
+    where the Triton path may write item i's mask. Breadcrumbs' requests are bands (kept
+    between two thresholds, ties ordered as mergekit's ascending sort orders them)."""
     requests: list[tuple[torch.Tensor, list[int]]] = []
     request_outs: list[torch.Tensor | None] = []
     slots: list[int | None] = []
@@ -169,7 +174,7 @@ def magnitude_requests(
         slots.append(len(requests))
         requests.append((delta, _magnitude_ranks(method, delta.numel(), density, gamma)))
         request_outs.append(outs[index] if outs is not None else None)
-    return requests, request_outs, slots
+    return requests, request_outs, slots, [method == SPARSIFY_OUTLIERS] * len(requests)
 
 
 def magnitude_masks_batch(
@@ -182,10 +187,8 @@ def magnitude_masks_batch(
     """Masks of a magnitude sparsification for many ``(delta, density, gamma)`` at once, with
     one host sync in all; None where ``density >= 1``. ``outs``: where the Triton path may
     write each mask; ``select``: see ``selection.start_top_magnitude_masks``."""
-    requests, request_outs, slots = magnitude_requests(method, items, outs)
-    found = top_magnitude_masks_batch(
-        requests, band=[True] * len(requests), outs=request_outs, select=select
-    )
+    requests, request_outs, slots, band = magnitude_requests(method, items, outs)
+    found = top_magnitude_masks_batch(requests, band=band, outs=request_outs, select=select)
     return [None if slot is None else found[slot][0] for slot in slots]
 
 
