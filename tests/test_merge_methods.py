@@ -299,6 +299,44 @@ def test_della_keep_probability_grows_with_magnitude_rank() -> None:
         sparsify(rows, method="della_magprune", density=0.9, epsilon=0.15)
 
 
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "della_linear"]
+)
+def test_the_cpu_merge_in_chunks_equals_the_merge_in_one_pass(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergeopt.merge import methods
+
+    generator = torch.Generator().manual_seed(14)
+    base = torch.randn(70, 130, generator=generator) * 0.02
+    task_vectors = torch.randn(3, 70, 130, generator=generator) * 0.002
+    task_vectors[1, :5] = 0  # zero deltas: signs and divisors of zero
+    known = METHODS[method].expert_defaults
+    params = [
+        {k: v for k, v in p.items() if k in known}
+        for p in (
+            {"weight": 0.6, "density": 0.5, "gamma": 0.05, "epsilon": 0.1},
+            {"weight": -0.3, "density": 0.7, "gamma": 0.05, "epsilon": 0.1},
+            {"weight": 0.45, "density": 1.0, "gamma": 0.05, "epsilon": 0.1},
+        )
+    ]
+    for method_params in ({}, {"lambda": 0.7, "normalize": True}, {"normalize": False}):
+        merged = []
+        for chunk in (1 << 30, 1000):  # one pass; 10 chunks, the last one short
+            monkeypatch.setattr(methods, "_CPU_CHUNK", chunk)
+            merged.append(
+                generalized_task_arithmetic(
+                    base,
+                    task_vectors,
+                    method=METHODS[method],
+                    expert_params=params,
+                    method_params=method_params,
+                    generator=torch.Generator().manual_seed(2),
+                )
+            )
+        assert torch.equal(merged[0], merged[1]), method_params
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_random_methods_are_reproducible_per_generator(method: str) -> None:
     base = torch.randn(32, 48, generator=torch.Generator().manual_seed(6))

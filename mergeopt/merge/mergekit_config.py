@@ -184,7 +184,17 @@ def _merge(
                         )
                         read = dict(zip(order, rows, strict=True))
                         base = read[first]
-                    stack = torch.stack([read[i] for i in piece.experts])
+                    # the task vectors written straight into the stack: one pass, not a
+                    # stacking copy and a subtraction (the same differences)
+                    subtract = merge_method.task_vectors and piece.base is not None
+                    stack = torch.empty(
+                        (len(piece.experts), *base.shape), dtype=base.dtype, device=torch_device
+                    )
+                    for row, i in zip(stack, piece.experts, strict=True):
+                        if subtract:
+                            torch.sub(read[i], base, out=row)
+                        else:
+                            row.copy_(read[i])
                     del read
                     merge_plan = merge_plans.get(base.dtype)
                     if merge_plan is None:
@@ -192,8 +202,6 @@ def _merge(
                             merge_method, device=torch_device, dtype=base.dtype, exact=True
                         )
                         merge_plans[base.dtype] = merge_plan
-                    if merge_method.task_vectors and piece.base is not None:
-                        stack -= base
                     generator = None
                     if merge_plan.randomized:
                         generator = torch.Generator(device=torch_device)

@@ -90,6 +90,11 @@ class MergekitConfig:
         self._adapters_dir = adapters_dir
         if not isinstance(config, Mapping):
             raise UserError(f"{where}: expected a mapping at the top level")
+        if "modules" in config:
+            raise UserError(
+                f"{where}: modules (per-module slices and parameters) are not implemented; "
+                "a multimodal model merges with models:, each tower's t over its own layers"
+            )
         unknown = sorted(set(config) - TOP_LEVEL_KEYS)
         if unknown:
             raise UserError(f"{where}: unsupported key {unknown[0]!r}")
