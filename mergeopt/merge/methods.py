@@ -281,11 +281,15 @@ def generalized_task_arithmetic(
     flat_masks = None
     if masks is not None and method.sparsification is not None:
         flat_masks = [None if mask is None else mask.reshape(-1) for mask in masks]
+    # mergekit's rescale: each kept delta times ||delta||_1 / ||kept||_1, norms of the whole
+    # tensor (a sum's bits depend on its extent), so the kept deltas are made whole first
+    kept = None
     scales: list[torch.Tensor | None] = [None] * count
     if flat_masks is not None and bool(params["rescale"]):
+        kept = _masked(rows, flat_masks)
         for index, mask in enumerate(flat_masks):
             if mask is not None:
-                scales[index] = _l1_scale(rows[index], mask)
+                scales[index] = _l1_scale(rows[index], kept[index])
     flat_base = base.reshape(-1)
     result = torch.empty(flat_base.shape, dtype=base.dtype, device=base.device)
     total = flat_base.numel()
@@ -293,7 +297,9 @@ def generalized_task_arithmetic(
     for start in range(0, total, chunk):
         part = slice(start, start + chunk)
         deltas = None
-        if flat_masks is not None:
+        if kept is not None:
+            deltas = kept[:, part]  # ours: changed in place
+        elif flat_masks is not None:
             deltas = _masked(rows[:, part], [None if m is None else m[part] for m in flat_masks])
         _combine(
             deltas,

@@ -54,21 +54,18 @@ def _rounded_sum(weights: tuple[float, ...], dtype: torch.dtype) -> float:
     return sum(torch.tensor(weights, dtype=dtype).to(torch.float64).tolist())
 
 
-def _l1_scale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def _l1_scale(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """mergekit's L1 rescale factor (a 0-d tensor in ``delta``'s dtype): ||delta||_1 /
-    ||kept||_1, ``kept`` being ``delta`` with the elements ``mask`` drops set to +0, or 1
-    where either norm is below ``eps`` (decided on the device, no sync). Each norm sums the
-    values mergekit's ``abs().sum()`` sums, in its order (|kept| is |delta| with zeros), so
-    the bits are mergekit's; both from one buffer, no masked copy of ``delta`` needed."""
-    magnitudes = delta.abs()
-    before = magnitudes.sum()
-    after = torch.where(mask, magnitudes, magnitudes.new_zeros(()), out=magnitudes).sum()
+    ||kept||_1 by mergekit's ``abs().sum()``, or 1 where either norm is below ``eps``
+    (decided on the device, no sync)."""
+    before = delta.abs().sum()
+    after = kept.abs().sum()
     return torch.where((before < eps) | (after < eps), 1, before / after)
 
 
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
     kept = torch.where(mask, delta, 0)
-    return kept * _l1_scale(delta, mask) if rescale else kept
+    return kept * _l1_scale(delta, kept) if rescale else kept
 
 
 def _bernoulli_mask(
