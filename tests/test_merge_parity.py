@@ -102,15 +102,16 @@ def gpt_neox(folder: Path) -> list[Path]:
     return make_family(folder, model, extra=buffers, rename={"lm_head.weight": "embed_out.weight"})
 
 
-def llama(folder: Path) -> list[Path]:
+def llama(folder: Path, *, seed: int = 4, **dims: int) -> list[Path]:
+    """A tiny Llama family (``dims``: other sizes than these)."""
     import transformers
 
+    sizes = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4}
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
+        **{**sizes, **dims}, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     return make_family(folder, transformers.LlamaForCausalLM(config))
 
 
@@ -591,15 +592,9 @@ def grid_llama(folder: Path) -> list[Path]:
     """A tiny Llama (embeddings and head of 134,400 elements: past the small-tensor sort) whose
     weights lie on a grid of 2^-6 and whose experts add 0 to ±4 steps: fp32 task vectors are
     exact and take 5 magnitudes, so every magnitude threshold splits a group of ties."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=2100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
-    torch.manual_seed(6)
-    paths = make_family(folder, transformers.LlamaForCausalLM(config))
+    paths = llama(
+        folder, seed=6, vocab_size=2100, hidden_size=64, intermediate_size=128, num_hidden_layers=2
+    )
     base = {name: (t * 64).round() / 64 for name, t in read_folder(paths[0]).items()}
     generator = torch.Generator().manual_seed(7)
     for index, path in enumerate(paths):
