@@ -23,6 +23,23 @@ engine writes in place). Example::
     python scripts/bench_study.py --device cuda --dtype bfloat16 --trials 6 \\
         --out docs/bench/study-h200.md
 
+Parts 2 and 3 (``--part medium``): a medium zoo, zoo v2's recipe (``mergeopt.zoo.build``) at
+about 100 M parameters (``MEDIUM_SHAPE``), trained on the device in the same call; then the
+demo study (``studies/tiny.yaml``: task arithmetic over 4 blocks, accuracy and mean tokens on the
+zoo's sums) with the ``saasbo-qnehvi`` sampler, run by ``mergeopt study run`` as a user runs it
+(SQLite on local disk): once with one worker (``--one-worker``), once with two workers on two
+GPUs (``--two-workers``), each ``--study-trials`` trials. The per-trial breakdown is read from
+the study (a trial's duration from ``study.ask`` to ``tell``; its merge and evaluation seconds
+from its attributes). Then the disk path of mergekit-evolve and SIPBMM on the first
+``--disk-trials`` recipes of the one-worker study: ``mergekit-yaml`` (a whole process, merging
+on the GPU with ``--cuda``) writes the merged model, a fresh transformers model loads it, the
+same evaluator scores it. Example (two GPUs)::
+
+    python scripts/bench_study.py --part medium --device cuda --dtype float32 \
+        --two-workers cuda:0,cuda:1 --study-trials 48 --disk-trials 4 --out docs/bench/x.md
+    python scripts/bench_study.py --part medium --device cpu --zoo-scale tiny \
+        --one-worker cpu --two-workers cpu,cpu --study-trials 6 --disk-trials 1  # the script
+
 Not a timed test: the numbers depend on the machine; the tables are committed under docs/bench/.
 """
 
@@ -32,12 +49,16 @@ import argparse
 import datetime
 import json
 import math
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -283,6 +304,389 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+# -- parts 2 and 3: the medium zoo -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+# Zoo v2's model at about 104 M parameters: 8 layers of hidden 1024 (MLP 4096), initialized at
+# 0.02 (the usual scale at this width), zoo v2's data, steps and schedule at a base rate of 1e-3.
+# Measured on an H200 (2026-11-30, docs/bench/study-medium-h200x2-2026-11-30.md): in 700 steps
+# this base learns the answer formats but not the sums (accuracy 0.01); a lower rate or more
+# steps is the next thing to try, not yet measured.
+MEDIUM_SHAPE = {"hidden_size": 1024, "intermediate_size": 4096, "num_layers": 8}
+
+
+def zoo_training(scale: str) -> Any:
+    """The medium recipe, or (``tiny``) zoo v2's model with few steps, to check the script."""
+    from mergeopt.zoo import ExpertTraining, ZooTraining
+    from mergeopt.zoo.training import ModelShape
+
+    if scale == "tiny":
+        return ZooTraining(
+            base_steps=40,
+            direct=ExpertTraining(arith_style="direct", steps=8, lr=3e-4, reverse_share=0.4),
+            steps=ExpertTraining(arith_style="steps", steps=8, lr=3e-4, layer_decay=0.7),
+            eval_limit=16,
+        )
+    return ZooTraining(
+        shape=ModelShape(**MEDIUM_SHAPE, initializer_range=0.02),
+        base_lr=1e-3,
+        direct=ExpertTraining(arith_style="direct", steps=100, lr=1e-4, reverse_share=0.4),
+        steps=ExpertTraining(arith_style="steps", steps=100, lr=1e-4, layer_decay=0.7),
+    )
+
+
+def medium_spec(zoo: Path, *, name: str, dtype: str, limit: int) -> dict[str, Any]:
+    """The demo study on ``zoo`` with the saasbo-qnehvi sampler (the experts enqueued first)."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+    spec["name"] = name
+    spec["models"]["base"] = str(zoo / "base")
+    spec["models"]["experts"] = [str(zoo / "expert-direct"), str(zoo / "expert-steps")]
+    for objective in spec["objectives"]:
+        for key in ("task", "heldout"):
+            if key in objective:
+                objective[key] = str(zoo / "tasks" / Path(objective[key]).name)
+        objective["limit"] = limit
+    spec["sampler"] = {"name": "saasbo-qnehvi", "enqueue_experts": True}
+    spec["scorer"].update({"dtype": dtype, "batch_size": limit})
+    return spec
+
+
+def run_logged(command: list[str], log: Path, env: dict[str, str], *, check: bool = True) -> float:
+    """Wall seconds of ``command`` (output to ``log``); exits with its log's end if it fails
+    (with ``check``; else prints the end and goes on)."""
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0 and not check:
+        print(f"exit code {result.returncode}: {log.read_text()[-1500:]}", flush=True)
+    elif result.returncode != 0:
+        print(log.read_text()[-3000:], flush=True)
+        raise SystemExit(f"{command[:4]} failed with exit code {result.returncode}")
+    return seconds
+
+
+def study_trials(url: str, name: str) -> list[dict[str, Any]]:
+    """Every trial of the study: state, seconds (ask to tell), merge and evaluation seconds,
+    worker, parameters and values."""
+    import optuna
+
+    from mergeopt import attrs
+
+    rows = []
+    for trial in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
+        end = trial.datetime_complete
+        start = trial.datetime_start
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name,
+                "start": start.timestamp() if start else math.nan,
+                "seconds": (end - start).total_seconds() if end and start else math.nan,
+                "merge": float(attrs.MERGE_SECONDS.get(trial) or math.nan),
+                "evaluate": float(attrs.EVAL_SECONDS.get(trial) or math.nan),
+                "worker": attrs.WORKER.get(trial) or "",
+                "params": trial.params,
+                "values": list(trial.values) if trial.values else None,
+            }
+        )
+    return rows
+
+
+def run_study(
+    spec: dict[str, Any],
+    *,
+    devices: str,
+    trials: int,
+    timeout: float,
+    work: Path,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    """``mergeopt study create`` then ``study run -n trials --devices devices``, timed."""
+    import yaml
+
+    name = spec["name"]
+    url = f"sqlite:///{work / (name + '.db')}"
+    spec_path = work / f"{name}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cli = [sys.executable, "-m", "mergeopt.cli", "study"]
+    run_logged([*cli, "create", str(spec_path), "--storage", url], work / f"{name}-create.log", env)
+    wall = run_logged(
+        [*cli, "run", name, "-n", str(trials), "--storage", url, "--devices", devices]
+        + ["--timeout", str(timeout), "--no-progress"],
+        work / f"{name}-run.log",
+        env,
+        check=False,  # the trials in the study are what is measured
+    )
+    rows = study_trials(url, name)
+    print(f"{name}: {devices}, {wall:.1f} s wall, {len(rows)} trials", flush=True)
+    return {"name": name, "url": url, "devices": devices, "wall": wall, "trials": rows}
+
+
+def integrity(run: dict[str, Any], wanted: int) -> str:
+    """Whether the study holds exactly the trials asked for: none lost, none twice."""
+    rows = run["trials"]
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    numbers = sorted(r["number"] for r in rows)
+    recipes = {tuple(sorted(r["params"].items())) for r in complete}
+    workers = sorted({r["worker"] for r in complete})
+    by_worker = ", ".join(f"{w or '?'}: {sum(r['worker'] == w for r in complete)}" for w in workers)
+    other = {r["state"] for r in rows} - {"COMPLETE"}
+    return (
+        f"{len(complete)}/{wanted} complete, {len(rows)} trials numbered "
+        f"{numbers[0] if numbers else '-'}..{numbers[-1] if numbers else '-'} "
+        f"({'contiguous' if numbers == list(range(len(numbers))) else 'GAPS'}), "
+        f"{len(recipes)} distinct recipes among the complete ones"
+        f"{'' if len(recipes) == len(complete) else ' (DUPLICATES)'}; other states: "
+        f"{', '.join(sorted(other)) or 'none'}; per worker: "
+        f"{by_worker}"
+    )
+
+
+def disk_path(
+    run: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    count: int,
+    device: str,
+    work: Path,
+    env: dict[str, str],
+) -> list[dict[str, float]]:
+    """The first ``count`` complete recipes of ``run`` through mergekit-yaml, a fresh model load
+    and the same evaluator: seconds of each part, and the values against the study's."""
+    import optuna
+
+    from mergeopt.export_mergekit import mergekit_config, write_mergekit_config
+    from mergeopt.objectives.evaluate import Evaluator
+    from mergeopt.spec import StudySpec
+
+    study = optuna.load_study(study_name=run["name"], storage=run["url"])
+    parsed = StudySpec.model_validate(spec)
+    chosen = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"][:count]
+    rows = []
+    for trial in chosen:
+        config = work / f"mergekit-{trial.number}.yml"
+        out = work / f"merged-{trial.number}"
+        write_mergekit_config(mergekit_config(study, trial), config)
+        command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(out)]
+        if device.startswith("cuda"):
+            command.append("--cuda")
+        merge = run_logged(command, work / f"mergekit-{trial.number}.log", env)
+        _sync_all()
+        started = time.perf_counter()
+        # Dynamic decoding: a model loaded afresh for each trial cannot reuse a captured graph,
+        # and compiling one per trial would cost more than it saves.
+        scorer = create_scorer(
+            "hf",
+            out,
+            device=device,
+            dtype=parsed.scorer.dtype,
+            batch_size=parsed.scorer.batch_size,
+            decode="dynamic",
+        )
+        _sync_all()
+        load = time.perf_counter() - started
+        evaluation = Evaluator(parsed.objectives, scorer, scorer_options=parsed.scorer).evaluate()
+        scorer.close()
+        shutil.rmtree(out)
+        values = [evaluation.values[o.name] for o in parsed.objectives]
+        row = {
+            "number": float(trial.number),
+            "mergekit": merge,
+            "load": load,
+            "evaluate": evaluation.seconds,
+            "total": merge + load + evaluation.seconds,
+            "same_values": float(values == list(trial.values)),
+        }
+        rows.append(row)
+        print(json.dumps({"disk": row, "values": values, "study": trial.values}), flush=True)
+    return rows
+
+
+def _sync_all() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _trial_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| study | workers | trials | wall s | trials / min | first trial s | later trials: "
+        "s (ask/fit + tell) | merge | evaluate | trials / h at later trials' pace |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        complete = [r for r in run["trials"] if r["state"] == "COMPLETE"]
+        workers = len(run["devices"].split(","))
+        first = [r for r in complete if r["number"] < workers]
+        later = [r for r in complete if r["number"] >= workers] or complete
+        seconds = _mean(later, "seconds")
+        merge, evaluate = _mean(later, "merge"), _mean(later, "evaluate")
+        lines.append(
+            f"| {run['name']} | {workers} ({run['devices']}) | {len(complete)} | "
+            f"{run['wall']:.1f} | {60 * len(complete) / run['wall']:.1f} | "
+            f"{_mean(first, 'seconds'):.2f} | {seconds:.3f} ({seconds - merge - evaluate:.3f}) | "
+            f"{merge:.3f} | {evaluate:.3f} | {3600 * workers / seconds:,.0f} |"
+        )
+    return lines
+
+
+def medium_main(args: argparse.Namespace, command: str) -> None:
+    from mergeopt.zoo import ZooInfo, build_zoo
+
+    device = torch.device(args.device)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-study-medium-")).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if args.zoo is not None:  # checking the script: a zoo built before
+        shutil.copytree(args.zoo, work / "zoo", dirs_exist_ok=True)
+        info = ZooInfo.from_dir(work / "zoo")
+    else:
+        info = build_zoo(
+            work / "zoo", training=zoo_training(args.zoo_scale), device=args.device, progress=False
+        )
+    models = info.metadata["models"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(work / "zoo" / "base")
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    zoo_lines = [
+        f"- medium zoo: {parameters / 1e6:.1f} M parameters per model, built on {args.device} in "
+        f"{info.metadata['build_seconds']:.1f} s (phases: {info.metadata['phase_seconds']})",
+        *(
+            f"- {name}: sums accuracy {m['arith']['accuracy']:.2f} at "
+            f"{m['arith']['mean_tokens']:.1f} tokens ({m['arith']['traced']:.0%} traced), "
+            f"reversal accuracy {m['reverse']['accuracy']:.2f}; final train loss "
+            f"{m['final_train_loss']}"
+            for name, m in models.items()
+        ),
+        f"- task vectors, ||tau|| / ||theta||: {info.metadata['task_vector_relative_norm']}",
+    ]
+    print("\n".join(zoo_lines), flush=True)
+    runs = []
+    for label, devices in (("one", args.one_worker), ("two", args.two_workers)):
+        if not devices:
+            continue
+        spec = medium_spec(work / "zoo", name=f"medium-{label}", dtype=args.dtype, limit=args.limit)
+        runs.append(
+            run_study(
+                spec,
+                devices=devices,
+                trials=args.study_trials,
+                timeout=args.study_timeout,
+                work=work,
+                env=env,
+            )
+        )
+    disk: list[dict[str, float]] = []
+    disk_error = ""
+    if runs and args.disk_trials:
+        try:
+            disk = disk_path(
+                runs[0],
+                medium_spec(work / "zoo", name=runs[0]["name"], dtype=args.dtype, limit=args.limit),
+                count=args.disk_trials,
+                device=args.device,
+                work=work,
+                env=env,
+            )
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the studies' tables still count
+            disk_error = f"- disk path failed: {type(exc).__name__}: {exc}"
+            print(disk_error, flush=True)
+    lines = [
+        "# A whole study on the medium zoo, one and two workers, against the disk path "
+        "(bench_study parts 2 and 3)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {machine_description(device)}",
+        f"- command: `{command}`",
+        f"- study: studies/tiny.yaml on the medium zoo (task_arithmetic, 4 blocks x 2 experts), "
+        f"sampler saasbo-qnehvi (experts enqueued first), {args.limit} sums per evaluation, "
+        f"greedy, at most 32 tokens, stop at newline, {args.dtype}; `mergeopt study run` with "
+        f"SQLite on local disk, --timeout {args.study_timeout:.0f} s",
+        *zoo_lines,
+        "",
+        "Trial seconds are from the study: ask (the sampler's fit) to tell; wall is the whole "
+        "`study run` (worker start, model load, compilation and capture included).",
+        "",
+        *_trial_table(runs),
+        "",
+        "Trials as the workers left them:",
+        "",
+        *(f"- {run['name']}: {integrity(run, args.study_trials)}" for run in runs),
+    ]
+    if disk_error:
+        lines += ["", disk_error]
+    if disk:
+        complete = [r for r in runs[0]["trials"] if r["state"] == "COMPLETE"]
+        later = complete[1:]
+        ours = _mean(later, "seconds")
+        ours_no_sampler = _mean(later, "merge") + _mean(later, "evaluate")
+        disk_total = _mean(disk, "total")
+        lines += [
+            "",
+            f"Disk path (mergekit-evolve's and SIPBMM's): the first {len(disk)} recipes of "
+            f"{runs[0]['name']}, each through `mergekit-yaml` (a whole process"
+            f"{', --cuda' if device.type == 'cuda' else ''}), a fresh model load, the same "
+            "evaluator (dynamic decoding); no sampler time counted.",
+            "",
+            "| trial | mergekit-yaml s | load s | evaluate s | total s "
+            "| same values as the study |",
+            "| ---: | ---: | ---: | ---: | ---: | --- |",
+            *(
+                f"| {int(r['number'])} | {r['mergekit']:.2f} | {r['load']:.2f} | "
+                f"{r['evaluate']:.3f} | {r['total']:.2f} | {'yes' if r['same_values'] else 'no'} |"
+                for r in disk
+            ),
+            "",
+            f"- trials per hour: disk path {3600 / disk_total:,.0f} (no sampler); one worker "
+            f"{3600 / ours:,.0f} at its later trials' pace with the sampler's fit included "
+            f"({disk_total / ours:.1f}x the disk path; target >= 10x: "
+            f"{'met' if disk_total / ours >= 10 else 'missed'}), "
+            f"{3600 * len(complete) / runs[0]['wall']:,.0f} over the whole run's wall "
+            f"({disk_total * len(complete) / runs[0]['wall']:.1f}x); merge + evaluate alone "
+            f"{disk_total / ours_no_sampler:.1f}x",
+        ]
+    if len(runs) == 2:
+        rates = [
+            len([r for r in run["trials"] if r["state"] == "COMPLETE"]) / run["wall"]
+            for run in runs
+        ]
+        paces = []
+        for run in runs:
+            complete = sorted(
+                (r for r in run["trials"] if r["state"] == "COMPLETE"), key=lambda r: r["start"]
+            )
+            ends = [r["start"] + r["seconds"] for r in complete]
+            starts = [r["start"] for r in complete]
+            # Steady state: the trials that started after every worker had finished its first.
+            workers = len(run["devices"].split(","))
+            warm = sorted(ends)[workers - 1] if len(ends) >= workers else math.nan
+            done = [e for s, e in zip(starts, ends, strict=True) if s >= warm]
+            paces.append(len(done) / (max(done) - warm) if done else math.nan)
+        lines += [
+            "",
+            f"- two workers against one: {rates[1] / rates[0]:.2f}x the trials per minute over "
+            f"the whole run (target >= 1.9x: {'met' if rates[1] / rates[0] >= 1.9 else 'missed'}); "
+            f"{paces[1] / paces[0]:.2f}x once every worker has finished its first trial "
+            f"({60 * paces[0]:.1f} and {60 * paces[1]:.1f} trials / min)",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"runs": runs, "disk": disk, "zoo": info.metadata}, indent=1)
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-4b")
@@ -298,7 +702,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="markdown report file")
     parser.add_argument("--json", type=Path, default=None, help="every trial as JSON")
+    parser.add_argument("--part", choices=("shape", "medium"), default="shape")
+    medium = parser.add_argument_group("--part medium")
+    medium.add_argument("--zoo-scale", choices=("medium", "tiny"), default="medium")
+    medium.add_argument("--zoo", type=Path, default=None, help="a zoo built before (no build)")
+    medium.add_argument("--one-worker", default="cuda:0", help="device of the one-worker study")
+    medium.add_argument("--two-workers", default="cuda:0,cuda:1", help="'' to skip")
+    medium.add_argument("--study-trials", type=int, default=48)
+    medium.add_argument("--study-timeout", type=float, default=240.0)
+    medium.add_argument("--disk-trials", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.part == "medium":
+        if args.limit == 64:
+            args.limit = 48  # the demo study's
+        medium_main(
+            args,
+            "python scripts/bench_study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        )
+        return
 
     device = torch.device(args.device)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-study-"))

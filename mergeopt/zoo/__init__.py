@@ -151,8 +151,10 @@ def build_zoo(
     seed: int = 0,
     progress: bool = True,
     training: ZooTraining | None = None,
+    device: str = "cpu",
 ) -> ZooInfo:
-    """Train the zoo on the CPU into ``out_dir`` (see the module docstring for what it holds).
+    """Train the zoo into ``out_dir`` (see the module docstring for what it holds), on the CPU
+    unless ``device`` names another (then seeded but not bit-reproducible).
 
     An existing zoo (or a half-built one) in ``out_dir`` is replaced; any other non-empty
     folder is refused with a UserError. The models are built in a temporary sibling folder
@@ -174,5 +176,6 @@ def build_zoo(
             training=training or ZooTraining(),
             progress=reporter,
             version=ZOO_VERSION,
+            device=device,
         )
     return write_metadata(out_dir, metadata)

@@ -145,7 +145,13 @@ def _prepare_out_dir(out_dir: Path, names: set[str]) -> None:
 
 
 def score_model(
-    model_dir: Path, task_file: Path, *, limit: int, extract: str, max_new_tokens: int = 32
+    model_dir: Path,
+    task_file: Path,
+    *,
+    limit: int,
+    extract: str,
+    max_new_tokens: int = 32,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Greedy accuracy, mean generated tokens (the stop newline or EOS included, as the study
     scorer counts them) and the share of traced answers, on the first ``limit`` records."""
@@ -160,7 +166,9 @@ def score_model(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        scorer = HFScorer(model_dir=model_dir, batch_size=limit)
+        # Dynamic decoding: a static decoder's compilation would cost more than these few
+        # batches (on the CPU, where zoos are built, it is the default anyway).
+        scorer = HFScorer(model_dir=model_dir, batch_size=limit, device=device, decode="dynamic")
         outputs = scorer.generate(
             [r["prompt"] for r in records], max_new_tokens=max_new_tokens, stop=["\n"]
         )
@@ -175,10 +183,20 @@ def score_model(
 
 
 def build(
-    out_dir: Path, *, seed: int, training: ZooTraining, progress: Stages, version: str
+    out_dir: Path,
+    *,
+    seed: int,
+    training: ZooTraining,
+    progress: Stages,
+    version: str,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train and score the zoo into ``out_dir``; returns the metadata for ``zoo.json`` (which the
-    caller writes last). See ``mergeopt.zoo`` for the layout."""
+    caller writes last). See ``mergeopt.zoo`` for the layout.
+
+    ``device``: where the models train and are scored. The CPU build is deterministic; on CUDA
+    it is seeded only (cross-entropy has no deterministic CUDA kernel), for larger shapes
+    (``scripts/bench_study.py``'s medium zoo)."""
     import torch
     import transformers
     from transformers.utils import logging as transformers_logging
@@ -223,8 +241,15 @@ def build(
             folders = {name: staging / name for name in (BASE_NAME, *EXPERT_NAMES)}
             losses: dict[str, float] = {}
             delta_norms: dict[str, float] = {}
-            with deterministic_torch(seed, threads=TRAINING_THREADS):
+            on_device = {
+                name: [(ids.to(device), labels.to(device)) for ids, labels in steps]
+                for name, steps in (("base", base_steps), *expert_steps.items())
+            }
+            base_steps, expert_steps = on_device.pop("base"), on_device
+            deterministic = torch.device(device).type == "cpu"
+            with deterministic_torch(seed, threads=TRAINING_THREADS, algorithms=deterministic):
                 model = make_model(tokenizer, training.shape)
+                model.to(device)  # type: ignore[arg-type]  # transformers types .to badly
                 advance = progress.begin(f"pretraining {BASE_NAME}", len(base_steps))
                 losses[BASE_NAME] = train(
                     model,
@@ -262,6 +287,7 @@ def build(
                         staging / "tasks" / TASK_FILES[f"{task}.heldout"],
                         limit=training.eval_limit,
                         extract=extract,
+                        device=device,
                     )
                     advance()
                 metrics[name]["final_train_loss"] = round(losses[name], 4)

@@ -215,16 +215,16 @@ def train(
 
 
 @contextmanager
-def deterministic_torch(seed: int, *, threads: int) -> Iterator[None]:
-    """Seeded, deterministic torch on ``threads`` threads for the duration of a build, restored
-    afterwards."""
+def deterministic_torch(seed: int, *, threads: int, algorithms: bool = True) -> Iterator[None]:
+    """Seeded torch on ``threads`` threads for the duration of a build, restored afterwards;
+    ``algorithms``: deterministic algorithms too (CUDA has none for some training kernels)."""
     import torch
 
     previous = torch.are_deterministic_algorithms_enabled()
     previous_threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(algorithms)
         torch.set_num_threads(threads)
         try:
             yield

@@ -10,6 +10,7 @@ decode step is captured once as a CUDA graph on CUDA (``static_decode``; the def
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("auto", "static", "dynamic")
+# Scored positions turned into float32 log-probabilities at once: bounds the temporary of a
+# long perplexity batch to this many rows of the vocabulary (1024 x 152k x 4 bytes = 0.6 GB).
+SCORED_POSITIONS_PER_CHUNK = 1024
 
 
 class HFScorer(LoglikelihoodFromSequences):
@@ -320,6 +324,8 @@ class HFScorer(LoglikelihoodFromSequences):
     def _score_sequences(
         self, sequences: list[list[int]], first_scored: list[int]
     ) -> list[tuple[float, int]]:
+        # Longest first, in batches of neighbours in length: a batch pads to its own longest
+        # sequence, so sorting is what keeps the padding (and the memory of a batch) small.
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
         for start in range(0, len(order), self.batch_size):
@@ -334,31 +340,66 @@ class HFScorer(LoglikelihoodFromSequences):
     def _score_batch(
         self, sequences: list[list[int]], first_scored: list[int]
     ) -> list[tuple[float, int]]:
-        """Right-padded forward pass; logits ``batch x seq x vocab`` are reduced row by row."""
+        """One right-padded forward pass; the sums of all rows are read back at once.
+
+        Right padding leaves every real token's positions and attention as they are alone
+        (pads come after it, and causal attention never looks forward), so a row scores what
+        it scores unbatched up to float rounding. Logits are computed only for the window of
+        positions some row scores (``logits_to_keep``: for multiple choice, the continuations
+        rather than the whole contexts), and only the scored positions are turned into
+        log-probabilities, in float32, ``SCORED_POSITIONS_PER_CHUNK`` at a time.
+        """
         import torch
 
         width = max(len(s) for s in sequences)
+        # Position p predicts token p + 1; row r scores positions first_r - 1 .. len_r - 2.
+        spans = [
+            (first - 1, len(ids) - 1) for ids, first in zip(sequences, first_scored, strict=True)
+        ]
+        scored_rows = [row for row, (lo, hi) in enumerate(spans) if lo < hi]
+        if not scored_rows:
+            return [(0.0, 0)] * len(sequences)
+        offset = min(spans[row][0] for row in scored_rows)  # first position given logits
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, ids in enumerate(sequences):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
+        # (row, position - offset) of every scored position, and the token it predicts.
+        rows = [row for row in scored_rows for _ in range(*spans[row])]
+        columns = [p - offset for row in scored_rows for p in range(*spans[row])]
+        targets = [sequences[row][p + 1] for row in scored_rows for p in range(*spans[row])]
         with torch.inference_mode():
             logits = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                logits_to_keep=width - offset,
             ).logits
-            scores: list[tuple[float, int]] = []
-            for row, ids in enumerate(sequences):
-                first = first_scored[row]
-                if first >= len(ids):
-                    scores.append((0.0, 0))
-                    continue
-                log_probs = torch.log_softmax(logits[row, first - 1 : len(ids) - 1].float(), -1)
-                targets = torch.tensor(ids[first:], device=log_probs.device)
-                total = float(log_probs.gather(-1, targets[:, None]).sum())
-                if total != total or total in (float("inf"), float("-inf")):
-                    raise TrialEvaluationError("non-finite log-likelihood (NaN or inf)")
-                scores.append((total, len(ids) - first))
+            row_index = torch.tensor(rows, device=self.device)
+            column_index = torch.tensor(columns, device=self.device)
+            target_ids = torch.tensor(targets, device=self.device)
+            token_log_probs = torch.empty(len(rows), dtype=torch.float32, device=self.device)
+            for lo in range(0, len(rows), SCORED_POSITIONS_PER_CHUNK):
+                hi = lo + SCORED_POSITIONS_PER_CHUNK
+                picked = logits[row_index[lo:hi], column_index[lo:hi]].float()
+                token_log_probs[lo:hi] = (
+                    torch.log_softmax(picked, -1).gather(-1, target_ids[lo:hi, None]).squeeze(-1)
+                )
+            # Summed row by row through a zero-padded matrix rather than atomic adds, so that
+            # the same weights give the same bits on CUDA too.
+            per_position = torch.zeros(
+                (len(sequences), width - offset), dtype=torch.float32, device=self.device
+            )
+            per_position[row_index, column_index] = token_log_probs
+            totals = per_position.sum(-1).tolist()
+        scores: list[tuple[float, int]] = []
+        for row, (lo, hi) in enumerate(spans):
+            if lo >= hi:
+                scores.append((0.0, 0))
+                continue
+            if not math.isfinite(totals[row]):
+                raise TrialEvaluationError("non-finite log-likelihood (NaN or inf)")
+            scores.append((totals[row], hi - lo))
         return scores
 
     def _guarded(self, function: Any, *args: Any) -> Any:
