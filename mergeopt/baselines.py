@@ -124,8 +124,8 @@ def train_baseline(
     import torch
 
     descent = DESCENTS[method]
+    weights = check_preference(preference, [o.name for o in spec.objectives])  # before models
     check_baseline_spec(spec)
-    weights = check_preference(preference, [o.name for o in spec.objectives])
     out_dir = Path(out_dir).absolute()
     if (
         out_dir.exists()
