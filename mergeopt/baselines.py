@@ -357,6 +357,8 @@ def _models(spec: StudySpec, training: BaselineTraining) -> tuple[Any, list[Any]
     models: list[Any] = []
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # "newly initialized" heads, by design
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a bar per head's loading says nothing
     try:
         for objective in spec.objectives:
             assert objective.head is not None  # check_baseline_spec
@@ -376,6 +378,8 @@ def _models(spec: StudySpec, training: BaselineTraining) -> tuple[Any, list[Any]
             models.append(model.to(training.device))
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
     return tokenizer, models
 
 

@@ -6,10 +6,12 @@ scored on the held-out files; and the compute (seconds) each took.
     .venv/bin/python scripts/bench_preference.py [--zoo .cache/encoder-2] [--trials 40]
         [--steps 150] [--batch-size 16] [--out docs/bench/preference-2026-11-30]
 
-Every step runs as a user would run it (``mergeopt`` in a fresh process) on a throw-away
-SQLite study; the merge's compute is the ``study run`` wall time, paid once for all
-preferences (each pick reads the finished front), plus ``study evaluate --heldout --pareto``;
-a baseline's is its fine-tuning (``train_seconds``, scoring not counted), paid per preference.
+The study runs as a user would run it (``mergeopt study create/run/evaluate`` in fresh
+processes) on a throw-away SQLite study; the baselines run in this process
+(``mergeopt baseline``'s ``train_baseline``, recorded in the study as the command records
+them). The merge's compute is the ``study run`` wall time plus ``study evaluate --heldout
+--pareto``, paid once for all preferences (each pick reads the finished front); a
+baseline's is its fine-tuning (``train_seconds``, scoring not counted), paid per preference.
 Writes OUT.md (the table) and OUT.jsonl (one row per preference and method).
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch: as `mergeopt baseline` does
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -47,7 +50,7 @@ def mergeopt(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "GOMP_SPINCOUNT": "10000"},
     )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
@@ -85,8 +88,11 @@ def main() -> None:
 
     import optuna
 
+    from mergeopt.baselines import BaselineTraining, record_in_study, train_baseline
     from mergeopt.export_choice import select_trials
+    from mergeopt.progress import stages
     from mergeopt.report import heldout_values, objective_names
+    from mergeopt.spec import load_spec
 
     work = Path(tempfile.mkdtemp(prefix="bench-preference-"))
     url = f"sqlite:///{work / 'studies.db'}"
@@ -107,38 +113,44 @@ def main() -> None:
 
     study = optuna.load_study(study_name="preference", storage=url)
     names = objective_names(study)
+    parsed_spec = load_spec(spec_file)
+    training = BaselineTraining(steps=args.steps, batch_size=args.batch_size)
     rows = []
-    for preference in PREFERENCES:
-        text = ",".join(str(w) for w in preference)
-        [trial] = select_trials(study, preference=list(preference))
-        rows.append(
-            {
-                "preference": list(preference),
-                "method": f"merge (trial {trial.number})",
-                "values": dict(zip(names, trial.values, strict=True)),
-                "heldout": dict(zip(names, heldout_values(trial, names) or [], strict=True)),
-                "seconds": round(merge_seconds, 1),
-            }
-        )
-        for method in METHODS:
-            out = work / f"{method}-{text}"
-            _, wall = mergeopt(
-                "baseline", method, str(spec_file), "--preference", text, "--out", str(out),
-                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                "--storage", url,
-            )  # fmt: skip
-            record = json.loads((out / "baseline.json").read_text())
+    with stages(False) as progress:
+        for preference in PREFERENCES:
+            text = ",".join(str(w) for w in preference)
+            [trial] = select_trials(study, preference=list(preference))
             rows.append(
                 {
                     "preference": list(preference),
-                    "method": method,
-                    "values": record["values"],
-                    "heldout": record["heldout"],
-                    "seconds": record["train_seconds"],
-                    "moves": record["moves"],
+                    "method": f"merge (trial {trial.number})",
+                    "values": dict(zip(names, trial.values, strict=True)),
+                    "heldout": dict(zip(names, heldout_values(trial, names) or [], strict=True)),
+                    "seconds": round(merge_seconds, 1),
                 }
             )
-            print(f"{method} {text}: {record['heldout']} in {record['train_seconds']:.0f} s")
+            for method in METHODS:
+                out = work / f"{method}-{text}"
+                record = train_baseline(
+                    parsed_spec,
+                    method=method,
+                    preference=list(preference),
+                    out_dir=out,
+                    training=training,
+                    progress=progress,
+                )
+                record_in_study(study, record, out)
+                rows.append(
+                    {
+                        "preference": list(preference),
+                        "method": method,
+                        "values": record["values"],
+                        "heldout": record["heldout"],
+                        "seconds": record["train_seconds"],
+                        "moves": record["moves"],
+                    }
+                )
+                print(f"{method} {text}: {record['heldout']} in {record['train_seconds']:.0f} s")
 
     header = (
         "| preference | method | "

@@ -125,8 +125,9 @@ def test_baselines_are_trained_recorded_shown_and_re_scored(
 
     assert set(baseline_points(study)) == set(stored)  # drawn beside the front
     assert "chebyshev 0.4,0.2,0.2,0.2" in study_note_markdown(study)
-    plotted = run_cli("study", "plot", "enc", "--out", str(tmp_path / "plots"), "--storage", url)
-    assert plotted.returncode == 0, plotted.stderr
+    from mergeopt.plots import plot_study
+
+    assert plot_study(study, tmp_path / "plots", html=False)  # the front with the baselines
 
     # --evaluate-only: no training, the same values again
     (folder / "baseline.json").write_text(json.dumps({**record, "values": {}, "heldout": None}))
@@ -190,3 +191,35 @@ def test_evaluate_only_needs_a_baseline_folder_and_no_out(
         "baseline", "epo", str(spec_file), "--evaluate-only", str(tmp_path), "--out", "x"
     )
     assert_one_line_error(both, "exactly one of --out DIR")
+
+
+@pytest.mark.slow
+def test_the_preference_benchmark_runs_on_the_encoder_zoo(
+    tmp_path: Path,
+    encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
+) -> None:
+    """``scripts/bench_preference.py`` end to end, tiny: a merge row and a row per baseline
+    method for each of its five preferences, with held-out values and seconds."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "table"
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO / "scripts" / "bench_preference.py"), "--zoo",
+            str(encoder_zoo.root), "--trials", "2", "--steps", "2", "--batch-size", "4",
+            "--out", str(out),
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(rows) == 15
+    assert [row["method"] for row in rows[1:3]] == ["chebyshev", "epo"]
+    assert rows[0]["method"].startswith("merge (trial ")
+    assert all(
+        set(row["heldout"]) == {"topic", "sentiment", "entailment", "paraphrase"} for row in rows
+    )
+    assert "| preference | method |" in out.with_suffix(".md").read_text()
