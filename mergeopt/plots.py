@@ -449,27 +449,27 @@ def _pareto_figure(study: optuna.Study) -> Any:
     if _drawn_in_two_dimensions(names):
         for label, point in baseline_points(study).items():
             figure.add_trace(
-                go.Scatter(
-                    x=[point[0]],
-                    y=[point[1]],
-                    mode="markers+text",
-                    text=[label],
-                    textposition="bottom right",
-                    marker={"symbol": "diamond", "size": 12, "color": "red"},
-                    name=f"baseline: {label}",
+                _labelled_point(
+                    label,
+                    point,
+                    kind="baseline",
+                    place="bottom right",
+                    symbol="diamond",
+                    size=12,
+                    color="red",
                 )
             )
     if len(names) == 2:
         for label, point in anchor_points(study).items():
             figure.add_trace(
-                go.Scatter(
-                    x=[point[0]],
-                    y=[point[1]],
-                    mode="markers+text",
-                    text=[label],
-                    textposition="top right",
-                    marker={"symbol": "star", "size": 16, "color": "black"},
-                    name=f"anchor: {label}",
+                _labelled_point(
+                    label,
+                    point,
+                    kind="anchor",
+                    place="top right",
+                    symbol="star",
+                    size=16,
+                    color="black",
                 )
             )
         pairs = heldout_pairs(study)
@@ -502,6 +502,23 @@ def _pareto_figure(study: optuna.Study) -> Any:
             )
     figure.update_layout(title=f"Pareto front of study {study.study_name}")
     return figure
+
+
+def _labelled_point(
+    label: str, point: Sequence[float], *, kind: str, place: str, symbol: str, size: int, color: str
+) -> Any:
+    """One named point of the front's picture (an anchor, a baseline), its label beside it."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(
+        x=[point[0]],
+        y=[point[1]],
+        mode="markers+text",
+        text=[label],
+        textposition=place,
+        marker={"symbol": symbol, "size": size, "color": color},
+        name=f"{kind}: {label}",
+    )
 
 
 def _hypervolume_figure(study: optuna.Study) -> Any:

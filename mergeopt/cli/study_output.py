@@ -34,12 +34,7 @@ def _print_pareto(report, console) -> None:  # noqa: ANN001
     title = "Pareto trials" if len(report["objectives"]) > 1 else "Best trial"
     table = Table(title=title)
     table.add_column("trial", justify="right")
-    heldout = any(row["heldout"] for row in report["pareto"])
-    for objective in report["objectives"]:
-        arrow = "↑" if objective["direction"] == "maximize" else "↓"
-        table.add_column(f"{objective['name']} {arrow}", justify="right")
-        if heldout:
-            table.add_column(f"{objective['name']} held-out", justify="right")
+    heldout = _objective_columns(table, report, report["pareto"])
     table.add_column("recipe (mean over blocks)")
     for row in report["pareto"]:
         label = f"{row['trial']} ({row['expert']})" if row["expert"] else str(row["trial"])
@@ -59,18 +54,25 @@ def _print_pareto(report, console) -> None:  # noqa: ANN001
         console.print("no merge beats the experts yet: every trial above is an expert alone")
 
 
+def _objective_columns(table, report, rows) -> bool:  # noqa: ANN001
+    """A column per objective (with its direction), and a held-out column beside each when
+    any of ``rows`` has held-out values; returns whether it added those."""
+    heldout = any(row["heldout"] for row in rows)
+    for objective in report["objectives"]:
+        arrow = "↑" if objective["direction"] == "maximize" else "↓"
+        table.add_column(f"{objective['name']} {arrow}", justify="right")
+        if heldout:
+            table.add_column(f"{objective['name']} held-out", justify="right")
+    return heldout
+
+
 def _print_baselines(report, console) -> None:  # noqa: ANN001
     """The preference baselines beside the front: fine-tuned from the base, not merges."""
     from rich.table import Table
 
     table = Table(title="Preference baselines (fine-tuned from the base: mergeopt baseline)")
     table.add_column("baseline (method, preference)")
-    heldout = any(row["heldout"] for row in report["baselines"])
-    for objective in report["objectives"]:
-        arrow = "↑" if objective["direction"] == "maximize" else "↓"
-        table.add_column(f"{objective['name']} {arrow}", justify="right")
-        if heldout:
-            table.add_column(f"{objective['name']} held-out", justify="right")
+    heldout = _objective_columns(table, report, report["baselines"])
     table.add_column("fine-tuning s", justify="right")
     for row in report["baselines"]:
         cells = []
