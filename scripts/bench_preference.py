@@ -78,6 +78,12 @@ def spec_on(zoo: Path) -> dict:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-preference-") as work:
+        run(Path(work))
+
+
+def run(work: Path) -> None:
+    """The benchmark, its study and baseline folders in ``work`` (removed afterwards)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", type=Path, default=REPO / ".cache" / "encoder-2")
     parser.add_argument("--trials", type=int, default=40)
@@ -94,7 +100,6 @@ def main() -> None:
     from mergeopt.report import heldout_values, objective_names
     from mergeopt.spec import load_spec
 
-    work = Path(tempfile.mkdtemp(prefix="bench-preference-"))
     url = f"sqlite:///{work / 'studies.db'}"
     spec = spec_on(args.zoo)
     spec_file = work / "spec.yaml"
