@@ -111,6 +111,10 @@ CREATED_WITH: StudyUserAttr[str] = StudyUserAttr(PREFIX + "version")
 """The mergeopt version that created the study."""
 HELDOUT_ANCHORS: StudyUserAttr[dict[str, Any]] = StudyUserAttr(PREFIX + "heldout_anchors")
 """``ANCHORS`` measured on the held-out split, for ``normalize: true``."""
+BASELINES: StudyUserAttr[dict[str, Any]] = StudyUserAttr(PREFIX + "baselines")
+"""Preference baselines fine-tuned from the base (``mergeopt baseline``), by label
+(``"epo 0.7,0.3"``): method, preference, values and held-out values in objective order,
+train_seconds, steps, model_dir (``baselines.record_in_study``)."""
 
 # Study system attrs
 ARTIFACT_DIR: StudySystemAttr[str] = StudySystemAttr(PREFIX + "artifact_dir")

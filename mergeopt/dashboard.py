@@ -186,6 +186,7 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
             f"| {name} | {direction.name.lower()} | {task} | {objective.get('metric', '')} |"
         )
     lines += ["", "Plots (`mergeopt study plot`): see *Study Artifacts* below.", ""]
+    lines += _baselines_markdown(study, names)
     trials = pareto_trials_for_heatmap(study)[:max_trials]
     for trial in trials:
         values = ", ".join(f"{n} = {v:.4g}" for n, v in zip(names, trial.values, strict=False))
@@ -207,6 +208,32 @@ def study_note_markdown(study: optuna.Study, *, max_trials: int = 12) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _baselines_markdown(study: optuna.Study, names: Sequence[str]) -> list[str]:
+    """The preference baselines (``mergeopt baseline``) as a table, beside the merge front."""
+    from mergeopt.report import baseline_rows
+
+    rows = baseline_rows(study, names)
+    if not rows:
+        return []
+    lines = [
+        "### Preference baselines (fine-tuned from the base)",
+        "",
+        "| baseline | " + " | ".join(names) + " | held-out | fine-tuning s |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for row in rows:
+        values = row["values"] or {}
+        held = row["heldout"]
+        held_text = ", ".join(f"{held[n]:.4g}" for n in names) if held else "-"
+        seconds = row["train_seconds"]
+        lines.append(
+            f"| {row['label']} | "
+            + " | ".join(f"{values[n]:.4g}" if n in values else "-" for n in names)
+            + f" | {held_text} | {seconds if seconds is not None else '-'} |"
+        )
+    return [*lines, ""]
 
 
 def write_study_note(study: optuna.Study) -> None:

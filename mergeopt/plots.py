@@ -6,7 +6,9 @@
   (``optuna.visualization.plot_pareto_front``), the base and experts' anchor scores marked when
   the study stored them (``mergeopt:anchors``), and each trial's held-out values (``mergeopt
   study evaluate --heldout``) as a hollow marker joined to its search point by a line (two
-  objectives); a single-objective study gets the optimization history instead;
+  objectives), and the preference baselines ``mergeopt baseline`` recorded (``mergeopt:baselines``)
+  as red diamonds (drawn in two dimensions: two objectives, or the first two of more than
+  three); a single-objective study gets the optimization history instead;
 - ``hypervolume``: the dominated hypervolume after each trial
   (``optuna.visualization.plot_hypervolume_history``), the reference point being the worst
   value seen on each objective pushed 10 % of its range further out;
@@ -113,6 +115,23 @@ def anchor_points(study: optuna.Study) -> dict[str, list[float]]:
         except (KeyError, TypeError, ValueError):
             continue
     return points
+
+
+def baseline_points(study: optuna.Study) -> dict[str, list[float]]:
+    """Objective values (the searched split) of the preference baselines recorded in the
+    study, by label (``"epo 0.7,0.3"``); ``{}`` when there are none."""
+    stored = attrs.BASELINES.get(study) or {}
+    count = len(study.directions)
+    return {
+        label: [float(v) for v in entry["values"]]
+        for label, entry in stored.items()
+        if isinstance(entry, Mapping) and len(entry.get("values") or ()) == count
+    }
+
+
+def _drawn_in_two_dimensions(names: Sequence[str]) -> bool:
+    """Whether the front is drawn on two axes (the first two objectives: ``_front_targets``)."""
+    return len(names) == 2 or len(names) > 3
 
 
 def _models_of(stored: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -278,6 +297,20 @@ def _pareto_png(study: optuna.Study, path: Path) -> Path:
         axes = optuna_mpl.plot_optimization_history(study, target_name=names[0])
         return _save(axes, path)
     axes = optuna_mpl.plot_pareto_front(study, **_front_targets(names))
+    baselines = baseline_points(study) if _drawn_in_two_dimensions(names) else {}
+    for label, point in baselines.items():
+        axes.scatter(
+            [point[0]],
+            [point[1]],
+            marker="D",
+            s=70,
+            color="tab:red",
+            zorder=6,
+            label=f"baseline: {label}",
+        )
+        axes.annotate(label, (point[0], point[1]), textcoords="offset points", xytext=(6, -10))
+    if baselines and len(names) != 2:
+        axes.legend(loc="best", fontsize="small")
     if len(names) == 2:
         for marker, (label, point) in zip(
             _ANCHOR_MARKERS, anchor_points(study).items(), strict=False
@@ -413,17 +446,30 @@ def _pareto_figure(study: optuna.Study) -> Any:
     if len(names) == 1:
         return optuna_plotly.plot_optimization_history(study, target_name=names[0])
     figure = optuna_plotly.plot_pareto_front(study, **_front_targets(names))
+    if _drawn_in_two_dimensions(names):
+        for label, point in baseline_points(study).items():
+            figure.add_trace(
+                _labelled_point(
+                    label,
+                    point,
+                    kind="baseline",
+                    place="bottom right",
+                    symbol="diamond",
+                    size=12,
+                    color="red",
+                )
+            )
     if len(names) == 2:
         for label, point in anchor_points(study).items():
             figure.add_trace(
-                go.Scatter(
-                    x=[point[0]],
-                    y=[point[1]],
-                    mode="markers+text",
-                    text=[label],
-                    textposition="top right",
-                    marker={"symbol": "star", "size": 16, "color": "black"},
-                    name=f"anchor: {label}",
+                _labelled_point(
+                    label,
+                    point,
+                    kind="anchor",
+                    place="top right",
+                    symbol="star",
+                    size=16,
+                    color="black",
                 )
             )
         pairs = heldout_pairs(study)
@@ -456,6 +502,23 @@ def _pareto_figure(study: optuna.Study) -> Any:
             )
     figure.update_layout(title=f"Pareto front of study {study.study_name}")
     return figure
+
+
+def _labelled_point(
+    label: str, point: Sequence[float], *, kind: str, place: str, symbol: str, size: int, color: str
+) -> Any:
+    """One named point of the front's picture (an anchor, a baseline), its label beside it."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(
+        x=[point[0]],
+        y=[point[1]],
+        mode="markers+text",
+        text=[label],
+        textposition=place,
+        marker={"symbol": symbol, "size": size, "color": color},
+        name=f"{kind}: {label}",
+    )
 
 
 def _hypervolume_figure(study: optuna.Study) -> Any:

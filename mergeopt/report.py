@@ -122,7 +122,24 @@ def status_report(study: optuna.Study) -> dict[str, Any]:
         "mean_merge_seconds": _mean(merge_seconds),
         "mean_eval_seconds": _mean(eval_seconds),
         "evaluation_cost": evaluation_cost(study.get_trials(deepcopy=False)),
+        "baselines": baseline_rows(study, names),
     }
+
+
+def baseline_rows(study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The preference baselines recorded in the study (``mergeopt baseline``), by label:
+    values and held-out values by objective name, and their fine-tuning seconds."""
+    stored = attrs.BASELINES.get(study) or {}
+    return [
+        {
+            "label": label,
+            "values": _named(names, entry.get("values")),
+            "heldout": _named(names, entry.get("heldout")),
+            "train_seconds": entry.get("train_seconds"),
+            "model_dir": entry.get("model_dir"),
+        }
+        for label, entry in sorted(stored.items())
+    ]
 
 
 def states_text(report: dict[str, Any]) -> str:

@@ -191,6 +191,9 @@ class ObjectiveSpec(_Strict):
     head: int | None = Field(default=None, ge=0)
     """``classification``: the expert (its index in ``models.experts``) whose classification
     head answers this task on the merged model's body."""
+    train: str | None = None
+    """``classification``: the task's training items, which ``mergeopt baseline`` fine-tunes
+    on (default: the search split); studies never read it."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ObjectiveSpec:
@@ -211,6 +214,10 @@ class ObjectiveSpec(_Strict):
             raise ValueError(
                 "head (the index of the expert whose classification head answers the task) "
                 "is required for kind: classification, and only there"
+            )
+        if self.train is not None and self.kind != "classification":
+            raise ValueError(
+                "train (the items mergeopt baseline fine-tunes on) is for kind: classification only"
             )
         if self.pattern is not None:
             try:
@@ -455,7 +462,7 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
             ]
     for objective in data.get("objectives") or []:
         if isinstance(objective, dict):
-            for key in ("task", "heldout"):
+            for key in ("task", "heldout", "train"):
                 if isinstance(objective.get(key), str):
                     objective[key] = str((folder / Path(objective[key]).expanduser()).resolve())
     return data

@@ -35,7 +35,9 @@ def test_each_expert_learned_its_task_and_a_ties_merge_keeps_them(
 
 @pytest.mark.slow
 def test_a_seed_builds_the_same_zoo(tmp_path: Path) -> None:
-    small = EncoderZooTraining(pretrain_steps=3, probe_steps=2, expert_steps=2, split_size=8)
+    small = EncoderZooTraining(
+        pretrain_steps=3, probe_steps=2, expert_steps=2, split_size=8, train_size=8
+    )
     first = build_encoder_zoo(tmp_path / "a", training=small, progress=False)
     second = build_encoder_zoo(tmp_path / "b", training=small, progress=False)
     for folder in (first.base, *first.experts.values()):
@@ -57,6 +59,8 @@ def encoder_spec(zoo: EncoderZoo, name: str) -> dict:
     }
     for objective in spec["objectives"]:
         objective["task"] = str(zoo.tasks[objective["name"]])
+        objective["heldout"] = str(zoo.tasks[f"{objective['name']}.heldout"])
+        objective["train"] = str(zoo.tasks[f"{objective['name']}.train"])
         objective["limit"] = 64
     return spec
 

@@ -1,8 +1,9 @@
 """The ``mergeopt`` command line: ``main``, the entry point, and what it does with errors.
 
 The commands are in ``cli/study_lifecycle.py`` (create, run, status, list, delete),
-``cli/study_results.py`` (evaluate, export, plot) and ``cli/model_commands.py`` (zoo build,
-merge), registered on the typer apps of ``cli/common.py`` when this package is imported.
+``cli/study_results.py`` (evaluate, export, plot), ``cli/model_commands.py`` (zoo build,
+merge) and ``cli/baseline_commands.py`` (baseline), registered on the typer apps of
+``cli/common.py`` when this package is imported.
 
 Heavy libraries (torch, transformers, optuna's storages) are imported inside the commands that
 use them, so that ``mergeopt --help`` answers at once. Every ``UserError`` becomes one line on
@@ -15,13 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-from mergeopt.cli import model_commands, study_lifecycle, study_results
+from mergeopt.cli import baseline_commands, model_commands, study_lifecycle, study_results
 from mergeopt.cli.common import app
 from mergeopt.errors import UserError
 
 # Imported for their commands, which register themselves on the apps in import order: the
 # order `mergeopt study --help` lists them in.
-_COMMAND_MODULES = (model_commands, study_lifecycle, study_results)
+_COMMAND_MODULES = (model_commands, baseline_commands, study_lifecycle, study_results)
 USAGE_ERROR_EXIT = 2  # the same code as a user error: a mistake in what was typed
 ERRORS_DIR_ENV = "MERGEOPT_ERRORS_DIR"  # where unexpected errors' tracebacks go
 UNEXPECTED_ERROR_EXIT = 1

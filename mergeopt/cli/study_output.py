@@ -5,8 +5,6 @@ from __future__ import annotations
 
 
 def print_status(study, console, *, throughput: bool = True) -> None:  # noqa: ANN001
-    from rich.table import Table
-
     from mergeopt.report import cost_text, states_text, status_report
 
     report = status_report(study)
@@ -24,17 +22,19 @@ def print_status(study, console, *, throughput: bool = True) -> None:  # noqa: A
     cost = cost_text(report["evaluation_cost"])
     if cost:
         console.print(f"evaluation cost: {cost}")
-    if not report["pareto"]:
-        return
+    if report["pareto"]:
+        _print_pareto(report, console)
+    if report["baselines"]:
+        _print_baselines(report, console)
+
+
+def _print_pareto(report, console) -> None:  # noqa: ANN001
+    from rich.table import Table
+
     title = "Pareto trials" if len(report["objectives"]) > 1 else "Best trial"
     table = Table(title=title)
     table.add_column("trial", justify="right")
-    heldout = any(row["heldout"] for row in report["pareto"])
-    for objective in report["objectives"]:
-        arrow = "↑" if objective["direction"] == "maximize" else "↓"
-        table.add_column(f"{objective['name']} {arrow}", justify="right")
-        if heldout:
-            table.add_column(f"{objective['name']} held-out", justify="right")
+    heldout = _objective_columns(table, report, report["pareto"])
     table.add_column("recipe (mean over blocks)")
     for row in report["pareto"]:
         label = f"{row['trial']} ({row['expert']})" if row["expert"] else str(row["trial"])
@@ -52,6 +52,40 @@ def print_status(study, console, *, throughput: bool = True) -> None:  # noqa: A
         )
     if all(row["expert"] for row in report["pareto"]):
         console.print("no merge beats the experts yet: every trial above is an expert alone")
+
+
+def _objective_columns(table, report, rows) -> bool:  # noqa: ANN001
+    """A column per objective (with its direction), and a held-out column beside each when
+    any of ``rows`` has held-out values; returns whether it added those."""
+    heldout = any(row["heldout"] for row in rows)
+    for objective in report["objectives"]:
+        arrow = "↑" if objective["direction"] == "maximize" else "↓"
+        table.add_column(f"{objective['name']} {arrow}", justify="right")
+        if heldout:
+            table.add_column(f"{objective['name']} held-out", justify="right")
+    return heldout
+
+
+def _print_baselines(report, console) -> None:  # noqa: ANN001
+    """The preference baselines beside the front: fine-tuned from the base, not merges."""
+    from rich.table import Table
+
+    table = Table(title="Preference baselines (fine-tuned from the base: mergeopt baseline)")
+    table.add_column("baseline (method, preference)")
+    heldout = _objective_columns(table, report, report["baselines"])
+    table.add_column("fine-tuning s", justify="right")
+    for row in report["baselines"]:
+        cells = []
+        for objective in report["objectives"]:
+            name = objective["name"]
+            value = (row["values"] or {}).get(name)
+            cells.append(f"{value:.4g}" if value is not None else "-")
+            if heldout:
+                held = (row["heldout"] or {}).get(name)
+                cells.append(f"{held:.4g}" if held is not None else "-")
+        seconds = row["train_seconds"]
+        table.add_row(row["label"], *cells, f"{seconds:.1f}" if seconds is not None else "-")
+    console.print(table)
 
 
 def refresh_dashboard(study, console) -> None:  # noqa: ANN001

@@ -15,6 +15,7 @@ Layout written by :func:`build_encoder_zoo` (a contract the tests rely on)::
     out_dir/base/                           BertForMaskedLM, tokenizer (a word-level WordPiece)
     out_dir/expert-topic/, expert-sentiment/, expert-entailment/, expert-paraphrase/
     out_dir/tasks/TASK.jsonl, TASK.heldout.jsonl    {"text", "text_pair"?, "label"}
+    out_dir/tasks/TASK.train.jsonl          training items for ``mergeopt baseline``
     out_dir/zoo.json                        kind "encoder", version, seed, recipe, scores
 
 ``zoo.json`` is written last: a folder with a readable ``zoo.json`` is a complete zoo. The same
@@ -42,11 +43,13 @@ if TYPE_CHECKING:
 
     from mergeopt.progress import Stages
 
-ENCODER_ZOO_VERSION = "encoder-1"
+ENCODER_ZOO_VERSION = "encoder-2"
 """Bump whenever the training, the data or the layout changes: tests cache builds by it."""
 BASE_NAME = "base"
 EXPERT_NAMES = {task: f"expert-{task}" for task in encoder_tasks.LABEL_COUNTS}
 ZOO_JSON = "zoo.json"
+TRAIN_STREAM = 0x7A1
+"""Offset of the training files' seed from the zoo's."""
 TRAINING_THREADS = 1
 """Fixed, so that a seed builds the same zoo on every machine; one, because these matrices are
 tiny, and a second OpenMP thread on a busy 2-core machine made steps slower, not faster."""
@@ -70,6 +73,8 @@ class EncoderZooTraining:
     expert_lr: float = 2e-4
     split_size: int = 200
     """Items of each task's search and held-out files."""
+    train_size: int = 2000
+    """Items of each task's training file (``mergeopt baseline`` fine-tunes on it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +101,7 @@ class EncoderZoo:
         tasks = {
             name: root / "tasks" / f"{name}.jsonl"
             for task in encoder_tasks.LABEL_COUNTS
-            for name in (task, f"{task}.heldout")
+            for name in (task, f"{task}.heldout", f"{task}.train")
         }
         experts = {task: root / name for task, name in EXPERT_NAMES.items()}
         return cls(
@@ -349,6 +354,13 @@ def _build(
                     )
                     _save(expert, tokenizer, staging / EXPERT_NAMES[task])
             progress.end()
+            # Drawn from a stream of their own, after the models: the training files of the
+            # baselines leave the zoo's models as they were.
+            train_rng = random.Random(seed + TRAIN_STREAM)
+            for task, make_record in encoder_tasks.TASK_RECORDS.items():
+                records = [make_record(train_rng) for _ in range(training.train_size)]
+                lines = "".join(json.dumps(r) + "\n" for r in records)
+                (staging / "tasks" / f"{task}.train.jsonl").write_text(lines)
             scores = _score(staging, progress)
     finally:
         transformers_logging.set_verbosity(verbosity)
