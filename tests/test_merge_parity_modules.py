@@ -94,6 +94,29 @@ def test_slerp_modules_take_t_from_their_own_parameters_and_reorder_a_towers_lay
 
 
 @pytest.mark.slow
+def test_ties_modules_add_the_base_and_take_each_towers_density(
+    towers: list[Path], tmp_path: Path
+) -> None:
+    """A base outside each module's models joins them (as mergekit adds it); each tower's
+    density from its module, a gradient over the text layers."""
+    experts = models(towers[1:], 0.6)
+    config = {
+        "merge_method": "ties",
+        "base_model": str(towers[0]),
+        "dtype": "float32",
+        "parameters": {"density": 0.5},
+        "modules": {
+            "default": {"models": experts},
+            TEXT: {"models": experts, "parameters": {"density": [0.2, 0.9]}},
+            VISION: {"models": experts, "parameters": {"density": 0.3, "normalize": False}},
+        },
+    }
+    ours, theirs = both(config, tmp_path)
+    assert set(ours) == set(theirs)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.slow
 def test_a_one_stack_model_merges_through_its_default_module_as_mergekit(
     tmp_path: Path,
 ) -> None:
