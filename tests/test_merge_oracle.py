@@ -291,7 +291,7 @@ def test_output_folder_is_a_loadable_hf_model(untied: list[Path], tmp_path: Path
         ({"merge_method": "rem"}, "unknown merge method 'rem'"),
         ({"parameters": {"rescale_norm": True}}, "parameters.rescale_norm"),
         ({"dtype": "int8"}, "dtype 'int8'"),
-        ({"modules": {"text_decoder": {"models": []}}}, "modules (per-module slices"),
+        ({"modules": {"default": {"models": []}}}, "exactly one of models, slices and modules"),
     ],
 )
 def test_unsupported_mergekit_config_keys_are_user_errors(

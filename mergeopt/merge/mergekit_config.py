@@ -16,10 +16,13 @@ format; what it may hold:
   ``t = layer / (layers - 1)``, each layer stack with its own count: :mod:`mergeopt.tensor_names`;
   0 outside the layers) or ``[{filter: SUBSTRING, value: ...}]`` entries (first match on the
   tensor name wins), read by :mod:`mergeopt.merge.settings` as mergekit validates them;
+- or ``modules:``, each module (a layer stack; ``default``: the tensors outside the layers, or
+  the whole of a one-stack model) with its own ``models`` or ``slices`` and ``parameters``;
 - embeddings are planned from the first slice, final norms and heads from the last;
 - without ``dtype``, each tensor is merged in its inputs' dtypes promoted, as mergekit does.
 
-Anything else (``modules``, slices of a model with several layer stacks, unknown parameters,
+Anything else (slices of a model with several layer stacks outside ``modules:``, a tower's
+layer count changed by its module's slices, unknown parameters,
 DELLA's density ± epsilon outside (0, 1)) is a :class:`UserError` naming the key; a per-model
 parameter of another method (which mergekit ignores) is a warning. The output is written to a
 staging folder next to ``OUT_DIR`` (:func:`mergeopt.staging.staged_folder`) and renamed into place

@@ -8,13 +8,22 @@ sources and slices: stacking, reordering, taking a subset, a frankenmerge); the 
 are numbered on, and the config's layer count is their total. Embeddings come from the first
 slice's sources, final norms and heads from the last's, as mergekit plans pre- and
 post-weights.
+
+``modules:`` (mergekit's per-module form) gives each module its own ``models`` or ``slices``
+and ``parameters`` (between a slice's and the global ones in precedence). A module is one
+layer stack, as mergekit infers an architecture it has no definition for: a model with one
+stack has the single module ``default``; a multimodal model (LLaVA) one per stack, named by
+its prefix (``model.language_model.layers``, ``model.vision_tower.encoder.layers``), plus
+``default`` for every tensor outside the layers. Each module's layers are numbered from 0, its
+``t`` over its own slices; a module the config leaves out is not written, as mergekit does
+(with a warning).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ TOP_LEVEL_KEYS = {
     "base_model",
     "models",
     "slices",
+    "modules",
     "parameters",
     "dtype",
     "out_dtype",
@@ -63,6 +73,21 @@ class Slice:
     base: int | None
     experts: list[int]
     base_model: Path | None = None
+    module_parameters: Mapping[str, Any] | None = None
+    """The ``parameters`` of the module the slice belongs to (``modules:``), else None."""
+
+
+DEFAULT_MODULE = "default"
+"""mergekit's name for the module of a one-stack model, and for the tensors outside the layers
+of a model with several."""
+
+
+@dataclass(frozen=True)
+class Module:
+    """One entry of ``modules:``: its name and its slices (one, of length -1, for ``models``)."""
+
+    name: str
+    slices: list[Slice]
 
 
 @dataclass(frozen=True)
@@ -90,11 +115,6 @@ class MergekitConfig:
         self._adapters_dir = adapters_dir
         if not isinstance(config, Mapping):
             raise UserError(f"{where}: expected a mapping at the top level")
-        if "modules" in config:
-            raise UserError(
-                f"{where}: modules (per-module slices and parameters) are not implemented; "
-                "a multimodal model merges with models:, each tower's t over its own layers"
-            )
         unknown = sorted(set(config) - TOP_LEVEL_KEYS)
         if unknown:
             raise UserError(f"{where}: unsupported key {unknown[0]!r}")
@@ -119,16 +139,15 @@ class MergekitConfig:
         )
         base = config.get("base_model")
         self.base_path = self._model_path(base, "base_model") if base is not None else None
-        if ("models" in config) == ("slices" in config):
-            raise UserError(f"{where}: give exactly one of models and slices")
-        self.slices: list[Slice] = []
-        if "models" in config:
-            entries = config["models"] or []
-            sources = [self._source(m, f"models[{i}]", False) for i, m in enumerate(entries)]
-            self.slices.append(self._slice_of(sources, None, -1, "models", self.base_path))
+        if sum(key in config for key in ("models", "slices", "modules")) != 1:
+            raise UserError(f"{where}: give exactly one of models, slices and modules")
+        self.modules: list[Module] | None = None
+        """The ``modules:`` entries in the config's order; None: ``models`` or ``slices``."""
+        if "modules" in config:
+            self.modules = self._modules(config["modules"])
+            self.slices = [piece for module in self.modules for piece in module.slices]
         else:
-            for index, entry in enumerate(config["slices"] or []):
-                self.slices.append(self._slice(entry, f"slices[{index}]"))
+            self.slices = self._slices(config, "", None)
         if not self.slices:
             raise UserError(f"{where}: no input models")
         paths = [s.path for piece in self.slices for s in piece.sources]
@@ -142,7 +161,8 @@ class MergekitConfig:
 
     @property
     def sliced(self) -> bool:
-        return self.slices[0].length != -1
+        """Sources need not hold every tensor of the reference (checked per tensor)."""
+        return self.modules is not None or self.slices[0].length != -1
 
     # -- parsing helpers ---------------------------------------------------------------------
 
@@ -240,6 +260,40 @@ class MergekitConfig:
         path = self._model_path(entry.get("model"), f"{key}.model")
         return Source(path=path, parameters=params, start=start)
 
+    def _slices(
+        self, scope: Mapping[str, Any], key: str, module_params: Mapping[str, Any] | None
+    ) -> list[Slice]:
+        """The slices of the config's top level or of one module (``key``: its prefix)."""
+        if "models" in scope:
+            entries = scope["models"] or []
+            sources = [self._source(m, f"{key}models[{i}]", False) for i, m in enumerate(entries)]
+            pieces = [self._slice_of(sources, None, -1, f"{key}models", self.base_path)]
+        else:
+            pieces = [
+                self._slice(entry, f"{key}slices[{index}]")
+                for index, entry in enumerate(scope["slices"] or [])
+            ]
+        return [replace(piece, module_parameters=module_params) for piece in pieces]
+
+    def _modules(self, entries: Any) -> list[Module]:
+        if not isinstance(entries, Mapping) or not entries:
+            raise UserError(f"{self.where}: modules: expected a mapping of module names")
+        modules = []
+        for name, entry in entries.items():
+            key = f"modules.{name}"
+            if not isinstance(entry, Mapping):
+                raise UserError(f"{self.where}: {key}: expected {{models or slices, parameters}}")
+            extra = sorted(set(entry) - {"models", "slices", "parameters"})
+            if extra:
+                raise UserError(f"{self.where}: {key}: unsupported key {extra[0]!r}")
+            if bool(entry.get("models")) == bool(entry.get("slices")):
+                raise UserError(f"{self.where}: {key}: give exactly one of models and slices")
+            params = self._check_params(
+                entry.get("parameters") or {}, f"{key}.parameters", global_scope=True
+            )
+            modules.append(Module(str(name), self._slices(entry, f"{key}.", params)))
+        return modules
+
     def _slice(self, entry: Any, key: str) -> Slice:
         if not isinstance(entry, Mapping) or not entry.get("sources"):
             raise UserError(f"{self.where}: {key}: expected {{sources, parameters}}")
@@ -302,10 +356,91 @@ class MergekitConfig:
     def tensor_plans(self, names: Sequence[str]) -> list[TensorPlan]:
         """Every output tensor, given the reference model's tensor ``names`` (the base's, or
         the first model's): ``models:`` keeps them all, each layer stack's ``t`` over its own
-        layer count; ``slices:`` numbers the slices' layers on, one stack only."""
+        layer count; ``slices:`` numbers the slices' layers on, one stack only; ``modules:``
+        plans each module's tensors by its own models or slices."""
         counts = layer_counts(names)
-        if not self.sliced:
-            piece = self.slices[0]
+        self.num_layers = None
+        self.layer_sources = []
+        if self.modules is None:
+            return self._module_plans(names, self.slices, counts, "")
+        members = self._module_members(names, counts)
+        plans = []
+        for module in self.modules:
+            key = f"modules.{module.name}"
+            if module.name not in members:
+                raise UserError(
+                    f"{self.where}: {key}: the model has no such module "
+                    f"(its modules: {', '.join(members)})"
+                )
+            own = members[module.name]
+            refs = [ref for name in own if (ref := layer_of(name)) is not None]
+            stacks = {ref.module: counts[ref.module] for ref in refs}
+            if len(members) > 1 and module.slices[0].length != -1:
+                if module.name == DEFAULT_MODULE:
+                    raise UserError(
+                        f"{self.where}: {key}: holds no layers (a tower's stack is a module of "
+                        "its own); give models"
+                    )
+                given = sum(piece.length for piece in module.slices)
+                if given != stacks[module.name]:
+                    # mergekit 0.1.5 knows no config key for an inferred module's layer count:
+                    # it leaves the config's count, and the model it writes does not load
+                    raise UserError(
+                        f"{self.where}: {key}: slices give {given} layers, the module has "
+                        f"{stacks[module.name]}; changing a tower's layer count is not "
+                        "supported (mergekit leaves its config count, writing a model that "
+                        "does not load)"
+                    )
+            plans += self._module_plans(own, module.slices, stacks, f"{key}: ")
+            if len(members) > 1:  # the config's layer counts stay as they are
+                self.num_layers = None
+                self.layer_sources = []
+        left_out = [m for m in members if m not in {module.name for module in self.modules}]
+        if left_out:
+            logger.warning(
+                "%s: modules %s are not in the config; their tensors are not written, as "
+                "mergekit does",
+                self.where,
+                ", ".join(left_out),
+            )
+        return plans
+
+    def _module_members(
+        self, names: Sequence[str], counts: Mapping[str, int]
+    ) -> dict[str, list[str]]:
+        """Each module's tensor names, mergekit's modules of an inferred architecture: one
+        stack: ``default`` holds all; several: one module per stack, ``default`` the rest."""
+        if len(counts) <= 1:
+            return {DEFAULT_MODULE: list(names)}
+        members: dict[str, list[str]] = {}
+        loose = [name for name in names if layer_of(name) is None]
+        for name in loose:
+            inside = [stack for stack in counts if name.startswith(stack)]
+            if inside:  # mergekit would file it under that stack and cut its name
+                raise UserError(
+                    f"{self.where}: modules: {name} lies outside the layers of {inside[0]}, "
+                    "which mergekit names wrongly; use models"
+                )
+        if loose:
+            members[DEFAULT_MODULE] = loose
+        for stack in counts:
+            members[stack] = [
+                name for name in names if (ref := layer_of(name)) and ref.module == stack
+            ]
+        return members
+
+    def _module_plans(
+        self,
+        names: Sequence[str],
+        slices: list[Slice],
+        counts: Mapping[str, int],
+        key: str,
+    ) -> list[TensorPlan]:
+        """The plans of ``names`` (a module's, or all) from ``slices``; ``counts``: the layer
+        stacks among them. Sets :attr:`num_layers` and :attr:`layer_sources` where slices set
+        the layers."""
+        if slices[0].length == -1:
+            piece = slices[0]
             plans = []
             for name in names:
                 ref = layer_of(name)
@@ -317,8 +452,8 @@ class MergekitConfig:
             return plans
         if len(counts) > 1:
             raise UserError(
-                f"{self.where}: slices of a model with several layer stacks "
-                f"({', '.join(counts)}) are not supported yet; use models"
+                f"{self.where}: {key}slices of a model with several layer stacks "
+                f"({', '.join(counts)}) need modules: (one per stack) or models"
             )
         templates = []  # a layer tensor's name with {} for its index, once per tensor of layer 0
         for name in names:
@@ -327,7 +462,7 @@ class MergekitConfig:
                 prefix = f"{ref.module}.0."
                 templates.append(f"{ref.module}.{{}}.{name[len(prefix) :]}")
         outer = [n for n in names if layer_of(n) is None]
-        first, last = self.slices[0], self.slices[-1]
+        first, last = slices[0], slices[-1]
         plans = [
             TensorPlan(n, first, 0.0, [n] * len(first.sources))
             for n in outer
@@ -335,7 +470,7 @@ class MergekitConfig:
         ]
         layer = 0
         self.layer_sources = []
-        for piece in self.slices:
+        for piece in slices:
             for offset in range(piece.length):
                 t = offset / (piece.length - 1) if piece.length > 1 else 1.0
                 for template in templates:
@@ -356,7 +491,7 @@ class MergekitConfig:
         precedence: the model's own setting, then the slice's, then the global ``parameters``.
         Filters match the output name (per model: the name read in that model)."""
         piece, t, name = plan.piece, plan.t, plan.name
-        shared_scopes = [piece.parameters, self.parameters]
+        shared_scopes = [piece.parameters, piece.module_parameters, self.parameters]
         merge_method = self.merge_method
         method_params: dict[str, float | bool] = {}
         for key, default in merge_method.global_defaults.items():
