@@ -18,15 +18,15 @@ space study, ``tasks``, trades arithmetic accuracy against reversal accuracy (``
 cmaes trials), and ``study export tasks --moe --pareto`` builds the MoE of its Pareto set (when
 two Pareto trials are strongest on one task that is refused too, and the MoE of the Pareto trial
 best on each task, ``--moe --trials``, is built instead, and the whole Pareto set as the
-experts of a random router, ``--moe --pareto --gate-mode random``). The MoEs and every Pareto
-trial are scored on the first ``--heldout-items`` held-out prompts of both tasks (greedy,
-``MAX_NEW_TOKENS``).
+experts of a random router, ``--moe --pareto --gate-mode random``). The MoEs, the base model
+(whose attention, embeddings and head the MoEs keep) and every Pareto trial are scored on the
+first ``--heldout-items`` held-out prompts of both tasks (greedy, ``MAX_NEW_TOKENS``).
 
 Prints markdown tables: per study, its Pareto trials, the hypervolume of its front (reference
 point accuracy 0, ``MAX_NEW_TOKENS`` tokens), the share of that hypervolume that the union of
 all fronts has, and the best accuracy and fewest tokens on the front; each front's points; the
-MoE against its members. ``--raw FILE`` writes every COMPLETE trial and every held-out score as
-JSON lines. Not a test: the numbers are a property of the zoo.
+MoEs against the base and their members. ``--raw FILE`` writes every COMPLETE trial and every
+held-out score as JSON lines. Not a test: the numbers are a property of the zoo.
 
     nice -n 10 python scripts/bench_dataflow.py --work /tmp/dfs-bench --trials 200 --workers 2
 """
@@ -143,36 +143,28 @@ def build_moes(work: Path, storage: str) -> tuple[dict[str, tuple[Path, str]], l
     if single_task.returncode != 0:
         refusals.append(f"`study export ps --moe --pareto`: {last_line(single_task.stderr)}")
     moes = {}
-    hidden = work / "moe"
-    command = ["study", "export", "tasks", "--moe", "--pareto", "--out", str(hidden)]
-    label = "MoE of the Pareto set"
-    if not hidden.exists():
-        result = mergeopt(*command, "--storage", storage, check=False)
+    pareto = work / "moe-pareto"
+    command = ["study", "export", "tasks", "--moe", "--pareto"]
+    if not pareto.exists():  # refused before anything is written, so a rerun asks again
+        result = mergeopt(*command, "--out", str(pareto), "--storage", storage, check=False)
         if result.returncode != 0:
-            refusals.append(f"`{' '.join(command[:5])}`: {last_line(result.stderr)}")
-            study = optuna.load_study(study_name="tasks", storage=storage)
-            best = [max(study.best_trials, key=lambda t, j=j: t.values[j]) for j in (0, 1)]
-            numbers = ",".join(str(t.number) for t in best)
-            command = [
-                "study",
-                "export",
-                "tasks",
-                "--moe",
-                "--trials",
-                numbers,
-                "--out",
-                str(hidden),
-            ]
-            mergeopt(*command, "--storage", storage)
-    if "--trials" in command:
-        label = f"MoE of trials {command[5]} (hidden router)"
-    moes[label] = (hidden, " ".join(command[:6]))
-    if refusals:  # the whole Pareto set, as --pareto can build it: a random router
-        random = work / "moe-random"
-        command = ["study", "export", "tasks", "--moe", "--pareto", "--gate-mode", "random"]
-        if not random.exists():
-            mergeopt(*command, "--out", str(random), "--storage", storage)
-        moes["MoE of the Pareto set (random router)"] = (random, " ".join(command))
+            refusals.append(f"`{' '.join(command)}`: {last_line(result.stderr)}")
+    if pareto.exists():
+        moes["MoE of the Pareto set"] = (pareto, " ".join(command))
+        return moes, refusals
+    # the Pareto trial best on each task, and the whole set behind a random router
+    study = optuna.load_study(study_name="tasks", storage=storage)
+    best = [max(study.best_trials, key=lambda t, j=j: t.values[j]) for j in (0, 1)]
+    numbers = ",".join(str(t.number) for t in best)
+    for label, folder, options in (
+        (f"MoE of trials {numbers}", work / "moe-best", ["--trials", numbers]),
+        ("MoE of the Pareto set, random router", work / "moe-random",
+         ["--pareto", "--gate-mode", "random"]),
+    ):  # fmt: skip
+        command = ["study", "export", "tasks", "--moe", *options]
+        if not folder.exists():
+            mergeopt(*command, "--out", str(folder), "--storage", storage)
+        moes[label] = (folder, " ".join(command))
     return moes, refusals
 
 
