@@ -16,12 +16,13 @@ import optuna
 import pytest
 import torch
 from optuna.trial import create_trial
+from safetensors.torch import save_file
 
 from mergeopt import attrs
 from mergeopt.blocks import BlockLayout
 from mergeopt.errors import UserError
 from mergeopt.export import METADATA
-from mergeopt.export_moe import export_moe, strongest_objectives
+from mergeopt.export_moe import check_moe, export_moe, strongest_objectives
 from mergeopt.genome import Genome
 from mergeopt.spec import StudySpec
 
@@ -140,3 +141,32 @@ def test_moe_limits_are_one_line_errors(zoo_dir: Path, sqlite_url: str, tmp_path
         export_moe(study, study.get_trials()[:1], out)
     with pytest.raises(UserError, match="--gate-mode"):
         export_moe(study, study.get_trials(), out, gate_mode="learned")
+
+
+def test_a_data_flow_study_and_architectures_mergekit_moe_lacks_are_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    trials = [create_trial(values=[0.9]), create_trial(values=[0.5])]
+
+    def spec(base: Path, **merge: str) -> StudySpec:
+        return StudySpec.model_validate(
+            {
+                "name": "moe",
+                "models": {"base": str(base), "experts": [str(base)]},
+                "merge": merge,
+                "objectives": [{"name": "arith", "task": str(tmp_path / "arith.jsonl")}],
+            }
+        )
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    save_file({"wte.weight": torch.zeros(2, 2)}, gpt2 / "model.safetensors")
+    refusals = {
+        "experts of one shape": spec(gpt2, space="dataflow"),  # trials of different depths
+        "this study's are 'gpt2'": spec(gpt2, method="task_arithmetic"),
+    }
+    for expected, study_spec in refusals.items():
+        with pytest.raises(UserError, match=expected) as caught:
+            check_moe(study_spec, trials, "hidden")
+        assert "\n" not in str(caught.value)
