@@ -16,6 +16,8 @@ B="python3 $D/scripts/bench_samplers.py run --budget 48 --out $OUT/rows48.jsonl 
 # ap-bmm (the slowest) on cores 0-11, two threads a run; everything else on cores 12-31.
 timeout -k 10 $LIMIT $B --problem zoo,zoo-experts --samplers ap-bmm --seeds 0,1,2 \
   --jobs 6 --threads 2 --pin --first-cpu 0 > $OUT/apbmm.log 2>&1 &
+# 2026-11-30 the "experts" design also held the model-level midpoint (since dropped): see the
+# notes of docs/bench/samplers-2026-11-30-rows48.md.
 V='{"experts": {"expert_design": true}, "parent": {"expert_design": false}}'
 E='{"experts": {"expert_design": true}}'
 timeout -k 10 $LIMIT $B --problem zoo,zoo-experts --jobs 20 --threads 1 --pin --first-cpu 12 \
