@@ -34,7 +34,8 @@ with a cheaper qLogNEHVI candidates function than its default (``cheaper_qlogneh
 and the baselines ``sipbmm-reference`` and
 ``ap-bmm`` of ``scripts/sipbmm_reference.py``: the optimizer the SIPBMM / AP-BMM authors released,
 given the same importance as ``saasbo-prior``) start with ``STARTUP`` = 4 random points;
-saasbo-qnehvi otherwise runs with its defaults (MAP mode).
+saasbo-qnehvi otherwise runs with its defaults (MAP mode; on the zoo
+its default design puts each expert alone before those 4, unless the experts were enqueued).
 
 Every sampler is run as 4 workers would run it: 4 asks, then 4 tells (Optuna's samplers see the
 3 other points as RUNNING; ours enqueue a batch of 4).
