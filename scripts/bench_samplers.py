@@ -30,10 +30,12 @@ experts themselves are the first two trials (``enqueue_experts: true``, as in
 ``studies/tiny.yaml``), for every sampler.
 
 Model-based samplers (saasbo-qnehvi, Optuna's ``gp``, optuna-integration's ``BoTorchSampler``
-with its default qLogNEHVI candidates function, and the baselines ``sipbmm-reference`` and
+with a cheaper qLogNEHVI candidates function than its default (``cheaper_qlognehvi_candidates``),
+and the baselines ``sipbmm-reference`` and
 ``ap-bmm`` of ``scripts/sipbmm_reference.py``: the optimizer the SIPBMM / AP-BMM authors released,
 given the same importance as ``saasbo-prior``) start with ``STARTUP`` = 4 random points;
-saasbo-qnehvi otherwise runs with its defaults (MAP mode).
+saasbo-qnehvi otherwise runs with its defaults (MAP mode; on the zoo
+its default design puts each expert alone before those 4, unless the experts were enqueued).
 
 Every sampler is run as 4 workers would run it: 4 asks, then 4 tells (Optuna's samplers see the
 3 other points as RUNNING; ours enqueue a batch of 4).
@@ -46,6 +48,10 @@ limit still reports its early checkpoints); the table takes each (sampler, seed)
 Usage:
     python scripts/bench_samplers.py run --samplers all --seeds 0,1,2 --budget 88 \
         --jobs 8 --threads 2 --pin --out bench.jsonl
+    python scripts/bench_samplers.py run --problem zoo,zoo-experts --samplers ap-bmm,random \
+        --seeds 0,1,2 --budget 48 --jobs 30 --threads 1 --pin --out zoo.jsonl --state-dir st
+        (rerun the same command to continue runs a time limit cut: --state-dir keeps each run's
+        points after every batch)
     python scripts/bench_samplers.py table bench.jsonl --machine "..." > docs/bench/samplers-x.md
     python scripts/bench_samplers.py timing --observations 88 --threads 2 --options '{}'
 """
@@ -54,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,6 +85,7 @@ SAMPLERS = (
     "saasbo-misleading",
     "cmaes",
     "model-level",
+    "grid",
     "nsga2",
     "tpe",
     "gp",
@@ -86,6 +94,9 @@ SAMPLERS = (
     "ap-bmm",
     "random",
 )
+# Seconds per suggestion, most first (device table of 2026-11-30): the order jobs start in.
+SLOWEST_FIRST = ("ap-bmm", "sipbmm-reference", "botorch", "saasbo-prior", "saasbo-misleading")
+SLOWEST_FIRST += ("saasbo-noprior", "gp")
 IMPORTANCE_READERS = ("saasbo-prior", "saasbo-misleading", "sipbmm-reference", "ap-bmm")
 
 
@@ -123,8 +134,18 @@ def true_hypervolume(prob: dict[str, Any]) -> tuple[float, np.ndarray]:
     return hypervolume(front, ref), ref
 
 
+def grid_points(genome: Any, budget: int) -> int:
+    """Points per axis of the smallest model-level grid with ``budget`` points or more."""
+    axes = genome.num_experts * len(genome.searched)
+    return max(2, math.ceil(budget ** (1 / axes) - 1e-9))
+
+
 def make_sampler(
-    name: str, seed: int, genome: Any, extra_options: dict[str, Any] | None = None
+    name: str,
+    seed: int,
+    genome: Any,
+    extra_options: dict[str, Any] | None = None,
+    budget: int = 0,
 ) -> Any:
     import optuna
 
@@ -136,6 +157,16 @@ def make_sampler(
         if name == "saasbo-noprior":
             options["enable_importance_prior"] = False
         return create_sampler("saasbo-qnehvi", options, seed=seed, genome=genome, num_objectives=2)
+    if name == "grid":
+        # The model-level grid (one weight per expert, every block the same): the smallest
+        # square grid with at least ``budget`` points, handed out in lexicographic order.
+        return create_sampler(
+            "model-level",
+            {"mode": "grid", "grid_points": grid_points(genome, budget)},
+            seed=seed,
+            genome=genome,
+            num_objectives=2,
+        )
     if name == "model-level":
         return create_sampler(
             "model-level",
@@ -148,7 +179,12 @@ def make_sampler(
         from optuna_integration import BoTorchSampler
 
         # Its pending-point handling, off by default: this benchmark asks 4 before telling.
-        return BoTorchSampler(n_startup_trials=STARTUP, seed=seed, consider_running_trials=True)
+        return BoTorchSampler(
+            n_startup_trials=STARTUP,
+            seed=seed,
+            consider_running_trials=True,
+            candidates_func=cheaper_qlognehvi_candidates,
+        )
     if name in ("sipbmm-reference", "ap-bmm"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from sipbmm_reference import SipbmmReferenceSampler
@@ -161,7 +197,62 @@ def make_sampler(
     return create_sampler(name, {}, seed=seed, genome=genome, num_objectives=2)
 
 
-def row_name(name: str, label: str) -> str:
+def cheaper_qlognehvi_candidates(
+    train_x: Any, train_obj: Any, train_con: Any, bounds: Any, pending_x: Any
+) -> Any:
+    """``BoTorchSampler``'s candidates function for this benchmark: optuna-integration's
+    ``qnehvi_candidates_func`` (one ``SingleTaskGP`` over both objectives, qLogNEHVI with a
+    pruned baseline and the running trials as pending points, reference point the observed
+    minimum) with saasbo-qnehvi's default acquisition effort (4 restarts, 256 raw samples, 100
+    iterations, 128 MC samples) instead of 20 / 1024 / 200 / 256. The sampler's default for two
+    objectives (qLogEHVI, that larger effort) took 10.6-11.9 s a suggestion over the first 24
+    evaluations on the device machine's CPUs (18-29 s on the shared dev machine): 3 seeds x 2
+    problems did not reach 48 evaluations in one device call."""
+    import torch
+    from botorch.acquisition.multi_objective.logei import (
+        qLogNoisyExpectedHypervolumeImprovement,
+    )
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms import Standardize
+    from botorch.optim import optimize_acqf
+    from botorch.sampling.normal import SobolQMCNormalSampler
+    from botorch.utils.transforms import normalize, unnormalize
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    if train_con is not None:
+        raise ValueError("this benchmark has no constraints")
+    train_x = normalize(train_x, bounds=bounds)
+    if pending_x is not None:
+        pending_x = normalize(pending_x, bounds=bounds)
+    model = SingleTaskGP(train_x, train_obj, outcome_transform=Standardize(m=train_obj.shape[-1]))
+    fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    acquisition = qLogNoisyExpectedHypervolumeImprovement(
+        model=model,
+        ref_point=(train_obj.min(dim=0).values - 1e-8).tolist(),
+        X_baseline=train_x,
+        prune_baseline=True,
+        sampler=SobolQMCNormalSampler(sample_shape=torch.Size([128])),
+        X_pending=pending_x,
+    )
+    unit = torch.zeros_like(bounds)
+    unit[1] = 1
+    candidates, _ = optimize_acqf(
+        acq_function=acquisition,
+        bounds=unit,
+        q=1,
+        num_restarts=4,
+        raw_samples=256,
+        options={"batch_limit": 5, "maxiter": 100},
+        sequential=True,
+    )
+    return unnormalize(candidates.detach(), bounds=bounds)
+
+
+def row_name(name: str, label: str, genome: Any = None, budget: int = 0) -> str:
+    if name == "grid" and genome is not None:
+        points = grid_points(genome, budget)
+        return f"grid[{'x'.join([str(points)] * genome.num_experts * len(genome.searched))}]"
     return f"{name}[{label}]" if label and name.startswith("saasbo") else name
 
 
@@ -173,6 +264,7 @@ def run_one(
     label: str = "",
     options: dict[str, Any] | None = None,
     report: Callable[[dict[str, Any]], None] = lambda record: None,
+    state: Path | None = None,
 ) -> dict[str, Any]:
     """The synthetic problem; ``report`` gets the record so far at every checkpoint."""
     import optuna
@@ -183,7 +275,8 @@ def run_one(
     prob = problem(seed)
     genome = Genome(num_blocks=DIMENSION, num_experts=1, searched={"weight": (0.0, 1.0)})
     study = optuna.create_study(
-        directions=["maximize", "maximize"], sampler=make_sampler(name, seed, genome, options)
+        directions=["maximize", "maximize"],
+        sampler=make_sampler(name, seed, genome, options, budget),
     )
     importance = [0.1] * DIMENSION
     target = prob["wrong"] if name == "saasbo-misleading" else prob["relevant"]
@@ -209,6 +302,7 @@ def run_one(
         checkpoints=CHECKPOINTS,
         record={"problem": "synthetic", "sampler": row_name(name, label), "seed": seed},
         report=report,
+        state=state,
     )
 
 
@@ -222,12 +316,34 @@ def _ask_tell_loop(
     checkpoints: tuple[int, ...],
     record: dict[str, Any],
     report: Callable[[dict[str, Any]], None],
+    state: Path | None = None,
 ) -> dict[str, Any]:
-    """4 asks, then 4 tells, until ``budget``; ``hv_value`` of the values at each checkpoint."""
+    """4 asks, then 4 tells, until ``budget``; ``hv_value`` of the values at each checkpoint.
+
+    ``state``: a JSON file rewritten after every batch (the evaluated points, the seconds spent
+    asking, the checkpoints reached) from which a run cut off by a time limit resumes: its trials
+    are added to ``study`` as COMPLETE trials, which the caller makes without them (the samplers
+    re-read everything from the study; a resumed run's random draws differ from an uncut one's).
+    """
+    import optuna
+
     values: list[tuple[float, float]] = []
+    points: list[dict[str, float]] = []
     hv: dict[str, float] = {}
     ask_seconds = 0.0
     record = {**record, "budget": budget}
+    if state is not None and state.exists():
+        saved = json.loads(state.read_text())
+        for params, value in zip(saved["params"], saved["values"], strict=True):
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params, distributions=distributions, values=list(value)
+                )
+            )
+            points.append(params)
+            values.append((value[0], value[1]))
+        hv, ask_seconds = saved["hv"], saved["ask_seconds"]
+        record = {**record, "resumed_at": len(values)}
     while len(values) < budget:
         start = time.perf_counter()
         trials = [study.ask(distributions) for _ in range(min(BATCH, budget - len(values)))]
@@ -236,6 +352,7 @@ def _ask_tell_loop(
             v = evaluate(trial)
             study.tell(trial, list(v))
             values.append(v)
+            points.append(dict(trial.params))
             if len(values) in checkpoints:
                 hv[str(len(values))] = hv_value(values)
                 record = {
@@ -245,6 +362,10 @@ def _ask_tell_loop(
                     "seconds_per_suggestion": ask_seconds / len(values),
                 }
                 report(record)
+        if state is not None:
+            saved = {"params": points, "values": values, "hv": hv, "ask_seconds": ask_seconds}
+            state.with_suffix(".tmp").write_text(json.dumps(saved))
+            state.with_suffix(".tmp").replace(state)  # a kill mid-write keeps the last batch
     return record
 
 
@@ -257,6 +378,7 @@ def run_one_zoo(
     options: dict[str, Any] | None = None,
     report: Callable[[dict[str, Any]], None] = lambda record: None,
     experts_first: bool = False,
+    state: Path | None = None,
 ) -> dict[str, Any]:
     """The zoo merge study (module docstring); ``hv_fraction`` holds raw hypervolumes here."""
     import tempfile
@@ -284,11 +406,11 @@ def run_one_zoo(
     # which the batch samplers only allow on in-memory storage (on a shared database the 5th ask
     # would wait for the other workers, here itself).
     study = optuna.create_study(
-        directions=created.directions, sampler=make_sampler(name, seed, genome, options)
+        directions=created.directions, sampler=make_sampler(name, seed, genome, options, budget)
     )
     for key, value in created.user_attrs.items():
         study.set_user_attr(key, value)
-    if experts_first:
+    if experts_first and not (state is not None and state.exists()):  # else resumed with them
         for expert in range(genome.num_experts):
             study.enqueue_trial(genome.expert_alone(expert))
     runner = TrialRunner(study, device="cpu")
@@ -311,51 +433,77 @@ def run_one_zoo(
             checkpoints=ZOO_CHECKPOINTS,
             record={
                 "problem": "zoo-experts" if experts_first else "zoo",
-                "sampler": row_name(name, label),
+                "sampler": row_name(name, label, genome, budget),
                 "seed": seed,
             },
             report=report,
+            state=state,
         )
     finally:
         runner.close()
 
 
 def command_run(args: argparse.Namespace) -> None:
-    names = SAMPLERS if args.samplers == "all" else tuple(args.samplers.split(","))
-    seeds = [int(s) for s in args.seeds.split(",")]
-    variants: dict[str, dict[str, Any]] = json.loads(args.variants)
-    jobs = [
-        (name, seed, label, options)
-        for name in names
-        for label, options in (variants.items() if name.startswith("saasbo") else [("", {})])
-        for seed in seeds
-    ]
-    common = ["--problem", args.problem]
-    if args.out:
-        common += ["--out", args.out]
+    jobs = []
+    # Each --group (JSON: any of samplers, seeds, problem, variants, budget) adds its runs to
+    # one pool, taking what it does not name from the command line.
+    for group in [json.loads(g) for g in args.group] or [{}]:
+        samplers = group.get("samplers", args.samplers)
+        names = SAMPLERS if samplers == "all" else tuple(samplers.split(","))
+        seeds = [int(s) for s in str(group.get("seeds", args.seeds)).split(",")]
+        problems = group.get("problem", args.problem).split(",")
+        if unknown := [p for p in problems if p not in PROBLEMS]:
+            sys.exit(f"--problem: unknown {', '.join(unknown)} (choose from {', '.join(PROBLEMS)})")
+        variants: dict[str, dict[str, Any]] = group.get("variants") or json.loads(args.variants)
+        budget = int(group.get("budget", args.budget))
+        jobs += [
+            (problem_name, name, seed, budget, label, options)
+            for name in names
+            for problem_name in problems
+            for label, options in (variants.items() if name.startswith("saasbo") else [("", {})])
+            for seed in seeds
+        ]
+    # The slowest samplers start first, so the last jobs to finish are short ones.
+    jobs.sort(key=lambda job: SLOWEST_FIRST.index(job[1]) if job[1] in SLOWEST_FIRST else 99)
+    if args.state_dir:
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+
+    def state_of(problem_name: str, name: str, seed: int, budget: int, label: str) -> str:
+        if not args.state_dir:
+            return ""
+        run = f"{problem_name}-{row_name(name, label)}-{seed}-{budget}"
+        return str(Path(args.state_dir) / f"{run}.json")
+
     if args.jobs <= 1:
-        for name, seed, label, options in jobs:
-            run_and_report(args.problem, name, seed, args.budget, label, options, args.out)
+        for problem_name, name, seed, budget, label, options in jobs:
+            state = state_of(problem_name, name, seed, budget, label)
+            run_and_report(
+                problem_name, name, seed, budget, label, options, args.out, state or None
+            )
         return
     # One process per (sampler, variant, seed), each limited to --threads threads.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    running: list[subprocess.Popen[bytes]] = []
+    running: dict[int, subprocess.Popen[bytes]] = {}  # by slot: a slot's cores are its own
     pending = list(jobs)
-    slot = 0
     while pending or running:
-        while pending and len(running) < args.jobs:
-            name, seed, label, options = pending.pop(0)
-            first = (slot % args.jobs) * args.threads + args.first_cpu
+        for slot in range(args.jobs):
+            if not pending or slot in running:
+                continue
+            problem_name, name, seed, budget, label, options = pending.pop(0)
+            first = slot * args.threads + args.first_cpu
             cpus = ",".join(str((first + i) % (os.cpu_count() or 1)) for i in range(args.threads))
-            slot += 1
-            cmd = [sys.executable, __file__, "one", name, str(seed), str(args.budget), *common]
-            cmd += ["--label", label, "--options", json.dumps(options)]
+            cmd = [sys.executable, __file__, "one", name, str(seed), str(budget)]
+            cmd += ["--problem", problem_name, "--label", label, "--options", json.dumps(options)]
+            if args.out:
+                cmd += ["--out", args.out]
+            if state := state_of(problem_name, name, seed, budget, label):
+                cmd += ["--state", state]
             if args.pin and sys.platform.startswith("linux"):
                 cmd = ["taskset", "-c", cpus, *cmd]
-            running.append(subprocess.Popen(cmd, env=env))
-        for proc in list(running):
+            running[slot] = subprocess.Popen(cmd, env=env)
+        for slot, proc in list(running.items()):
             if proc.poll() is not None:
-                running.remove(proc)
+                del running[slot]
         time.sleep(0.5)
 
 
@@ -367,8 +515,10 @@ def run_and_report(
     label: str,
     options: dict[str, Any],
     out: str | None,
+    state: str | None = None,
 ) -> None:
-    """Run one (sampler, seed) and append its record at every checkpoint to ``out`` (or print)."""
+    """Run one (sampler, seed) and append its record at every checkpoint to ``out`` (or print);
+    ``state``: the run's resume file (see ``_ask_tell_loop``)."""
 
     def report(record: dict[str, Any]) -> None:
         line = json.dumps(record)
@@ -378,8 +528,9 @@ def run_and_report(
         else:
             print(line, flush=True)
 
+    state_path = Path(state) if state else None
     if problem_name == "synthetic":
-        run_one(name, seed, budget, label=label, options=options, report=report)
+        run_one(name, seed, budget, label=label, options=options, report=report, state=state_path)
     else:
         experts_first = problem_name == "zoo-experts"
         run_one_zoo(
@@ -390,6 +541,7 @@ def run_and_report(
             options=options,
             report=report,
             experts_first=experts_first,
+            state=state_path,
         )
 
 
@@ -405,6 +557,7 @@ def command_one(args: argparse.Namespace) -> None:
         args.label,
         json.loads(args.options),
         args.out,
+        args.state,
     )
 
 
@@ -534,9 +687,19 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--pin", action="store_true", help="taskset each job to --threads cores")
     run.add_argument("--out", default=None, help="JSON lines file (needed with --jobs > 1)")
-    run.add_argument("--problem", choices=PROBLEMS, default="synthetic")
+    run.add_argument("--problem", default="synthetic", help="one or more, comma-separated")
     run.add_argument("--variants", default='{"": {}}', help="saasbo option sets, by label")
     run.add_argument("--first-cpu", type=int, default=0, help="first core for --pin")
+    run.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        help="JSON: a set of runs with its own samplers, "
+        "seeds, problem, variants, budget (repeatable; all groups share one pool of --jobs)",
+    )
+    run.add_argument(
+        "--state-dir", default=None, help="resume files, one per run: rerun to continue cut runs"
+    )
     one = sub.add_parser("one")
     one.add_argument("name")
     one.add_argument("seed", type=int)
@@ -545,6 +708,7 @@ def main() -> None:
     one.add_argument("--out", default=None)
     one.add_argument("--label", default="")
     one.add_argument("--options", default="{}")
+    one.add_argument("--state", default=None)
     table = sub.add_parser("table")
     table.add_argument("results", nargs="+")
     table.add_argument("--machine", required=True)

@@ -41,6 +41,52 @@ def test_custom_initial_solutions_are_broadcast_to_every_block_and_expert() -> N
     assert {v for n, v in second.params.items() if n.endswith("weight")} == {0.3}
 
 
+def test_design_starts_with_each_expert_alone_then_sobol() -> None:
+    study = optuna.create_study(sampler=SaasQnehviSampler(seed=0, genome=GENOME))
+    asked = [study.ask(GENOME.distributions()).params for _ in range(3)]
+    assert asked[:2] == [GENOME.expert_alone(0), GENOME.expert_alone(1)]
+    assert asked[2] not in asked[:2]
+
+
+def test_design_skips_the_experts_the_study_enqueued() -> None:
+    study = optuna.create_study(sampler=SaasQnehviSampler(seed=0, genome=GENOME))
+    study.enqueue_trial(GENOME.expert_alone(1))
+    asked = [study.ask(GENOME.distributions()).params for _ in range(3)]
+    assert asked[:2] == [GENOME.expert_alone(1), GENOME.expert_alone(0)]
+    assert asked[2] not in asked[:2]
+
+
+@pytest.mark.slow
+def test_a_study_without_enqueued_experts_runs_exactly_as_one_with_them() -> None:
+    """The experts come on top of n_startup_trials, so the design, the first fit's data and
+    every later candidate are the same as with ``enqueue_experts`` and no expert design."""
+
+    def run(sampler: SaasQnehviSampler, enqueue: bool) -> list[optuna.trial.FrozenTrial]:
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        if enqueue:
+            for expert in range(2):
+                study.enqueue_trial(GENOME.expert_alone(expert))
+        for _ in range(9):
+            trial = study.ask(GENOME.distributions())
+            study.tell(trial, list(_objective(trial.params)))
+        return study.trials
+
+    options = {"seed": 0, "genome": GENOME, "n_startup_trials": 3, "batch_size": 2, **FAST}
+    with_design = run(SaasQnehviSampler(**options), enqueue=False)
+    enqueued = run(SaasQnehviSampler(expert_design=False, **options), enqueue=True)
+    assert [t.params for t in with_design] == [t.params for t in enqueued]
+    assert with_design[0].params == GENOME.expert_alone(0)
+    assert any(ACQ_SECONDS_ATTR in t.user_attrs for t in with_design[5:])  # fitted, same points
+
+
+def test_without_expert_design_the_design_is_sobol_only() -> None:
+    sampler = SaasQnehviSampler(seed=0, genome=GENOME, expert_design=False)
+    study = optuna.create_study(sampler=sampler)
+    first = study.ask(GENOME.distributions()).params
+    assert first not in [GENOME.expert_alone(0), GENOME.expert_alone(1)]
+    assert len(set(first.values())) > 2
+
+
 def test_design_points_are_distinct_sobol_points() -> None:
     study = optuna.create_study(sampler=SaasQnehviSampler(seed=0, genome=GENOME))
     points = {tuple(study.ask(GENOME.distributions()).params.values()) for _ in range(8)}
@@ -94,7 +140,7 @@ def test_a_fit_makes_a_batch_queued_for_other_workers_conditioned_on_running_tri
     sampler = SaasQnehviSampler(seed=0, genome=GENOME, n_startup_trials=6, batch_size=3, **FAST)
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
     study.set_user_attr("mergeopt:block_importance", [1.0, 0.2, 0.2, 0.2, 0.2])
-    for _ in range(6):
+    for _ in range(2 + 6):  # the design: each expert alone, then n_startup_trials points
         trial = study.ask(GENOME.distributions())
         study.tell(trial, list(_objective(trial.params)))
     running = study.ask(GENOME.distributions())  # the fitter's own candidate
@@ -118,8 +164,10 @@ def test_fast_map_mode_improves_on_the_design() -> None:
         ),
         n_trials=20,
     )
-    design_best = max(t.values[0] + t.values[1] for t in study.trials[:8])
-    model_best = max(t.values[0] + t.values[1] for t in study.trials[8:])
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    design = 2 + 8  # each expert alone, then n_startup_trials Sobol points
+    design_best = max(t.values[0] + t.values[1] for t in complete[:design])
+    model_best = max(t.values[0] + t.values[1] for t in complete[design:])
     assert model_best > design_best
 
 
