@@ -96,6 +96,8 @@ def test_design_points_are_distinct_sobol_points() -> None:
 def test_bad_options_are_rejected_with_the_option_named() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         SaasQnehviSampler(batch_size=0)
+    with pytest.raises(ValueError, match="expert_design must be true or false"):
+        SaasQnehviSampler(expert_design="false")  # a quoted YAML value: not silently True
     with pytest.raises(ValueError, match="custom_initial_solutions"):
         parse_initial_solutions("0.5,high")
     with pytest.raises(ValueError, match="one value per searched parameter"):

@@ -198,6 +198,16 @@ class SaasQnehviSampler(BatchedGenomeSampler):
             raise ValueError(
                 f"stopped_trials must be 'observe' or 'ignore', got {stopped_trials!r}"
             )
+        for name, value in (
+            ("use_saas", use_saas),
+            ("sequential", sequential),
+            ("prune_baseline", prune_baseline),
+            ("expert_design", expert_design),
+            ("enable_importance_prior", enable_importance_prior),
+        ):
+            # bool("false") is True: a quoted YAML value would silently mean the opposite
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if startup_design not in ("sobol", "lhs"):
             raise ValueError(f"startup_design must be 'sobol' or 'lhs', got {startup_design!r}")
         if not importance_strength >= 0:
