@@ -279,6 +279,17 @@ def record_in_study(study: optuna.Study, record: dict[str, Any], folder: Path) -
             f"study {study.study_name!r} has objectives {', '.join(names)}; the baseline was "
             f"scored on {', '.join(record['objectives'])}"
         )
+    if attrs.SPEC.get(study) is not None:
+        from mergeopt.study import stored_spec
+
+        normalized = [o.name for o in stored_spec(study).objectives if o.normalize]
+        if normalized:
+            # a baseline's values are raw: beside normalized trials they would sit in other units
+            raise UserError(
+                f"study {study.study_name!r} normalizes {', '.join(normalized)} (normalize: "
+                f"true); a baseline's raw values do not compare with its trials, not recorded "
+                f"(the baseline is in {folder})"
+            )
     label = baseline_label(record)
     stored = dict(attrs.BASELINES.get(study) or {})
     stored[label] = {

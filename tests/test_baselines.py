@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from mergeopt import attrs
+from mergeopt.baselines import record_in_study
+from mergeopt.errors import UserError
 from mergeopt.preference_descent import chebyshev_step, epo_step, non_uniformity
 from mergeopt.zoo.encoder import EncoderZoo
 from tests._encoder_zoo_fixture import encoder_zoo  # noqa: F401 - the fixture
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_spec, write_spec
 from tests.test_bad_inputs import assert_one_line_error
 from tests.test_encoder_zoo import encoder_spec
 
@@ -137,6 +139,30 @@ def test_baselines_are_trained_recorded_shown_and_re_scored(
     assert again.returncode == 0, again.stderr
     rescored = json.loads((folder / "baseline.json").read_text())
     assert rescored["values"] == record["values"] and rescored["heldout"] == record["heldout"]
+
+
+def test_a_baseline_is_not_recorded_beside_normalized_trials(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    """A study that normalizes an objective holds trial values in other units than a
+    baseline's raw ones (which a spec edited to ``normalize: false`` would give)."""
+    spec = tiny_spec(zoo_dir)
+    spec["objectives"][0]["normalize"] = True
+    spec_file = write_spec(tmp_path / "normalized.yaml", spec)
+    assert run_cli("study", "create", str(spec_file), "--storage", sqlite_url).returncode == 0
+    study = optuna.load_study(study_name=spec["name"], storage=sqlite_url)
+    record = {
+        "method": "epo",
+        "preference": [0.5, 0.5],
+        "objectives": ["accuracy", "tokens"],
+        "values": {"accuracy": 0.4, "tokens": 12.0},
+        "heldout": None,
+        "train_seconds": 1.0,
+        "training": {"steps": 3},
+    }
+    with pytest.raises(UserError, match="normalizes accuracy"):
+        record_in_study(study, record, tmp_path)
+    assert attrs.BASELINES.get(study) is None
 
 
 def _bad_spec(tmp_path: Path, zoo: EncoderZoo, records: list[dict]) -> Path:
