@@ -215,6 +215,16 @@ def evaluate_saved_baseline(spec: StudySpec, folder: Path, *, device: str) -> di
             f"{folder}: a baseline for objectives {', '.join(record.get('objectives') or [])}; "
             f"the spec has {', '.join(names)}"
         )
+    heads = {o.name: HEAD_FOLDER.format(head=o.head) for o in spec.objectives}
+    if record.get("heads") != heads:
+        # scored through the spec's heads, a task would be answered by another task's head
+        # and its saved values overwritten with that
+        trained = record.get("heads") or {}
+        raise UserError(
+            f"{folder}: a baseline whose heads are "
+            f"{', '.join(f'{n} {h}' for n, h in trained.items())}; the spec's "
+            f"head: would score {', '.join(f'{n} with {h}' for n, h in heads.items())}"
+        )
     record.update(score_baseline(spec, folder, device=device))
     (folder / BASELINE_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record

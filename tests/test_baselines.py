@@ -219,6 +219,28 @@ def test_evaluate_only_needs_a_baseline_folder_and_no_out(
     assert_one_line_error(both, "exactly one of --out DIR")
 
 
+def test_evaluate_only_refuses_a_spec_whose_heads_differ_from_the_trained_ones(
+    tmp_path: Path,
+    encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
+) -> None:
+    """Two tasks' heads swapped in the spec (both of 2 labels): re-scoring would answer each
+    task with the other's head and overwrite the saved values."""
+    spec = encoder_spec(encoder_zoo, "enc")
+    names = [o["name"] for o in spec["objectives"]]
+    trained = {o["name"]: f"head-{o['head']}" for o in spec["objectives"]}
+    by_name = {o["name"]: o for o in spec["objectives"]}
+    by_name["sentiment"]["head"], by_name["paraphrase"]["head"] = 3, 1
+    spec_file = tmp_path / "swapped.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    record = {"kind": "baseline", "method": "epo", "objectives": names, "heads": trained}
+    (folder / "baseline.json").write_text(json.dumps(record))
+    result = run_cli("baseline", "epo", str(spec_file), "--evaluate-only", str(folder))
+    assert_one_line_error(result, "sentiment with head-3")
+    assert json.loads((folder / "baseline.json").read_text()) == record  # left as it was
+
+
 @pytest.mark.slow
 def test_the_preference_benchmark_runs_on_the_encoder_zoo(
     tmp_path: Path,
