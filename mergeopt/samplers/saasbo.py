@@ -313,12 +313,13 @@ class SaasQnehviSampler(BatchedGenomeSampler):
             return []
         candidates = [genome.expert_alone(e) for e in range(genome.num_experts)]
         enqueued = [p for t in study.get_trials(deepcopy=False) if (p := fixed_params(t))]
-        points = []
+        points: list[dict[str, Any]] = []
         for point in candidates:
             if not all(name in point for name in cube.names):
                 return []  # the space is not the genome's: no expert is expressible in it
             params = {name: point[name] for name in cube.names}
-            if not any(all(p.get(n) == v for n, v in params.items()) for p in enqueued):
+            # without a searched weight every expert's point is the same one: evaluate it once
+            if not any(all(p.get(n) == v for n, v in params.items()) for p in enqueued + points):
                 points.append(params)
         return points
 
