@@ -206,6 +206,20 @@ def test_bad_baseline_inputs_are_one_line_errors(
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing partial
 
 
+def test_an_out_folder_inside_a_file_is_a_one_line_error_before_training(
+    tmp_path: Path,
+    encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
+) -> None:
+    spec_file = _spec_file(tmp_path, encoder_zoo)
+    (tmp_path / "afile").write_text("not a folder\n")
+    out = tmp_path / "afile" / "baseline"
+    result = run_cli(
+        "baseline", "epo", str(spec_file), "--preference", "1,1,1,1", "--out", str(out), *STEPS
+    )
+    assert_one_line_error(result, str(out), "cannot write a folder there")
+    assert "fine-tuning" not in result.stdout + result.stderr
+
+
 def test_evaluate_only_needs_a_baseline_folder_and_no_out(
     tmp_path: Path,
     encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
