@@ -231,6 +231,10 @@ def test_evaluate_only_needs_a_baseline_folder_and_no_out(
         "baseline", "epo", str(spec_file), "--evaluate-only", str(tmp_path), "--out", "x"
     )
     assert_one_line_error(both, "exactly one of --out DIR")
+    trained = run_cli(
+        "baseline", "epo", str(spec_file), "--evaluate-only", str(tmp_path), "--steps", "500"
+    )
+    assert_one_line_error(trained, "without training; drop --steps")  # not silently ignored
 
 
 def test_evaluate_only_refuses_a_spec_whose_heads_differ_from_the_trained_ones(
