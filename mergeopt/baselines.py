@@ -215,6 +215,16 @@ def evaluate_saved_baseline(spec: StudySpec, folder: Path, *, device: str) -> di
             f"{folder}: a baseline for objectives {', '.join(record.get('objectives') or [])}; "
             f"the spec has {', '.join(names)}"
         )
+    heads = {o.name: HEAD_FOLDER.format(head=o.head) for o in spec.objectives}
+    if record.get("heads") != heads:
+        # scored through the spec's heads, a task would be answered by another task's head
+        # and its saved values overwritten with that
+        trained = record.get("heads") or {}
+        raise UserError(
+            f"{folder}: a baseline whose heads are "
+            f"{', '.join(f'{n} {h}' for n, h in trained.items())}; the spec's "
+            f"head: would score {', '.join(f'{n} with {h}' for n, h in heads.items())}"
+        )
     record.update(score_baseline(spec, folder, device=device))
     (folder / BASELINE_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -279,6 +289,17 @@ def record_in_study(study: optuna.Study, record: dict[str, Any], folder: Path) -
             f"study {study.study_name!r} has objectives {', '.join(names)}; the baseline was "
             f"scored on {', '.join(record['objectives'])}"
         )
+    if attrs.SPEC.get(study) is not None:
+        from mergeopt.study import stored_spec
+
+        normalized = [o.name for o in stored_spec(study).objectives if o.normalize]
+        if normalized:
+            # a baseline's values are raw: beside normalized trials they would sit in other units
+            raise UserError(
+                f"study {study.study_name!r} normalizes {', '.join(normalized)} (normalize: "
+                f"true); a baseline's raw values do not compare with its trials, not recorded "
+                f"(the baseline is in {folder})"
+            )
     label = baseline_label(record)
     stored = dict(attrs.BASELINES.get(study) or {})
     stored[label] = {

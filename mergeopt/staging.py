@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergeopt.errors import UserError
+
 STAGING_MARK = ".tmp-"
 """In the name of every staging folder: ``.NAME.tmp-<8 hex>``."""
 
@@ -30,7 +32,10 @@ def staged_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
     target = Path(target)
     token = uuid.uuid4().hex[:8]
     staging = target.parent / f".{target.name}{STAGING_MARK}{token}"
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:  # a file where a parent folder should be, no permission, ...
+        raise UserError(f"{target}: cannot write a folder there ({error.strerror})") from None
     try:
         yield staging
         if replace and target.exists():

@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from mergeopt import attrs
+from mergeopt.baselines import record_in_study
+from mergeopt.errors import UserError
 from mergeopt.preference_descent import chebyshev_step, epo_step, non_uniformity
 from mergeopt.zoo.encoder import EncoderZoo
 from tests._encoder_zoo_fixture import encoder_zoo  # noqa: F401 - the fixture
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_spec, write_spec
 from tests.test_bad_inputs import assert_one_line_error
 from tests.test_encoder_zoo import encoder_spec
 
@@ -139,6 +141,30 @@ def test_baselines_are_trained_recorded_shown_and_re_scored(
     assert rescored["values"] == record["values"] and rescored["heldout"] == record["heldout"]
 
 
+def test_a_baseline_is_not_recorded_beside_normalized_trials(
+    tmp_path: Path, zoo_dir: Path, sqlite_url: str
+) -> None:
+    """A study that normalizes an objective holds trial values in other units than a
+    baseline's raw ones (which a spec edited to ``normalize: false`` would give)."""
+    spec = tiny_spec(zoo_dir)
+    spec["objectives"][0]["normalize"] = True
+    spec_file = write_spec(tmp_path / "normalized.yaml", spec)
+    assert run_cli("study", "create", str(spec_file), "--storage", sqlite_url).returncode == 0
+    study = optuna.load_study(study_name=spec["name"], storage=sqlite_url)
+    record = {
+        "method": "epo",
+        "preference": [0.5, 0.5],
+        "objectives": ["accuracy", "tokens"],
+        "values": {"accuracy": 0.4, "tokens": 12.0},
+        "heldout": None,
+        "train_seconds": 1.0,
+        "training": {"steps": 3},
+    }
+    with pytest.raises(UserError, match="normalizes accuracy"):
+        record_in_study(study, record, tmp_path)
+    assert attrs.BASELINES.get(study) is None
+
+
 def _bad_spec(tmp_path: Path, zoo: EncoderZoo, records: list[dict]) -> Path:
     """The encoder spec whose first objective trains on ``records``."""
     train = tmp_path / "train.jsonl"
@@ -180,6 +206,20 @@ def test_bad_baseline_inputs_are_one_line_errors(
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing partial
 
 
+def test_an_out_folder_inside_a_file_is_a_one_line_error_before_training(
+    tmp_path: Path,
+    encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
+) -> None:
+    spec_file = _spec_file(tmp_path, encoder_zoo)
+    (tmp_path / "afile").write_text("not a folder\n")
+    out = tmp_path / "afile" / "baseline"
+    result = run_cli(
+        "baseline", "epo", str(spec_file), "--preference", "1,1,1,1", "--out", str(out), *STEPS
+    )
+    assert_one_line_error(result, str(out), "cannot write a folder there")
+    assert "fine-tuning" not in result.stdout + result.stderr
+
+
 def test_evaluate_only_needs_a_baseline_folder_and_no_out(
     tmp_path: Path,
     encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
@@ -191,6 +231,32 @@ def test_evaluate_only_needs_a_baseline_folder_and_no_out(
         "baseline", "epo", str(spec_file), "--evaluate-only", str(tmp_path), "--out", "x"
     )
     assert_one_line_error(both, "exactly one of --out DIR")
+    trained = run_cli(
+        "baseline", "epo", str(spec_file), "--evaluate-only", str(tmp_path), "--steps", "500"
+    )
+    assert_one_line_error(trained, "without training; drop --steps")  # not silently ignored
+
+
+def test_evaluate_only_refuses_a_spec_whose_heads_differ_from_the_trained_ones(
+    tmp_path: Path,
+    encoder_zoo: EncoderZoo,  # noqa: F811 - the fixture
+) -> None:
+    """Two tasks' heads swapped in the spec (both of 2 labels): re-scoring would answer each
+    task with the other's head and overwrite the saved values."""
+    spec = encoder_spec(encoder_zoo, "enc")
+    names = [o["name"] for o in spec["objectives"]]
+    trained = {o["name"]: f"head-{o['head']}" for o in spec["objectives"]}
+    by_name = {o["name"]: o for o in spec["objectives"]}
+    by_name["sentiment"]["head"], by_name["paraphrase"]["head"] = 3, 1
+    spec_file = tmp_path / "swapped.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    record = {"kind": "baseline", "method": "epo", "objectives": names, "heads": trained}
+    (folder / "baseline.json").write_text(json.dumps(record))
+    result = run_cli("baseline", "epo", str(spec_file), "--evaluate-only", str(folder))
+    assert_one_line_error(result, "sentiment with head-3")
+    assert json.loads((folder / "baseline.json").read_text()) == record  # left as it was
 
 
 @pytest.mark.slow

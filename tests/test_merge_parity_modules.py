@@ -142,6 +142,23 @@ def test_a_one_stack_model_merges_through_its_default_module_as_mergekit(
     assert written["num_hidden_layers"] == 6
 
 
+def test_a_modules_models_null_beside_its_slices_is_not_given_as_for_mergekit(
+    tmp_path: Path,
+) -> None:
+    """mergekit reads a module's ``models: null`` (a key a template leaves empty) as absent."""
+    paths = llama(tmp_path / "models")
+    sliced = [{"sources": [{"model": str(p), "layer_range": [0, 4]} for p in paths[:2]]}]
+    config = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "parameters": {"weight": 0.5},
+        "modules": {"default": {"models": None, "slices": sliced}},
+    }
+    ours, theirs = both(config, tmp_path)
+    assert set(ours) == set(theirs)
+    assert_same(ours, theirs)
+
+
 @pytest.mark.slow
 def test_a_module_left_out_is_not_written_as_mergekit_with_a_warning(
     towers: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -185,6 +202,7 @@ def test_a_module_left_out_is_not_written_as_mergekit_with_a_warning(
             "modules.default: unsupported key 'weights'",
         ),
         ([], "modules: expected a mapping of module names"),
+        ({"default": {"models": 5}}, "modules.default.models: expected a list"),
     ],
 )
 def test_modules_mergekit_would_reject_or_get_wrong_are_one_line(

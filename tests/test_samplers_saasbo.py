@@ -79,6 +79,21 @@ def test_a_study_without_enqueued_experts_runs_exactly_as_one_with_them() -> Non
     assert any(ACQ_SECONDS_ATTR in t.user_attrs for t in with_design[5:])  # fitted, same points
 
 
+def test_the_expert_design_hands_out_a_point_shared_by_the_experts_once() -> None:
+    """Density searched, weight fixed: every expert's point is density at its upper bound
+    everywhere; evaluating it once per expert would repeat one merge."""
+    genome = Genome(num_blocks=2, num_experts=3, searched={"density": (0.1, 1.0)})
+    sampler = SaasQnehviSampler(seed=0, genome=genome, n_startup_trials=3)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    points = []
+    for _ in range(4):
+        trial = study.ask(genome.distributions())
+        points.append(trial.params)
+        study.tell(trial, [0.5, 0.5])
+    assert points[0] == genome.expert_alone(0)
+    assert all(point != points[0] for point in points[1:])
+
+
 def test_without_expert_design_the_design_is_sobol_only() -> None:
     sampler = SaasQnehviSampler(seed=0, genome=GENOME, expert_design=False)
     study = optuna.create_study(sampler=sampler)
@@ -96,6 +111,8 @@ def test_design_points_are_distinct_sobol_points() -> None:
 def test_bad_options_are_rejected_with_the_option_named() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         SaasQnehviSampler(batch_size=0)
+    with pytest.raises(ValueError, match="expert_design must be true or false"):
+        SaasQnehviSampler(expert_design="false")  # a quoted YAML value: not silently True
     with pytest.raises(ValueError, match="custom_initial_solutions"):
         parse_initial_solutions("0.5,high")
     with pytest.raises(ValueError, match="one value per searched parameter"):

@@ -82,11 +82,23 @@ def baseline(
     spec = load_spec(spec_path)
     name = method.value
     if evaluate_only is not None:
+        if preference is not None:
+            raise UserError("--evaluate-only re-scores the saved preference; drop --preference")
+        # training options would be ignored: the saved baseline was trained with its own
+        trained_with = {
+            "--steps": (steps, DEFAULTS.steps),
+            "--batch-size": (batch_size, DEFAULTS.batch_size),
+            "--learning-rate": (learning_rate, DEFAULTS.learning_rate),
+            "--seed": (seed, DEFAULTS.seed),
+        }
+        for option, (value, default) in trained_with.items():
+            if value != default:
+                raise UserError(
+                    f"--evaluate-only re-scores the saved baseline without training; drop {option}"
+                )
         saved = read_baseline(evaluate_only)
         if saved["method"] != name:
             raise UserError(f"{evaluate_only}: a {saved['method']} baseline, not {name}")
-        if preference is not None:
-            raise UserError("--evaluate-only re-scores the saved preference; drop --preference")
         record = evaluate_saved_baseline(spec, evaluate_only, device=device)
         folder = evaluate_only
     else:

@@ -14,7 +14,25 @@ def one_device(value: str | None) -> str | None:
 
     if value is not None and not is_device_name(value):
         raise typer.BadParameter(f"{value!r} is not a device ({DEVICE_NAMES})")
+    if value is not None and value != "cpu":
+        # else torch's own AssertionError or RuntimeError once a model is moved there
+        missing = device_missing(value)
+        if missing:
+            raise typer.BadParameter(f"{value!r}: {missing}")
     return value
+
+
+def device_missing(device: str) -> str | None:
+    """Why this machine has no ``device`` (a valid name other than cpu), or None if it has."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "mps":
+        return None if torch.backends.mps.is_available() else "this machine has no MPS device"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) < count:
+        return None
+    return f"this machine sees {count} CUDA device(s)"
 
 
 app = typer.Typer(

@@ -264,14 +264,17 @@ class MergekitConfig:
         self, scope: Mapping[str, Any], key: str, module_params: Mapping[str, Any] | None
     ) -> list[Slice]:
         """The slices of the config's top level or of one module (``key``: its prefix)."""
-        if "models" in scope:
-            entries = scope["models"] or []
+        # mergekit reads a module's empty models (models: null beside slices) as not given
+        chosen = "models" if scope.get("models") or not scope.get("slices") else "slices"
+        entries = scope.get(chosen) or []
+        if not isinstance(entries, list):
+            raise UserError(f"{self.where}: {key}{chosen}: expected a list")
+        if chosen == "models":
             sources = [self._source(m, f"{key}models[{i}]", False) for i, m in enumerate(entries)]
             pieces = [self._slice_of(sources, None, -1, f"{key}models", self.base_path)]
         else:
             pieces = [
-                self._slice(entry, f"{key}slices[{index}]")
-                for index, entry in enumerate(scope["slices"] or [])
+                self._slice(entry, f"{key}slices[{index}]") for index, entry in enumerate(entries)
             ]
         return [replace(piece, module_parameters=module_params) for piece in pieces]
 

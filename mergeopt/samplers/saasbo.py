@@ -198,6 +198,16 @@ class SaasQnehviSampler(BatchedGenomeSampler):
             raise ValueError(
                 f"stopped_trials must be 'observe' or 'ignore', got {stopped_trials!r}"
             )
+        for name, value in (
+            ("use_saas", use_saas),
+            ("sequential", sequential),
+            ("prune_baseline", prune_baseline),
+            ("expert_design", expert_design),
+            ("enable_importance_prior", enable_importance_prior),
+        ):
+            # bool("false") is True: a quoted YAML value would silently mean the opposite
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if startup_design not in ("sobol", "lhs"):
             raise ValueError(f"startup_design must be 'sobol' or 'lhs', got {startup_design!r}")
         if not importance_strength >= 0:
@@ -303,12 +313,13 @@ class SaasQnehviSampler(BatchedGenomeSampler):
             return []
         candidates = [genome.expert_alone(e) for e in range(genome.num_experts)]
         enqueued = [p for t in study.get_trials(deepcopy=False) if (p := fixed_params(t))]
-        points = []
+        points: list[dict[str, Any]] = []
         for point in candidates:
             if not all(name in point for name in cube.names):
                 return []  # the space is not the genome's: no expert is expressible in it
             params = {name: point[name] for name in cube.names}
-            if not any(all(p.get(n) == v for n, v in params.items()) for p in enqueued):
+            # without a searched weight every expert's point is the same one: evaluate it once
+            if not any(all(p.get(n) == v for n, v in params.items()) for p in enqueued + points):
                 points.append(params)
         return points
 
