@@ -100,7 +100,10 @@ def run_mergekit_config(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty")
     # LoRA references' models are made here, beside the output, and removed after the merge
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a parent folder should be, no permission, ...
+        raise UserError(f"{out_dir}: cannot write a folder there ({error.strerror})") from None
     adapters = tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.adapters-", dir=out_dir.parent)
     with adapters as made:
         parsed = MergekitConfig(config=config, config_path=config_path, adapters_dir=Path(made))
