@@ -337,18 +337,11 @@ def zoo_training(scale: str) -> Any:
 
 def medium_spec(zoo: Path, *, name: str, dtype: str, limit: int) -> dict[str, Any]:
     """The demo study on ``zoo`` with the saasbo-qnehvi sampler (the experts enqueued first)."""
-    import yaml
+    from tests.conftest import tiny_spec
 
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    spec["name"] = name
-    spec["models"]["base"] = str(zoo / "base")
-    spec["models"]["experts"] = [str(zoo / "expert-direct"), str(zoo / "expert-steps")]
+    spec = tiny_spec(zoo, name=name, sampler={"name": "saasbo-qnehvi", "enqueue_experts": True})
     for objective in spec["objectives"]:
-        for key in ("task", "heldout"):
-            if key in objective:
-                objective[key] = str(zoo / "tasks" / Path(objective[key]).name)
         objective["limit"] = limit
-    spec["sampler"] = {"name": "saasbo-qnehvi", "enqueue_experts": True}
     spec["scorer"].update({"dtype": dtype, "batch_size": limit})
     return spec
 
