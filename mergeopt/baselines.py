@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -226,7 +227,10 @@ def evaluate_saved_baseline(spec: StudySpec, folder: Path, *, device: str) -> di
             f"head: would score {', '.join(f'{n} with {h}' for n, h in heads.items())}"
         )
     record.update(score_baseline(spec, folder, device=device))
-    (folder / BASELINE_JSON).write_text(json.dumps(record, indent=2) + "\n")
+    # written beside and renamed over: a kill mid-write leaves the old record whole
+    partial = folder / f".{BASELINE_JSON}.partial"
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, folder / BASELINE_JSON)
     return record
 
 
