@@ -367,6 +367,12 @@ def test_a_stopped_trial_failed_as_stale_meanwhile_is_left_to_its_retry(
     def stalls(call: int) -> None:
         if call == 1:  # the second trial, to be stopped, is failed as stale meanwhile
             failed.append(fail_running_trials_as_stale(harness.url, harness.name))
+            # Queued behind the retry: the study's second COMPLETE trial once the retry is
+            # scored (random trials, all dominated by the first, would be stopped for ever).
+            other_worker = optuna.load_study(
+                study_name=harness.name, storage=open_storage(harness.url)
+            )
+            other_worker.enqueue_trial(everywhere(0.95))
 
     assert harness.run(2, during_evaluation=stalls, runner_type=StoppingRunner) == 2
 
@@ -378,3 +384,4 @@ def test_a_stopped_trial_failed_as_stale_meanwhile_is_left_to_its_retry(
     assert retry.params == stale.params
     # The retry is scored afresh (from rung 0) and stopped in its own trial.
     assert retry.state == TrialState.PRUNED and retry.user_attrs[attrs.FIDELITY]["stopped"]
+    assert [t.state for t in rest] == [TrialState.PRUNED, TrialState.COMPLETE]  # no other trial
