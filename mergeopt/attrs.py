@@ -125,6 +125,11 @@ FIDELITY_PLAN: StudySystemAttr[dict[str, Any]] = StudySystemAttr(PREFIX + "fidel
 """Fidelity rungs' item order and strata per task group (``FidelityPlan.to_json``), chosen
 by the first worker of a study with ``fidelity:``."""
 
+RUN_PREFIX = PREFIX + "run:"
+"""Study system attrs ``mergeopt:run:<n>``: the ``study run`` invocations on the study, each
+claimed once (``workers.claim_run_number``) with its host, process and devices; ``n`` seeds
+its workers' samplers."""
+
 # Trial user_attrs of an evaluated trial (written by the worker)
 RECIPE: TrialUserAttr[list[list[dict[str, float]]]] = TrialUserAttr(PREFIX + "recipe")
 """The trial's merge parameters: ``recipe[block][expert][parameter]``."""

@@ -294,6 +294,30 @@ def finish_unfinished_trial(
     return True
 
 
+def claim_study_system_attr(study: optuna.Study, key: str, value: Any) -> bool:
+    """Write a study system attr only if no process wrote ``key`` first: one ``INSERT`` that
+    the table's unique (study, key) constraint refuses to a second writer, on every backend.
+    True when this call wrote it. (``set_study_system_attr`` overwrites instead.)"""
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    backend = rdb_backend(study._storage)
+    if backend is None:
+        raise TypeError("claim_study_system_attr needs an RDB storage")
+    try:
+        with _session(backend) as session:
+            session.add(
+                models.StudySystemAttributeModel(
+                    study_id=study._study_id, key=key, value_json=json.dumps(value)
+                )
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
 def heartbeat_grace_period(backend: RDBStorage) -> float | None:
     """The storage's heartbeat grace period in seconds as configured (None: Optuna's
     default of twice the interval)."""

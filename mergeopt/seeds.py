@@ -7,6 +7,8 @@ recomputed (a resumed CMA-ES generation, ``study export`` repeating a trial's me
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 _MULTIPLIER = 1_000_003  # a prime: distinct (seed, stream) pairs below it map apart
 
 
@@ -18,3 +20,18 @@ def derive_seed(seed: int, stream: int, *, bits: int = 31) -> int:
     32 for NumPy's ``RandomState``.
     """
     return (seed * _MULTIPLIER + stream) % (2**bits)
+
+
+class WorkerStream(NamedTuple):
+    """Where one worker process's sampler draws from: ``study run`` number ``run`` on the
+    study (each invocation claims its own, ``workers.claim_run_number``), its ``slot``-th
+    device, started for the ``start``-th time (a restarted worker must not replay the draws of
+    the one it replaces). No two workers anywhere share a stream, and a study run again from
+    scratch with the same seed and devices gets the same streams."""
+
+    run: int
+    slot: int
+    start: int
+
+    def seed(self, seed: int) -> int:
+        return derive_seed(derive_seed(derive_seed(seed, self.run), self.slot), self.start)

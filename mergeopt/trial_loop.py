@@ -31,7 +31,7 @@ from mergeopt.optuna_compat import (
     trial_id_of,
 )
 from mergeopt.runner import TrialRunner, TrialStopped
-from mergeopt.seeds import derive_seed
+from mergeopt.seeds import WorkerStream, derive_seed
 from mergeopt.storage import (
     DatabaseUnreachable,
     connection_error_text,
@@ -71,13 +71,15 @@ def run_worker(
     timeout: float | None = None,
     on_trial_end: Callable[[int], None] | None = None,
     runner_factory: Callable[[optuna.Study, str], TrialRunner] | None = None,
+    stream: WorkerStream | None = None,
 ) -> int:
     """Run trials of ``study_name`` until it holds ``n_trials`` COMPLETE trials (or timeout).
 
     Returns how many trials this worker completed. Ctrl-C fails the running trial, enqueues its
     parameters again (so a rerun evaluates the same candidate first) and re-raises.
     ``runner_factory(study, device)`` replaces the merge-and-score runner (benchmarks of the
-    storage use a no-op objective).
+    storage use a no-op objective). ``stream`` seeds the sampler (``study run`` gives each
+    worker its own); without it the sampler draws from a stream of the process id.
 
     Every database call of the loop survives an outage (see ``_Reconnect``): the worker backs
     off and continues when the database is back, a finished evaluation is reported then, and
@@ -117,7 +119,7 @@ def run_worker(
     sampler = create_sampler(
         spec.sampler.name,
         spec.sampler.options,
-        seed=_worker_seed(spec.seed),
+        seed=_worker_seed(spec.seed, stream),
         genome=genome,
         num_objectives=len(spec.objectives),
     )
@@ -296,7 +298,9 @@ def _no_kernel_build_lock(sampler_name: str) -> None:
             logei._load_attempted = True
 
 
-def _worker_seed(seed: int) -> int:
+def _worker_seed(seed: int, stream: WorkerStream | None) -> int:
+    if stream is not None:
+        return stream.seed(seed)
     # Distinct per process, so that independent samplers do not propose identical points.
     return derive_seed(seed, os.getpid())
 

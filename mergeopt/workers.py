@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mergeopt import attrs
 from mergeopt.errors import UserError
+from mergeopt.seeds import WorkerStream
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -144,6 +146,7 @@ def _worker_main(
     timeout: float | None,
     threads: int,
     parent_pid: int,
+    stream: WorkerStream,
 ) -> None:
     """Entry point of a worker process; its exit code tells the parent what happened."""
     import logging
@@ -166,7 +169,14 @@ def _worker_main(
         torch.set_num_threads(threads)
         from mergeopt.trial_loop import run_worker
 
-        run_worker(study_name, storage_url, n_trials=n_trials, device=device, timeout=timeout)
+        run_worker(
+            study_name,
+            storage_url,
+            n_trials=n_trials,
+            device=device,
+            timeout=timeout,
+            stream=stream,
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
@@ -242,17 +252,30 @@ def run_workers(
     threads = max(1, (os.cpu_count() or 1) // cpu_workers)
     stalled_restarts = RESTARTS_WITHOUT_PROGRESS_PER_DEVICE * len(devices)
     restarts_left = stalled_restarts if max_restarts is None else max_restarts
+    run = claim_run_number(study, devices)
+    starts = [0] * len(devices)
     started = time.monotonic()
     counter = _CompleteCounter(study)
     summary = RunSummary(counter.read(), 0, n_trials)
     progress_mark = summary.completed_before
 
-    def start(device: str) -> BaseProcess:
+    def start(slot: int) -> BaseProcess:
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
+        stream = WorkerStream(run, slot, starts[slot])
+        starts[slot] += 1
         process = context.Process(
             target=_worker_main,
-            args=(study.study_name, storage_url, n_trials, device, remaining, threads, os.getpid()),
-            name=f"mergeopt-worker-{device}",
+            args=(
+                study.study_name,
+                storage_url,
+                n_trials,
+                devices[slot],
+                remaining,
+                threads,
+                os.getpid(),
+                stream,
+            ),
+            name=f"mergeopt-worker-{devices[slot]}",
         )
         process.start()
         return process
@@ -260,7 +283,7 @@ def run_workers(
     previous_handlers = {}
     if threading.current_thread() is threading.main_thread():
         previous_handlers = {s: signal.signal(s, _raise_terminated) for s in TERMINATING_SIGNALS}
-    processes = {slot: start(device) for slot, device in enumerate(devices)}
+    processes = {slot: start(slot) for slot in range(len(devices))}
     display = _Progress(study, n_trials, enabled=progress)
     try:
         with display:
@@ -295,7 +318,7 @@ def run_workers(
                             f"{_death(devices[slot], process)}; restarting it (its trial is "
                             "retried)"
                         )
-                        processes[slot] = start(devices[slot])
+                        processes[slot] = start(slot)
                     else:
                         summary.crashed.append(f"{devices[slot]} (exit code {code})")
                         spent = (
@@ -320,6 +343,27 @@ def run_workers(
     summary.timed_out = timeout is not None and summary.seconds >= timeout
     summary.exhausted = _sampler_exhausted(study)
     return summary
+
+
+def claim_run_number(study: optuna.Study, devices: list[str]) -> int:
+    """The number of this ``study run`` on the study: the lowest not yet claimed, claimed in
+    the database (``attrs.RUN_PREFIX``) so that two invocations starting at once, on any
+    machines, never share one. It seeds the workers' samplers (``seeds.WorkerStream``)."""
+    import datetime
+    import socket
+
+    from mergeopt.optuna_compat import claim_study_system_attr, study_system_attrs
+
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "devices": devices,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    number = sum(1 for key in study_system_attrs(study) if key.startswith(attrs.RUN_PREFIX))
+    while not claim_study_system_attr(study, f"{attrs.RUN_PREFIX}{number}", record):
+        number += 1
+    return number
 
 
 def _death(device: str, process: BaseProcess) -> str:

@@ -361,6 +361,16 @@ def test_study_system_attrs_round_trip(study: optuna.Study) -> None:
     assert compat.study_system_attrs(study)["mergeopt:x"] == {"a": [1]}
 
 
+def test_a_study_system_attr_is_claimed_once(study: optuna.Study) -> None:
+    # The system-attribute table's unique (study, key) constraint refuses a second writer,
+    # where set_study_system_attr would overwrite the first one's value.
+    assert compat.claim_study_system_attr(study, "mergeopt:run:0", {"pid": 1})
+    assert not compat.claim_study_system_attr(study, "mergeopt:run:0", {"pid": 2})
+    assert compat.study_system_attrs(study)["mergeopt:run:0"] == {"pid": 1}
+    other = optuna.create_study(study_name="other", storage=compat.storage_of(study))
+    assert compat.claim_study_system_attr(other, "mergeopt:run:0", {"pid": 3})
+
+
 # --------------------------------------------------------------------------- the guard
 
 _PRIVATE = re.compile(

@@ -106,6 +106,30 @@ def test_demo_study_on_sqlite_with_two_workers(
     assert result.returncode == 0, result.stderr
     assert states(load(sqlite_url, "tiny"))["COMPLETE"] == 18
     assert "dashboard note and plots updated in" in result.stdout
+    # Each invocation claimed its own run number, which seeds its workers apart.
+    from mergeopt.optuna_compat import study_system_attrs
+
+    runs = {
+        key: value
+        for key, value in study_system_attrs(load(sqlite_url, "tiny")).items()
+        if key.startswith(attrs.RUN_PREFIX)
+    }
+    assert sorted(runs) == [attrs.RUN_PREFIX + "0", attrs.RUN_PREFIX + "1"]
+    assert all(run["devices"] == ["cpu", "cpu"] for run in runs.values())
+
+
+def test_the_same_study_run_from_scratch_twice_proposes_the_same_recipes(
+    tmp_path: Path, zoo_dir: Path
+) -> None:
+    # The spec's seed and the workers' run, slot and start seed the samplers, not process ids.
+    params = []
+    for copy in ("a", "b"):
+        url = f"sqlite:///{tmp_path / copy}.db"
+        create(tmp_path, zoo_dir, url, "again", limit=8)
+        result = run_cli("study", "run", "again", "-n", "5", "--storage", url, "--no-progress")
+        assert result.returncode == 0, result.stderr
+        params.append([t.params for t in load(url, "again").trials])
+    assert len(params[0]) == 5 and params[0] == params[1]
 
 
 def test_readme_demo_ends_with_a_front_that_holds_merges(
