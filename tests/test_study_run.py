@@ -137,7 +137,9 @@ def test_readme_demo_ends_with_a_front_that_holds_merges(
 ) -> None:
     """README's first command on zoo v2: the demo spec as written (48 items per objective), 16
     trials, 2 workers. Merges of real fine-tunes are working models between the experts, so
-    the front holds merges beside the experts and no worker dies."""
+    the front holds merges beside the experts and no worker dies. How many merges depends on
+    the zoo, whose weights depend on the CPU's floating-point kernels (README, "The model
+    zoo"): 1 on CI's Intel zoo in one run, 4 to 10 on an AMD EPYC's in six."""
     from mergeopt.study import stored_genome
 
     spec = tiny_spec(zoo_dir)
@@ -155,8 +157,7 @@ def test_readme_demo_ends_with_a_front_that_holds_merges(
     genome = stored_genome(study)
     experts = [genome.expert_alone(e) for e in range(genome.num_experts)]
     front = study.best_trials
-    assert len(front) >= 4, [t.values for t in front]
-    assert any(t.params not in experts for t in front), "no merge on the front"
+    assert any(t.params not in experts for t in front), [t.values for t in front]
     # Experts on the front are labelled by name (a merge may dominate either, as the workers'
     # samplers are seeded by process id: which trials make the front varies between runs).
     names = {0: "expert-direct", 1: "expert-steps"}
