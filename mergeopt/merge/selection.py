@@ -8,13 +8,14 @@ or window misses. Ties at the threshold are kept in index order, so a selection 
 one (magnitude descending, index ascending) order.
 
 mergekit sorts ``|x|`` instead (TIES: ``torch.argsort(descending=True)[:k]``; breadcrumbs: a
-slice of ``torch.sort`` ascending). On the CPU that sort is not stable (introsort past 16
-elements), so which members of a group of tied magnitudes it keeps depends on the whole tensor:
-no selection short of that sort reproduces it. fp32 tensors on the CPU therefore take
-mergekit's sort exactly where the threshold splits a group of equal nonzero magnitudes
-(:func:`_mergekit_top_masks`; rare in fp32, and ties at zero change no merge). 16-bit tensors
-tie at nearly every threshold: they keep the index order (merges differ from mergekit's only
-there: matching would mean sorting every tensor as mergekit does), and so does the GPU.
+slice of ``torch.sort`` ascending). On the CPU that sort is libstdc++'s ``std::sort``, not
+stable (introsort past 16 elements), so which members of a group of tied magnitudes it keeps
+depends on the whole tensor. fp32 tensors on the CPU therefore keep mergekit's members where
+the threshold splits a group of equal nonzero magnitudes (:func:`_mergekit_top_masks`; ties at
+zero change no merge): the group's order comes from a replay of the introsort's partitions of
+the ranges that hold it (:func:`_introsort_group_order`, about two passes over the tensor),
+not from a sort. 16-bit tensors tie at nearly every threshold: they keep the index order
+(merges differ from mergekit's only there), and so does the GPU.
 
 A batch of selections shares one host sync (:func:`start_top_magnitude_masks` and
 :meth:`PendingTopMasks.finish`): the engine passes a whole block.
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mergeopt.merge.backend import Switches, triton_on
@@ -166,11 +168,158 @@ def _splits_ties_in_mask(keys: torch.Tensor, mask: torch.Tensor) -> bool:
     return bool(threshold != 0) and bool(((keys == threshold) & ~mask).any())
 
 
-def _mergekit_top_masks(x: torch.Tensor, ks: Sequence[int], band: bool) -> list[torch.Tensor]:
-    """Top-``k`` magnitude masks of ``x`` for each ``k``, from mergekit's own sort of ``|x|``
-    (same call, same order of tied magnitudes): ``torch.argsort(descending=True)`` for TIES;
-    for breadcrumbs (``band``) ``torch.sort`` ascending, whose top ``k`` are its last ``k``
-    (its kept band ``[n - k0, n - k1)`` is then the difference of two of these masks)."""
+# libstdc++'s std::sort, which torch's CPU sort of one row calls (torch.argsort and
+# torch.sort, not stable: ``at::native::sort_kernel``): an introsort whose quicksort leaves
+# ranges of at most this many elements to one final insertion sort.
+_INTROSORT_THRESHOLD = 16
+
+_NAN_KEY = 0x7F800001
+"""Every NaN magnitude's key in the introsort's replay: torch's comparator holds all NaNs
+equal and above every number (a NaN's bit pattern would order its payloads)."""
+
+
+def _introsort_group_order(keys: np.ndarray, value: int) -> np.ndarray | None:
+    """Where libstdc++'s ``std::sort(keys, greater)`` leaves the elements of 1-D int ``keys``
+    equal to ``value``: their indices, in sorted order (``keys`` is not changed). None where
+    it would heapsort (its depth limit, on adversarial inputs only).
+
+    mergekit's sort of ``|x|`` keeps some members of a tied group and drops others, and only
+    its order of the group decides which. That order follows from the quicksort's
+    partitions, and only those of ranges holding two or more members matter (the final
+    insertion sort never moves equal keys past each other). A range holding the group is
+    partitioned here as libstdc++ does (median of three to the front, Hoare's partition with
+    both scans stopping at keys equal to the pivot), with array-wide numpy passes instead of
+    element swaps: about two passes over the tensor in all, instead of a sort of it.
+    """
+    members = np.flatnonzero(keys == value)
+    n = keys.size
+    if members.size < 2:
+        return members
+    work = keys.copy()
+    at = members.copy()  # each member's position in ``work``
+    flags = np.empty(n, dtype=np.bool_)
+    ranges = [(0, n, 2 * (n.bit_length() - 1))]  # libstdc++'s depth limit: 2 floor(log2 n)
+    while ranges:
+        first, last, depth = ranges.pop()
+        while last - first > _INTROSORT_THRESHOLD:
+            inside = (at >= first) & (at < last)
+            if np.count_nonzero(inside) < 2:
+                break  # this range no longer orders members among themselves
+            if depth == 0:
+                return None
+            depth -= 1
+            # std::__move_median_to_first(first, first + 1, mid, last - 1)
+            a, b, c = first + 1, first + (last - first) // 2, last - 1
+            ka, kb, kc = int(work[a]), int(work[b]), int(work[c])
+            if ka > kb:
+                median = b if kb > kc else (c if ka > kc else a)
+            elif ka > kc:
+                median = a
+            else:
+                median = c if kb > kc else b
+            work[first], work[median] = work[median], work[first]
+            at = np.where(at == first, median, np.where(at == median, first, at))
+            # std::__unguarded_partition(first + 1, last, pivot at first): the t-th swap
+            # exchanges the t-th key <= pivot from the left with the t-th key >= pivot
+            # from the right, while the former lies left of the latter
+            pivot = work[first]
+            span = last - first
+            np.less_equal(work[first + 1 : last], pivot, out=flags[: span - 1])
+            left = np.flatnonzero(flags[: span - 1])
+            left += first + 1
+            np.greater_equal(work[first:last], pivot, out=flags[:span])
+            right = np.flatnonzero(flags[:span])[::-1] + first  # the pivot: a sentinel
+            pairs = min(left.size, right.size)
+            swaps = int(np.count_nonzero(left[:pairs] < right[:pairs]))
+            if swaps == 0:
+                cut = int(left[0])
+            else:
+                cut = int(right[swaps - 1])
+                if swaps < left.size:
+                    cut = min(cut, int(left[swaps]))
+                to_right, to_left = left[:swaps], right[:swaps]
+                moved = work[to_right]
+                work[to_right] = work[to_left]
+                work[to_left] = moved
+                # members among the swapped keys move to their partners' positions
+                up = to_left[::-1]
+                i = np.minimum(np.searchsorted(to_right, at), swaps - 1)
+                j = np.minimum(np.searchsorted(up, at), swaps - 1)
+                at = np.where(
+                    to_right[i] == at, to_left[i], np.where(up[j] == at, to_right[::-1][j], at)
+                )
+            ranges.append((cut, last, depth))  # libstdc++ recurses right, loops left
+            last = cut
+    return members[np.argsort(at, kind="stable")]
+
+
+@functools.cache
+def _introsort_replays_torch() -> bool:
+    """Whether :func:`_introsort_group_order` replays this torch's CPU sort (libstdc++'s
+    std::sort; a build on another C++ library sorts otherwise): checked once per process on
+    a few thousand keys of eight values, both directions, every group. Where it does not,
+    split tie groups fall back to torch's own sort (exact, slower)."""
+    keys = torch.randint(0, 8, (4099,), generator=torch.Generator().manual_seed(0)).int()
+    as_float = keys.float()
+    for descending in (True, False):
+        order = torch.sort(as_float, descending=descending).indices
+        sorted_keys = keys[order]
+        replayed = keys.numpy() if descending else -keys.numpy()
+        for value in range(8):
+            expected = order[sorted_keys == value].numpy()
+            got = _introsort_group_order(replayed, value if descending else -value)
+            if got is None or not np.array_equal(got, expected):
+                return False
+    return True
+
+
+def _mergekit_top_masks(
+    x: torch.Tensor, ks: Sequence[int], band: bool, found: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Top-``k`` magnitude masks of ``x`` (fp32, CPU) for each ``k``, keeping of a tied group
+    split by the threshold the members mergekit's sort of ``|x|`` keeps:
+    ``torch.argsort(descending=True)`` for TIES; for breadcrumbs (``band``) ``torch.sort``
+    ascending, whose top ``k`` are its last ``k`` (its kept band ``[n - k0, n - k1)`` is then
+    the difference of two of these masks). ``found[i]``: the top-``ks[i]`` mask in index
+    order, whose smallest key is the threshold.
+
+    The group's order comes from a replay of that sort's partitions
+    (:func:`_introsort_group_order`), or from the sort itself where the replay cannot be
+    trusted (another torch build, the depth limit)."""
+    if not _introsort_replays_torch():
+        return _sorted_top_masks(x, ks, band)
+    keys = _magnitude_keys(x).numpy()
+    replayed = None  # the keys the introsort is replayed on, NaNs made equal
+    masks = []
+    for k, index_order in zip(ks, found, strict=True):
+        kept = index_order.reshape(-1).numpy()
+        threshold = int(np.min(keys, where=kept, initial=np.iinfo(keys.dtype).max))
+        above = keys > threshold
+        wanted = k - int(np.count_nonzero(above))
+        group = int(np.count_nonzero(keys == threshold))
+        if threshold == 0 or wanted in (0, group):  # no group split, or one at zero
+            masks.append(index_order)
+            continue
+        if threshold >= _NAN_KEY:  # NaNs of several payloads: one group to torch's sort
+            return _sorted_top_masks(x, ks, band)
+        if replayed is None:
+            replayed = np.minimum(keys, _NAN_KEY)
+            if band:  # ascending: ``greater`` on negated keys compares as ``less`` does
+                np.negative(replayed, out=replayed)
+        order = _introsort_group_order(replayed, -threshold if band else threshold)
+        chosen = None
+        if order is not None:  # the top k: an ascending sort's last, a descending one's first
+            chosen = order[order.size - wanted :] if band else order[:wanted]
+        if chosen is None:
+            return _sorted_top_masks(x, ks, band)
+        above[chosen] = True
+        masks.append(torch.from_numpy(above).view(x.shape))
+    return masks
+
+
+def _sorted_top_masks(x: torch.Tensor, ks: Sequence[int], band: bool) -> list[torch.Tensor]:
+    """:func:`_mergekit_top_masks` by mergekit's own sort of ``|x|`` (same call, same order of
+    tied magnitudes)."""
     magnitudes = x.abs().reshape(-1).float()
     if band:
         order = torch.sort(magnitudes, descending=False).indices.flip(0)
@@ -393,13 +542,15 @@ def _redo_as_mergekit(
     indices: set[int],
 ) -> None:
     """Replace the masks of the requests ``indices`` (each a split group of tied magnitudes
-    where mergekit's order rules) by masks from mergekit's own sort, all of a request's ks
-    from one sort (a band's two tops must be prefixes of one order)."""
+    where mergekit's order rules) by the masks mergekit's sort makes, all of a request's ks
+    by one order (a band's two tops must be prefixes of one order)."""
     for request_index in sorted(indices):
         x, ks = requests[request_index]
         as_band = bool(band and band[request_index])
         pending = [i for i, k in enumerate(ks) if 0 < k < x.numel()]
-        redone = _mergekit_top_masks(x, [ks[i] for i in pending], as_band)
+        found = [mask for i in pending if (mask := results[request_index][i]) is not None]
+        assert len(found) == len(pending)
+        redone = _mergekit_top_masks(x, [ks[i] for i in pending], as_band, found)
         for index, mask in zip(pending, redone, strict=True):
             results[request_index][index] = mask
     indices.clear()
