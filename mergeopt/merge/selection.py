@@ -149,23 +149,26 @@ def _ties_as_mergekit(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _splits_tied_group(sorted_keys: torch.Tensor, kept: int) -> bool:
-    """Whether keeping the first ``kept`` of these keys (sorted descending, more than ``kept``
-    of them) splits a group of equal nonzero keys. Ties at zero need no particular order: a
-    zero delta adds nothing, counts in no L1 norm, and the sign election ignores it."""
+def _split_tied_group(sorted_keys: torch.Tensor, kept: int) -> int | None:
+    """The key of the group of equal nonzero keys that keeping the first ``kept`` of these
+    keys (sorted descending, more than ``kept`` of them) splits, or None. Ties at zero need no
+    particular order: a zero delta adds nothing, counts in no L1 norm, and the sign election
+    ignores it."""
     if kept <= 0 or kept >= sorted_keys.numel():
-        return False
+        return None
     last, first_left = sorted_keys[kept - 1 : kept + 1].tolist()
-    return bool(last == first_left != 0)
+    return int(last) if last == first_left != 0 else None
 
 
-def _splits_ties_in_mask(keys: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether ``mask`` (a top-k of ``keys``) keeps some but not all of the keys equal to its
-    smallest kept key, that key nonzero (the radix fallback's check: two passes, rare)."""
+def _split_ties_in_mask(keys: torch.Tensor, mask: torch.Tensor) -> int | None:
+    """The smallest key ``mask`` (a top-k of ``keys``) keeps where it keeps some but not all
+    of the keys equal to it, that key nonzero; else None (the radix fallback's check: two
+    passes, rare)."""
     if not bool(mask.any()):
-        return False
-    threshold = torch.where(mask, keys, torch.iinfo(keys.dtype).max).min()
-    return bool(threshold != 0) and bool(((keys == threshold) & ~mask).any())
+        return None
+    threshold = int(torch.where(mask, keys, torch.iinfo(keys.dtype).max).min())
+    split = threshold != 0 and bool(((keys == threshold) & ~mask).any())
+    return threshold if split else None
 
 
 # libstdc++'s std::sort, which torch's CPU sort of one row calls (torch.argsort and
@@ -274,45 +277,32 @@ def _introsort_replays_torch() -> bool:
 
 
 def _mergekit_top_masks(
-    x: torch.Tensor, ks: Sequence[int], band: bool, found: Sequence[torch.Tensor]
+    x: torch.Tensor, splits: Sequence[tuple[int, int]], band: bool
 ) -> list[torch.Tensor]:
-    """Top-``k`` magnitude masks of ``x`` (fp32, CPU) for each ``k``, keeping of a tied group
-    split by the threshold the members mergekit's sort of ``|x|`` keeps:
-    ``torch.argsort(descending=True)`` for TIES; for breadcrumbs (``band``) ``torch.sort``
-    ascending, whose top ``k`` are its last ``k`` (its kept band ``[n - k0, n - k1)`` is then
-    the difference of two of these masks). ``found[i]``: the top-``ks[i]`` mask in index
-    order, whose smallest key is the threshold.
+    """Top-``k`` magnitude masks of ``x`` (fp32, CPU), one per ``(k, key)`` of ``splits``
+    (``key``: the nonzero magnitude key of the tied group the threshold splits), keeping of
+    that group the members mergekit's sort of ``|x|`` keeps: ``torch.argsort(descending=True)``
+    for TIES; for breadcrumbs (``band``) ``torch.sort`` ascending, whose top ``k`` are its last
+    ``k`` (its kept band ``[n - k0, n - k1)`` is then the difference of two of these masks).
 
     The group's order comes from a replay of that sort's partitions
     (:func:`_introsort_group_order`), or from the sort itself where the replay cannot be
-    trusted (another torch build, the depth limit)."""
-    if not _introsort_replays_torch():
-        return _sorted_top_masks(x, ks, band)
+    trusted (another torch build, the depth limit, NaNs)."""
+    if not _introsort_replays_torch() or any(key >= _NAN_KEY for _, key in splits):
+        return _sorted_top_masks(x, [k for k, _ in splits], band)
     keys = _magnitude_keys(x).numpy()
-    replayed = None  # the keys the introsort is replayed on, NaNs made equal
+    replayed = np.minimum(keys, _NAN_KEY)  # NaNs made equal, as torch compares them
+    if band:  # ascending: ``greater`` on negated keys compares as ``less`` does
+        np.negative(replayed, out=replayed)
     masks = []
-    for k, index_order in zip(ks, found, strict=True):
-        kept = index_order.reshape(-1).numpy()
-        threshold = int(np.min(keys, where=kept, initial=np.iinfo(keys.dtype).max))
-        above = keys > threshold
+    for k, key in splits:
+        order = _introsort_group_order(replayed, -key if band else key)
+        if order is None:
+            return _sorted_top_masks(x, [k for k, _ in splits], band)
+        above = keys > key
         wanted = k - int(np.count_nonzero(above))
-        group = int(np.count_nonzero(keys == threshold))
-        if threshold == 0 or wanted in (0, group):  # no group split, or one at zero
-            masks.append(index_order)
-            continue
-        if threshold >= _NAN_KEY:  # NaNs of several payloads: one group to torch's sort
-            return _sorted_top_masks(x, ks, band)
-        if replayed is None:
-            replayed = np.minimum(keys, _NAN_KEY)
-            if band:  # ascending: ``greater`` on negated keys compares as ``less`` does
-                np.negative(replayed, out=replayed)
-        order = _introsort_group_order(replayed, -threshold if band else threshold)
-        chosen = None
-        if order is not None:  # the top k: an ascending sort's last, a descending one's first
-            chosen = order[order.size - wanted :] if band else order[:wanted]
-        if chosen is None:
-            return _sorted_top_masks(x, ks, band)
-        above[chosen] = True
+        # the top k: an ascending sort's last, a descending one's first
+        above[order[order.size - wanted :] if band else order[:wanted]] = True
         masks.append(torch.from_numpy(above).view(x.shape))
     return masks
 
@@ -353,9 +343,9 @@ class _Bracket:
         self.keys = keys
         self.k = k
         self.check_ties = check_ties
-        self.splits_ties = False
-        """Set by :meth:`finish` where ``check_ties``: whether the mask keeps only part of the
-        group of equal nonzero keys at the threshold (mergekit's sort may keep others)."""
+        self.split: int | None = None
+        """Set by :meth:`finish` where ``check_ties`` and the mask keeps only part of the group
+        of equal nonzero keys at the threshold (mergekit's sort may keep others): that key."""
         n = keys.numel()
         m = sample.numel()
         fraction = k / n
@@ -384,7 +374,7 @@ class _Bracket:
         )
         if not count_above < k <= count_at_least_lo:
             mask = _radix_top_mask(keys, k)
-            self.splits_ties = self.check_ties and _splits_ties_in_mask(keys, mask)
+            self.split = _split_ties_in_mask(keys, mask) if self.check_ties else None
             return mask
         above = self.above if self.above is not None else torch.zeros_like(keys, dtype=torch.bool)
         if self.at_least_lo is None:
@@ -395,14 +385,14 @@ class _Bracket:
         inside_count = count_at_least_lo - count_above
         if one_key:  # a single key value: the first ``wanted`` of it, in index order
             chosen = _nonzero_first(inside, wanted)
-            if self.check_ties:
-                self.splits_ties = wanted < inside_count and bool(keys[chosen[0]] != 0)
+            if self.check_ties and wanted < inside_count:
+                self.split = int(keys[chosen[0]]) or None
         else:
             candidates = _nonzero_first(inside, inside_count)
             ranked = torch.sort(keys[candidates], descending=True, stable=True)
             chosen = candidates[ranked.indices[:wanted]]
             if self.check_ties:
-                self.splits_ties = _splits_tied_group(ranked.values, wanted)
+                self.split = _split_tied_group(ranked.values, wanted)
         above[chosen] = True
         return above
 
@@ -463,9 +453,9 @@ class PendingTopMasks:
         groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]],
         statuses: list[torch.Tensor],
     ) -> None:
-        self._as_mergekit: set[int] = set()
-        """Requests whose masks split tied magnitudes where mergekit's order rules (fp32 on
-        the CPU): :meth:`finish` redoes them with mergekit's sort."""
+        self._as_mergekit: _Splits = {}
+        """Masks that split tied magnitudes where mergekit's order rules (fp32 on the CPU):
+        :meth:`finish` redoes them as mergekit's sort makes them."""
         self._requests = requests
         self._results = results
         self._band = band
@@ -509,8 +499,8 @@ class PendingTopMasks:
             mask = bracket.finish(values[start : start + count])
             start += count
             results[request_index][index] = mask.view(requests[request_index][0].shape)
-            if bracket.splits_ties:
-                self._as_mergekit.add(request_index)
+            if bracket.split is not None:
+                self._as_mergekit.setdefault(request_index, {})[index] = bracket.split
         _redo_as_mergekit(requests, results, self._band, self._as_mergekit)
         redone = False
         for (_, as_band, _), members in self._groups.items():
@@ -535,25 +525,28 @@ class PendingTopMasks:
         return redone
 
 
+_Splits = dict[int, dict[int, int]]
+"""Masks that split a group of tied nonzero magnitudes: request index -> {index of its k:
+the group's key}."""
+
+
 def _redo_as_mergekit(
     requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
     results: list[list[torch.Tensor | None]],
     band: Sequence[bool] | None,
-    indices: set[int],
+    splits: _Splits,
 ) -> None:
-    """Replace the masks of the requests ``indices`` (each a split group of tied magnitudes
-    where mergekit's order rules) by the masks mergekit's sort makes, all of a request's ks
-    by one order (a band's two tops must be prefixes of one order)."""
-    for request_index in sorted(indices):
+    """Replace the masks that split a group of tied magnitudes where mergekit's order rules
+    (``splits``) by the masks mergekit's sort makes; the other masks of those requests are
+    prefixes of any order of the magnitudes, so a band's two tops stay prefixes of one."""
+    for request_index, split in sorted(splits.items()):
         x, ks = requests[request_index]
         as_band = bool(band and band[request_index])
-        pending = [i for i, k in enumerate(ks) if 0 < k < x.numel()]
-        found = [mask for i in pending if (mask := results[request_index][i]) is not None]
-        assert len(found) == len(pending)
-        redone = _mergekit_top_masks(x, [ks[i] for i in pending], as_band, found)
-        for index, mask in zip(pending, redone, strict=True):
+        indices = sorted(split)
+        redone = _mergekit_top_masks(x, [(ks[i], split[i]) for i in indices], as_band)
+        for index, mask in zip(indices, redone, strict=True):
             results[request_index][index] = mask
-    indices.clear()
+    splits.clear()
 
 
 def top_magnitude_masks_batch(
@@ -601,7 +594,7 @@ def start_top_magnitude_masks(
     # each group (a block's tensors all have full samples: one group)
     groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]] = {}
     small: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, int]]] = {}
-    as_mergekit: set[int] = set()  # small requests that split tied magnitudes (fp32, CPU)
+    as_mergekit: _Splits = {}  # small requests' masks that split tied magnitudes (fp32, CPU)
     kernels: ModuleType | None = None
     for request_index, (x, ks) in enumerate(requests):
         n = x.numel()
@@ -676,8 +669,11 @@ def start_top_magnitude_masks(
         check_ties = _ties_as_mergekit(stacked)
         for row, (r, index) in enumerate(sorted_members):
             results[r][index] = found_small[row].view(requests[r][0].shape)
-            if check_ties and _splits_tied_group(ranked.values[row], requests[r][1][index]):
-                as_mergekit.add(r)
+            split = None
+            if check_ties:
+                split = _split_tied_group(ranked.values[row], requests[r][1][index])
+            if split is not None:
+                as_mergekit.setdefault(r, {})[index] = split
     _redo_as_mergekit(requests, results, band, as_mergekit)
     statuses = []
     for (_, as_band, _), members in groups.items():
