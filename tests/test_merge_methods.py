@@ -328,6 +328,23 @@ def test_split_ties_fall_back_to_torchs_sort_where_the_replay_does_not_match_it(
         assert torch.equal(sparsify(x, method="magnitude", density=density), magnitude(x, density))
 
 
+def test_split_ties_fall_back_to_torchs_sort_where_the_introsort_would_heapsort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At libstdc++'s depth limit the introsort heapsorts, which the replay does not follow:
+    the sort decides there (the replay answers None)."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    monkeypatch.setattr(selection, "_introsort_group_order", lambda keys, value: None)
+    x = fp32_grids(20_000)["fine grid"]
+    for density in (0.1, 0.5):
+        assert torch.equal(sparsify(x, method="magnitude", density=density), magnitude(x, density))
+        assert torch.equal(
+            sparsify(x, method="magnitude_outliers", density=density, gamma=0.05),
+            magnitude_outliers(x, density, gamma=0.05),
+        )
+
+
 def test_nans_of_several_payloads_sort_as_one_value_like_torchs_sort() -> None:
     """torch's comparator holds every NaN equal and above every number; the replay too."""
     x = fp32_grids(20_000)["13 magnitudes"].clone()
