@@ -11,9 +11,12 @@ dtypes, all finite. Usage:
 
     python scripts/bench_merge_cli.py --shapes qwen2-130m,qwen2.5-0.5b --repeats 3 --threads 2
     python scripts/bench_merge_cli.py --shapes tiny --repeats 1   # checks the script itself
+    # two mergeopt checkouts side by side (old and new), each against mergekit-yaml
+    python scripts/bench_merge_cli.py --shapes qwen2-130m --checkout main=../main --checkout .
 
-``mergeopt`` runs from this checkout (``python -m mergeopt.cli``), ``mergekit-yaml`` from the
-running Python's environment. Both get ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``.
+``mergeopt`` runs from this checkout (``python -m mergeopt.cli``), or from each ``--checkout
+[NAME=]PATH`` (its folder first on ``PYTHONPATH``), ``mergekit-yaml`` from the running Python's
+environment. All get ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``.
 Progress goes to stderr, the table to stdout. Not a test: the numbers depend on the machine
 (docs/bench/ keeps dated tables); run it on an idle one.
 """
@@ -224,11 +227,12 @@ def check_output(out: Path, reference: dict[str, Any] | None, exact: bool) -> st
     return None
 
 
-def run_once(command: list[str], env: dict[str, str], out: Path) -> float:
-    """Wall seconds of one whole process writing ``out``; its output shown if it fails."""
+def run_once(command: list[str], env: dict[str, str], out: Path, cwd: Path) -> float:
+    """Wall seconds of one whole process writing ``out``, run in ``cwd`` (``python -m``
+    imports from there first); its output shown if it fails."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
@@ -236,22 +240,42 @@ def run_once(command: list[str], env: dict[str, str], out: Path) -> float:
     return seconds
 
 
+def checkout_env(env: dict[str, str], checkout: Path) -> dict[str, str]:
+    """``env`` with ``checkout`` first on ``PYTHONPATH`` (its ``mergeopt`` is imported)."""
+    paths = [str(checkout), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 def bench_method(
-    shape: str, method: str, models: list[Path], work: Path, repeats: int, env: dict[str, str]
-) -> tuple[list[float], list[float]]:
+    shape: str,
+    method: str,
+    models: list[Path],
+    work: Path,
+    repeats: int,
+    env: dict[str, str],
+    checkouts: dict[str, Path],
+) -> dict[str, list[float]]:
+    """Wall seconds of each checkout's ``mergeopt merge`` and of ``mergekit-yaml`` (key
+    ``mergekit``), ``repeats`` runs each, in a rotating order."""
     config = write_config(work, method, models)
     out = work / "out"
+    merge = ["-m", "mergeopt.cli", "merge", str(config), str(out)]
     tools = {
-        "mergeopt": [sys.executable, "-m", "mergeopt.cli", "merge", str(config), str(out)],
-        "mergekit": [mergekit_yaml(), str(config), str(out)],
+        name: ([sys.executable, *merge], checkout_env(env, path), path)
+        for name, path in checkouts.items()
     }
-    times: dict[str, list[float]] = {"mergeopt": [], "mergekit": []}
+    tools["mergekit"] = ([mergekit_yaml(), str(config), str(out)], env, REPO)
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
     reference: dict[str, Any] | None = None
+    names = ["mergekit", *checkouts]
     for repeat in range(repeats):
-        # alternate who goes first, so neither always runs on the other's warm page cache
-        order = ["mergekit", "mergeopt"] if repeat % 2 == 0 else ["mergeopt", "mergekit"]
+        # rotate who goes first, so none always runs on another's warm page cache
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
+        if "mergekit" in order[1:] and reference is None:
+            order = ["mergekit", *(name for name in order if name != "mergekit")]
         for tool in order:
-            seconds = run_once(tools[tool], env, out)
+            command, tool_env, cwd = tools[tool]
+            seconds = run_once(command, tool_env, out, cwd)
             if tool == "mergekit" and reference is None:
                 reference = read_folder(out)
                 problem = check_output(out, None, exact=False)
@@ -264,7 +288,7 @@ def bench_method(
             times[tool].append(seconds)
             say(f"{shape} {method} {tool} run {repeat + 1}/{repeats}: {seconds:.2f} s, checked")
     shutil.rmtree(out, ignore_errors=True)
-    return times["mergeopt"], times["mergekit"]
+    return times
 
 
 def mergekit_yaml() -> str:
@@ -295,6 +319,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each tool per row")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="models built here")
+    parser.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a mergeopt checkout to time (repeatable; default: this one, named mergeopt)",
+    )
     args = parser.parse_args(argv)
     args.shapes = args.shapes.split(",")
     args.methods = args.methods.split(",")
@@ -306,6 +337,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown method {method!r} (known: {', '.join(MODEL_PARAMS)})")
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
+    checkouts: dict[str, Path] = {}
+    for given in args.checkout or [f"mergeopt={REPO}"]:
+        name, _, path = given.rpartition("=")
+        folder = Path(path).resolve()
+        name = name or folder.name
+        if not (folder / "mergeopt" / "__init__.py").is_file():
+            parser.error(f"--checkout {given}: no mergeopt package in {folder}")
+        if name in checkouts or name == "mergekit":
+            parser.error(f"--checkout {given}: the name {name!r} is taken")
+        checkouts[name] = folder
+    args.checkouts = checkouts
+    args.cache = args.cache.resolve()  # the configs name the models from any checkout's folder
     return args
 
 
@@ -321,8 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"torch {torch.__version__}, {args.threads} threads (OMP_NUM_THREADS) per process",
         f"command: python {shlex.join(['scripts/bench_merge_cli.py', *sys.argv[1:]])}",
-        f"mergeopt: {sys.executable} -m mergeopt.cli merge (checkout {REPO}); "
-        f"mergekit: {mergekit_yaml()}",
+        f"mergeopt: {sys.executable} -m mergeopt.cli merge from "
+        + ", ".join(f"{name} ({path})" for name, path in args.checkouts.items())
+        + f"; mergekit: {mergekit_yaml()}",
     ]
     rows = []
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -331,20 +375,32 @@ def main(argv: list[str] | None = None) -> None:
         params = sum(int(torch.Size(s).numel()) for s in tensor_shapes(shape).values())
         for method in args.methods:
             with tempfile.TemporaryDirectory(prefix="run-", dir=args.cache) as work:
-                ours, theirs = bench_method(shape, method, models, Path(work), args.repeats, env)
-            ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+                times = bench_method(
+                    shape, method, models, Path(work), args.repeats, env, args.checkouts
+                )
+            medians = {tool: statistics.median(runs) for tool, runs in times.items()}
+            theirs_s = medians["mergekit"]
             check = "random: names, shapes, dtypes" if method in RANDOMIZED else "bit-identical"
+            ours = " | ".join(f"{medians[name]:.2f}" for name in args.checkouts)
+            ratios = " | ".join(f"{theirs_s / medians[name]:.2f}x" for name in args.checkouts)
             rows.append(
-                f"| {shape} ({params / 1e6:.1f} M) | {method} | {ours_s:.2f} | {theirs_s:.2f} "
-                f"| {theirs_s / ours_s:.2f}x | {check} |"
+                f"| {shape} ({params / 1e6:.1f} M) | {method} | {ours} | {theirs_s:.2f} "
+                f"| {ratios} | {check} |"
             )
     print("\n".join(f"- {line}" for line in header))
     print(
         f"\nbase + {EXPERTS} experts, fp32, task vectors {TASK_VECTOR_STD / BASE_STD:.0%} of the "
         f"base's std; median of {args.repeats} whole-process runs each, alternating\n"
     )
-    print("| shape | method | mergeopt merge s | mergekit-yaml s | mergekit / mergeopt | output |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
+    names = list(args.checkouts)
+    print(
+        "| shape | method | "
+        + " | ".join(f"{name} merge s" for name in names)
+        + " | mergekit-yaml s | "
+        + " | ".join(f"mergekit / {name}" for name in names)
+        + " | output |"
+    )
+    print("| --- | --- | " + "---: | " * (2 * len(names) + 1) + "--- |")
     print("\n".join(rows))
 
 

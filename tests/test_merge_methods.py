@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -234,9 +235,9 @@ def test_ties_at_zero_keep_index_order_without_mergekits_sort(
     sorted_like_mergekit: list[int] = []
     redo = selection._mergekit_top_masks
 
-    def counted(x: torch.Tensor, ks: list[int], band: bool) -> list[torch.Tensor]:
+    def counted(x: torch.Tensor, *args: Any) -> list[torch.Tensor]:
         sorted_like_mergekit.append(x.numel())
-        return redo(x, ks, band)
+        return redo(x, *args)
 
     monkeypatch.setattr(selection, "_mergekit_top_masks", counted)
     generator = torch.Generator().manual_seed(2)
@@ -244,6 +245,114 @@ def test_ties_at_zero_keep_index_order_without_mergekits_sort(
         x = torch.where(torch.rand(n, generator=generator) < 0.8, 0, torch.randn(n))
         assert torch.equal(top_magnitude_mask(x, n // 2), reference_top_mask(x, n // 2))
     assert sorted_like_mergekit == []
+
+
+def torch_sort_top_mask(x: torch.Tensor, k: int, *, ascending: bool = False) -> torch.Tensor:
+    """The top-``k`` magnitude mask by torch's CPU sort of ``|x|``, as mergekit makes it
+    (TIES: the first k of argsort descending; breadcrumbs: the last k of sort ascending)."""
+    magnitudes = x.abs().reshape(-1).float()
+    if ascending:
+        order = torch.sort(magnitudes).indices[magnitudes.numel() - k :]
+    else:
+        order = torch.argsort(magnitudes, descending=True)[:k]
+    mask = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view(x.shape)
+
+
+@pytest.mark.parametrize("values", [2, 9, 1000])
+@pytest.mark.parametrize("n", [17, 100, 4097, 100_000])
+def test_the_introsort_replay_orders_each_tied_group_as_torchs_cpu_sort(
+    n: int, values: int
+) -> None:
+    """The replay of libstdc++'s introsort (torch's CPU sort) gives each group of equal keys
+    the order that sort leaves it in, both directions, without sorting."""
+    assert selection._introsort_replays_torch()
+    keys = torch.randint(0, values, (n,), generator=torch.Generator().manual_seed(n)).int()
+    for descending in (True, False):
+        order = torch.sort(keys.float(), descending=descending).indices
+        replayed = keys.numpy() if descending else -keys.numpy()
+        for value in keys.unique()[:20].tolist():
+            expected = order[keys[order] == value].numpy()
+            got = selection._introsort_group_order(replayed, value if descending else -value)
+            assert got is not None and got.tolist() == expected.tolist(), (descending, value)
+
+
+def fp32_task_vector_with_ties(n: int, seed: int) -> torch.Tensor:
+    """An fp32 task vector as a fine-tune's: expert minus base, both near 0.02, so that its
+    magnitudes are multiples of the base's ulp and a few dozen elements share each value."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator) * 0.02
+    expert = base + torch.randn(n, generator=generator) * 0.001
+    return expert - base
+
+
+def test_large_fp32_tensors_keep_tied_members_as_torchs_sort_without_sorting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a tensor of millions of elements (a size where torch could sort otherwise), the
+    members of a tied group split by the threshold are those torch's sort keeps, for TIES and
+    for breadcrumbs' band, and no tensor is sorted to find them."""
+
+    def no_sort(*args: Any) -> list[torch.Tensor]:
+        raise AssertionError("a split tie group was sorted instead of replayed")
+
+    monkeypatch.setattr(selection, "_sorted_top_masks", no_sort)
+    x = fp32_task_vector_with_ties(3_000_000, seed=3)
+    n = x.numel()
+    split = 0
+    for density in (0.2, 0.5, 0.7):
+        k = int(density * n)
+        expected = torch_sort_top_mask(x, k)
+        assert torch.equal(selection.top_magnitude_mask(x, k), expected), density
+        threshold = x.abs()[expected].min()
+        split += int(((x.abs() == threshold) & ~expected).any())
+        dropped = int(0.01 * n)
+        band = sparsification.magnitude_masks_batch("magnitude_outliers", [(x, density, 0.01)])[0]
+        expected_band = torch_sort_top_mask(x, k + dropped, ascending=True) ^ torch_sort_top_mask(
+            x, dropped, ascending=True
+        )
+        assert band is not None and torch.equal(band, expected_band), density
+    assert split > 0  # the thresholds do split tied groups here
+
+
+def test_split_ties_fall_back_to_torchs_sort_where_the_replay_does_not_match_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A torch whose CPU sort the replay does not reproduce (another C++ library): the sort."""
+    from mergekit.sparsify import magnitude
+
+    monkeypatch.setattr(selection, "_introsort_replays_torch", lambda: False)
+    x = fp32_grids(20_000)["13 magnitudes"]
+    for density in (0.1, 0.3, 0.77):
+        assert torch.equal(sparsify(x, method="magnitude", density=density), magnitude(x, density))
+
+
+def test_split_ties_fall_back_to_torchs_sort_where_the_introsort_would_heapsort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At libstdc++'s depth limit the introsort heapsorts, which the replay does not follow:
+    the sort decides there (the replay answers None)."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    monkeypatch.setattr(selection, "_introsort_group_order", lambda keys, value: None)
+    x = fp32_grids(20_000)["fine grid"]
+    for density in (0.1, 0.5):
+        assert torch.equal(sparsify(x, method="magnitude", density=density), magnitude(x, density))
+        assert torch.equal(
+            sparsify(x, method="magnitude_outliers", density=density, gamma=0.05),
+            magnitude_outliers(x, density, gamma=0.05),
+        )
+
+
+def test_nans_of_several_payloads_sort_as_one_value_like_torchs_sort() -> None:
+    """torch's comparator holds every NaN equal and above every number; the replay too."""
+    x = fp32_grids(20_000)["13 magnitudes"].clone()
+    quiet = torch.tensor([0x7FC00000, 0x7FC00001, -0x00400000], dtype=torch.int32)
+    x[::97] = quiet.repeat(len(x[::97]) // 3 + 1)[: len(x[::97])].view(torch.float32)
+    for density in (0.1, 0.3, 0.77):
+        k = int(density * x.numel())
+        assert torch.equal(selection.top_magnitude_mask(x, k), torch_sort_top_mask(x, k))
 
 
 def binomial_bound(n: int, p: float, sigmas: float = 5.0) -> float:

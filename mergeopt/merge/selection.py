@@ -8,13 +8,14 @@ or window misses. Ties at the threshold are kept in index order, so a selection 
 one (magnitude descending, index ascending) order.
 
 mergekit sorts ``|x|`` instead (TIES: ``torch.argsort(descending=True)[:k]``; breadcrumbs: a
-slice of ``torch.sort`` ascending). On the CPU that sort is not stable (introsort past 16
-elements), so which members of a group of tied magnitudes it keeps depends on the whole tensor:
-no selection short of that sort reproduces it. fp32 tensors on the CPU therefore take
-mergekit's sort exactly where the threshold splits a group of equal nonzero magnitudes
-(:func:`_mergekit_top_masks`; rare in fp32, and ties at zero change no merge). 16-bit tensors
-tie at nearly every threshold: they keep the index order (merges differ from mergekit's only
-there: matching would mean sorting every tensor as mergekit does), and so does the GPU.
+slice of ``torch.sort`` ascending). On the CPU that sort is libstdc++'s ``std::sort``, not
+stable (introsort past 16 elements), so which members of a group of tied magnitudes it keeps
+depends on the whole tensor. fp32 tensors on the CPU therefore keep mergekit's members where
+the threshold splits a group of equal nonzero magnitudes (:func:`_mergekit_top_masks`; ties at
+zero change no merge): the group's order comes from a replay of the introsort's partitions of
+the ranges that hold it (:func:`_introsort_group_order`, about two passes over the tensor),
+not from a sort. 16-bit tensors tie at nearly every threshold: they keep the index order
+(merges differ from mergekit's only there), and so does the GPU.
 
 A batch of selections shares one host sync (:func:`start_top_magnitude_masks` and
 :meth:`PendingTopMasks.finish`): the engine passes a whole block.
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mergeopt.merge.backend import Switches, triton_on
@@ -147,30 +149,167 @@ def _ties_as_mergekit(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _splits_tied_group(sorted_keys: torch.Tensor, kept: int) -> bool:
-    """Whether keeping the first ``kept`` of these keys (sorted descending, more than ``kept``
-    of them) splits a group of equal nonzero keys. Ties at zero need no particular order: a
-    zero delta adds nothing, counts in no L1 norm, and the sign election ignores it."""
+def _split_tied_group(sorted_keys: torch.Tensor, kept: int) -> int | None:
+    """The key of the group of equal nonzero keys that keeping the first ``kept`` of these
+    keys (sorted descending, more than ``kept`` of them) splits, or None. Ties at zero need no
+    particular order: a zero delta adds nothing, counts in no L1 norm, and the sign election
+    ignores it."""
     if kept <= 0 or kept >= sorted_keys.numel():
-        return False
+        return None
     last, first_left = sorted_keys[kept - 1 : kept + 1].tolist()
-    return bool(last == first_left != 0)
+    return int(last) if last == first_left != 0 else None
 
 
-def _splits_ties_in_mask(keys: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether ``mask`` (a top-k of ``keys``) keeps some but not all of the keys equal to its
-    smallest kept key, that key nonzero (the radix fallback's check: two passes, rare)."""
+def _split_ties_in_mask(keys: torch.Tensor, mask: torch.Tensor) -> int | None:
+    """The smallest key ``mask`` (a top-k of ``keys``) keeps where it keeps some but not all
+    of the keys equal to it, that key nonzero; else None (the radix fallback's check: two
+    passes, rare)."""
     if not bool(mask.any()):
-        return False
-    threshold = torch.where(mask, keys, torch.iinfo(keys.dtype).max).min()
-    return bool(threshold != 0) and bool(((keys == threshold) & ~mask).any())
+        return None
+    threshold = int(torch.where(mask, keys, torch.iinfo(keys.dtype).max).min())
+    split = threshold != 0 and bool(((keys == threshold) & ~mask).any())
+    return threshold if split else None
 
 
-def _mergekit_top_masks(x: torch.Tensor, ks: Sequence[int], band: bool) -> list[torch.Tensor]:
-    """Top-``k`` magnitude masks of ``x`` for each ``k``, from mergekit's own sort of ``|x|``
-    (same call, same order of tied magnitudes): ``torch.argsort(descending=True)`` for TIES;
-    for breadcrumbs (``band``) ``torch.sort`` ascending, whose top ``k`` are its last ``k``
-    (its kept band ``[n - k0, n - k1)`` is then the difference of two of these masks)."""
+# libstdc++'s std::sort, which torch's CPU sort of one row calls (torch.argsort and
+# torch.sort, not stable: ``at::native::sort_kernel``): an introsort whose quicksort leaves
+# ranges of at most this many elements to one final insertion sort.
+_INTROSORT_THRESHOLD = 16
+
+_NAN_KEY = 0x7F800001
+"""Every NaN magnitude's key in the introsort's replay: torch's comparator holds all NaNs
+equal and above every number (a NaN's bit pattern would order its payloads)."""
+
+
+def _introsort_group_order(keys: np.ndarray, value: int) -> np.ndarray | None:
+    """Where libstdc++'s ``std::sort(keys, greater)`` leaves the elements of 1-D int ``keys``
+    equal to ``value``: their indices, in sorted order (``keys`` is not changed). None where
+    it would heapsort (its depth limit, on adversarial inputs only).
+
+    mergekit's sort of ``|x|`` keeps some members of a tied group and drops others, and only
+    its order of the group decides which. That order follows from the quicksort's
+    partitions, and only those of ranges holding two or more members matter (the final
+    insertion sort never moves equal keys past each other). A range holding the group is
+    partitioned here as libstdc++ does (median of three to the front, Hoare's partition with
+    both scans stopping at keys equal to the pivot), with array-wide numpy passes instead of
+    element swaps: about two passes over the tensor in all, instead of a sort of it.
+    """
+    members = np.flatnonzero(keys == value)
+    n = keys.size
+    if members.size < 2:
+        return members
+    work = keys.copy()
+    at = members.copy()  # each member's position in ``work``
+    flags = np.empty(n, dtype=np.bool_)
+    ranges = [(0, n, 2 * (n.bit_length() - 1))]  # libstdc++'s depth limit: 2 floor(log2 n)
+    while ranges:
+        first, last, depth = ranges.pop()
+        while last - first > _INTROSORT_THRESHOLD:
+            inside = (at >= first) & (at < last)
+            if np.count_nonzero(inside) < 2:
+                break  # this range no longer orders members among themselves
+            if depth == 0:
+                return None
+            depth -= 1
+            # std::__move_median_to_first(first, first + 1, mid, last - 1)
+            a, b, c = first + 1, first + (last - first) // 2, last - 1
+            ka, kb, kc = int(work[a]), int(work[b]), int(work[c])
+            if ka > kb:
+                median = b if kb > kc else (c if ka > kc else a)
+            elif ka > kc:
+                median = a
+            else:
+                median = c if kb > kc else b
+            work[first], work[median] = work[median], work[first]
+            at = np.where(at == first, median, np.where(at == median, first, at))
+            # std::__unguarded_partition(first + 1, last, pivot at first): the t-th swap
+            # exchanges the t-th key <= pivot from the left with the t-th key >= pivot
+            # from the right, while the former lies left of the latter
+            pivot = work[first]
+            span = last - first
+            np.less_equal(work[first + 1 : last], pivot, out=flags[: span - 1])
+            left = np.flatnonzero(flags[: span - 1])
+            left += first + 1
+            np.greater_equal(work[first:last], pivot, out=flags[:span])
+            right = np.flatnonzero(flags[:span])[::-1] + first  # the pivot: a sentinel
+            pairs = min(left.size, right.size)
+            swaps = int(np.count_nonzero(left[:pairs] < right[:pairs]))
+            if swaps == 0:
+                cut = int(left[0])
+            else:
+                cut = int(right[swaps - 1])
+                if swaps < left.size:
+                    cut = min(cut, int(left[swaps]))
+                to_right, to_left = left[:swaps], right[:swaps]
+                moved = work[to_right]
+                work[to_right] = work[to_left]
+                work[to_left] = moved
+                # members among the swapped keys move to their partners' positions
+                up = to_left[::-1]
+                i = np.minimum(np.searchsorted(to_right, at), swaps - 1)
+                j = np.minimum(np.searchsorted(up, at), swaps - 1)
+                at = np.where(
+                    to_right[i] == at, to_left[i], np.where(up[j] == at, to_right[::-1][j], at)
+                )
+            ranges.append((cut, last, depth))  # libstdc++ recurses right, loops left
+            last = cut
+    return members[np.argsort(at, kind="stable")]
+
+
+@functools.cache
+def _introsort_replays_torch() -> bool:
+    """Whether :func:`_introsort_group_order` replays this torch's CPU sort (libstdc++'s
+    std::sort; a build on another C++ library sorts otherwise): checked once per process on
+    1500 keys of five values, both directions, every group (some milliseconds). Where it
+    does not, split tie groups fall back to torch's own sort (exact, slower)."""
+    keys = torch.randint(0, 5, (1500,), generator=torch.Generator().manual_seed(0)).int()
+    as_float = keys.float()
+    for descending in (True, False):
+        order = torch.sort(as_float, descending=descending).indices
+        sorted_keys = keys[order]
+        replayed = keys.numpy() if descending else -keys.numpy()
+        for value in range(5):
+            expected = order[sorted_keys == value].numpy()
+            got = _introsort_group_order(replayed, value if descending else -value)
+            if got is None or not np.array_equal(got, expected):
+                return False
+    return True
+
+
+def _mergekit_top_masks(
+    x: torch.Tensor, splits: Sequence[tuple[int, int]], band: bool
+) -> list[torch.Tensor]:
+    """Top-``k`` magnitude masks of ``x`` (fp32, CPU), one per ``(k, key)`` of ``splits``
+    (``key``: the nonzero magnitude key of the tied group the threshold splits), keeping of
+    that group the members mergekit's sort of ``|x|`` keeps: ``torch.argsort(descending=True)``
+    for TIES; for breadcrumbs (``band``) ``torch.sort`` ascending, whose top ``k`` are its last
+    ``k`` (its kept band ``[n - k0, n - k1)`` is then the difference of two of these masks).
+
+    The group's order comes from a replay of that sort's partitions
+    (:func:`_introsort_group_order`), or from the sort itself where the replay cannot be
+    trusted (another torch build, the depth limit, NaNs)."""
+    if not _introsort_replays_torch() or any(key >= _NAN_KEY for _, key in splits):
+        return _sorted_top_masks(x, [k for k, _ in splits], band)
+    keys = _magnitude_keys(x).numpy()
+    replayed = np.minimum(keys, _NAN_KEY)  # NaNs made equal, as torch compares them
+    if band:  # ascending: ``greater`` on negated keys compares as ``less`` does
+        np.negative(replayed, out=replayed)
+    masks = []
+    for k, key in splits:
+        order = _introsort_group_order(replayed, -key if band else key)
+        if order is None:
+            return _sorted_top_masks(x, [k for k, _ in splits], band)
+        above = keys > key
+        wanted = k - int(np.count_nonzero(above))
+        # the top k: an ascending sort's last, a descending one's first
+        above[order[order.size - wanted :] if band else order[:wanted]] = True
+        masks.append(torch.from_numpy(above).view(x.shape))
+    return masks
+
+
+def _sorted_top_masks(x: torch.Tensor, ks: Sequence[int], band: bool) -> list[torch.Tensor]:
+    """:func:`_mergekit_top_masks` by mergekit's own sort of ``|x|`` (same call, same order of
+    tied magnitudes)."""
     magnitudes = x.abs().reshape(-1).float()
     if band:
         order = torch.sort(magnitudes, descending=False).indices.flip(0)
@@ -204,9 +343,9 @@ class _Bracket:
         self.keys = keys
         self.k = k
         self.check_ties = check_ties
-        self.splits_ties = False
-        """Set by :meth:`finish` where ``check_ties``: whether the mask keeps only part of the
-        group of equal nonzero keys at the threshold (mergekit's sort may keep others)."""
+        self.split: int | None = None
+        """Set by :meth:`finish` where ``check_ties`` and the mask keeps only part of the group
+        of equal nonzero keys at the threshold (mergekit's sort may keep others): that key."""
         n = keys.numel()
         m = sample.numel()
         fraction = k / n
@@ -235,7 +374,7 @@ class _Bracket:
         )
         if not count_above < k <= count_at_least_lo:
             mask = _radix_top_mask(keys, k)
-            self.splits_ties = self.check_ties and _splits_ties_in_mask(keys, mask)
+            self.split = _split_ties_in_mask(keys, mask) if self.check_ties else None
             return mask
         above = self.above if self.above is not None else torch.zeros_like(keys, dtype=torch.bool)
         if self.at_least_lo is None:
@@ -246,14 +385,14 @@ class _Bracket:
         inside_count = count_at_least_lo - count_above
         if one_key:  # a single key value: the first ``wanted`` of it, in index order
             chosen = _nonzero_first(inside, wanted)
-            if self.check_ties:
-                self.splits_ties = wanted < inside_count and bool(keys[chosen[0]] != 0)
+            if self.check_ties and wanted < inside_count:
+                self.split = int(keys[chosen[0]]) or None
         else:
             candidates = _nonzero_first(inside, inside_count)
             ranked = torch.sort(keys[candidates], descending=True, stable=True)
             chosen = candidates[ranked.indices[:wanted]]
             if self.check_ties:
-                self.splits_ties = _splits_tied_group(ranked.values, wanted)
+                self.split = _split_tied_group(ranked.values, wanted)
         above[chosen] = True
         return above
 
@@ -314,9 +453,9 @@ class PendingTopMasks:
         groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]],
         statuses: list[torch.Tensor],
     ) -> None:
-        self._as_mergekit: set[int] = set()
-        """Requests whose masks split tied magnitudes where mergekit's order rules (fp32 on
-        the CPU): :meth:`finish` redoes them with mergekit's sort."""
+        self._as_mergekit: _Splits = {}
+        """Masks that split tied magnitudes where mergekit's order rules (fp32 on the CPU):
+        :meth:`finish` redoes them as mergekit's sort makes them."""
         self._requests = requests
         self._results = results
         self._band = band
@@ -360,8 +499,8 @@ class PendingTopMasks:
             mask = bracket.finish(values[start : start + count])
             start += count
             results[request_index][index] = mask.view(requests[request_index][0].shape)
-            if bracket.splits_ties:
-                self._as_mergekit.add(request_index)
+            if bracket.split is not None:
+                self._as_mergekit.setdefault(request_index, {})[index] = bracket.split
         _redo_as_mergekit(requests, results, self._band, self._as_mergekit)
         redone = False
         for (_, as_band, _), members in self._groups.items():
@@ -386,23 +525,28 @@ class PendingTopMasks:
         return redone
 
 
+_Splits = dict[int, dict[int, int]]
+"""Masks that split a group of tied nonzero magnitudes: request index -> {index of its k:
+the group's key}."""
+
+
 def _redo_as_mergekit(
     requests: Sequence[tuple[torch.Tensor, Sequence[int]]],
     results: list[list[torch.Tensor | None]],
     band: Sequence[bool] | None,
-    indices: set[int],
+    splits: _Splits,
 ) -> None:
-    """Replace the masks of the requests ``indices`` (each a split group of tied magnitudes
-    where mergekit's order rules) by masks from mergekit's own sort, all of a request's ks
-    from one sort (a band's two tops must be prefixes of one order)."""
-    for request_index in sorted(indices):
+    """Replace the masks that split a group of tied magnitudes where mergekit's order rules
+    (``splits``) by the masks mergekit's sort makes; the other masks of those requests are
+    prefixes of any order of the magnitudes, so a band's two tops stay prefixes of one."""
+    for request_index, split in sorted(splits.items()):
         x, ks = requests[request_index]
         as_band = bool(band and band[request_index])
-        pending = [i for i, k in enumerate(ks) if 0 < k < x.numel()]
-        redone = _mergekit_top_masks(x, [ks[i] for i in pending], as_band)
-        for index, mask in zip(pending, redone, strict=True):
+        indices = sorted(split)
+        redone = _mergekit_top_masks(x, [(ks[i], split[i]) for i in indices], as_band)
+        for index, mask in zip(indices, redone, strict=True):
             results[request_index][index] = mask
-    indices.clear()
+    splits.clear()
 
 
 def top_magnitude_masks_batch(
@@ -450,7 +594,7 @@ def start_top_magnitude_masks(
     # each group (a block's tensors all have full samples: one group)
     groups: dict[tuple[int, bool, int], list[tuple[int, list[int], torch.Tensor]]] = {}
     small: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, int]]] = {}
-    as_mergekit: set[int] = set()  # small requests that split tied magnitudes (fp32, CPU)
+    as_mergekit: _Splits = {}  # small requests' masks that split tied magnitudes (fp32, CPU)
     kernels: ModuleType | None = None
     for request_index, (x, ks) in enumerate(requests):
         n = x.numel()
@@ -525,8 +669,11 @@ def start_top_magnitude_masks(
         check_ties = _ties_as_mergekit(stacked)
         for row, (r, index) in enumerate(sorted_members):
             results[r][index] = found_small[row].view(requests[r][0].shape)
-            if check_ties and _splits_tied_group(ranked.values[row], requests[r][1][index]):
-                as_mergekit.add(r)
+            split = None
+            if check_ties:
+                split = _split_tied_group(ranked.values[row], requests[r][1][index])
+            if split is not None:
+                as_mergekit.setdefault(r, {})[index] = split
     _redo_as_mergekit(requests, results, band, as_mergekit)
     statuses = []
     for (_, as_band, _), members in groups.items():
