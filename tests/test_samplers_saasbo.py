@@ -20,7 +20,11 @@ from mergeopt.samplers.saasbo import (
     parse_initial_solutions,
 )
 from mergeopt.samplers.saasbo_acquisition import derived_reference_point
-from mergeopt.samplers.saasbo_gp import inverse_lengthscale_scales, lengthscale_prior_locations
+from mergeopt.samplers.saasbo_gp import (
+    fit_map_model,
+    inverse_lengthscale_scales,
+    lengthscale_prior_locations,
+)
 
 GENOME = Genome(num_blocks=5, num_experts=2, searched={"weight": (0.0, 1.0), "density": (0.1, 1.0)})
 FAST = {"num_restarts": 2, "raw_samples": 32, "maxiter": 20, "mc_samples": 32, "num_threads": 1}
@@ -150,6 +154,17 @@ def test_importance_prior_maps_importance_to_lengthscale_priors() -> None:
     np.testing.assert_allclose(
         inverse_lengthscale_scales(importance, 1.0, 3), [math.e**2, 1.0, math.e**-2]
     )
+
+
+def test_a_map_gp_can_be_restored_in_place_as_botorch_retries_a_failed_fit() -> None:
+    import torch
+
+    x = torch.rand(8, 3, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+    y = x.sum(dim=-1, keepdim=True)
+    model = fit_map_model(x, y, lengthscale_prior_locations(3, None, 2.0), math.sqrt(3))
+    # BoTorch's retry after a failed attempt writes the checkpoint back into every tensor
+    for tensor in model.state_dict().values():
+        tensor[...] = tensor.clone()
 
 
 @pytest.mark.slow

@@ -60,10 +60,13 @@ def fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scale
 
     dimension = train_x.shape[-1]
     loc = torch.as_tensor(locations, dtype=train_x.dtype)
+    # A scale of loc's shape, not a float: broadcast, it is a stride-0 buffer, which BoTorch's
+    # retry of a failed fit attempt cannot restore in place (RuntimeError).
+    scale = torch.full_like(loc, prior_scale)
     kernel = MaternKernel(
         nu=2.5,
         ard_num_dims=dimension,
-        lengthscale_prior=LogNormalPrior(loc=loc, scale=prior_scale),
+        lengthscale_prior=LogNormalPrior(loc=loc, scale=scale),
         lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=1.0),
     )
     kernel.lengthscale = torch.exp(loc).unsqueeze(0)
