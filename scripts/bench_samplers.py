@@ -53,8 +53,7 @@ Usage:
         (rerun the same command to continue runs a time limit cut: --state-dir keeps each run's
         points after every batch)
     python scripts/bench_samplers.py table bench.jsonl --machine "..." > docs/bench/samplers-x.md
-    python scripts/bench_samplers.py timing --observations 88 --threads 2 --options '{}' \
-        [--warm-start]
+    python scripts/bench_samplers.py timing --observations 88 --threads 2 --options '{}'
 """
 
 from __future__ import annotations
@@ -578,25 +577,17 @@ def command_timing(args: argparse.Namespace) -> None:
     importance[prob["relevant"]] = 1.0
     options = json.loads(args.options)
     sampler = SaasQnehviSampler(**options)
-
-    def propose(observations: int, fit_start: Any = None) -> Any:
-        return propose_batch(
-            train_x=x[:observations],
-            train_y=y[:observations],
-            pending_x=x[:3] + 0.01,
-            q=BATCH,
-            importance=importance,
-            ref_point=None,
-            sampler=sampler,
-            seed=0,
-            fit_start=fit_start,
-        )
-
-    # --warm-start: the previous batch's proposal (untimed, and it does the imports) as a
-    # study's fits after its first start from it
-    fit_start = propose(args.observations - BATCH).hyperparameters if args.warm_start else None
     start = time.perf_counter()
-    proposal = propose(args.observations, fit_start)
+    _, fit, acq = propose_batch(
+        train_x=x,
+        train_y=y,
+        pending_x=x[:3] + 0.01,
+        q=BATCH,
+        importance=importance,
+        ref_point=None,
+        sampler=sampler,
+        seed=0,
+    )
     total = time.perf_counter() - start
     print(
         json.dumps(
@@ -604,9 +595,8 @@ def command_timing(args: argparse.Namespace) -> None:
                 "options": options,
                 "observations": args.observations,
                 "threads": args.threads,
-                "warm_start": args.warm_start,
-                "fit_s": round(proposal.fit_seconds, 2),
-                "acq_s": round(proposal.acquisition_seconds, 2),
+                "fit_s": round(fit, 2),
+                "acq_s": round(acq, 2),
                 "total_s": round(total, 2),
             }
         ),
@@ -728,13 +718,6 @@ def main() -> None:
     timing.add_argument("--observations", type=int, default=88)
     timing.add_argument("--threads", type=int, default=2)
     timing.add_argument("--options", default="{}", help="SaasQnehviSampler options as JSON")
-    timing.add_argument(
-        "--warm-start",
-        action="store_true",
-        help="start the fit from the fit of all but the last 4 observations, as every fit of a "
-        "study after its first does (that fit and the imports are not timed: compare fit_s "
-        "and acq_s, not total_s, with a cold run)",
-    )
     args = parser.parse_args()
     commands = {"run": command_run, "one": command_one, "table": command_table}
     commands["timing"] = command_timing

@@ -13,12 +13,9 @@ import pytest
 from optuna.trial import TrialState
 
 from mergeopt.genome import Genome
-from mergeopt.samplers import saasbo_acquisition
-from mergeopt.samplers._state import read_json_state, write_json_state
 from mergeopt.samplers.saasbo import (
     ACQ_SECONDS_ATTR,
     FIT_SECONDS_ATTR,
-    FIT_STATE_KEY,
     SaasQnehviSampler,
     parse_initial_solutions,
 )
@@ -187,38 +184,6 @@ def test_a_fit_makes_a_batch_queued_for_other_workers_conditioned_on_running_tri
     assert {t.number for t in popped} == {t.number for t in queued}
     all_points = [tuple(t.params.values()) for t in [running, *popped]]
     assert len(set(all_points)) == 3
-
-
-@pytest.mark.slow
-def test_each_map_fit_starts_from_the_previous_fits_hyperparameters(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    starts: list[object] = []
-    fit_map_model = saasbo_acquisition.fit_map_model
-
-    def recording_fit(*args: object) -> object:
-        starts.append(args[4])
-        return fit_map_model(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(saasbo_acquisition, "fit_map_model", recording_fit)
-    sampler = SaasQnehviSampler(seed=0, genome=GENOME, n_startup_trials=4, batch_size=2, **FAST)
-    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
-
-    def ask_and_tell(n: int) -> None:
-        for _ in range(n):
-            trial = study.ask(GENOME.distributions())
-            study.tell(trial, list(_objective(trial.params)))
-
-    ask_and_tell(2 + 4 + 2)  # the design (each expert alone, 4 Sobol points), the first batch
-    first = read_json_state(study, FIT_STATE_KEY)
-    assert first is not None and sorted(first["param_names"]) == sorted(GENOME.param_names)
-    assert starts == [None, None]  # the first fit starts from the prior, one GP per objective
-    ask_and_tell(2)
-    assert starts[2:] == first["objectives"]
-    # hyperparameters of another search space are not a start
-    write_json_state(study, FIT_STATE_KEY, {**first, "param_names": ["other"]})
-    ask_and_tell(2)
-    assert starts[4:] == [None, None]
 
 
 @pytest.mark.slow

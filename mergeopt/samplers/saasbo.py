@@ -60,9 +60,7 @@ from mergeopt.samplers._state import (
     UnitCube,
     dimension_importance,
     genome_of,
-    read_json_state,
     trial_unit_params,
-    write_json_state,
 )
 from mergeopt.samplers.base import BatchedGenomeSampler, design_index
 from mergeopt.samplers.saasbo_acquisition import propose_batch
@@ -78,10 +76,6 @@ FIT_SECONDS_ATTR: TrialUserAttr[float] = TrialUserAttr(PREFIX + "fit_seconds")
 """Model fit time of the trial's batch."""
 ACQ_SECONDS_ATTR: TrialUserAttr[float] = TrialUserAttr(PREFIX + "acq_seconds")
 """Acquisition time of the trial's batch."""
-FIT_STATE_KEY = PREFIX + "fit_state"
-"""Study system attrs (chunked JSON, ``samplers._state.write_json_state``): the last MAP fit's
-hyperparameters per objective and the parameter names they belong to; the next fit starts from
-them (written by the fit lock's holder only)."""
 _warned_uniform_importance = False
 STOPPED_TRIALS = ("observe", "ignore")
 
@@ -390,7 +384,7 @@ class SaasQnehviSampler(BatchedGenomeSampler):
                     f"ref_point has {len(self.ref_point)} values, the study {len(signs)} objectives"
                 )
             ref_point = np.array(self.ref_point) * signs
-        proposal = propose_batch(
+        points, fit_seconds, acq_seconds = propose_batch(
             train_x=train_x,
             train_y=train_y,
             pending_x=np.array(pending) if pending else None,
@@ -399,27 +393,13 @@ class SaasQnehviSampler(BatchedGenomeSampler):
             ref_point=ref_point,
             sampler=self,
             seed=(0 if self._seed is None else self._seed) + len(data),
-            fit_start=self._fit_start(study, cube),
         )
-        if proposal.hyperparameters is not None:
-            state = {"param_names": cube.names, "objectives": proposal.hyperparameters}
-            write_json_state(study, FIT_STATE_KEY, state)
-        self.last_fit_seconds = proposal.fit_seconds
-        self.last_acquisition_seconds = proposal.acquisition_seconds
+        self.last_fit_seconds, self.last_acquisition_seconds = fit_seconds, acq_seconds
         timings: dict[str, Any] = {
-            FIT_SECONDS_ATTR: round(proposal.fit_seconds, 3),
-            ACQ_SECONDS_ATTR: round(proposal.acquisition_seconds, 3),
+            FIT_SECONDS_ATTR: round(fit_seconds, 3),
+            ACQ_SECONDS_ATTR: round(acq_seconds, 3),
         }
-        return [(cube.from_unit(point), dict(timings)) for point in proposal.candidates]
-
-    def _fit_start(self, study: Study, cube: UnitCube) -> list[dict[str, list[float]]] | None:
-        """The previous MAP fit's hyperparameters when they belong to this search space."""
-        if self.use_saas:
-            return None
-        state = read_json_state(study, FIT_STATE_KEY)
-        if state is None or state.get("param_names") != cube.names:
-            return None
-        return list(state["objectives"])
+        return [(cube.from_unit(point), dict(timings)) for point in points]
 
 
 __all__ = ["ACQ_SECONDS_ATTR", "FIT_SECONDS_ATTR", "SaasQnehviSampler", "parse_initial_solutions"]

@@ -5,8 +5,6 @@ current front. The sampler (:mod:`mergeopt.samplers.saasbo`) decides when and wi
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,11 +14,7 @@ from mergeopt.samplers.saasbo_gp import (
     fit_saas_model,
     inverse_lengthscale_scales,
     lengthscale_prior_locations,
-    map_hyperparameters,
 )
-
-Hyperparameters = Mapping[str, Sequence[float]]
-"""One MAP GP's raw hyperparameters by name (``saasbo_gp.map_hyperparameters``)."""
 
 
 class ProposalSettings(Protocol):
@@ -40,18 +34,6 @@ class ProposalSettings(Protocol):
     maxiter: int
 
 
-@dataclass(frozen=True)
-class Proposal:
-    """What :func:`propose_batch` made."""
-
-    candidates: np.ndarray
-    """``q x d`` candidates in the unit cube."""
-    fit_seconds: float
-    acquisition_seconds: float
-    hyperparameters: list[dict[str, list[float]]] | None
-    """Each objective's fitted MAP GP (the next batch's ``fit_start``); None in SAAS mode."""
-
-
 def propose_batch(
     *,
     train_x: np.ndarray,
@@ -62,8 +44,7 @@ def propose_batch(
     ref_point: np.ndarray | None,
     sampler: ProposalSettings,
     seed: int,
-    fit_start: Sequence[Hyperparameters] | None = None,
-) -> Proposal:
+) -> tuple[np.ndarray, float, float]:
     """Fit the models and optimize the acquisition.
 
     Args:
@@ -75,8 +56,9 @@ def propose_batch(
         ref_point: ``m`` reference point (maximization form) or None (derived from data).
         sampler: the settings.
         seed: torch seed of this batch.
-        fit_start: each objective's MAP hyperparameters to start its fit from (the previous
-            batch's ``Proposal.hyperparameters``), or None to start from the prior.
+
+    Returns:
+        ``(q x d candidates, fit seconds, acquisition seconds)``.
     """
     import torch
 
@@ -88,7 +70,7 @@ def propose_batch(
         x = torch.as_tensor(train_x, dtype=torch.double)
         y = torch.as_tensor(train_y, dtype=torch.double)
         start = time.perf_counter()
-        model = _fit_models(x, y, importance, sampler, fit_start)
+        model = _fit_models(x, y, importance, sampler)
         fit_seconds = time.perf_counter() - start
         start = time.perf_counter()
         pending = None if pending_x is None else torch.as_tensor(pending_x, dtype=torch.double)
@@ -97,23 +79,14 @@ def propose_batch(
         acq_seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous_threads)
-    fitted = None if sampler.use_saas else [map_hyperparameters(m) for m in _members(model)]
-    return Proposal(candidates.detach().clamp(0.0, 1.0).numpy(), fit_seconds, acq_seconds, fitted)
+    return candidates.detach().clamp(0.0, 1.0).numpy(), fit_seconds, acq_seconds
 
 
-def _fit_models(
-    x: Any,
-    y: Any,
-    importance: np.ndarray | None,
-    sampler: ProposalSettings,
-    fit_start: Sequence[Hyperparameters] | None = None,
-) -> Any:
+def _fit_models(x: Any, y: Any, importance: np.ndarray | None, sampler: ProposalSettings) -> Any:
     """One GP per objective (a ``ModelListGP`` of them for several)."""
     from botorch.models import ModelListGP
 
     dimension, num_objectives = x.shape[-1], y.shape[-1]
-    if fit_start is not None and len(fit_start) != num_objectives:
-        fit_start = None
     models = []
     for j in range(num_objectives):
         if sampler.use_saas:
@@ -123,18 +96,10 @@ def _fit_models(
             locations = lengthscale_prior_locations(
                 dimension, importance, sampler.importance_strength
             )
-            start = None if fit_start is None else fit_start[j]
             models.append(
-                fit_map_model(x, y[:, j : j + 1], locations, sampler.lengthscale_prior_scale, start)
+                fit_map_model(x, y[:, j : j + 1], locations, sampler.lengthscale_prior_scale)
             )
     return ModelListGP(*models) if num_objectives > 1 else models[0]
-
-
-def _members(model: Any) -> list[Any]:
-    """The per-objective GPs of :func:`_fit_models`' model."""
-    from botorch.models import ModelListGP
-
-    return list(model.models) if isinstance(model, ModelListGP) else [model]
 
 
 def _optimize_acquisition(
@@ -235,4 +200,4 @@ def _raw_starts(x: Any, y: Any, raw_samples: int, q: int, seed: int) -> Any:
     return raw
 
 
-__all__ = ["Proposal", "ProposalSettings", "derived_reference_point", "propose_batch"]
+__all__ = ["ProposalSettings", "derived_reference_point", "propose_batch"]

@@ -26,7 +26,6 @@ genome block ``b`` with importance ``I_b`` (study user attr ``mergeopt:block_imp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,17 +48,7 @@ def inverse_lengthscale_scales(importance: np.ndarray | None, strength: float, d
     return np.exp(2.0 * strength * (2.0 * np.asarray(importance, dtype=float) - 1.0))
 
 
-def fit_map_model(
-    train_x: Any,
-    train_y: Any,
-    locations: np.ndarray,
-    prior_scale: float,
-    start: Mapping[str, Sequence[float]] | None = None,
-) -> Any:
-    """A MAP Matérn-5/2 GP, its lengthscales started at the prior's median, or all its
-    hyperparameters at ``start`` (:func:`map_hyperparameters` of the previous fit, when it fits
-    this model's shapes): a fit a few points later starts near its optimum and needs fewer
-    iterations."""
+def fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scale: float) -> Any:
     import torch
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
@@ -82,32 +71,8 @@ def fit_map_model(
     )
     kernel.lengthscale = torch.exp(loc).unsqueeze(0)
     model = SingleTaskGP(train_x, train_y, covar_module=kernel, outcome_transform=Standardize(m=1))
-    if start is not None:
-        _load_hyperparameters(model, start)
     fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
     return model
-
-
-def map_hyperparameters(model: Any) -> dict[str, list[float]]:
-    """A fitted MAP GP's raw hyperparameters by name, as JSON numbers (the next fit's start)."""
-    return {name: p.detach().reshape(-1).tolist() for name, p in model.named_parameters()}
-
-
-def _load_hyperparameters(model: Any, start: Mapping[str, Sequence[float]]) -> None:
-    """Set every raw hyperparameter of ``model`` from ``start``; leave all of them as they are
-    unless ``start`` has each one with its size and finite values (another space, or a
-    model of another shape, starts cold)."""
-    import torch
-
-    values = {}
-    for name, parameter in model.named_parameters():
-        given = start.get(name)
-        if given is None or len(given) != parameter.numel() or not all(map(math.isfinite, given)):
-            return
-        values[name] = torch.as_tensor(given, dtype=parameter.dtype).view_as(parameter)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.copy_(values[name])
 
 
 def fit_saas_model(train_x: Any, train_y: Any, scales: np.ndarray, nuts: dict[str, Any]) -> Any:
@@ -144,5 +109,4 @@ __all__ = [
     "fit_saas_model",
     "inverse_lengthscale_scales",
     "lengthscale_prior_locations",
-    "map_hyperparameters",
 ]
