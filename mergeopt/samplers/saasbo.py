@@ -1,9 +1,8 @@
 """SAASBO + qLogNEHVI with a structural importance prior, as a batched, multi-worker sampler.
 
 Algorithm:
-    - Models: one GP per objective (its own hyperparameters), inputs in ``[0, 1]^d``, outputs
-      standardized (``Standardize``), every objective turned into maximization; SAAS GPs in a
-      ``ModelListGP``, MAP GPs as one batched model (fitted together, each independently).
+    - Models: one GP per objective in a ``ModelListGP``, inputs in ``[0, 1]^d``, outputs
+      standardized (``Standardize``), every objective turned into maximization.
       ``use_saas: true``: BoTorch's fully Bayesian SAAS GP fitted by NUTS (Eriksson & Jankowiak,
       "High-Dimensional Bayesian Optimization with Sparse Axis-Aligned Subspaces", UAI 2021;
       needs ``numpyro`` and ``jax``). ``use_saas: false`` (default, fast "MAP mode"): a Matérn-5/2

@@ -83,17 +83,22 @@ def propose_batch(
 
 
 def _fit_models(x: Any, y: Any, importance: np.ndarray | None, sampler: ProposalSettings) -> Any:
-    """One GP per objective: a ``ModelListGP`` of SAAS GPs, or one batched MAP model."""
+    """One GP per objective (a ``ModelListGP`` of them for several)."""
     from botorch.models import ModelListGP
 
     dimension, num_objectives = x.shape[-1], y.shape[-1]
-    if not sampler.use_saas:
-        locations = lengthscale_prior_locations(dimension, importance, sampler.importance_strength)
-        return fit_map_model(x, y, locations, sampler.lengthscale_prior_scale)
-    scales = inverse_lengthscale_scales(importance, sampler.importance_strength, dimension)
-    models = [
-        fit_saas_model(x, y[:, j : j + 1], scales, sampler.nuts) for j in range(num_objectives)
-    ]
+    models = []
+    for j in range(num_objectives):
+        if sampler.use_saas:
+            scales = inverse_lengthscale_scales(importance, sampler.importance_strength, dimension)
+            models.append(fit_saas_model(x, y[:, j : j + 1], scales, sampler.nuts))
+        else:
+            locations = lengthscale_prior_locations(
+                dimension, importance, sampler.importance_strength
+            )
+            models.append(
+                fit_map_model(x, y[:, j : j + 1], locations, sampler.lengthscale_prior_scale)
+            )
     return ModelListGP(*models) if num_objectives > 1 else models[0]
 
 

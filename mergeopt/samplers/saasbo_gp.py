@@ -49,9 +49,6 @@ def inverse_lengthscale_scales(importance: np.ndarray | None, strength: float, d
 
 
 def fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scale: float) -> Any:
-    """MAP Matérn-5/2 GPs of the ``n x m`` values ``train_y``: one batched model with each
-    output's own hyperparameters (same prior), which BoTorch fits for all outputs in one
-    batched L-BFGS-B, each output's optimization independent of the others'."""
     import torch
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
@@ -61,8 +58,7 @@ def fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scale
     from gpytorch.mlls import ExactMarginalLogLikelihood
     from gpytorch.priors import LogNormalPrior
 
-    dimension, outputs = train_x.shape[-1], train_y.shape[-1]
-    batch_shape = torch.Size([outputs]) if outputs > 1 else torch.Size([])
+    dimension = train_x.shape[-1]
     loc = torch.as_tensor(locations, dtype=train_x.dtype)
     # A scale of loc's shape, not a float: broadcast, it is a stride-0 buffer, which BoTorch's
     # retry of a failed fit attempt cannot restore in place (RuntimeError).
@@ -70,14 +66,11 @@ def fit_map_model(train_x: Any, train_y: Any, locations: np.ndarray, prior_scale
     kernel = MaternKernel(
         nu=2.5,
         ard_num_dims=dimension,
-        batch_shape=batch_shape,
         lengthscale_prior=LogNormalPrior(loc=loc, scale=scale),
         lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=1.0),
     )
-    kernel.lengthscale = torch.exp(loc).expand(*batch_shape, 1, dimension).clone()
-    model = SingleTaskGP(
-        train_x, train_y, covar_module=kernel, outcome_transform=Standardize(m=outputs)
-    )
+    kernel.lengthscale = torch.exp(loc).unsqueeze(0)
+    model = SingleTaskGP(train_x, train_y, covar_module=kernel, outcome_transform=Standardize(m=1))
     fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
     return model
 
