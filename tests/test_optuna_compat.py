@@ -371,6 +371,28 @@ def test_a_study_system_attr_is_claimed_once(study: optuna.Study) -> None:
     assert compat.claim_study_system_attr(other, "mergeopt:run:0", {"pid": 3})
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgres_url", marks=pytest.mark.postgres),
+        pytest.param("mariadb_url", marks=pytest.mark.mysql),
+    ],
+)
+def test_a_claim_on_a_deleted_study_is_an_error_not_a_lost_race(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # The study's row is gone (`study delete` meanwhile): the insert breaks the foreign key,
+    # not the unique key. Answering False would send claim_run_number to the next number, for
+    # ever.
+    storage = open_storage(request.getfixturevalue(backend))
+    name = f"deleted-{request.node.callspec.id}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    assert compat.claim_study_system_attr(study, "mergeopt:run:0", {"pid": 1})
+    optuna.delete_study(study_name=name, storage=storage)
+    with pytest.raises(KeyError, match=name):
+        compat.claim_study_system_attr(study, "mergeopt:run:1", {"pid": 1})
+
+
 # --------------------------------------------------------------------------- the guard
 
 _PRIVATE = re.compile(
