@@ -374,6 +374,35 @@ def test_a_study_system_attr_is_claimed_once(study: optuna.Study) -> None:
 @pytest.mark.parametrize(
     "backend",
     [
+        "sqlite_url",
+        pytest.param("postgres_url", marks=pytest.mark.postgres),
+        pytest.param("mariadb_url", marks=pytest.mark.mysql),
+    ],
+)
+def test_study_runs_starting_at_once_claim_distinct_run_numbers(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # Each `study run` has its own connections; all count the same claimed numbers first, so
+    # all but one lose their first INSERT to the unique key and move on.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergeopt.workers import claim_run_number
+
+    url = request.getfixturevalue(backend)
+    name = f"runs-{request.node.callspec.id}"
+    optuna.create_study(study_name=name, storage=open_storage(url))
+
+    def claim(_: int) -> int:
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        return claim_run_number(study, ["cpu"])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(claim, range(4))) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
         pytest.param("postgres_url", marks=pytest.mark.postgres),
         pytest.param("mariadb_url", marks=pytest.mark.mysql),
     ],
