@@ -297,7 +297,9 @@ def finish_unfinished_trial(
 def claim_study_system_attr(study: optuna.Study, key: str, value: Any) -> bool:
     """Write a study system attr only if no process wrote ``key`` first: one ``INSERT`` that
     the table's unique (study, key) constraint refuses to a second writer, on every backend.
-    True when this call wrote it. (``set_study_system_attr`` overwrites instead.)"""
+    True when this call wrote it. (``set_study_system_attr`` overwrites instead.) A study
+    deleted meanwhile is a ``KeyError``, as Optuna's storage calls raise: PostgreSQL and MySQL
+    refuse the row by its foreign key, which is no second writer."""
     import json
 
     from optuna.storages._rdb import models
@@ -314,6 +316,9 @@ def claim_study_system_attr(study: optuna.Study, key: str, value: Any) -> bool:
                 )
             )
     except IntegrityError:
+        with _session(backend) as session:
+            if session.get(models.StudyModel, study._study_id) is None:
+                raise KeyError(f"study {study.study_name!r} no longer exists") from None
         return False
     return True
 

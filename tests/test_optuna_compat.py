@@ -371,6 +371,57 @@ def test_a_study_system_attr_is_claimed_once(study: optuna.Study) -> None:
     assert compat.claim_study_system_attr(other, "mergeopt:run:0", {"pid": 3})
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "sqlite_url",
+        pytest.param("postgres_url", marks=pytest.mark.postgres),
+        pytest.param("mariadb_url", marks=pytest.mark.mysql),
+    ],
+)
+def test_study_runs_starting_at_once_claim_distinct_run_numbers(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # Each `study run` has its own connections; all count the same claimed numbers first, so
+    # all but one lose their first INSERT to the unique key and move on.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergeopt.workers import claim_run_number
+
+    url = request.getfixturevalue(backend)
+    name = f"runs-{request.node.callspec.id}"
+    optuna.create_study(study_name=name, storage=open_storage(url))
+
+    def claim(_: int) -> int:
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        return claim_run_number(study, ["cpu"])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(claim, range(4))) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgres_url", marks=pytest.mark.postgres),
+        pytest.param("mariadb_url", marks=pytest.mark.mysql),
+    ],
+)
+def test_a_claim_on_a_deleted_study_is_an_error_not_a_lost_race(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # The study's row is gone (`study delete` meanwhile): the insert breaks the foreign key,
+    # not the unique key. Answering False would send claim_run_number to the next number, for
+    # ever.
+    storage = open_storage(request.getfixturevalue(backend))
+    name = f"deleted-{request.node.callspec.id}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    assert compat.claim_study_system_attr(study, "mergeopt:run:0", {"pid": 1})
+    optuna.delete_study(study_name=name, storage=storage)
+    with pytest.raises(KeyError, match=name):
+        compat.claim_study_system_attr(study, "mergeopt:run:1", {"pid": 1})
+
+
 # --------------------------------------------------------------------------- the guard
 
 _PRIVATE = re.compile(

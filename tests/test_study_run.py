@@ -158,8 +158,9 @@ def test_readme_demo_ends_with_a_front_that_holds_merges(
     experts = [genome.expert_alone(e) for e in range(genome.num_experts)]
     front = study.best_trials
     assert any(t.params not in experts for t in front), [t.values for t in front]
-    # Experts on the front are labelled by name (a merge may dominate either, as the workers'
-    # samplers are seeded by process id: which trials make the front varies between runs).
+    # Experts on the front are labelled by name (a merge may dominate either: with two
+    # workers, which worker takes which trial depends on timing, so the front varies between
+    # runs).
     names = {0: "expert-direct", 1: "expert-steps"}
     for trial in front:
         if trial.params in experts:

@@ -8,6 +8,7 @@ in its workers' evaluation (mergeopt has no test hook for it)."""
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -179,3 +180,61 @@ def test_a_study_that_already_holds_the_trials_runs_no_worker(
     assert result.stderr == ""
     assert seconds < 20, f"{seconds:.1f} s"
     assert len(load_study("done", sqlite_url).trials) == queued + 2
+
+
+class _ScriptedProcess:
+    """A worker process that has already ended with the next exit code of its device's
+    script; records the stream it was started with, as spawn hands it over (pickled)."""
+
+    pid = 0
+
+    def __init__(self, target: object, args: tuple, name: str, log: list, script: dict) -> None:
+        self.stream = pickle.loads(pickle.dumps(args[-1]))
+        self.exitcode: int | None = script[args[3]].pop(0)
+        log.append(self.stream)
+
+    def start(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_restarted_worker_draws_from_a_new_stream_of_its_run_and_slot(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each invocation claims the next run number; the worker restarted on a device keeps its
+    slot and counts one more start, so it does not replay its predecessor's draws."""
+    from mergeopt import workers
+    from mergeopt.seeds import WorkerStream
+    from mergeopt.storage import open_storage
+
+    study = optuna.create_study(study_name="streams", storage=open_storage(sqlite_url))
+    started: list[WorkerStream] = []
+
+    class ScriptedContext:
+        def __init__(self, method: str) -> None:
+            assert method == "spawn"  # what a real run pickles the stream through
+            self.script = {"cpu": [1, 0], "cuda:0": [0]}  # the cpu worker crashes once
+
+        def Process(self, target: object, args: tuple, name: str) -> _ScriptedProcess:  # noqa: N802
+            return _ScriptedProcess(target, args, name, started, self.script)
+
+    monkeypatch.setattr(workers.multiprocessing, "get_context", ScriptedContext)
+    monkeypatch.setattr(workers, "_sampler_exhausted", lambda study: False)
+    monkeypatch.setattr(workers.time, "sleep", lambda seconds: None)
+    for run in (0, 1):
+        started.clear()
+        summary = workers.run_workers(
+            study, sqlite_url, n_trials=1, devices=["cpu", "cuda:0"], progress=False
+        )
+        assert summary.restarts == 1
+        assert started == [
+            WorkerStream(run, 0, 0),
+            WorkerStream(run, 1, 0),
+            WorkerStream(run, 0, 1),
+        ]
+    assert len({s.seed(0) for s in started}) == len(started)
