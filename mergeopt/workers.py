@@ -346,9 +346,10 @@ def run_workers(
 
 
 def claim_run_number(study: optuna.Study, devices: list[str]) -> int:
-    """The number of this ``study run`` on the study: the lowest not yet claimed, claimed in
-    the database (``attrs.RUN_PREFIX``) so that two invocations starting at once, on any
-    machines, never share one. It seeds the workers' samplers (``seeds.WorkerStream``)."""
+    """The number of this ``study run`` on the study: the first free one from the count of
+    those claimed up, claimed in the database (``attrs.RUN_PREFIX``) so that two invocations
+    starting at once, on any machines, never share one. It seeds the workers' samplers
+    (``seeds.WorkerStream``)."""
     import datetime
     import socket
 
