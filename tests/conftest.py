@@ -16,6 +16,14 @@ import yaml
 from tests._zoo_fixture import zoo_dir  # noqa: F401 - a fixture re-exported for every test
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Fixture names of the database URLs, for tests parametrized over the backends
+# (`request.getfixturevalue(name)`); the servers' tests carry their markers.
+SERVER_DATABASES = [
+    pytest.param("postgres_url", marks=pytest.mark.postgres),
+    pytest.param("mariadb_url", marks=pytest.mark.mysql),
+]
+EVERY_DATABASE = ["sqlite_url", *SERVER_DATABASES]
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 MARIADB_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/"
 

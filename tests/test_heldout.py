@@ -22,7 +22,7 @@ from optuna.trial import TrialState, create_trial
 from mergeopt import attrs
 from mergeopt.errors import UserError
 from mergeopt.export_choice import select_trials
-from tests.conftest import run_cli, tiny_spec, write_spec
+from tests.conftest import EVERY_DATABASE, run_cli, tiny_spec, write_spec
 
 ITEMS = 12
 NAME = "held"
@@ -307,11 +307,7 @@ def test_a_study_without_complete_trials_has_no_front_to_evaluate() -> None:
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        "sqlite_url",
-        pytest.param("postgres_url", marks=pytest.mark.postgres),
-        pytest.param("mariadb_url", marks=pytest.mark.mysql),
-    ],
+    EVERY_DATABASE,
 )
 def test_attrs_of_a_finished_trial_are_written_and_overwritten_in_place(
     backend: str, request: pytest.FixtureRequest

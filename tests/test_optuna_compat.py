@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from mergeopt import optuna_compat as compat
 from mergeopt.storage import open_storage
+from tests.conftest import EVERY_DATABASE, SERVER_DATABASES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -373,11 +374,7 @@ def test_a_study_system_attr_is_claimed_once(study: optuna.Study) -> None:
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        "sqlite_url",
-        pytest.param("postgres_url", marks=pytest.mark.postgres),
-        pytest.param("mariadb_url", marks=pytest.mark.mysql),
-    ],
+    EVERY_DATABASE,
 )
 def test_study_runs_starting_at_once_claim_distinct_run_numbers(
     backend: str, request: pytest.FixtureRequest
@@ -402,10 +399,7 @@ def test_study_runs_starting_at_once_claim_distinct_run_numbers(
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        pytest.param("postgres_url", marks=pytest.mark.postgres),
-        pytest.param("mariadb_url", marks=pytest.mark.mysql),
-    ],
+    SERVER_DATABASES,
 )
 def test_a_claim_on_a_deleted_study_is_an_error_not_a_lost_race(
     backend: str, request: pytest.FixtureRequest

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from mergeopt.storage import open_storage
 from mergeopt.trial_io import batched_trial_writes, count_trials, trial_state
+from tests.conftest import EVERY_DATABASE
 
 DISTRIBUTIONS = {f"b{block:02d}.e0.weight": FloatDistribution(0.0, 1.0) for block in range(12)}
 
@@ -36,13 +37,7 @@ def _exercise(study: optuna.Study) -> None:
     study.enqueue_trial({name: 0.5 for name in DISTRIBUTIONS})
 
 
-@pytest.fixture(
-    params=[
-        "sqlite_url",
-        pytest.param("postgres_url", marks=pytest.mark.postgres),
-        pytest.param("mariadb_url", marks=pytest.mark.mysql),
-    ]
-)
+@pytest.fixture(params=EVERY_DATABASE)
 def url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue(request.param)
 
