@@ -155,3 +155,47 @@ def test_a_captured_decode_step_follows_weights_written_in_place(tiny_model: Pat
     assert changed != before
     assert changed == dynamic.generate(PROMPTS, max_new_tokens=20, stop=[])
     assert {key: decoder.graph for key, decoder in static._decoders.items()} == graphs
+
+
+def test_packed_grouped_query_attention_is_sdpa_over_repeated_keys() -> None:
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from mergeopt.objectives.scorers.static_decode import packed_gqa_attention
+
+    generator = torch.Generator().manual_seed(0)
+    rows, kv_heads, groups, length, dim = 3, 2, 4, 40, 16
+    query = torch.randn(rows, kv_heads * groups, 1, dim, generator=generator)
+    key = torch.randn(rows, kv_heads, length, dim, generator=generator)
+    value = torch.randn(rows, kv_heads, length, dim, generator=generator)
+    mask = torch.zeros(rows, 1, 1, length)
+    mask[:, :, :, 30:] = torch.finfo(torch.float32).min  # slots not written yet
+    mask[1, :, :, :5] = torch.finfo(torch.float32).min  # left padding of row 1
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups  # type: ignore[assignment]
+
+    out, _ = packed_gqa_attention(module, query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert out.shape == (rows, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(out, expected)
+
+
+def test_decode_steps_attend_packed_and_leave_the_model_on_sdpa(static: HFScorer) -> None:
+    from transformers import AttentionInterface
+
+    from mergeopt.objectives.scorers import static_decode
+
+    calls = []
+    packed = AttentionInterface._global_mapping[static_decode.PACKED_GQA]
+    AttentionInterface._global_mapping[static_decode.PACKED_GQA] = lambda *a, **k: (
+        calls.append(a[1].shape) or packed(*a, **k)
+    )
+    try:
+        static.generate(PROMPTS[:2], max_new_tokens=3, stop=[])
+    finally:
+        AttentionInterface._global_mapping[static_decode.PACKED_GQA] = packed
+    layers = static.model.config.num_hidden_layers
+    assert len(calls) == 2 * layers  # steps 2 and 3; the prefill (token 1) runs sdpa
+    assert all(shape[2] == 1 for shape in calls)
+    assert static.model.config._attn_implementation == "sdpa"
