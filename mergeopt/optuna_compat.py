@@ -24,6 +24,8 @@ Names relied on (Optuna 4.8 to 5.x):
 - the system attrs Optuna writes itself: ``fixed_params`` (``study.enqueue_trial``),
   ``retry_history`` (the heartbeat's retry callback) and ``artifacts:<id>``
   (``optuna.artifacts.upload_artifact``);
+- ``Study._get_trials`` (how Optuna's samplers read a study's trials, TPE once per
+  parameter): ``StudyReadOnce`` answers it from one read;
 - storage methods replaced on one storage object (``set_trial_param``,
   ``set_trial_user_attr``, ``set_trial_state_values``): Optuna's study and trial call them
   through that object.
@@ -34,6 +36,7 @@ Nothing here imports Optuna at module level (the command line imports this modul
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -190,6 +193,42 @@ def redirect_trial_writes(
         yield
     finally:
         del storage.set_trial_param, storage.set_trial_user_attr  # the class's methods again
+
+
+class StudyReadOnce:
+    """A study that reads its trials once: the first ``_get_trials`` / ``get_trials`` for a
+    set of states reads the study, later ones get that snapshot (the ``cache`` dict, which the
+    caller keeps for as long as the snapshot is to be served). Everything else is the study's.
+
+    For a sampler that reads the study per parameter inside one ``study.ask`` (Optuna's TPE with
+    ``constant_liar``, its default since 5.0, re-reads every trial from the storage each time);
+    trials changed meanwhile by other workers are seen from the next ask, as Optuna's own
+    per-ask cache does without ``constant_liar``."""
+
+    def __init__(self, study: optuna.Study, cache: dict[Any, list[FrozenTrial]]) -> None:
+        self._study = study
+        self._cache = cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Iterable[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
+        chosen = None if states is None else tuple(states)
+        key = None if chosen is None else tuple(sorted({state.value for state in chosen}))
+        if key not in self._cache:
+            self._cache[key] = self._study._get_trials(deepcopy=False, states=chosen)
+        trials = self._cache[key]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Iterable[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
 
 
 # --------------------------------------------------------------------------- RDB tables

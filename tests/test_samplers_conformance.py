@@ -2,8 +2,9 @@
 
 Each custom sampler models the numerical part of a search space and samples the rest (and
 anything outside the relative space) with Optuna's RandomSampler, so every basic, relative and
-multi-objective case applies. ``SingleOnlySamplerTestCase`` does not apply: all three samplers
-support several objectives.
+multi-objective case applies. ``SingleOnlySamplerTestCase`` does not apply: every sampler here
+supports several objectives. ``tpe`` (Optuna's TPE reading the study once per trial) samples
+independently and takes the basic and multi-objective cases.
 
 Every case runs for every sampler, with no skip: CMA-ES hands out its generation's members
 from its state in the study (nothing enqueued), so ``study.optimize(n_trials=N)`` leaves exactly
@@ -26,6 +27,15 @@ from optuna.testing.pytest_samplers import (
 from mergeopt.samplers.cmaes import ScalarizedCmaEsSampler
 from mergeopt.samplers.model_level import ModelLevelSampler
 from mergeopt.samplers.saasbo import SaasQnehviSampler
+from mergeopt.samplers.tpe import TPESampler
+
+
+class TestTpeReadingOncePerTrial(BasicSamplerTestCase, MultiObjectiveSamplerTestCase):
+    # Independent sampling (TPE's default): sample_relative proposes nothing, so the relative
+    # cases, which expect every parameter from it, are not TPE's.
+    @pytest.fixture
+    def sampler(self) -> Callable[[], BaseSampler]:
+        return lambda: TPESampler(seed=0, n_startup_trials=2)
 
 
 class TestModelLevelRandom(

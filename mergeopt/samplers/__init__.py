@@ -8,7 +8,8 @@ fast.
 Names:
     ``random``, ``tpe``, ``nsga2``, ``gp``: Optuna's own samplers; ``options`` are passed as
     keyword arguments to their constructors (``RandomSampler``, ``TPESampler``,
-    ``NSGAIISampler``, ``GPSampler``).
+    ``NSGAIISampler``, ``GPSampler``). ``tpe`` is :class:`mergeopt.samplers.tpe.TPESampler`,
+    Optuna's with one read of the study per trial instead of one per parameter.
     ``saasbo-qnehvi``: :class:`mergeopt.samplers.saasbo.SaasQnehviSampler`.
     ``cmaes``: :class:`mergeopt.samplers.cmaes.ScalarizedCmaEsSampler`.
     ``model-level``: :class:`mergeopt.samplers.model_level.ModelLevelSampler`.
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 SAMPLERS: dict[str, tuple[str, str]] = {
     "random": ("optuna.samplers", "RandomSampler"),
-    "tpe": ("optuna.samplers", "TPESampler"),
+    "tpe": ("mergeopt.samplers.tpe", "TPESampler"),
     "nsga2": ("optuna.samplers", "NSGAIISampler"),
     "gp": ("optuna.samplers", "GPSampler"),
     "saasbo-qnehvi": ("mergeopt.samplers.saasbo", "SaasQnehviSampler"),
