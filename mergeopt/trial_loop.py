@@ -10,7 +10,6 @@ reported as its retry copy (``_adopt_retry``), and a surplus trial is given back
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -115,7 +114,10 @@ def run_worker(
         url=storage_url, masked_url=masked, limit=worker.database_outage_limit, marks=heartbeats
     )
     genome = stored_genome(probe)
-    _no_kernel_build_lock(spec.sampler.name)
+    if spec.sampler.name.startswith("saasbo"):
+        from mergeopt.samplers.saasbo_acquisition import start_fused_kernel_load
+
+        start_fused_kernel_load()
     sampler = create_sampler(
         spec.sampler.name,
         spec.sampler.options,
@@ -278,24 +280,6 @@ class _Reconnect:
                     time.monotonic() - down_since,
                 )
             return result
-
-
-def _no_kernel_build_lock(sampler_name: str) -> None:
-    """Keep workers from JIT-compiling botorch's fused qLogNEHVI kernel.
-
-    botorch builds (or re-checks) it with ``torch.utils.cpp_extension.load`` at the first
-    acquisition, under a lock file in ``~/.cache/torch_extensions`` that torch waits on
-    forever, with no owner check. A worker killed while holding it (the chaos test found this)
-    left every later SAASBO fit on the machine waiting. The pure-PyTorch path computes the same
-    acquisition, somewhat slower.
-    """
-    if not sampler_name.startswith("saasbo"):
-        return
-    with contextlib.suppress(ImportError, AttributeError):
-        from botorch.acquisition.multi_objective import logei
-
-        if getattr(logei, "_C", None) is None:
-            logei._load_attempted = True
 
 
 def _worker_seed(seed: int, stream: WorkerStream | None) -> int:

@@ -4,7 +4,9 @@ current front. The sampler (:mod:`mergeopt.samplers.saasbo`) decides when and wi
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,6 +17,72 @@ from mergeopt.samplers.saasbo_gp import (
     inverse_lengthscale_scales,
     lengthscale_prior_locations,
 )
+
+# A build of BoTorch's fused qLogNEHVI kernel takes about 40 s; a lock file older than this is
+# left by a builder that was killed, and nobody will ever remove it.
+STALE_KERNEL_LOCK_S = 600.0
+# How long the first acquisition of a worker waits for the kernel (a fresh build included)
+# before it goes on with the pure-PyTorch path for the rest of the process.
+KERNEL_WAIT_S = 180.0
+_KERNEL_NAME = "logei_fused_ext"
+_kernel_load: dict[str, Any] = {}
+
+
+def start_fused_kernel_load() -> None:
+    """Load BoTorch's fused qLogNEHVI C++ kernel on a daemon thread, for a worker process.
+
+    BoTorch JIT-builds the kernel (``torch.utils.cpp_extension.load``) at the first acquisition,
+    under a lock file in the torch extensions folder that torch waits on forever, with no owner
+    check: a worker killed while building (the chaos test found this) left every later SAASBO
+    acquisition on the machine waiting. Here the load runs beside the worker's first trials
+    (startup trials need no model); a lock older than ``STALE_KERNEL_LOCK_S`` is removed first,
+    and the first acquisition waits at most ``KERNEL_WAIT_S`` for it (``await_fused_kernel``),
+    then computes the same acquisition on the pure-PyTorch path (2-4x slower on the worker
+    machines measured, ``docs/bench/study-medium-h200-2026-12-01.md``)."""
+    from botorch.acquisition.multi_objective import logei
+
+    if _kernel_load or logei._C is not None:
+        return
+    logei._load_attempted = True  # no acquisition loads it itself: it would wait on the lock
+    _remove_stale_kernel_lock()
+    _kernel_load["deadline"] = None
+
+    def load() -> None:
+        logei._load_attempted = False
+        logei._try_load_fused_kernel()  # sets _load_attempted again first; _C when built
+        _kernel_load["module"] = logei._C
+        logei._C = None  # installed between acquisitions only (await_fused_kernel)
+
+    thread = threading.Thread(target=load, name="botorch-fused-kernel", daemon=True)
+    _kernel_load["thread"] = thread
+    thread.start()
+
+
+def await_fused_kernel() -> None:
+    """Before an acquisition: wait (once per process, at most ``KERNEL_WAIT_S``) for the kernel
+    ``start_fused_kernel_load`` loads and install it. Decided once, so that every acquisition
+    of a process computes the same way. Without that start, nothing to do."""
+    thread = _kernel_load.get("thread")
+    if thread is None or _kernel_load.get("decided"):
+        return
+    thread.join(KERNEL_WAIT_S)
+    _kernel_load["decided"] = True
+    module = _kernel_load.get("module")
+    if module is not None:
+        from botorch.acquisition.multi_objective import logei
+
+        logei._C = module
+
+
+def _remove_stale_kernel_lock() -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = Path(_get_build_directory(_KERNEL_NAME, verbose=False)) / "lock"
+        if time.time() - lock.stat().st_mtime > STALE_KERNEL_LOCK_S:
+            lock.unlink()
+    except OSError:
+        pass  # no lock (the usual case), or removed meanwhile
 
 
 class ProposalSettings(Protocol):
@@ -62,6 +130,7 @@ def propose_batch(
     """
     import torch
 
+    await_fused_kernel()
     previous_threads = torch.get_num_threads()
     if sampler.num_threads is not None:
         torch.set_num_threads(sampler.num_threads)
