@@ -5,7 +5,9 @@ default), base + 2 experts, fixed-length answers (EOS off, no stop string: every
 exactly ``--max-new-tokens`` greedy tokens). Each trial of an Optuna study (SQLite on local
 disk) is timed as
 
-- ask/fit: ``study.ask`` (the sampler's fit and proposal);
+- ask/fit: ``study.ask`` (the sampler's fit and proposal), as a worker asks: the parameters
+  written in one transaction (``trial_io.batched_trial_writes``), storage from
+  ``mergeopt.storage.open_storage``;
 - merge: the merge engine's math for every changed block;
 - swap: what the engine copies into the resident scorer's parameters after merging (it
   writes straight into them where it can, as a worker does);
@@ -20,20 +22,20 @@ device-to-device copy, bytes read + written). Afterwards both paths generate for
 and their outputs are compared token for token (the graph replays must follow the weights the
 engine writes in place). Example::
 
-    python scripts/bench_study.py --device cuda --dtype bfloat16 --trials 6 \\
+    python scripts/bench_study.py --device cuda --dtype bfloat16 --trials 16 \\
         --out docs/bench/study-h200.md
 
 Parts 2 and 3 (``--part medium``): a medium zoo, zoo v2's recipe (``mergeopt.zoo.build``) at
 about 100 M parameters (``MEDIUM_SHAPE``), trained on the device in the same call; then the
-demo study (``studies/tiny.yaml``: task arithmetic over 4 blocks, accuracy and mean tokens on the
-zoo's sums) with the ``saasbo-qnehvi`` sampler, run by ``mergeopt study run`` as a user runs it
-(SQLite on local disk): once with one worker (``--one-worker``), once with two workers on two
-GPUs (``--two-workers``), each ``--study-trials`` trials. The per-trial breakdown is read from
-the study (a trial's duration from ``study.ask`` to ``tell``; its merge and evaluation seconds
-from its attributes). Then the disk path of mergekit-evolve and SIPBMM on the first
-``--disk-trials`` recipes of the one-worker study: ``mergekit-yaml`` (a whole process, merging
-on the GPU with ``--cuda``) writes the merged model, a fresh transformers model loads it, the
-same evaluator scores it. Example (two GPUs)::
+demo study (``studies/tiny.yaml``: task arithmetic over 4 blocks, accuracy and mean tokens on
+the zoo's sums) with the ``saasbo-qnehvi`` sampler (``--medium-sampler``), run by ``mergeopt
+study run`` as a user runs it (SQLite on local disk): once with one worker (``--one-worker``),
+once with two workers on two GPUs (``--two-workers``), each ``--study-trials`` trials. The
+per-trial breakdown is read from the study (a trial's duration from ``study.ask`` to ``tell``; its
+merge and evaluation seconds from its attributes). Then the disk path of mergekit-evolve and
+SIPBMM on the first ``--disk-trials`` recipes of the one-worker study: ``mergekit-yaml`` (a
+whole process, merging on the GPU with ``--cuda``) writes the merged model, a fresh
+transformers model loads it, the same evaluator scores it. Example (two GPUs)::
 
     python scripts/bench_study.py --part medium --device cuda --dtype float32 \
         --two-workers cuda:0,cuda:1 --study-trials 48 --disk-trials 4 --out docs/bench/x.md
@@ -81,6 +83,9 @@ from mergeopt.objectives.scorers.static_decode import prefill_width  # noqa: E40
 from mergeopt.samplers import create_sampler  # noqa: E402
 
 PARTS = ("ask", "merge", "swap", "evaluate", "tell")
+# Trials a sampler draws at random before it models anything (Optuna's defaults): the table
+# shows them apart, since asking is much cheaper then.
+STARTUP_TRIALS = {"tpe": 10, "gp": 10, "saasbo-qnehvi": 10}
 
 
 class InPlaceTimedTarget(TimedTarget):
@@ -138,9 +143,13 @@ def run_trials(
 ) -> list[dict[str, float]]:
     import optuna
 
+    from mergeopt.optuna_compat import storage_of
+    from mergeopt.storage import open_storage
+    from mergeopt.trial_io import batched_trial_writes
+
     study = optuna.create_study(
         study_name=f"bench-{decode}",
-        storage=storage,
+        storage=open_storage(storage),
         directions=["maximize", "minimize"],
         sampler=create_sampler(sampler, {}, seed=0, genome=genome, num_objectives=2),
     )
@@ -150,7 +159,8 @@ def run_trials(
     for _ in range(trials):
         seconds: dict[str, float] = {}
         started = time.perf_counter()
-        trial = study.ask(genome.distributions())
+        with batched_trial_writes(storage_of(study)):
+            trial = study.ask(genome.distributions())
         seconds["ask"] = time.perf_counter() - started
         target.seconds = 0.0
         _sync(device)
@@ -238,6 +248,39 @@ def device_decode_seconds(
     return prefill, statistics.median(steps)
 
 
+def decode_step_kernels(
+    scorer: HFScorer, prompts: list[str], max_new_tokens: int, *, top: int = 12
+) -> list[str]:
+    """Markdown rows: the CUDA kernels of one decode step (graph replays profiled over 8 steps),
+    by device time per step, the ``top`` largest and the rest summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    token_ids = [scorer.tokenizer(p)["input_ids"] for p in prompts][: scorer.batch_size]
+    decoder = scorer._decoder(len(token_ids), prefill_width(token_ids), max_new_tokens)
+    steps = min(8, max_new_tokens - 1)
+    with torch.inference_mode():
+        decoder.prefill(token_ids, pad_token_id=scorer.pad_token_id)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decoder.advance()
+            torch.cuda.synchronize()
+    kernels = [
+        (event.key, event.device_time_total / steps, event.count / steps)
+        for event in prof.key_averages()
+        if event.device_time_total > 0
+    ]
+    kernels.sort(key=lambda k: -k[1])
+    total = sum(k[1] for k in kernels)
+    rows = ["| kernel | us per step | calls per step | share |", "| --- | ---: | ---: | ---: |"]
+    for name, micros, calls in kernels[:top]:
+        rows.append(f"| `{name[:90]}` | {micros:,.0f} | {calls:.0f} | {micros / total:.0%} |")
+    rest = sum(k[1] for k in kernels[top:])
+    rows.append(f"| {len(kernels) - top} others | {rest:,.0f} | | {rest / max(total, 1e-9):.0%} |")
+    rows.append(f"| total | {total:,.0f} | | |")
+    return rows
+
+
 def _mean(rows: Sequence[dict[str, float]], key: str) -> float:
     return statistics.fmean(row[key] for row in rows) if rows else float("nan")
 
@@ -255,6 +298,7 @@ def report(
     setup: str,
     device: torch.device,
     command: str,
+    startup_trials: int,
 ) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -276,7 +320,13 @@ def report(
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for decode, rows in results.items():
-        for label, chosen in (("first", rows[:1]), (f"2-{len(rows)}", rows[1:])):
+        groups = [("first", rows[:1]), (f"2-{len(rows)}", rows[1:])]
+        if 1 < startup_trials < len(rows):
+            groups += [
+                (f"2-{startup_trials} (sampler's startup)", rows[1:startup_trials]),
+                (f"{startup_trials + 1}-{len(rows)}", rows[startup_trials:]),
+            ]
+        for label, chosen in groups:
             if not chosen:
                 continue
             cells = [f"{_mean(chosen, part):.3f}" for part in (*PARTS, "total")]
@@ -308,10 +358,11 @@ def report(
 
 REPO = Path(__file__).resolve().parent.parent
 # Zoo v2's model at about 104 M parameters: 8 layers of hidden 1024 (MLP 4096), initialized at
-# 0.02 (the usual scale at this width), zoo v2's data, steps and schedule at a base rate of 1e-3.
-# Measured on an H200 (2026-11-30, docs/bench/study-medium-h200x2-2026-11-30.md): in 700 steps
-# this base learns the answer formats but not the sums (accuracy 0.01); a lower rate or more
-# steps is the next thing to try, not yet measured.
+# 0.02 (the usual scale at this width), zoo v2's data and experts; the base trains 2000 steps at
+# 6e-4 (100 warm-up). Chosen on an H200 (2026-12-01, docs/bench/zoo-medium-h200-2026-12-01.md)
+# among 3e-4, 6e-4 and 1e-3: held-out sums accuracy base / expert-direct / expert-steps
+# 0.39 / 0.21 / 1.00, as zoo v2's 0.42 / 0.45 / 0.94 (3e-4: every model 1.00; 1e-3: 0.11 /
+# 0.08 / 0.38). Zoo v2's 700 steps at 1e-3 learned the formats, not the sums (0.01).
 MEDIUM_SHAPE = {"hidden_size": 1024, "intermediate_size": 4096, "num_layers": 8}
 
 
@@ -329,17 +380,32 @@ def zoo_training(scale: str) -> Any:
         )
     return ZooTraining(
         shape=ModelShape(**MEDIUM_SHAPE, initializer_range=0.02),
-        base_lr=1e-3,
+        base_lr=6e-4,
+        base_steps=2000,
+        warmup_steps=100,
         direct=ExpertTraining(arith_style="direct", steps=100, lr=1e-4, reverse_share=0.4),
         steps=ExpertTraining(arith_style="steps", steps=100, lr=1e-4, layer_decay=0.7),
     )
 
 
-def medium_spec(zoo: Path, *, name: str, dtype: str, limit: int) -> dict[str, Any]:
-    """The demo study on ``zoo`` with the saasbo-qnehvi sampler (the experts enqueued first)."""
+def medium_spec(
+    zoo: Path,
+    *,
+    name: str,
+    dtype: str,
+    limit: int,
+    sampler_name: str = "saasbo-qnehvi",
+    sampler_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The demo study on ``zoo`` with the given sampler (the experts enqueued first)."""
     from tests.conftest import tiny_spec
 
-    spec = tiny_spec(zoo, name=name, sampler={"name": "saasbo-qnehvi", "enqueue_experts": True})
+    sampler = {
+        "name": sampler_name,
+        "enqueue_experts": True,
+        "options": dict(sampler_options or {}),
+    }
+    spec = tiny_spec(zoo, name=name, sampler=sampler)
     for objective in spec["objectives"]:
         objective["limit"] = limit
     spec["scorer"].update({"dtype": dtype, "batch_size": limit})
@@ -565,7 +631,14 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
     for label, devices in (("one", args.one_worker), ("two", args.two_workers)):
         if not devices:
             continue
-        spec = medium_spec(work / "zoo", name=f"medium-{label}", dtype=args.dtype, limit=args.limit)
+        spec = medium_spec(
+            work / "zoo",
+            name=f"medium-{label}",
+            dtype=args.dtype,
+            limit=args.limit,
+            sampler_name=args.medium_sampler,
+            sampler_options=json.loads(args.sampler_options),
+        )
         runs.append(
             run_study(
                 spec,
@@ -582,7 +655,14 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
         try:
             disk = disk_path(
                 runs[0],
-                medium_spec(work / "zoo", name=runs[0]["name"], dtype=args.dtype, limit=args.limit),
+                medium_spec(
+                    work / "zoo",
+                    name=runs[0]["name"],
+                    dtype=args.dtype,
+                    limit=args.limit,
+                    sampler_name=args.medium_sampler,
+                    sampler_options=json.loads(args.sampler_options),
+                ),
                 count=args.disk_trials,
                 device=args.device,
                 work=work,
@@ -599,7 +679,8 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
         f"- machine: {machine_description(device)}",
         f"- command: `{command}`",
         f"- study: studies/tiny.yaml on the medium zoo (task_arithmetic, 4 blocks x 2 experts), "
-        f"sampler saasbo-qnehvi (experts enqueued first), {args.limit} sums per evaluation, "
+        f"sampler {args.medium_sampler} (experts enqueued first; options "
+        f"{args.sampler_options}), {args.limit} sums per evaluation, "
         f"greedy, at most 32 tokens, stop at newline, {args.dtype}; `mergeopt study run` with "
         f"SQLite on local disk, --timeout {args.study_timeout:.0f} s",
         *zoo_lines,
@@ -686,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--decodes", default="dynamic,static", help="comma-separated paths")
-    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--sampler", default="tpe")
     parser.add_argument("--limit", type=int, default=64, help="prompts per evaluation")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -704,6 +785,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     medium.add_argument("--study-trials", type=int, default=48)
     medium.add_argument("--study-timeout", type=float, default=240.0)
     medium.add_argument("--disk-trials", type=int, default=4)
+    medium.add_argument("--medium-sampler", default="saasbo-qnehvi", help="the study's sampler")
+    medium.add_argument(
+        "--sampler-options", default="{}", help="the sampler's options as JSON (the spec's)"
+    )
     args = parser.parse_args(argv)
     if args.part == "medium":
         if args.limit == 64:
@@ -802,6 +887,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"one step's weights alone: {1000 * weight_bytes / bandwidth:.2f} ms); the rest "
                 "of an evaluation is the host's (tokenizing, reading back, stop checks, metrics).",
             ]
+            if device.type == "cuda":
+                agreement_lines += [
+                    "",
+                    f"Kernels of one {decode} decode step (torch.profiler over 8 graph replays):",
+                    "",
+                    *decode_step_kernels(scorer, prompts, args.max_new_tokens),
+                ]
 
     setup = (
         f"random {args.shape}-shaped Qwen3, base + 2 experts, {args.dtype}; task_arithmetic "
@@ -823,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup=setup,
         device=device,
         command=command,
+        startup_trials=STARTUP_TRIALS.get(args.sampler, 0),
     )
     print(text)
     if args.out is not None:
