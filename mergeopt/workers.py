@@ -138,6 +138,14 @@ def _pin_device(device: str) -> str:
     return "cuda:0"
 
 
+def worker_threads(devices: list[str]) -> int:
+    """Torch threads of each worker: the host's cores shared among all its workers. A GPU
+    worker's CPU work is the sampler's (fits and acquisitions of small GPs), which two workers
+    of all the cores each only slow down (on the H200 machine's 16-core host one batch took
+    7.0 s with 16 threads and 4.7 s with one, ``docs/bench/study-medium-h200-2026-12-01.md``)."""
+    return max(1, (os.cpu_count() or 1) // max(1, len(devices)))
+
+
 def _worker_main(
     study_name: str,
     storage_url: str,
@@ -248,8 +256,7 @@ def run_workers(
     retry, and stop with their own message past the outage limit).
     """
     context = multiprocessing.get_context("spawn")
-    cpu_workers = sum(1 for d in devices if d == "cpu") or 1
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers)
+    threads = worker_threads(devices)
     stalled_restarts = RESTARTS_WITHOUT_PROGRESS_PER_DEVICE * len(devices)
     restarts_left = stalled_restarts if max_restarts is None else max_restarts
     run = claim_run_number(study, devices)

@@ -238,3 +238,16 @@ def test_a_restarted_worker_draws_from_a_new_stream_of_its_run_and_slot(
             WorkerStream(run, 0, 1),
         ]
     assert len({s.seed(0) for s in started}) == len(started)
+
+
+def test_workers_share_the_hosts_cores_whatever_their_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergeopt.workers import worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert worker_threads(["cuda:0"]) == 32
+    assert worker_threads(["cuda:0", "cuda:1"]) == 16
+    assert worker_threads(["cpu", "cpu", "cuda:0", "cuda:1"]) == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert worker_threads(["cpu", "cpu", "cpu"]) == 1
