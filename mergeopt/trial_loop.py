@@ -114,10 +114,6 @@ def run_worker(
         url=storage_url, masked_url=masked, limit=worker.database_outage_limit, marks=heartbeats
     )
     genome = stored_genome(probe)
-    if spec.sampler.name.startswith("saasbo"):
-        from mergeopt.samplers.saasbo_acquisition import start_fused_kernel_load
-
-        start_fused_kernel_load()
     sampler = create_sampler(
         spec.sampler.name,
         spec.sampler.options,
@@ -128,6 +124,11 @@ def run_worker(
     study = load_study(study_name, storage, sampler=sampler)
     interrupts = Interrupts.install()
     runner = (runner_factory or _default_runner)(study, device)
+    if spec.sampler.name.startswith("saasbo"):
+        # After the scorer: a vLLM engine that forks its workers does so before this thread.
+        from mergeopt.samplers.saasbo_acquisition import start_fused_kernel_load
+
+        start_fused_kernel_load()
     runner.front = lambda: reconnect.call(_complete_trials, study)
     distributions = genome.distributions()
     label = worker_label(device)

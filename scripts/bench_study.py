@@ -359,7 +359,7 @@ def report(
 REPO = Path(__file__).resolve().parent.parent
 # Zoo v2's model at about 104 M parameters: 8 layers of hidden 1024 (MLP 4096), initialized at
 # 0.02 (the usual scale at this width), zoo v2's data and experts; the base trains 2000 steps at
-# 6e-4 (100 warm-up). Chosen on an H200 (2026-12-01, docs/bench/zoo-medium-h200-2026-12-01.md)
+# 6e-4 (100 warm-up). Chosen on an H200 (2026-12-01, docs/bench/study-medium-h200-2026-12-01.md)
 # among 3e-4, 6e-4 and 1e-3: held-out sums accuracy base / expert-direct / expert-steps
 # 0.39 / 0.21 / 1.00, as zoo v2's 0.42 / 0.45 / 0.94 (3e-4: every model 1.00; 1e-3: 0.11 /
 # 0.08 / 0.38). Zoo v2's 700 steps at 1e-3 learned the formats, not the sums (0.01).

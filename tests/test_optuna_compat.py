@@ -440,3 +440,29 @@ def test_no_private_optuna_use_outside_the_compat_module() -> None:
         if _PRIVATE.search(line)
     ]
     assert found == []
+
+
+def test_tpe_reads_trials_through_study_get_trials_which_study_read_once_serves(
+    study: optuna.Study,
+) -> None:
+    import inspect
+
+    from mergeopt.optuna_compat import StudyReadOnce
+
+    # TPE's per-parameter read: what mergeopt.samplers.tpe answers from one snapshot.
+    assert "study._get_trials(" in inspect.getsource(optuna.samplers.TPESampler._sample)
+    for value in (0.3, 0.7):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        study.tell(trial, value)
+    cache: dict = {}
+    read_once = StudyReadOnce(study, cache)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    first = read_once._get_trials(deepcopy=False, states=states, use_cache=False)
+    assert [t.number for t in first] == [
+        t.number for t in study._get_trials(deepcopy=False, states=states)
+    ]
+    study.enqueue_trial({"x": 0.5})
+    study.tell(study.ask(), 0.5)  # finished after the snapshot: seen from the next trial on
+    assert read_once._get_trials(deepcopy=False, states=states) is first
+    assert read_once.directions == study.directions  # everything else is the study's

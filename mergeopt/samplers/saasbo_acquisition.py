@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,11 +19,8 @@ from mergeopt.samplers.saasbo_gp import (
     lengthscale_prior_locations,
 )
 
-# A build of BoTorch's fused qLogNEHVI kernel takes about 40 s; a lock file older than this is
-# left by a builder that was killed, and nobody will ever remove it.
-STALE_KERNEL_LOCK_S = 600.0
-# How long the first acquisition of a worker waits for the kernel (a fresh build included)
-# before it goes on with the pure-PyTorch path for the rest of the process.
+# How long the first acquisition of a worker waits for BoTorch's fused qLogNEHVI kernel (a
+# build takes about 40 s) before it goes on with the pure-PyTorch path for the whole process.
 KERNEL_WAIT_S = 180.0
 _KERNEL_NAME = "logei_fused_ext"
 _kernel_load: dict[str, Any] = {}
@@ -32,57 +30,76 @@ def start_fused_kernel_load() -> None:
     """Load BoTorch's fused qLogNEHVI C++ kernel on a daemon thread, for a worker process.
 
     BoTorch JIT-builds the kernel (``torch.utils.cpp_extension.load``) at the first acquisition,
-    under a lock file in the torch extensions folder that torch waits on forever, with no owner
-    check: a worker killed while building (the chaos test found this) left every later SAASBO
-    acquisition on the machine waiting. Here the load runs beside the worker's first trials
-    (startup trials need no model); a lock older than ``STALE_KERNEL_LOCK_S`` is removed first,
-    and the first acquisition waits at most ``KERNEL_WAIT_S`` for it (``await_fused_kernel``),
-    then computes the same acquisition on the pure-PyTorch path (2-4x slower on the worker
-    machines measured, ``docs/bench/study-medium-h200-2026-12-01.md``)."""
+    and torch takes a lock file in the extensions folder for every load (a build, or its
+    up-to-date check), which it waits on forever with no owner check: a worker killed meanwhile
+    (the chaos tests do that) left every later acquisition on the machine waiting. So workers
+    load it under their own lock, an ``flock`` the system drops with a dead holder, and while
+    they hold it a torch lock file can only be a dead process's and is removed. The load runs
+    beside the worker's first trials (start-up trials need no model); the first acquisition
+    waits for it at most ``KERNEL_WAIT_S`` (``await_fused_kernel``), else computes the same
+    acquisition on the pure-PyTorch path, about half as fast (``docs/bench/
+    study-medium-h200-2026-12-01.md``). Without ``fcntl`` (not POSIX) workers keep that path."""
     from botorch.acquisition.multi_objective import logei
 
     if _kernel_load or logei._C is not None:
         return
-    logei._load_attempted = True  # no acquisition loads it itself: it would wait on the lock
-    _remove_stale_kernel_lock()
-    _kernel_load["deadline"] = None
+    logei._load_attempted = True  # no acquisition loads it itself: it would take torch's lock
+    try:
+        import fcntl
+    except ImportError:
+        return
 
     def load() -> None:
-        logei._load_attempted = False
-        logei._try_load_fused_kernel()  # sets _load_attempted again first; _C when built
-        _kernel_load["module"] = logei._C
-        logei._C = None  # installed between acquisitions only (await_fused_kernel)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build = Path(_get_build_directory(_KERNEL_NAME, verbose=False))
+        with (build.parent / f"{_KERNEL_NAME}.mergeopt-lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however
+            try:
+                (build / "lock").unlink(missing_ok=True)  # a dead loader's: we hold the lock
+                _kernel_load["module"] = _build_or_load_kernel()
+            except Exception as exc:  # noqa: BLE001 - no compiler, no ninja: the pure path
+                warnings.warn(
+                    f"BoTorch's fused qLogNEHVI kernel did not load ({exc!r:.200}); "
+                    "acquisitions take the pure-PyTorch path, about half as fast",
+                    stacklevel=1,
+                )
 
     thread = threading.Thread(target=load, name="botorch-fused-kernel", daemon=True)
     _kernel_load["thread"] = thread
     thread.start()
 
 
+def _build_or_load_kernel() -> Any:
+    """The kernel module, built as BoTorch's ``_try_load_fused_kernel`` builds it (same name,
+    source and flags, so both share one build)."""
+    from botorch.acquisition.multi_objective import logei
+    from torch.utils.cpp_extension import load
+
+    source = Path(logei.__file__).parent.parent.parent / "csrc" / "logei_fused.cpp"
+    return load(
+        name=_KERNEL_NAME,
+        sources=[str(source.resolve())],
+        extra_cflags=["-O3", "-march=native"],
+        verbose=False,
+    )
+
+
 def await_fused_kernel() -> None:
     """Before an acquisition: wait (once per process, at most ``KERNEL_WAIT_S``) for the kernel
-    ``start_fused_kernel_load`` loads and install it. Decided once, so that every acquisition
-    of a process computes the same way. Without that start, nothing to do."""
+    ``start_fused_kernel_load`` loads, and install it into BoTorch. Decided once: every
+    acquisition of a process computes the same way (a kernel loaded later is not used).
+    Without that start, nothing to do."""
     thread = _kernel_load.get("thread")
     if thread is None or _kernel_load.get("decided"):
         return
     thread.join(KERNEL_WAIT_S)
     _kernel_load["decided"] = True
-    module = _kernel_load.get("module")
+    module = _kernel_load.get("module") if not thread.is_alive() else None
     if module is not None:
         from botorch.acquisition.multi_objective import logei
 
         logei._C = module
-
-
-def _remove_stale_kernel_lock() -> None:
-    from torch.utils.cpp_extension import _get_build_directory
-
-    try:
-        lock = Path(_get_build_directory(_KERNEL_NAME, verbose=False)) / "lock"
-        if time.time() - lock.stat().st_mtime > STALE_KERNEL_LOCK_S:
-            lock.unlink()
-    except OSError:
-        pass  # no lock (the usual case), or removed meanwhile
 
 
 class ProposalSettings(Protocol):

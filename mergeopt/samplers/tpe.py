@@ -20,10 +20,11 @@ class TPESampler(optuna.samplers.TPESampler):
 
     TPE samples each parameter on its own, and with ``constant_liar`` (Optuna 5's default) it
     reads every trial from the storage for each one: for a 37-block, 2-expert genome, 74 reads
-    of the database in one ``study.ask`` (0.39 s of SQLite on the H200 machine's host against a
-    0.28 s evaluation, ``docs/bench/study-h200.md``). Here the first parameter of a trial reads
-    the study and the others reuse that snapshot; other workers' trials started or finished
-    meanwhile are seen from the next trial on."""
+    of the database in one ``study.ask`` (an ask of 0.39 s on the H200 machine's host against a
+    0.28 s evaluation, ``docs/bench/study-h200.md``; 0.52 s on the 2-core dev machine, 0.17 s
+    with one read). Here the first parameter of a trial reads the study (once for each set of
+    states TPE asks for) and the others reuse that snapshot; other workers' trials started or
+    finished meanwhile are seen from the next trial on."""
 
     def sample_independent(
         self,

@@ -13,9 +13,10 @@ near the time of reading the weights once. Compilation and capture are paid once
 shape and worker.
 
 Grouped-query attention in a decode step runs on the key/value heads as they lie in the cache:
-the query's heads are packed per key/value head (``PACKED_GQA``, what transformers does itself
-for one query token, but not under ``torch.compile``, where it copies every layer's cache
-``num_key_value_groups`` times a step, for a 4B model several GB a step).
+the query's heads are packed per key/value head (``PACKED_GQA``). transformers' sdpa path copies
+every layer's cache ``num_key_value_groups`` times a step whenever a mask is passed (5.17-5.19;
+later releases pack the query themselves for one token, but not under ``torch.compile``): for a
+4B model several GB a step.
 
 Shapes: ``rows`` prompts per batch (the last batch padded with one-token dummy rows) and a
 cache of ``length`` slots. A batch's prompts are left-padded to a prefill width; prompt slots
