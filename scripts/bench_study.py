@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -83,9 +84,16 @@ from mergeopt.objectives.scorers.static_decode import prefill_width  # noqa: E40
 from mergeopt.samplers import create_sampler  # noqa: E402
 
 PARTS = ("ask", "merge", "swap", "evaluate", "tell")
-# Trials a sampler draws at random before it models anything (Optuna's defaults): the table
-# shows them apart, since asking is much cheaper then.
-STARTUP_TRIALS = {"tpe": 10, "gp": 10, "saasbo-qnehvi": 10}
+
+
+def sampler_startup_trials(sampler: str) -> int:
+    """Trials the sampler draws at random before it models anything (its class's default
+    ``n_startup_trials``; 0 without one): the table shows them apart, since asking is much
+    cheaper then."""
+    from mergeopt.samplers import sampler_class
+
+    parameter = inspect.signature(sampler_class(sampler)).parameters.get("n_startup_trials")
+    return parameter.default if parameter is not None else 0
 
 
 class InPlaceTimedTarget(TimedTarget):
@@ -628,17 +636,22 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
     ]
     print("\n".join(zoo_lines), flush=True)
     runs = []
-    for label, devices in (("one", args.one_worker), ("two", args.two_workers)):
-        if not devices:
-            continue
-        spec = medium_spec(
+    sampler_options = json.loads(args.sampler_options)
+
+    def spec_named(name: str) -> dict[str, Any]:
+        return medium_spec(
             work / "zoo",
-            name=f"medium-{label}",
+            name=name,
             dtype=args.dtype,
             limit=args.limit,
             sampler_name=args.medium_sampler,
-            sampler_options=json.loads(args.sampler_options),
+            sampler_options=sampler_options,
         )
+
+    for label, devices in (("one", args.one_worker), ("two", args.two_workers)):
+        if not devices:
+            continue
+        spec = spec_named(f"medium-{label}")
         runs.append(
             run_study(
                 spec,
@@ -655,14 +668,7 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
         try:
             disk = disk_path(
                 runs[0],
-                medium_spec(
-                    work / "zoo",
-                    name=runs[0]["name"],
-                    dtype=args.dtype,
-                    limit=args.limit,
-                    sampler_name=args.medium_sampler,
-                    sampler_options=json.loads(args.sampler_options),
-                ),
+                spec_named(runs[0]["name"]),
                 count=args.disk_trials,
                 device=args.device,
                 work=work,
@@ -915,7 +921,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup=setup,
         device=device,
         command=command,
-        startup_trials=STARTUP_TRIALS.get(args.sampler, 0),
+        startup_trials=sampler_startup_trials(args.sampler),
     )
     print(text)
     if args.out is not None:
