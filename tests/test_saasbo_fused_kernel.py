@@ -73,6 +73,17 @@ def test_a_killed_loaders_locks_delay_no_later_worker(build_dir: Path) -> None:
     assert not (build_dir / "lock").exists()
 
 
+def test_a_sampler_outside_a_worker_loads_the_kernel_under_the_same_lock(build_dir: Path) -> None:
+    # Plain Optuna code never starts the load: the first acquisition does, and a torch lock
+    # file a killed process left (BoTorch's own load waits on it forever) is removed.
+    (build_dir / "lock").touch()
+    started = time.perf_counter()
+    saasbo_acquisition.await_fused_kernel()
+    assert time.perf_counter() - started < 10
+    assert logei._load_attempted and logei._C is LOADED
+    assert not (build_dir / "lock").exists()
+
+
 def test_a_load_past_the_wait_limit_leaves_the_process_on_the_pure_path(
     build_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ from mergeopt.samplers.saasbo_gp import (
 KERNEL_WAIT_S = 180.0
 _KERNEL_NAME = "logei_fused_ext"
 _kernel_load: dict[str, Any] = {}
+_kernel_start_lock = threading.Lock()
 
 
 def start_fused_kernel_load() -> None:
@@ -41,8 +42,13 @@ def start_fused_kernel_load() -> None:
     study-medium-h200-2026-12-01.md``). Without ``fcntl`` (not POSIX) workers keep that path."""
     from botorch.acquisition.multi_objective import logei
 
-    if _kernel_load or logei._C is not None:
-        return
+    with _kernel_start_lock:
+        if _kernel_load or logei._C is not None:
+            return
+        _start_kernel_thread(logei)
+
+
+def _start_kernel_thread(logei: Any) -> None:
     logei._load_attempted = True  # no acquisition loads it itself: it would take torch's lock
     try:
         import fcntl
@@ -89,7 +95,10 @@ def await_fused_kernel() -> None:
     """Before an acquisition: wait (once per process, at most ``KERNEL_WAIT_S``) for the kernel
     ``start_fused_kernel_load`` loads, and install it into BoTorch. Decided once: every
     acquisition of a process computes the same way (a kernel loaded later is not used).
-    Without that start, nothing to do."""
+
+    A sampler used outside a worker (plain Optuna code) starts the load here and waits for it:
+    BoTorch's own load would wait forever on a lock file a killed process left behind."""
+    start_fused_kernel_load()
     thread = _kernel_load.get("thread")
     if thread is None or _kernel_load.get("decided"):
         return
