@@ -215,6 +215,12 @@ def _pg_worker(url: str, name: str, n_trials: int) -> None:
     import botorch.models  # noqa: F401
     import botorch.optim  # noqa: F401
 
+    from mergeopt.samplers import saasbo_acquisition
+
+    # ... and its fused kernel loaded (the worker loop starts that at start-up; a first build
+    # takes about 30 s, which no other worker should be seen waiting for)
+    saasbo_acquisition.await_fused_kernel()
+
     sampler = SaasQnehviSampler(seed=0, genome=GENOME, n_startup_trials=8, batch_size=4, **FAST)
     study = optuna.load_study(study_name=name, storage=url, sampler=sampler)
     for _ in range(n_trials):
