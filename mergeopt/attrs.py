@@ -33,6 +33,18 @@ def sampler_prefix(sampler: str) -> str:
     return f"{PREFIX}{sampler}:"
 
 
+ASSIGNED = "assigned"
+"""A batch sampler's trial system attr (``mergeopt:<sampler>:assigned``): the candidate
+``{"params", "user_attrs"}`` the trial holds, written before its parameters are."""
+
+
+def holds_assignment(trial: FrozenTrial) -> bool:
+    """Whether a batch sampler assigned the trial a candidate (:data:`ASSIGNED`)."""
+    return any(
+        key.startswith(PREFIX) and key.endswith(":" + ASSIGNED) for key in trial.system_attrs
+    )
+
+
 class StudyUserAttr(str, Generic[T]):
     """A study user attr (shown by optuna-dashboard)."""
 

@@ -17,12 +17,21 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergeopt import attrs
 from mergeopt.errors import UserError
-from mergeopt.optuna_compat import claim_waiting_trial, finish_unfinished_trial
+from mergeopt.optuna_compat import (
+    claim_waiting_trial,
+    finish_unfinished_trial,
+    storage_of,
+    study_id_of,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import optuna
     from optuna.storages import RDBStorage
+    from optuna.trial import FrozenTrial
 
 DEFAULT_STORAGE = "sqlite:///mergeopt.db"
 STORAGE_ENV = "MERGEOPT_STORAGE"
@@ -165,7 +174,11 @@ def open_storage(
             "RetryHeartbeatStaleTrialCallback",
             optuna.storages.RetryFailedTrialCallback,
         )
-        callback = retry_callback(max_retry=max_retry) if heartbeat_interval is not None else None
+        callback = (
+            RetryUnlessTakenOver(retry_callback(max_retry=max_retry))
+            if heartbeat_interval is not None
+            else None
+        )
         try:
             return _claiming_storage_class()(
                 url,
@@ -186,6 +199,25 @@ def open_storage(
             if parsed.password:
                 detail = detail.replace(str(parsed.password), "***")
             raise UserError(f"storage {masked}: cannot connect ({detail})") from None
+
+
+class RetryUnlessTakenOver:
+    """Optuna's retry callback for trials failed as stale, except a queued candidate that a
+    waiting trial popped and claimed before its worker died (``mergeopt:taken_by`` on it, the
+    taker holding an assignment): the taker, or its own retry, holds that candidate, and a
+    second copy would evaluate it twice (seen in the MariaDB SAASBO chaos run)."""
+
+    def __init__(self, retry: Callable[[optuna.Study, FrozenTrial], None]) -> None:
+        self._retry = retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        taker = attrs.TAKEN_BY.get(trial)
+        if taker is not None:
+            storage = storage_of(study)
+            taker_id = storage.get_trial_id_from_study_id_trial_number(study_id_of(study), taker)
+            if attrs.holds_assignment(storage.get_trial(taker_id)):
+                return
+        self._retry(study, trial)
 
 
 def load_study(

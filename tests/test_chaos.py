@@ -20,6 +20,7 @@ told. Each run prints one figures line (run with ``pytest -s`` to see it) and wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -173,8 +174,13 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
         else None
     )
     keys = sorted(k for k in trial.system_attrs if k != "fixed_params")
+    # which candidate it evaluated (a digest of its parameters) and whose retry it is
+    candidate = hashlib.sha1(repr(sorted(trial.params.items())).encode()).hexdigest()[:8]
     return (
         f"trial {trial.number} {trial.state.name} {trial.datetime_start} {seconds} s "
+        f"params={candidate if trial.params else None} "
+        f"retry_of={trial.system_attrs.get('failed_trial')} "
+        f"taken_by={trial.system_attrs.get('mergeopt:taken_by')} "
         f"reason={trial.user_attrs.get('mergeopt:fail_reason')} system={keys} "
         f"user={sorted(k for k in trial.user_attrs if 'cmaes' in k or 'requeued' in k)}"
     )
@@ -257,7 +263,11 @@ def run_chaos(
     assert counts["RUNNING"] == 0, counts
     assert killer.kills >= 3, f"only {killer.kills} kills: the run was too short to mean much"
     duplicates = [p for p, n in Counter(complete_params(study)).items() if n > 1]
-    assert not duplicates, f"{len(duplicates)} candidates were completed twice"
+    twice = [
+        [t.number for t in study.get_trials(deepcopy=False) if tuple(sorted(t.params.items())) == p]
+        for p in duplicates
+    ]
+    assert not duplicates, f"{len(duplicates)} candidates were completed twice: trials {twice}"
     return study
 
 

@@ -107,3 +107,43 @@ def test_each_queued_trial_is_handed_to_exactly_one_worker(
         taken = pool.starmap(_take_queued_trials, [(url, "queue", start_at)] * workers)
     numbers = [n for worker in taken for n in worker]
     assert sorted(numbers) == list(range(queued))  # none twice, none lost
+
+
+@pytest.mark.parametrize("claimed", [True, False])
+def test_a_candidate_taken_over_by_a_trial_whose_worker_died_is_queued_once(
+    sqlite_url: str, claimed: bool
+) -> None:
+    # A waiting trial pops a queued candidate, marks it taken and (claimed) records it as its
+    # own; its worker dies before closing the popped trial. Both are failed as stale: exactly
+    # one retry copy may hold the candidate (the taker's when it claimed it, else the popped
+    # trial's), never both.
+    import optuna
+    from optuna.trial import TrialState
+
+    from mergeopt import attrs
+    from mergeopt.optuna_compat import clock_unbeaten_trials, fixed_params
+
+    storage = open_storage(sqlite_url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    taker = study.ask()
+    study.enqueue_trial({"x": 0.5})
+    queued = study.get_trials(states=(TrialState.WAITING,))[0]
+    assert storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING)
+    attrs.TAKEN_BY.set_on(study, queued, taker.number)
+    if claimed:
+        storage.set_trial_system_attr(
+            taker._trial_id,
+            attrs.sampler_prefix("saasbo") + attrs.ASSIGNED,
+            {"params": {"x": 0.5}, "user_attrs": {}},
+        )
+    time.sleep(1.2)
+    clock_unbeaten_trials(study)  # neither trial ever beat: start their clocks
+    time.sleep(2.5)  # past the grace period, at the database clock's one-second resolution
+    optuna.storages.fail_stale_trials(study)
+
+    holders = []
+    for trial in study.get_trials(states=(TrialState.WAITING,)):
+        assigned = trial.system_attrs.get(attrs.sampler_prefix("saasbo") + attrs.ASSIGNED)
+        if fixed_params(trial) == {"x": 0.5} or (assigned and assigned["params"] == {"x": 0.5}):
+            holders.append(trial.system_attrs["failed_trial"])
+    assert holders == [taker.number if claimed else queued.number]

@@ -224,7 +224,7 @@ class BatchCoordinator:
         self.prefix = prefix
         self.lock_key = prefix + "fit_lock"
         self.waiting_key = prefix + "waiting"
-        self.assigned_key = prefix + "assigned"
+        self.assigned_key = prefix + attrs.ASSIGNED
         self.lock_ttl_seconds = lock_ttl_seconds
         self.settle_seconds = settle_seconds
         self.poll_seconds = poll_seconds
@@ -361,14 +361,17 @@ class BatchCoordinator:
                 won = False
             if not won:
                 continue
-            # The taker's claim is written at once (its user attrs may be batched until its
-            # ask ends), before the queued trial is closed.
+            # Marked taken first: should this worker die before the queued trial is closed,
+            # the queued trial is failed as stale, and the retry callback re-enqueues it only
+            # if this trial holds no claim yet (``storage.RetryUnlessTakenOver``). The claim is
+            # written at once (this trial's user attrs may be batched until its ask ends), and
+            # before the queued trial is closed, so the candidate is always held by a trial.
+            attrs.TAKEN_BY.set_on(study, queued, trial.number)
             storage.set_trial_system_attr(
                 trial_id_of(trial),
                 self.assigned_key,
                 {"params": dict(params), "user_attrs": user_attrs},
             )
-            attrs.TAKEN_BY.set_on(study, queued, trial.number)
             attrs.FAIL_REASON.set_on(
                 study, queued, f"candidate taken over by waiting trial {trial.number}"
             )
