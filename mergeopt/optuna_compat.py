@@ -29,6 +29,14 @@ Names relied on (Optuna 4.8 to 5.x):
 - storage methods replaced on one storage object (``set_trial_param``,
   ``set_trial_user_attr``, ``set_trial_state_values``): Optuna's study and trial call them
   through that object.
+- TPE's internals, which mergeopt's ``tpe`` (``samplers/tpe.py``, ``samplers/tpe_batch.py``)
+  reproduces value for value for many parameters at once: ``TPESampler._sample`` (overridden),
+  its attributes ``_rng``, ``_n_ei_candidates``, ``_constant_liar``, ``_gamma``,
+  ``_parzen_estimator_cls`` and methods ``_get_params``, ``_build_parzen_estimator``;
+  ``optuna.samplers._tpe.sampler._split_trials`` and its default gammas; the estimator's
+  ``_mixture_distribution``; ``optuna.samplers._tpe._truncnorm`` (``logpdf``,
+  ``_log_gauss_mass``, ``_log_ndtr``, ``_log_sum``, ``_norm_pdf_logC``,
+  ``_ndtri_exp_approx_C``). ``tests/test_samplers_tpe.py`` compares proposals with Optuna's.
 
 Nothing here imports Optuna at module level (the command line imports this module early).
 """
@@ -38,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -196,9 +205,11 @@ def redirect_trial_writes(
 
 
 class StudyReadOnce:
-    """A study that reads its trials once: the first ``_get_trials`` / ``get_trials`` for a
-    set of states reads the study, later ones get that snapshot (the ``cache`` dict, which the
-    caller keeps for as long as the snapshot is to be served). Everything else is the study's.
+    """A study that reads its trials once: the first ``_get_trials`` / ``get_trials`` reads
+    every trial of the study, and it and later ones get that snapshot, filtered by state (the
+    ``cache`` dict, which the caller keeps for as long as the snapshot is to be served; one
+    read for all sets of states, so they also agree with each other). Everything else is the
+    study's.
 
     For a sampler that reads the study per parameter inside one ``study.ask`` (Optuna's TPE with
     ``constant_liar``, its default since 5.0, re-reads every trial from the storage each time);
@@ -220,8 +231,11 @@ class StudyReadOnce:
     ) -> list[FrozenTrial]:
         chosen = None if states is None else tuple(states)
         key = None if chosen is None else tuple(sorted({state.value for state in chosen}))
+        if None not in self._cache:
+            self._cache[None] = self._study._get_trials(deepcopy=False)
         if key not in self._cache:
-            self._cache[key] = self._study._get_trials(deepcopy=False, states=chosen)
+            wanted = {state.value for state in chosen or ()}
+            self._cache[key] = [t for t in self._cache[None] if t.state.value in wanted]
         trials = self._cache[key]
         return copy.deepcopy(trials) if deepcopy else trials
 
@@ -518,3 +532,42 @@ def clock_unbeaten_trials(study: optuna.Study) -> list[int]:
     for trial_id in unbeaten:
         backend.record_heartbeat(trial_id)
     return unbeaten
+
+
+# --------------------------------------------------------------------------- TPE internals
+
+
+def tpe_truncnorm() -> ModuleType:
+    """``optuna.samplers._tpe._truncnorm``: the truncated-normal arithmetic of Optuna's TPE."""
+    from optuna.samplers._tpe import _truncnorm
+
+    return _truncnorm
+
+
+def tpe_split_trials(
+    study: optuna.Study, trials: list[FrozenTrial], n_below: int
+) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    """TPE's split of ``trials`` into the ``n_below`` best ("below") and the rest."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    return _split_trials(study, trials, n_below)
+
+
+def tpe_default_gamma(multi_objective: bool) -> Callable[[int], int]:
+    """The size of TPE's "below" group that ``TPESampler`` uses when given no ``gamma``."""
+    from optuna.samplers._tpe import sampler
+
+    return sampler.default_gamma_multiobjective if multi_objective else sampler.default_gamma
+
+
+def tpe_standard_parzen_estimator() -> type:
+    """Optuna's own Parzen estimator class (``TPESampler._parzen_estimator_cls`` by default)."""
+    from optuna.samplers._tpe.parzen_estimator import _ParzenEstimator
+
+    return _ParzenEstimator
+
+
+def parzen_mixture(estimator: Any) -> Any:
+    """A Parzen estimator's mixture: ``weights`` (K,) and one batched distribution per
+    parameter (``mu``, ``sigma`` (K,), ``adapted_low``, ``adapted_high``, ``is_log``)."""
+    return estimator._mixture_distribution

@@ -225,10 +225,13 @@ def agreement(
         if previous is not None:
             differing = sum(a != b for a, b in zip(previous, first, strict=True))
             changed = f"; outputs differ from A's on {differing}/{len(prompts)} prompts"
-        lines.append(
-            f"- recipe {name}: identical greedy outputs across {' / '.join(outputs)}: "
-            f"{', '.join(f'{n}/{len(prompts)}' for n in same)}{changed}"
+        compared = (
+            f"identical greedy outputs across {' / '.join(outputs)}: "
+            f"{', '.join(f'{n}/{len(prompts)}' for n in same)}"
+            if others
+            else f"one path only ({next(iter(outputs))}), nothing to compare"
         )
+        lines.append(f"- recipe {name}: {compared}{changed}")
         previous = first
     return lines
 

@@ -442,6 +442,45 @@ def test_no_private_optuna_use_outside_the_compat_module() -> None:
     assert found == []
 
 
+def test_the_tpe_internals_mergeopts_tpe_reproduces_are_there() -> None:
+    """What ``samplers/tpe.py`` and ``tpe_batch.py`` read of Optuna's TPE (the values are
+    pinned against Optuna's own sampler in ``tests/test_samplers_tpe.py``)."""
+    import numpy as np
+
+    from mergeopt.optuna_compat import (
+        parzen_mixture,
+        tpe_default_gamma,
+        tpe_standard_parzen_estimator,
+        tpe_truncnorm,
+    )
+
+    sampler = optuna.samplers.TPESampler(seed=0)
+    for name in ("_rng", "_n_ei_candidates", "_constant_liar", "_gamma", "_parzen_estimator_cls"):
+        assert hasattr(sampler, name), name
+    for name in ("_sample", "_get_params", "_build_parzen_estimator"):
+        assert callable(getattr(sampler, name)), name
+    assert sampler._parzen_estimator_cls is tpe_standard_parzen_estimator()
+    assert tpe_default_gamma(False)(100) == 10 and tpe_default_gamma(True)(100) > 0
+    truncnorm = tpe_truncnorm()
+    for name in ("logpdf", "ppf", "_log_gauss_mass", "_log_ndtr", "_log_sum"):
+        assert callable(getattr(truncnorm, name)), name
+    assert isinstance(truncnorm._norm_pdf_logC, float)
+    assert isinstance(truncnorm._ndtri_exp_approx_C, float)
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    estimator = tpe_standard_parzen_estimator()(
+        {"x": np.array([0.2, 0.6])}, space, sampler._parzen_estimator_parameters
+    )
+    mixture = parzen_mixture(estimator)
+    assert mixture.weights.shape == (3,)  # two observations and the prior
+    (distribution,) = mixture.distributions
+    assert distribution.mu.shape == distribution.sigma.shape == (3,)
+    assert (distribution.adapted_low, distribution.adapted_high, distribution.is_log) == (
+        0.0,
+        1.0,
+        False,
+    )
+
+
 def test_tpe_reads_trials_through_study_get_trials_which_study_read_once_serves(
     study: optuna.Study,
 ) -> None:
