@@ -401,6 +401,33 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     return lines
 
 
+def check_fused_slerp(engine: MergeEngine, names: list[str]) -> list[str]:
+    """The fused SLERP route against the torch path (the plan of an exact merge) and both
+    against fp64: how many values differ, and each path's largest error."""
+    from mergeopt.merge.geometric import slerp
+    from mergeopt.merge.plan import MergePlan
+
+    plans = [
+        MergePlan.build(engine.merge_method, device=engine.device, dtype=engine.dtype, exact=e)
+        for e in (False, True)
+    ]
+    if plans[0].slerp is None:
+        return ["check fused slerp: not used (no Triton)"]
+    lines = []
+    params = [dict(METHOD_PARAMS["slerp"])]
+    for name in names:
+        base, stack = engine._base[name], engine._stack[name]
+        fused, reference = (plan.merge_tensor(base, stack, params, {}) for plan in plans)
+        exact = slerp(float(params[0]["t"]), base.double(), stack[0].double())
+        unequal = int((fused != reference).sum())
+        errors = [float((r.double() - exact).abs().max()) for r in (fused, reference)]
+        lines.append(
+            f"check fused slerp {name}: {unequal} of {fused.numel()} unequal to the torch path; "
+            f"largest error against fp64 {errors[0]:.3g} fused, {errors[1]:.3g} torch"
+        )
+    return lines
+
+
 def profile_merge(
     engine: MergeEngine, per_block: list, target: MergeTarget, name: str, folder: Path | None
 ) -> None:
@@ -522,6 +549,10 @@ def main() -> None:
             if "MERGEOPT_FUSED" in BROKEN:
                 os.environ["MERGEOPT_FUSED"] = "0"
             engine.set_method(method, exact=exact)
+        if args.check and merge_method.fused_slerp:
+            layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
+            for line in check_fused_slerp(engine, [layer, "model.embed_tokens.weight"]):
+                print(line, flush=True)
         params = METHOD_PARAMS[method]
         per_block = [[dict(params) for _ in experts] for _ in range(layout.num_blocks)]
         if args.device.startswith("cuda"):

@@ -589,6 +589,49 @@ def test_one_launch_block_sum_equals_the_per_tensor_kernel(with_base: bool) -> N
         assert torch.equal(out, alone)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize(
+    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
+)
+def test_fused_slerp_of_a_block_is_the_torch_slerp_within_one_last_place(
+    dtype: torch.dtype, ulp: float
+) -> None:
+    pytest.importorskip("triton")
+    from mergeopt.merge import triton_kernels
+    from mergeopt.merge.geometric import slerp
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(14)
+    shapes = [(64, 48), (5000,), (7,), (3, 2049), (2, 1500)]
+    v0s = [torch.randn(s, generator=generator) * 0.02 for s in shapes]
+    v1s = [v0 + torch.randn(v0.shape, generator=generator) * 0.02 for v0 in v0s]
+    v1s[1] = v0s[1] * 1.001  # nearly parallel: the lerp branch
+    v0s[2] = torch.zeros(shapes[2])  # a zero tensor: its norm taken as 1
+    v1s[4] = -v0s[4] + torch.randn(shapes[4], generator=generator) * 1e-3  # nearly opposite
+    pairs = [
+        (a.to(dtype).to(device), b.to(dtype).to(device)) for a, b in zip(v0s, v1s, strict=True)
+    ]
+    for t in (0.3, 0.0, 1.0):
+        outs = [torch.full_like(a, float("nan")) for a, _ in pairs]
+        triton_kernels.slerp_many([(a, b, o) for (a, b), o in zip(pairs, outs, strict=True)], t)
+        differing = 0
+        for index, ((a, b), out) in enumerate(zip(pairs, outs, strict=True)):
+            torch_path = slerp(t, a, b).double()
+            exact = slerp(t, a.double(), b.double())
+            # no less accurate than the torch path, give or take one place of the storage
+            # dtype at the inputs' scale (its cosine comes from fp64 sums instead)
+            place = ulp * float(torch.maximum(a.double().abs(), b.double().abs()).max())
+            error = float((out.double() - exact).abs().max())
+            assert error <= float((torch_path - exact).abs().max()) + place, (t, a.shape)
+            if index != 4:  # nearly opposite tensors are ill-conditioned on either path
+                differing += int((out.double() != torch_path).sum())
+        if dtype != torch.float32:  # elsewhere nearly every value is the same bits
+            assert differing <= 0.001 * sum(a.numel() for a, _ in pairs), (t, differing)
+
+
 @pytest.fixture
 def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route 16-bit top-k selections through the Triton passes (on the CPU: the interpreter)

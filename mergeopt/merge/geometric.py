@@ -44,20 +44,33 @@ def slerp(
     b = v1.reshape(1, -1).to(dtype)
     if a.shape[1] == 0:
         return v0.clone()
-    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
-    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
+    norm_a = slerp_norm(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+    norm_b = slerp_norm(torch.linalg.vector_norm(b, dim=1, keepdim=True))
     dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    coef_a, coef_b = slerp_coefficients(t, dot, dot_threshold=dot_threshold)
+    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+
+
+def slerp_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A tensor's norm as SLERP divides by it: 1 for a (nearly) zero tensor."""
+    return torch.where(norm > 1e-8, norm, 1)
+
+
+def slerp_coefficients(
+    t: float | torch.Tensor, dot: torch.Tensor, *, dot_threshold: float = 0.9995
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLERP's coefficients of ``v0`` and ``v1`` (shape of ``dot``, the cosine of the angle
+    between them, clamped to [-1, 1]): the lerp's ``1 - t`` and ``t`` where nearly
+    (anti)parallel. The fused GPU route computes the same from its own sums."""
+    t_tensor = torch.as_tensor(t, dtype=dot.dtype, device=dot.device)
     nearly_parallel = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(nearly_parallel, 0, dot))
     sin_theta = torch.sin(theta)
-    t_tensor = torch.tensor(t, dtype=dtype, device=v0.device)
     coef_a = torch.where(
         nearly_parallel, 1 - t_tensor, torch.sin((1 - t_tensor) * theta) / sin_theta
     )
     coef_b = torch.where(nearly_parallel, t_tensor, torch.sin(t_tensor * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+    return coef_a, coef_b
 
 
 def nearswap(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,7 @@ class MergeMethod:
         min_experts: the fewest (model_stock and nuslerp need two besides the base).
         weighted_sum: the method as a weighted sum (the one-pass fast path may compute it).
         fused_gta: the fused GTA kernel computes it (task vectors, masks, consensus, weights).
+        fused_slerp: the fused SLERP passes compute it (not ``exact``: last-place differences).
         value_check: what is wrong with one expert's values for one tensor (defaults filled
             in), or None; mergekit refuses these values when it merges (DELLA's epsilon).
         samples: the math draws from the generator other than for masks (Arcee Fusion).
@@ -142,6 +143,7 @@ class MergeMethod:
     min_experts: int = 1
     weighted_sum: WeightedSum | None = None
     fused_gta: bool = False
+    fused_slerp: bool = False
     value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
     samples: bool = False
 
@@ -394,13 +396,20 @@ def _linear_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     return linear(inputs.stack, weights=weights, normalize=bool(inputs.method_params["normalize"]))
 
 
-def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MergeMethod:
+def t_value(expert_params: ExpertParams, method_params: MethodParams) -> float:
+    """The ``t`` of a method between two models: the model's own value, else the method's."""
+    default = method_params["t"]
+    return float(expert_params[0].get("t", default)) if expert_params else float(default)
+
+
+def _at_t(
+    name: str, between: Callable[..., torch.Tensor], *, fused_slerp: bool = False
+) -> MergeMethod:
     """A method between the base (t = 0) and one model (t = 1) at ``t``, which a mergekit config
     must give, per tensor as a gradient or filters if it likes (the table's 0.5 only types it)."""
 
     def math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
-        experts, default = inputs.expert_params, inputs.method_params["t"]
-        t = float(experts[0].get("t", default)) if experts else float(default)
+        t = t_value(inputs.expert_params, inputs.method_params)
         return between(t, inputs.base_tensor, inputs.stack[0])  # v0 and v1
 
     return MergeMethod(
@@ -410,6 +419,7 @@ def _at_t(name: str, between: Callable[..., torch.Tensor]) -> MergeMethod:
         global_defaults={"t": 0.5},
         expert_overrides=("t",),
         max_experts=1,
+        fused_slerp=fused_slerp,
     )
 
 
@@ -548,7 +558,7 @@ METHODS: dict[str, MergeMethod] = {
             math=_sce_math,
             global_defaults={"select_topk": 1.0, "int8_mask": False},
         ),
-        _at_t("slerp", slerp),
+        _at_t("slerp", slerp, fused_slerp=True),
         _at_t("nearswap", nearswap),
         MergeMethod(name="ram", math=_ram_math, global_defaults={"epsilon": 1e-5}),
         MergeMethod(

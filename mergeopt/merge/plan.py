@@ -10,6 +10,8 @@ method's facts, the device, Triton's presence and the environment switches (read
   ``addmm`` without Triton;
 - the fused GTA kernel (every task-vector method on CUDA): masks, L1 norms, consensus and
   weights in one pass, rounding where mergekit's torch operations round;
+- the fused SLERP passes (slerp on CUDA, not ``exact``): a block's sums in one launch, its
+  results in another (a value may differ from the torch path's in the last place);
 - where masks come from: a block's magnitude top-k together, one host sync per block (by the
   Triton passes for 16-bit tensors on CUDA: ``select``), DARE's drawn inside the kernels
   (``draws``), others by torch;
@@ -30,7 +32,7 @@ from types import ModuleType
 import torch
 
 from mergeopt.merge.backend import Switches, triton_on
-from mergeopt.merge.methods import MergeMethod, TensorMerge
+from mergeopt.merge.methods import MergeMethod, TensorMerge, t_value
 from mergeopt.merge.selection import PendingTopMasks, start_top_magnitude_masks
 from mergeopt.merge.sparsification import (
     SPARSIFY_RANDOM,
@@ -143,6 +145,7 @@ class MergePlan:
         kernels: the Triton kernels module for this device and dtype, or None (torch).
         block_launch: a weighted-sum block in one Triton launch.
         gta: the Triton module when the fused GTA kernel merges this method, else None.
+        slerp: the Triton module when the fused SLERP passes merge this method, else None.
         select: the Triton module when magnitude top-k runs in its passes, else None.
         block_masks: magnitude masks are made per block, with one host sync.
         mask_rows: those masks are written into one N x shape tensor per weight (CUDA), which
@@ -161,6 +164,7 @@ class MergePlan:
     kernels: ModuleType | None
     block_launch: bool
     gta: ModuleType | None
+    slerp: ModuleType | None
     select: ModuleType | None
     block_masks: bool
     mask_rows: bool
@@ -197,6 +201,7 @@ class MergePlan:
             kernels=kernels,
             block_launch=weighted_sum is not None and kernels is not None and switches.block,
             gta=kernels if method.fused_gta else None,
+            slerp=kernels if method.fused_slerp and not exact else None,
             select=_select_kernels(device, dtype, switches) if magnitude else None,
             block_masks=magnitude,
             mask_rows=device.type == "cuda",
@@ -233,6 +238,8 @@ class MergePlan:
         experts, params = self._with_defaults(expert_params, method_params)
         if self.weighted_sum is not None:
             return BlockMerge(self._weighted_sums(tensors, experts, params))
+        if self.slerp is not None:
+            return BlockMerge(self._slerps(tensors, experts, params))
         masks = self._start_masks(tensors, experts) if self.block_masks else None
         deferred = masks is not None and masks.pending.ready
         if masks is not None and not deferred:
@@ -276,6 +283,32 @@ class MergePlan:
                 named.append((name, base))
             else:
                 named.append((name, next(found)))
+        return named
+
+    def _slerps(
+        self, tensors: Sequence[BlockTensor], experts: ExpertParams, params: MethodParams
+    ) -> NamedTensors:
+        """A block's SLERPs in the fused passes (an empty or strided tensor by the torch path)."""
+        assert self.slerp is not None
+        t = t_value(experts, params)
+        named: NamedTensors = []
+        fused = []
+        for name, base, stack, out in tensors:
+            assert base is not None
+            if stack is None:  # a non-floating buffer: the base's value
+                named.append((name, base))
+            elif base.numel() == 0 or not self.slerp.supported(
+                [base, stack] if out is None else [base, stack, out]
+            ):
+                named.append(
+                    (name, self.method.math(self.method, TensorMerge(base, stack, experts, params)))
+                )
+            else:
+                result = out if out is not None else torch.empty_like(base)
+                fused.append((base, stack[0], result))
+                named.append((name, result))
+        if fused:
+            self.slerp.slerp_many(fused, t)
         return named
 
     def _start_masks(self, tensors: Sequence[BlockTensor], experts: ExpertParams) -> _BlockMasks:
@@ -353,6 +386,8 @@ class MergePlan:
         if self.weighted_sum is not None:
             coefficients, scale = self.weighted_sum(experts, params, self.dtype, self.device)
             return self._fused_sum(base, stack, coefficients, scale, out)
+        if self.slerp is not None:
+            return self._slerps([("", base, stack, out)], experts, params)[0][1]
         return self._merge(TensorMerge(base, stack, experts, params, generator, masks), out)
 
     def _fused_sum(

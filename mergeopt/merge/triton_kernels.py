@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mergeopt.merge.geometric import slerp_coefficients, slerp_norm
+
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BLOCK = 2048
 
@@ -364,6 +366,139 @@ def weighted_sum(
         num_warps=8,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SLERP of many tensors: one pass for the sums, one for the result
+
+
+@triton.jit
+def _slerp_sums_many_kernel(
+    table_ptr,
+    starts_ptr,
+    partial_ptr,
+    count,
+    DTYPE: tl.constexpr,
+    MAX_TENSORS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per program of the launch table (row t: v0, v1, out addresses and size): the fp32 sums
+    of v0², v1² and v0·v1 over its tile, at ``partial_ptr[3·pid ...]``."""
+    pid = tl.program_id(0)
+    slots = tl.arange(0, MAX_TENSORS)
+    starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
+    t = tl.sum((starts <= pid).to(tl.int32)) - 1
+    start = tl.load(starts_ptr + t)
+    n = tl.load(table_ptr + t * 4 + 3)
+    a_ptr = tl.load(table_ptr + t * 4).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(table_ptr + t * 4 + 1).to(tl.pointer_type(DTYPE))
+    offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
+    tl.store(partial_ptr + pid * 3, tl.sum(a * a, 0))
+    tl.store(partial_ptr + pid * 3 + 1, tl.sum(b * b, 0))
+    tl.store(partial_ptr + pid * 3 + 2, tl.sum(a * b, 0))
+
+
+@triton.jit
+def _slerp_reduce_kernel(partial_ptr, starts_ptr, ends_ptr, sums_ptr, CHUNK: tl.constexpr):
+    """Tensor t's three sums from its programs' partials, in fp64, in a fixed order (the same
+    inputs give the same bits)."""
+    t = tl.program_id(0)
+    start = tl.load(starts_ptr + t)
+    end = tl.load(ends_ptr + t)
+    rows = tl.arange(0, CHUNK)
+    aa = tl.zeros([CHUNK], dtype=tl.float64)
+    bb = tl.zeros([CHUNK], dtype=tl.float64)
+    ab = tl.zeros([CHUNK], dtype=tl.float64)
+    for first in range(start, end, CHUNK):
+        inside = first + rows < end
+        at = partial_ptr + (first + rows).to(tl.int64) * 3
+        aa += tl.load(at, mask=inside, other=0).to(tl.float64)
+        bb += tl.load(at + 1, mask=inside, other=0).to(tl.float64)
+        ab += tl.load(at + 2, mask=inside, other=0).to(tl.float64)
+    tl.store(sums_ptr + t * 3, tl.sum(aa, 0))
+    tl.store(sums_ptr + t * 3 + 1, tl.sum(bb, 0))
+    tl.store(sums_ptr + t * 3 + 2, tl.sum(ab, 0))
+
+
+@triton.jit
+def _slerp_combine_many_kernel(
+    table_ptr,
+    starts_ptr,
+    coef_ptr,
+    count,
+    KIND: tl.constexpr,
+    DTYPE: tl.constexpr,
+    MAX_TENSORS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = round(c0[t]·v0 + c1[t]·v1), every product and the sum rounded to fp32 as torch's
+    ``coef_a * a + coef_b * b`` rounds them (launched without fp fusion)."""
+    pid = tl.program_id(0)
+    slots = tl.arange(0, MAX_TENSORS)
+    starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
+    t = tl.sum((starts <= pid).to(tl.int32)) - 1
+    start = tl.load(starts_ptr + t)
+    n = tl.load(table_ptr + t * 4 + 3)
+    a_ptr = tl.load(table_ptr + t * 4).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(table_ptr + t * 4 + 1).to(tl.pointer_type(DTYPE))
+    out_ptr = tl.load(table_ptr + t * 4 + 2).to(tl.pointer_type(DTYPE))
+    offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
+    total = tl.load(coef_ptr + t * 2) * a + tl.load(coef_ptr + t * 2 + 1) * b
+    tl.store(out_ptr + offs, _round(total, KIND).to(DTYPE), mask=inside)
+
+
+@functools.lru_cache(maxsize=1024)
+def _program_ends(
+    rows: tuple[tuple[int, int, int, int], ...], device: torch.device
+) -> torch.Tensor:
+    """Each tensor's end in the launch table's programs (the next one's start)."""
+    ends = []
+    programs = 0
+    for row in rows:
+        programs += triton.cdiv(row[3], _BLOCK)
+        ends.append(programs)
+    return torch.tensor(ends, dtype=torch.int32).to(device)
+
+
+def slerp_many(
+    items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    t: float,
+    *,
+    dot_threshold: float = 0.9995,
+) -> None:
+    """``geometric.slerp`` of many ``(v0, v1, out)`` (one 16/32-bit dtype, contiguous, none
+    empty), written into ``out``: one pass sums v0², v1² and v0·v1 per tile, the sums are
+    reduced per tensor in fp64, torch computes every tensor's two coefficients at once, one
+    pass writes ``round(c0·v0 + c1·v1)``. The cosine comes from the sums (v0·v1 / (|v0|·|v1|),
+    not the normalized tensors' dot), so a result may differ from the torch path in the last
+    place of the storage dtype where a value lies near a rounding boundary; no host sync."""
+    dtype = items[0][0].dtype
+    device = items[0][0].device
+    rows = tuple((a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel()) for a, b, out in items)
+    table, starts, programs = _launch_tables(rows, device)
+    ends = _program_ends(rows, device)
+    common = {"DTYPE": _TL_DTYPE[dtype], "MAX_TENSORS": max(16, triton.next_power_of_2(len(rows)))}
+    partials = torch.empty((programs, 3), dtype=torch.float32, device=device)
+    _slerp_sums_many_kernel[(programs,)](
+        table, starts, partials, len(rows), BLOCK=_BLOCK, num_warps=8, **common
+    )
+    sums = torch.empty((len(rows), 3), dtype=torch.float64, device=device)
+    _slerp_reduce_kernel[(len(rows),)](partials, starts, ends, sums, CHUNK=1024, num_warps=4)
+    norm_a = slerp_norm(sums[:, 0].sqrt())
+    norm_b = slerp_norm(sums[:, 1].sqrt())
+    dot = (sums[:, 2] / (norm_a * norm_b)).float().clamp(-1, 1)
+    coef_a, coef_b = slerp_coefficients(t, dot, dot_threshold=dot_threshold)
+    coefficients = torch.stack([coef_a, coef_b], dim=1).contiguous()
+    _slerp_combine_many_kernel[(programs,)](
+        table, starts, coefficients, len(rows), KIND=_KIND[dtype], BLOCK=_BLOCK, num_warps=8,
+        enable_fp_fusion=False, **common,
+    )  # fmt: skip
 
 
 @triton.jit
