@@ -239,7 +239,7 @@ def test_a_missed_window_found_after_the_next_block_remerges_its_block(
     def final_tensors() -> tuple[dict[str, torch.Tensor], list[str]]:
         engine = MergeEngine(
             base=untied[0], experts=untied[1:3], layout=LAYOUT, method=method,
-            dtype=torch.bfloat16,
+            dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu",
         )  # fmt: skip
         got: dict[str, torch.Tensor] = {}
         writes: list[str] = []
@@ -251,6 +251,7 @@ def test_a_missed_window_found_after_the_next_block_remerges_its_block(
         engine.merge(params, target=CallbackTarget(fn=keep))
         return got, writes
 
+    monkeypatch.setenv("MERGEOPT_FUSED_SELECT", "0")  # on a GPU too
     expected, _ = final_tensors()  # the torch path: brackets, checked before merging
     monkeypatch.setattr(plan, "_select_kernels", lambda device, dtype, switches: triton_kernels)
     monkeypatch.setattr(selection, "_SORT_BELOW", 0)

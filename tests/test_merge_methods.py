@@ -554,7 +554,14 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
                 merged[fused] = plan.merge_tensor(
                     base, task_vectors, params, method_params, masks=masks
                 )
-        assert torch.equal(merged[True], merged[False]), method_params
+        options = {**merge_method.global_defaults, **method_params}
+        if device == "cuda" and dtype == torch.float32 and options.get("rescale"):
+            # on a GPU the L1 norms' fp32 sums run in the kernel's order (``l1_norms``): the
+            # rescale factor, hence a merged value, may differ in its last fp32 places
+            scale = float(merged[False].abs().max())
+            assert torch.allclose(merged[True], merged[False], rtol=0, atol=2**-20 * scale)
+        else:
+            assert torch.equal(merged[True], merged[False]), method_params
 
 
 @pytest.mark.skipif(
