@@ -401,29 +401,39 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     return lines
 
 
-def check_fused_slerp(engine: MergeEngine, names: list[str]) -> list[str]:
-    """The fused SLERP route against the torch path (the plan of an exact merge) and both
-    against fp64: how many values differ, and each path's largest error."""
-    from mergeopt.merge.geometric import slerp
+def check_fused_pair(engine: MergeEngine, names: list[str], method: str) -> list[str]:
+    """A pair method's fused route (slerp, karcher) against its torch path (the plan of an
+    exact merge) and both against the method's math in fp64: how many values differ, and each
+    path's largest error."""
+    from mergeopt.merge.methods import TensorMerge
     from mergeopt.merge.plan import MergePlan
 
+    merge_method = engine.merge_method
     plans = [
-        MergePlan.build(engine.merge_method, device=engine.device, dtype=engine.dtype, exact=e)
+        MergePlan.build(merge_method, device=engine.device, dtype=engine.dtype, exact=e)
         for e in (False, True)
     ]
-    if plans[0].slerp is None:
-        return ["check fused slerp: not used (no Triton)"]
+    if plans[0].pair is None:
+        return [f"check fused {method}: not used (no Triton)"]
     lines = []
-    params = [dict(METHOD_PARAMS["slerp"])]
+    experts = experts_params(METHOD_PARAMS[method], engine.num_experts)
+    defaults = {**merge_method.global_defaults, **METHOD_PARAMS[method]}
     for name in names:
-        base, stack = engine._base[name], engine._stack[name]
-        fused, reference = (plan.merge_tensor(base, stack, params, {}) for plan in plans)
-        exact = slerp(float(params[0]["t"]), base.double(), stack[0].double())
+        base = engine._base.get(name) if merge_method.base_input else None
+        stack = engine._stack[name]
+        fused, reference = (plan.merge_tensor(base, stack, experts, {}) for plan in plans)
+        inputs = TensorMerge(
+            None if base is None else base.double(),
+            stack.double(),
+            [{**merge_method.expert_defaults, **e} for e in experts],
+            defaults,
+        )
+        exact = merge_method.math(merge_method, inputs)
         unequal = int((fused != reference).sum())
         errors = [float((r.double() - exact).abs().max()) for r in (fused, reference)]
         lines.append(
-            f"check fused slerp {name}: {unequal} of {fused.numel()} unequal to the torch path; "
-            f"largest error against fp64 {errors[0]:.3g} fused, {errors[1]:.3g} torch"
+            f"check fused {method} {name}: {unequal} of {fused.numel()} unequal to the torch "
+            f"path; largest error against fp64 {errors[0]:.3g} fused, {errors[1]:.3g} torch"
         )
     return lines
 
@@ -479,7 +489,8 @@ def main() -> None:
         "--methods",
         default=",".join(METHOD_PARAMS),
         help="comma-separated; NAME:exact / NAME:fast force mergekit's op order / the fused path; "
-        "NAME:unfused runs the torch ops instead of the Triton kernels",
+        "NAME:unfused runs the torch ops instead of the Triton kernels; NAME:stored draws DARE's "
+        "masks by torch and stores them (MERGEOPT_FUSED_DRAWS=0)",
     )
     parser.add_argument("--mergekit", default="task_arithmetic,ties,dare_ties")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -536,6 +547,7 @@ def main() -> None:
         os.environ["MERGEOPT_FUSED"] = (
             "0" if variant == "unfused" or "MERGEOPT_FUSED" in BROKEN else "1"
         )
+        os.environ["MERGEOPT_FUSED_DRAWS"] = "0" if variant == "stored" else "1"
         exact = variant == "exact" or (variant != "fast" and args.device == "cpu")
         engine.set_method(method, exact=exact)
         if args.check and merge_method.task_vectors and not checked:
@@ -549,9 +561,9 @@ def main() -> None:
             if "MERGEOPT_FUSED" in BROKEN:
                 os.environ["MERGEOPT_FUSED"] = "0"
             engine.set_method(method, exact=exact)
-        if args.check and merge_method.fused_slerp:
+        if args.check and merge_method.fused_pair is not None:
             layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
-            for line in check_fused_slerp(engine, [layer, "model.embed_tokens.weight"]):
+            for line in check_fused_pair(engine, [layer, "model.embed_tokens.weight"], method):
                 print(line, flush=True)
         params = METHOD_PARAMS[method]
         per_block = [[dict(params) for _ in experts] for _ in range(layout.num_blocks)]

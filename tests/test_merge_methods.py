@@ -608,7 +608,7 @@ def test_fused_slerp_of_a_block_is_the_torch_slerp_within_one_last_place(
 ) -> None:
     pytest.importorskip("triton")
     from mergeopt.merge import triton_kernels
-    from mergeopt.merge.geometric import slerp
+    from mergeopt.merge.geometric import slerp, slerp_pair_coefficients
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(14)
@@ -623,7 +623,10 @@ def test_fused_slerp_of_a_block_is_the_torch_slerp_within_one_last_place(
     ]
     for t in (0.3, 0.0, 1.0):
         outs = [torch.full_like(a, float("nan")) for a, _ in pairs]
-        triton_kernels.slerp_many([(a, b, o) for (a, b), o in zip(pairs, outs, strict=True)], t)
+        items = [(a, b, o, None) for (a, b), o in zip(pairs, outs, strict=True)]
+        triton_kernels.pair_combine(
+            items, slerp_pair_coefficients(t, triton_kernels.pair_sums(items))
+        )
         differing = 0
         for index, ((a, b), out) in enumerate(zip(pairs, outs, strict=True)):
             torch_path = slerp(t, a, b).double()
@@ -637,6 +640,122 @@ def test_fused_slerp_of_a_block_is_the_torch_slerp_within_one_last_place(
                 differing += int((out.double() != torch_path).sum())
         if dtype != torch.float32:  # elsewhere nearly every value is the same bits
             assert differing <= 0.001 * sum(a.numel() for a, _ in pairs), (t, differing)
+
+
+def _karcher_sets() -> list[list[torch.Tensor]]:
+    """Sets of tensors (fp64) that take the Karcher mean's branches: apart, nearly parallel,
+    one zero tensor, three directions, all zero."""
+    generator = torch.Generator().manual_seed(15)
+    a, b, c = (torch.randn(300, generator=generator, dtype=torch.float64) for _ in range(3))
+    return [
+        [a, b * 3],
+        [a, a * 2 + b * 1e-6],
+        [torch.zeros(300, dtype=torch.float64), b],
+        [a, b * 0.5, c * 2],
+        [torch.zeros(300, dtype=torch.float64)] * 2,
+    ]
+
+
+@pytest.mark.parametrize("alphas", [None, (0.2, 0.5, 0.3)])
+def test_karcher_coefficients_from_the_gram_matrix_give_the_karcher_mean(
+    alphas: tuple[float, ...] | None,
+) -> None:
+    from mergeopt.merge.geometric import karcher, karcher_coefficients
+
+    for tensors in _karcher_sets():
+        weights = list(alphas or [1 / len(tensors)] * len(tensors))[: len(tensors)]
+        stacked = torch.stack(tensors)
+        gram = (stacked @ stacked.T).unsqueeze(0)
+        coefficients = karcher_coefficients(gram, weights, max_iter=10, tol=1e-5)[0]
+        expected = karcher(tensors, weights, max_iter=10, tol=1e-5)
+        got = (coefficients.unsqueeze(1) * stacked).sum(0)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (len(tensors), weights)
+
+
+def test_multislerp_and_model_stock_coefficients_from_the_gram_matrix_give_their_merge() -> None:
+    from mergeopt.merge.geometric import (
+        model_stock,
+        model_stock_coefficients,
+        multislerp,
+        multislerp_coefficients,
+    )
+
+    generator = torch.Generator().manual_seed(16)
+    base = torch.randn(300, generator=generator, dtype=torch.float64)
+    for tensors in _karcher_sets()[:4]:
+        stacked = torch.stack(tensors)
+        gram = (stacked @ stacked.T).unsqueeze(0)
+        models = stacked + base
+        for weights in ([0.5] * len(tensors), [0.3, 0.9, 0.2][: len(tensors)]):
+            for normalize in (True, False):
+                coefficients = multislerp_coefficients(
+                    gram, weights, normalize_weights=normalize, eps=1e-8
+                )[0]
+                expected = multislerp(base, models, weights, normalize_weights=normalize, eps=1e-8)
+                got = base + (coefficients.unsqueeze(1) * stacked).sum(0)
+                assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (weights, normalize)
+        coefficients = model_stock_coefficients(gram)[0]
+        expected = model_stock(base, list(models), filter_wise=False)
+        got = base + (coefficients.unsqueeze(1) * stacked).sum(0)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), len(tensors)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize(
+    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
+)
+@pytest.mark.parametrize("method", ["karcher", "multislerp", "model_stock"])
+def test_a_fused_pair_merge_of_a_block_is_no_less_accurate_than_the_torch_path(
+    method: str, dtype: torch.dtype, ulp: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    from mergeopt.merge import plan as plan_module
+    from mergeopt.merge import triton_kernels
+    from mergeopt.merge.methods import TensorMerge
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # the interpreter: plan as on a GPU
+        monkeypatch.setattr(plan_module, "triton_on", lambda *args, **kwargs: triton_kernels)
+    merge_method = METHODS[method]
+    fused_plan, torch_plan = (
+        MergePlan.build(merge_method, device=torch.device(device), dtype=dtype, exact=exact)
+        for exact in (False, True)
+    )
+    assert fused_plan.pair is not None and torch_plan.pair is None
+    generator = torch.Generator().manual_seed(17)
+    sets = [s[:2] for s in _karcher_sets()]
+    bases = [torch.randn(300, generator=generator, dtype=torch.float64) for _ in sets]
+    if not merge_method.base_input:
+        bases = [torch.zeros(300, dtype=torch.float64)] * len(sets)
+    stacks = [
+        ((torch.stack(s) + b) * 0.02).to(dtype).to(device) for s, b in zip(sets, bases, strict=True)
+    ]
+    base_tensors = [(b * 0.02).to(dtype).to(device) for b in bases]
+    tensors = [
+        (f"w{i}", base if merge_method.base_input else None, stack, None)
+        for i, (base, stack) in enumerate(zip(base_tensors, stacks, strict=True))
+    ]
+    experts = (
+        [{"weight": 0.7}, {"weight": 0.4}] if "weight" in merge_method.expert_defaults else [{}, {}]
+    )
+    merged = fused_plan.merge_block(tensors, experts, {}, seed=0).tensors
+    assert [name for name, _ in merged] == [name for name, *_ in tensors]
+    for (name, result), (_, base, stack, _) in zip(merged, tensors, strict=True):
+        assert result.dtype == dtype and result.shape == stack[0].shape
+        full = [{**merge_method.expert_defaults, **e} for e in experts]
+        params = dict(merge_method.global_defaults)
+        inputs = TensorMerge(None if base is None else base.double(), stack.double(), full, params)
+        exact = merge_method.math(merge_method, inputs)
+        torch_path = torch_plan.merge_tensor(base, stack, experts, {}).double()
+        place = ulp * float(stack.double().abs().max())
+        error = float((result.double() - exact).abs().max())
+        torch_error = float((torch_path - exact).abs().max())
+        if math.isnan(torch_error):  # fp16 multislerp: its eps rounds to 0, a zero vector's 0/0
+            torch_error = 0.0
+        assert error <= torch_error + place, name
 
 
 @pytest.fixture

@@ -73,6 +73,120 @@ def slerp_coefficients(
     return coef_a, coef_b
 
 
+def slerp_pair_coefficients(
+    t: float, sums: torch.Tensor, *, dot_threshold: float = 0.9995
+) -> torch.Tensor:
+    """SLERP's T x 2 fp32 coefficients of ``v0`` and ``v1`` from their T x 3 fp64 sums
+    (v0·v0, v1·v1, v0·v1; the fused route's): the cosine is v0·v1 / (|v0|·|v1|), not the
+    normalized tensors' dot, so a result may differ from :func:`slerp`'s in the last place."""
+    norm_a = slerp_norm(sums[:, 0].sqrt())
+    norm_b = slerp_norm(sums[:, 1].sqrt())
+    dot = (sums[:, 2] / (norm_a * norm_b)).float().clamp(-1, 1)
+    coef_a, coef_b = slerp_coefficients(t, dot, dot_threshold=dot_threshold)
+    return torch.stack([coef_a, coef_b], dim=1)
+
+
+def pair_gram(sums: torch.Tensor) -> torch.Tensor:
+    """The T x 2 x 2 Gram matrices of pairs from their T x 3 sums (x0·x0, x1·x1, x0·x1)."""
+    aa, bb, ab = sums.unbind(1)
+    return torch.stack([torch.stack([aa, ab], 1), torch.stack([ab, bb], 1)], 1)
+
+
+def karcher_coefficients(
+    gram: torch.Tensor, alphas: Sequence[float], *, max_iter: int, tol: float
+) -> torch.Tensor:
+    """:func:`karcher` of N tensors as T x N coefficients on the tensors themselves, from their
+    T x N x N Gram matrices (fp64), for T sets at once. Every iterate of the Karcher mean lies
+    in the span of the tensors' directions, so the iteration runs on N coefficients, with
+    mergekit's steps and stopping rules (per set: a set that stopped keeps its mean) until
+    every set has stopped; only the result touches the tensors. In fp64, this is the exact
+    algorithm that :func:`karcher` rounds to the tensors' dtype at every step. Meant for the
+    host: each step is a few dozen tiny operations."""
+    count = gram.shape[-1]
+    diagonal = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0)
+    norms = diagonal.sqrt()
+    inverse = torch.where(norms > 0, 1 / norms, 0)
+    units = gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2)  # the directions' Gram
+
+    def length(coefficients: torch.Tensor) -> torch.Tensor:
+        squared = torch.einsum("ti,tij,tj->t", coefficients, units, coefficients)
+        return squared.clamp(min=0).sqrt().unsqueeze(-1)
+
+    alpha = torch.tensor(list(alphas), dtype=gram.dtype, device=gram.device).expand_as(norms)
+    valid = norms > tol
+    weights = torch.where(valid, alpha, 0)
+    total = weights.sum(-1, keepdim=True)
+    weights = weights / torch.where(total > 0, total, 1)
+    first = torch.nn.functional.one_hot(valid.to(torch.int8).argmax(-1), count).to(gram.dtype)
+    mean = weights
+    mean_norm = length(mean)
+    mean = torch.where(mean_norm < tol, first, mean / torch.where(mean_norm > 0, mean_norm, 1))
+    stopped = torch.zeros_like(mean_norm, dtype=torch.bool)
+    for _ in range(max_iter):
+        dots = torch.einsum("tij,tj->ti", units, mean).clamp(-1, 1)
+        theta = torch.arccos(dots)
+        moving = valid & (theta >= tol)
+        pull = torch.where(moving, weights * theta / torch.where(moving, torch.sin(theta), 1), 0)
+        tangent = pull - (pull * dots).sum(-1, keepdim=True) * mean
+        tangent_norm = length(tangent)
+        stopped = stopped | (tangent_norm < tol)
+        step = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (
+            tangent / torch.where(tangent_norm > 0, tangent_norm, 1)
+        )
+        step_norm = length(step)
+        step = torch.where(step_norm > tol, step / step_norm, step)
+        mean = torch.where(stopped, mean, step)
+        if bool(stopped.all()):
+            break
+    scale = (alpha * norms).sum(-1, keepdim=True)
+    coefficients = torch.where(valid.any(-1, keepdim=True), scale * mean * inverse, 0)
+    if count == 1:  # one tensor is returned as it is
+        coefficients = torch.ones_like(coefficients)
+    return coefficients
+
+
+def multislerp_coefficients(
+    gram: torch.Tensor, weights: Sequence[float], *, normalize_weights: bool, eps: float
+) -> torch.Tensor:
+    """:func:`multislerp` of N task vectors as T x N coefficients on them, from their T x N x N
+    Gram matrices (fp64), for T tensors at once: the result, like every step, lies in their
+    span. Two task vectors whose unit vectors cancel are lerped (as :func:`multislerp`); for
+    more, the caller takes the torch path, which refuses them."""
+    w = torch.tensor(list(weights), dtype=gram.dtype, device=gram.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    inverse = 1 / (norms + eps)  # the units are the task vectors over (norm + eps)
+
+    def length(coefficients: torch.Tensor) -> torch.Tensor:
+        squared = torch.einsum("ti,tij,tj->t", coefficients, gram, coefficients)
+        return squared.clamp(min=0).sqrt().unsqueeze(-1)
+
+    mean = w * inverse
+    mean_norm = length(mean)
+    mean = mean / torch.where(mean_norm < eps, 1, mean_norm)
+    dots = inverse * torch.einsum("tij,tj->ti", gram, mean)  # each unit vector's dot with mean
+    tangent = w * inverse - (w * dots).sum(-1, keepdim=True) * mean
+    tangent_norm = length(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = result * (norms * w).sum(-1, keepdim=True)
+    return torch.where(mean_norm < eps, w.expand_as(result), result)
+
+
+def model_stock_coefficients(gram: torch.Tensor) -> torch.Tensor:
+    """:func:`model_stock` (over whole tensors) of N task vectors as T x N coefficients on them,
+    from their T x N x N Gram matrices (fp64): each is t/N, t from their mean pairwise cosine."""
+    count = gram.shape[-1]
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    cosines = (gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2)).clamp(min=1e-6)).clamp(-1, 1)
+    pairs = torch.triu_indices(count, count, offset=1)
+    cos_theta = cosines[:, pairs[0], pairs[1]].mean(-1, keepdim=True)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0, count * cos_theta / torch.where(singular, 1, denominator))
+    return (t / count).expand(-1, count)
+
+
 def nearswap(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """``v1`` where it is within ``t`` of ``v0``, else a step from ``v0`` towards ``v1`` of
     length ``t`` (the weight t / |v0 − v1|, clamped to [0, 1]; mergekit's ``nearswap``)."""

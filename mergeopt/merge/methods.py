@@ -40,12 +40,17 @@ import torch
 from mergeopt.errors import UserError
 from mergeopt.merge.geometric import (
     karcher,
+    karcher_coefficients,
     linear,
     model_stock,
+    model_stock_coefficients,
     multislerp,
+    multislerp_coefficients,
     nearswap,
     nuslerp,
+    pair_gram,
     slerp,
+    slerp_pair_coefficients,
 )
 from mergeopt.merge.selective import arcee_fusion, ram
 from mergeopt.merge.sparsification import (
@@ -95,6 +100,29 @@ class TensorMerge:
 MergeMath = Callable[["MergeMethod", TensorMerge], torch.Tensor]
 """One tensor's merge by a method's reference math: ``(method, inputs)``."""
 
+PairRule = Callable[[torch.Tensor, ExpertParams, MethodParams], torch.Tensor]
+"""A pair method's T x 2 fp32 coefficients from the T x 3 fp64 sums (x0·x0, x1·x1, x0·x1) of
+T tensors: ``(sums, expert_params, method_params)``."""
+
+
+@dataclass(frozen=True)
+class FusedPair:
+    """A method whose result is c0·x0 + c1·x1 for a tensor's two operands, the coefficients
+    computed from the operands' sums alone (so the fused passes read each tensor twice: once
+    for the sums, once for the result).
+
+    Attributes:
+        coefficients: the rule.
+        around_base: the operands are the two models minus the base, and the base is added
+            back (Multi-SLERP, Model Stock); else the base and the model when the method takes
+            a base (SLERP), or the two models (Karcher).
+        applies: whether the rule covers these method parameters (else the torch path).
+    """
+
+    coefficients: PairRule
+    around_base: bool = False
+    applies: Callable[[MethodParams], bool] = lambda params: True
+
 
 class MethodParamError(UserError, ValueError):
     """A merge method or one of its parameters that does not exist, is missing, or does not
@@ -123,7 +151,9 @@ class MergeMethod:
         min_experts: the fewest (model_stock and nuslerp need two besides the base).
         weighted_sum: the method as a weighted sum (the one-pass fast path may compute it).
         fused_gta: the fused GTA kernel computes it (task vectors, masks, consensus, weights).
-        fused_slerp: the fused SLERP passes compute it (not ``exact``: last-place differences).
+        fused_pair: the method is c0·x0 + c1·x1 of each tensor's two operands, by a rule
+            from their sums; on CUDA (not ``exact``) the fused pair passes compute it, no
+            longer in mergekit's order of operations.
         value_check: what is wrong with one expert's values for one tensor (defaults filled
             in), or None; mergekit refuses these values when it merges (DELLA's epsilon).
         samples: the math draws from the generator other than for masks (Arcee Fusion).
@@ -143,7 +173,7 @@ class MergeMethod:
     min_experts: int = 1
     weighted_sum: WeightedSum | None = None
     fused_gta: bool = False
-    fused_slerp: bool = False
+    fused_pair: FusedPair | None = None
     value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
     samples: bool = False
 
@@ -403,7 +433,7 @@ def t_value(expert_params: ExpertParams, method_params: MethodParams) -> float:
 
 
 def _at_t(
-    name: str, between: Callable[..., torch.Tensor], *, fused_slerp: bool = False
+    name: str, between: Callable[..., torch.Tensor], *, fused_pair: FusedPair | None = None
 ) -> MergeMethod:
     """A method between the base (t = 0) and one model (t = 1) at ``t``, which a mergekit config
     must give, per tensor as a gradient or filters if it likes (the table's 0.5 only types it)."""
@@ -419,7 +449,7 @@ def _at_t(
         global_defaults={"t": 0.5},
         expert_overrides=("t",),
         max_experts=1,
-        fused_slerp=fused_slerp,
+        fused_pair=fused_pair,
     )
 
 
@@ -449,6 +479,45 @@ def _karcher_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:  # 
     models, params = inputs.stack.unbind(0), inputs.method_params
     alphas = [1.0 / len(models)] * len(models)
     return karcher(models, alphas, max_iter=int(params["max_iter"]), tol=float(params["tol"]))
+
+
+def _karcher_pair(
+    sums: torch.Tensor, expert_params: ExpertParams, method_params: MethodParams
+) -> torch.Tensor:
+    """Karcher's coefficients of two models (equal weights) from their sums, in fp64 on the
+    host (one sync per block; on the GPU each of the iteration's tiny operations would be a
+    launch): closer to the exact mean than mergekit's iteration in the tensors' dtype."""
+    coefficients = karcher_coefficients(
+        pair_gram(sums.cpu()),
+        [0.5, 0.5],
+        max_iter=int(method_params["max_iter"]),
+        tol=float(method_params["tol"]),
+    )
+    return coefficients.float().to(sums.device)
+
+
+def _slerp_pair(
+    sums: torch.Tensor, expert_params: ExpertParams, method_params: MethodParams
+) -> torch.Tensor:
+    return slerp_pair_coefficients(t_value(expert_params, method_params), sums)
+
+
+def _multislerp_pair(
+    sums: torch.Tensor, expert_params: ExpertParams, method_params: MethodParams
+) -> torch.Tensor:
+    coefficients = multislerp_coefficients(
+        pair_gram(sums),
+        [float(p["weight"]) for p in expert_params],
+        normalize_weights=bool(method_params["normalize_weights"]),
+        eps=float(method_params["eps"]),
+    )
+    return coefficients.float()
+
+
+def _model_stock_pair(
+    sums: torch.Tensor, expert_params: ExpertParams, method_params: MethodParams
+) -> torch.Tensor:
+    return model_stock_coefficients(pair_gram(sums)).float()
 
 
 def _sce_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
@@ -537,6 +606,11 @@ METHODS: dict[str, MergeMethod] = {
             task_vectors=False,
             global_defaults={"filter_wise": False},
             min_experts=2,
+            fused_pair=FusedPair(
+                _model_stock_pair,
+                around_base=True,
+                applies=lambda params: not params["filter_wise"],
+            ),
         ),
         MergeMethod(
             name="multislerp",
@@ -545,6 +619,7 @@ METHODS: dict[str, MergeMethod] = {
             base_optional=True,
             global_defaults={"normalize_weights": True, "eps": 1e-8},
             expert_defaults={"weight": None},
+            fused_pair=FusedPair(_multislerp_pair, around_base=True),
         ),
         MergeMethod(
             name="karcher",
@@ -552,13 +627,14 @@ METHODS: dict[str, MergeMethod] = {
             task_vectors=False,
             base_input=False,
             global_defaults={"max_iter": 10, "tol": 1e-5},
+            fused_pair=FusedPair(_karcher_pair),
         ),
         MergeMethod(
             name="sce",
             math=_sce_math,
             global_defaults={"select_topk": 1.0, "int8_mask": False},
         ),
-        _at_t("slerp", slerp, fused_slerp=True),
+        _at_t("slerp", slerp, fused_pair=FusedPair(_slerp_pair)),
         _at_t("nearswap", nearswap),
         MergeMethod(name="ram", math=_ram_math, global_defaults={"epsilon": 1e-5}),
         MergeMethod(

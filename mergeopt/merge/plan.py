@@ -10,8 +10,10 @@ method's facts, the device, Triton's presence and the environment switches (read
   ``addmm`` without Triton;
 - the fused GTA kernel (every task-vector method on CUDA): masks, L1 norms, consensus and
   weights in one pass, rounding where mergekit's torch operations round;
-- the fused SLERP passes (slerp on CUDA, not ``exact``): a block's sums in one launch, its
-  results in another (a value may differ from the torch path's in the last place);
+- the fused pair passes (slerp and the Karcher mean of two models on CUDA, not ``exact``): a
+  block's sums in one launch, the method's coefficients from them, its results in another
+  launch (a value may differ from the torch path's: slerp in the last place, Karcher closer
+  to the exact mean than mergekit's iteration in the tensors' dtype);
 - where masks come from: a block's magnitude top-k together, one host sync per block (by the
   Triton passes for 16-bit tensors on CUDA: ``select``), DARE's drawn inside the kernels
   (``draws``), others by torch;
@@ -32,7 +34,7 @@ from types import ModuleType
 import torch
 
 from mergeopt.merge.backend import Switches, triton_on
-from mergeopt.merge.methods import MergeMethod, TensorMerge, t_value
+from mergeopt.merge.methods import MergeMethod, TensorMerge
 from mergeopt.merge.selection import PendingTopMasks, start_top_magnitude_masks
 from mergeopt.merge.sparsification import (
     SPARSIFY_RANDOM,
@@ -145,7 +147,7 @@ class MergePlan:
         kernels: the Triton kernels module for this device and dtype, or None (torch).
         block_launch: a weighted-sum block in one Triton launch.
         gta: the Triton module when the fused GTA kernel merges this method, else None.
-        slerp: the Triton module when the fused SLERP passes merge this method, else None.
+        pair: the Triton module when the fused pair passes merge this method, else None.
         select: the Triton module when magnitude top-k runs in its passes, else None.
         block_masks: magnitude masks are made per block, with one host sync.
         mask_rows: those masks are written into one N x shape tensor per weight (CUDA), which
@@ -164,7 +166,7 @@ class MergePlan:
     kernels: ModuleType | None
     block_launch: bool
     gta: ModuleType | None
-    slerp: ModuleType | None
+    pair: ModuleType | None
     select: ModuleType | None
     block_masks: bool
     mask_rows: bool
@@ -201,7 +203,7 @@ class MergePlan:
             kernels=kernels,
             block_launch=weighted_sum is not None and kernels is not None and switches.block,
             gta=kernels if method.fused_gta else None,
-            slerp=kernels if method.fused_slerp and not exact else None,
+            pair=kernels if method.fused_pair is not None and not exact else None,
             select=_select_kernels(device, dtype, switches) if magnitude else None,
             block_masks=magnitude,
             mask_rows=device.type == "cuda",
@@ -238,8 +240,8 @@ class MergePlan:
         experts, params = self._with_defaults(expert_params, method_params)
         if self.weighted_sum is not None:
             return BlockMerge(self._weighted_sums(tensors, experts, params))
-        if self.slerp is not None:
-            return BlockMerge(self._slerps(tensors, experts, params))
+        if self.pair is not None:
+            return BlockMerge(self._pairs(tensors, experts, params))
         masks = self._start_masks(tensors, experts) if self.block_masks else None
         deferred = masks is not None and masks.pending.ready
         if masks is not None and not deferred:
@@ -285,30 +287,46 @@ class MergePlan:
                 named.append((name, next(found)))
         return named
 
-    def _slerps(
+    def _pairs(
         self, tensors: Sequence[BlockTensor], experts: ExpertParams, params: MethodParams
     ) -> NamedTensors:
-        """A block's SLERPs in the fused passes (an empty or strided tensor by the torch path)."""
-        assert self.slerp is not None
-        t = t_value(experts, params)
+        """A block's pair merges (``MergeMethod.fused_pair``) in the fused passes: the sums of
+        all its tensors in one launch, the coefficients by the method's rule, the results in
+        another launch; an empty or strided tensor, or not two models, by the torch path."""
+        kernels, pair = self.pair, self.method.fused_pair
+        assert kernels is not None and pair is not None
         named: NamedTensors = []
-        fused = []
+        fused: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        applies = pair.applies(params)
         for name, base, stack, out in tensors:
-            assert base is not None
             if stack is None:  # a non-floating buffer: the base's value
+                assert base is not None
                 named.append((name, base))
-            elif base.numel() == 0 or not self.slerp.supported(
-                [base, stack] if out is None else [base, stack, out]
-            ):
-                named.append(
-                    (name, self.method.math(self.method, TensorMerge(base, stack, experts, params)))
-                )
+                continue
+            if pair.around_base:  # the models around the base (none: around zero)
+                operands, around = list(stack), base
+            elif self.uses_base:
+                assert base is not None
+                operands, around = [base, stack[0]], None
             else:
-                result = out if out is not None else torch.empty_like(base)
-                fused.append((base, stack[0], result))
-                named.append((name, result))
+                operands, around = list(stack), None
+            read = operands if around is None else [*operands, around]
+            if (
+                not applies
+                or len(operands) != 2
+                or operands[0].numel() == 0
+                or not kernels.supported(read if out is None else [*read, out])
+            ):
+                merged = self.method.math(self.method, TensorMerge(base, stack, experts, params))
+                named.append((name, merged))
+                continue
+            result = out if out is not None else torch.empty_like(operands[0])
+            fused.append((operands[0], operands[1], result, around))
+            named.append((name, result))
         if fused:
-            self.slerp.slerp_many(fused, t)
+            kernels.pair_combine(
+                fused, pair.coefficients(kernels.pair_sums(fused), experts, params)
+            )
         return named
 
     def _start_masks(self, tensors: Sequence[BlockTensor], experts: ExpertParams) -> _BlockMasks:
@@ -386,8 +404,8 @@ class MergePlan:
         if self.weighted_sum is not None:
             coefficients, scale = self.weighted_sum(experts, params, self.dtype, self.device)
             return self._fused_sum(base, stack, coefficients, scale, out)
-        if self.slerp is not None:
-            return self._slerps([("", base, stack, out)], experts, params)[0][1]
+        if self.pair is not None:
+            return self._pairs([("", base, stack, out)], experts, params)[0][1]
         return self._merge(TensorMerge(base, stack, experts, params, generator, masks), out)
 
     def _fused_sum(

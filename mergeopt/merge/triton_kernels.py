@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mergeopt.merge.geometric import slerp_coefficients, slerp_norm
-
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BLOCK = 2048
 
@@ -230,7 +228,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 @functools.lru_cache(maxsize=1024)
 def _launch_tables(
-    rows: tuple[tuple[int, int, int, int], ...], device: torch.device
+    rows: tuple[tuple[int, ...], ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The address table, program starts and program count for a set of tensors, made once
     per set of addresses (the engine's tensors and a target's parameters stay put)."""
@@ -369,40 +367,49 @@ def weighted_sum(
 
 
 # ---------------------------------------------------------------------------------------------
-# SLERP of many tensors: one pass for the sums, one for the result
+# Pairs of many tensors (SLERP, the Karcher mean of two, Multi-SLERP and Model Stock of two
+# around a base): one pass for the sums, one for the result c0·x0 + c1·x1 (+ the base) with
+# coefficients the caller computes from the sums
 
 
 @triton.jit
-def _slerp_sums_many_kernel(
+def _pair_sums_many_kernel(
     table_ptr,
     starts_ptr,
     partial_ptr,
     count,
+    AROUND_BASE: tl.constexpr,
     DTYPE: tl.constexpr,
     MAX_TENSORS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per program of the launch table (row t: v0, v1, out addresses and size): the fp32 sums
-    of v0², v1² and v0·v1 over its tile, at ``partial_ptr[3·pid ...]``."""
+    """Per program of the launch table (row t: x0, x1, out addresses, size, base address): the
+    fp32 sums of x0², x1² and x0·x1 over its tile, at ``partial_ptr[3·pid ...]``; with
+    ``AROUND_BASE``, of x0 − base and x1 − base."""
     pid = tl.program_id(0)
     slots = tl.arange(0, MAX_TENSORS)
     starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
     t = tl.sum((starts <= pid).to(tl.int32)) - 1
     start = tl.load(starts_ptr + t)
-    n = tl.load(table_ptr + t * 4 + 3)
-    a_ptr = tl.load(table_ptr + t * 4).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(table_ptr + t * 4 + 1).to(tl.pointer_type(DTYPE))
+    n = tl.load(table_ptr + t * 5 + 3)
+    a_ptr = tl.load(table_ptr + t * 5).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
+    if AROUND_BASE:
+        base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)
+        a = a - base
+        b = b - base
     tl.store(partial_ptr + pid * 3, tl.sum(a * a, 0))
     tl.store(partial_ptr + pid * 3 + 1, tl.sum(b * b, 0))
     tl.store(partial_ptr + pid * 3 + 2, tl.sum(a * b, 0))
 
 
 @triton.jit
-def _slerp_reduce_kernel(partial_ptr, starts_ptr, ends_ptr, sums_ptr, CHUNK: tl.constexpr):
+def _pair_reduce_kernel(partial_ptr, starts_ptr, ends_ptr, sums_ptr, CHUNK: tl.constexpr):
     """Tensor t's three sums from its programs' partials, in fp64, in a fixed order (the same
     inputs give the same bits)."""
     t = tl.program_id(0)
@@ -424,39 +431,45 @@ def _slerp_reduce_kernel(partial_ptr, starts_ptr, ends_ptr, sums_ptr, CHUNK: tl.
 
 
 @triton.jit
-def _slerp_combine_many_kernel(
+def _pair_combine_many_kernel(
     table_ptr,
     starts_ptr,
     coef_ptr,
     count,
+    AROUND_BASE: tl.constexpr,
     KIND: tl.constexpr,
     DTYPE: tl.constexpr,
     MAX_TENSORS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out = round(c0[t]·v0 + c1[t]·v1), every product and the sum rounded to fp32 as torch's
-    ``coef_a * a + coef_b * b`` rounds them (launched without fp fusion)."""
+    """out = round(c0[t]·x0 + c1[t]·x1), every product and the sum rounded to fp32 as torch's
+    ``coef_a * a + coef_b * b`` rounds them (launched without fp fusion); with
+    ``AROUND_BASE``, round(base + (c0·(x0 − base) + c1·(x1 − base)))."""
     pid = tl.program_id(0)
     slots = tl.arange(0, MAX_TENSORS)
     starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
     t = tl.sum((starts <= pid).to(tl.int32)) - 1
     start = tl.load(starts_ptr + t)
-    n = tl.load(table_ptr + t * 4 + 3)
-    a_ptr = tl.load(table_ptr + t * 4).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(table_ptr + t * 4 + 1).to(tl.pointer_type(DTYPE))
-    out_ptr = tl.load(table_ptr + t * 4 + 2).to(tl.pointer_type(DTYPE))
+    n = tl.load(table_ptr + t * 5 + 3)
+    a_ptr = tl.load(table_ptr + t * 5).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
+    out_ptr = tl.load(table_ptr + t * 5 + 2).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
-    total = tl.load(coef_ptr + t * 2) * a + tl.load(coef_ptr + t * 2 + 1) * b
+    if AROUND_BASE:
+        base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)
+        total = tl.load(coef_ptr + t * 2) * (a - base) + tl.load(coef_ptr + t * 2 + 1) * (b - base)
+        total = base + total
+    else:
+        total = tl.load(coef_ptr + t * 2) * a + tl.load(coef_ptr + t * 2 + 1) * b
     tl.store(out_ptr + offs, _round(total, KIND).to(DTYPE), mask=inside)
 
 
 @functools.lru_cache(maxsize=1024)
-def _program_ends(
-    rows: tuple[tuple[int, int, int, int], ...], device: torch.device
-) -> torch.Tensor:
+def _program_ends(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
     """Each tensor's end in the launch table's programs (the next one's start)."""
     ends = []
     programs = 0
@@ -466,38 +479,60 @@ def _program_ends(
     return torch.tensor(ends, dtype=torch.int32).to(device)
 
 
-def slerp_many(
-    items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    t: float,
-    *,
-    dot_threshold: float = 0.9995,
-) -> None:
-    """``geometric.slerp`` of many ``(v0, v1, out)`` (one 16/32-bit dtype, contiguous, none
-    empty), written into ``out``: one pass sums v0², v1² and v0·v1 per tile, the sums are
-    reduced per tensor in fp64, torch computes every tensor's two coefficients at once, one
-    pass writes ``round(c0·v0 + c1·v1)``. The cosine comes from the sums (v0·v1 / (|v0|·|v1|),
-    not the normalized tensors' dot), so a result may differ from the torch path in the last
-    place of the storage dtype where a value lies near a rounding boundary; no host sync."""
-    dtype = items[0][0].dtype
+PairItems = Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+"""``(x0, x1, out, base)`` per tensor: one 16/32-bit dtype, contiguous, none empty; ``base``
+None for every item (a pair of tensors) or for none (the pair's differences from the base)."""
+
+
+def _pair_launch(
+    items: PairItems,
+) -> tuple[tuple[tuple[int, ...], ...], dict[str, object]]:
+    rows = tuple(
+        (
+            a.data_ptr(),
+            b.data_ptr(),
+            out.data_ptr(),
+            out.numel(),
+            0 if base is None else base.data_ptr(),
+        )
+        for a, b, out, base in items
+    )
+    common = {
+        "AROUND_BASE": items[0][3] is not None,
+        "DTYPE": _TL_DTYPE[items[0][0].dtype],
+        "MAX_TENSORS": max(16, triton.next_power_of_2(len(rows))),
+    }
+    return rows, common
+
+
+def pair_sums(items: PairItems) -> torch.Tensor:
+    """The T x 3 fp64 sums x0·x0, x1·x1, x0·x1 of each item (of x0 − base and x1 − base with a
+    base): one pass of fp32 tile sums over all of them, reduced per tensor in fp64 in a fixed
+    order; no host sync."""
     device = items[0][0].device
-    rows = tuple((a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel()) for a, b, out in items)
+    rows, common = _pair_launch(items)
     table, starts, programs = _launch_tables(rows, device)
-    ends = _program_ends(rows, device)
-    common = {"DTYPE": _TL_DTYPE[dtype], "MAX_TENSORS": max(16, triton.next_power_of_2(len(rows)))}
     partials = torch.empty((programs, 3), dtype=torch.float32, device=device)
-    _slerp_sums_many_kernel[(programs,)](
+    _pair_sums_many_kernel[(programs,)](
         table, starts, partials, len(rows), BLOCK=_BLOCK, num_warps=8, **common
     )
     sums = torch.empty((len(rows), 3), dtype=torch.float64, device=device)
-    _slerp_reduce_kernel[(len(rows),)](partials, starts, ends, sums, CHUNK=1024, num_warps=4)
-    norm_a = slerp_norm(sums[:, 0].sqrt())
-    norm_b = slerp_norm(sums[:, 1].sqrt())
-    dot = (sums[:, 2] / (norm_a * norm_b)).float().clamp(-1, 1)
-    coef_a, coef_b = slerp_coefficients(t, dot, dot_threshold=dot_threshold)
-    coefficients = torch.stack([coef_a, coef_b], dim=1).contiguous()
-    _slerp_combine_many_kernel[(programs,)](
-        table, starts, coefficients, len(rows), KIND=_KIND[dtype], BLOCK=_BLOCK, num_warps=8,
-        enable_fp_fusion=False, **common,
+    _pair_reduce_kernel[(len(rows),)](
+        partials, starts, _program_ends(rows, device), sums, CHUNK=1024, num_warps=4
+    )
+    return sums
+
+
+def pair_combine(items: PairItems, coefficients: torch.Tensor) -> None:
+    """Writes ``round(c0·x0 + c1·x1)`` (with a base: ``round(base + c0·(x0 − base) + c1·(x1 −
+    base))``) into each item's ``out`` in one launch (``coefficients``: T x 2 fp32 on the
+    device), rounding as torch's ``c0 * x0 + c1 * x1`` in fp32 does."""
+    dtype = items[0][0].dtype
+    rows, common = _pair_launch(items)
+    table, starts, programs = _launch_tables(rows, items[0][0].device)
+    _pair_combine_many_kernel[(programs,)](
+        table, starts, coefficients.contiguous(), len(rows), KIND=_KIND[dtype], BLOCK=_BLOCK,
+        num_warps=8, enable_fp_fusion=False, **common,
     )  # fmt: skip
 
 
