@@ -401,10 +401,10 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
     return lines
 
 
-def check_fused_pair(engine: MergeEngine, names: list[str], method: str) -> list[str]:
-    """A pair method's fused route (slerp, karcher) against its torch path (the plan of an
-    exact merge) and both against the method's math in fp64: how many values differ, and each
-    path's largest error."""
+def check_fused_route(engine: MergeEngine, names: list[str], method: str) -> list[str]:
+    """A fused route that is no longer mergekit's order of operations (the pair methods, SCE)
+    against the torch path (the plan of an exact merge), and both against the method's math in
+    fp64: how many values differ, and each path's largest error."""
     from mergeopt.merge.methods import TensorMerge
     from mergeopt.merge.plan import MergePlan
 
@@ -413,7 +413,7 @@ def check_fused_pair(engine: MergeEngine, names: list[str], method: str) -> list
         MergePlan.build(merge_method, device=engine.device, dtype=engine.dtype, exact=e)
         for e in (False, True)
     ]
-    if plans[0].pair is None:
+    if plans[0].pair is None and plans[0].data_weighted is None:
         return [f"check fused {method}: not used (no Triton)"]
     lines = []
     experts = experts_params(METHOD_PARAMS[method], engine.num_experts)
@@ -561,9 +561,11 @@ def main() -> None:
             if "MERGEOPT_FUSED" in BROKEN:
                 os.environ["MERGEOPT_FUSED"] = "0"
             engine.set_method(method, exact=exact)
-        if args.check and merge_method.fused_pair is not None:
+        if args.check and (
+            merge_method.fused_pair is not None or merge_method.fused_data_weighted is not None
+        ):
             layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
-            for line in check_fused_pair(engine, [layer, "model.embed_tokens.weight"], method):
+            for line in check_fused_route(engine, [layer, "model.embed_tokens.weight"], method):
                 print(line, flush=True)
         params = METHOD_PARAMS[method]
         per_block = [[dict(params) for _ in experts] for _ in range(layout.num_blocks)]

@@ -758,6 +758,52 @@ def test_a_fused_pair_merge_of_a_block_is_no_less_accurate_than_the_torch_path(
         assert error <= torch_error + place, name
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize(
+    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
+)
+def test_sce_in_the_fused_gta_kernel_is_no_less_accurate_than_the_torch_path(
+    dtype: torch.dtype, ulp: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    from mergeopt.merge import plan as plan_module
+    from mergeopt.merge import triton_kernels
+    from mergeopt.merge.methods import TensorMerge
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # the interpreter: plan as on a GPU
+        monkeypatch.setattr(plan_module, "triton_on", lambda *args, **kwargs: triton_kernels)
+    sce = METHODS["sce"]
+    fused_plan, torch_plan = (
+        MergePlan.build(sce, device=torch.device(device), dtype=dtype, exact=exact)
+        for exact in (False, True)
+    )
+    assert fused_plan.data_weighted is not None and torch_plan.data_weighted is None
+    generator = torch.Generator().manual_seed(18)
+    base = torch.randn(40, 70, generator=generator, dtype=torch.float64) * 0.02
+    for scales in ((1.0, 1.0, 1.0), (1.0, 3.0, 0.2), (1e-5, 1e-5, 1e-5)):
+        stack = torch.stack(
+            [
+                torch.randn(40, 70, generator=generator, dtype=torch.float64) * s * 0.002
+                for s in scales
+            ]
+        )
+        b, tv = base.to(dtype).to(device), stack.to(dtype).to(device)
+        params = dict(sce.global_defaults)
+        fused = fused_plan.merge_tensor(b, tv, [{}] * 3, {})
+        torch_path = torch_plan.merge_tensor(b, tv, [{}] * 3, {}).double()
+        exact = sce.math(sce, TensorMerge(b.double(), tv.double(), [{}] * 3, params))
+        place = ulp * float(b.double().abs().max())
+        error = float((fused.double() - exact).abs().max())
+        assert error <= float((torch_path - exact).abs().max()) + place, scales
+    # select_topk under 1 takes the torch path
+    topk = fused_plan.merge_tensor(b, tv, [{}] * 3, {"select_topk": 0.5})
+    assert torch.equal(topk, torch_plan.merge_tensor(b, tv, [{}] * 3, {"select_topk": 0.5}))
+
+
 @pytest.fixture
 def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route 16-bit top-k selections through the Triton passes (on the CPU: the interpreter)

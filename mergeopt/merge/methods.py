@@ -124,6 +124,24 @@ class FusedPair:
     applies: Callable[[MethodParams], bool] = lambda params: True
 
 
+@dataclass(frozen=True)
+class DataWeighted:
+    """A task-vector method that the fused GTA kernel computes with expert weights derived from
+    the task vectors themselves (SCE), the sign elected on their unweighted sum, and the
+    normalizing divisor floored at ``floor``.
+
+    Attributes:
+        weights: N x shape task vectors -> their N weights in the same dtype, on the device
+            (no host sync).
+        floor: the divisor's floor.
+        applies: whether this covers these method parameters (else the torch path).
+    """
+
+    weights: Callable[[torch.Tensor], torch.Tensor]
+    floor: float
+    applies: Callable[[MethodParams], bool]
+
+
 class MethodParamError(UserError, ValueError):
     """A merge method or one of its parameters that does not exist, is missing, or does not
     fit (a one-line :class:`UserError`; a ``ValueError`` for callers of the engine)."""
@@ -154,6 +172,8 @@ class MergeMethod:
         fused_pair: the method is c0·x0 + c1·x1 of each tensor's two operands, by a rule
             from their sums; on CUDA (not ``exact``) the fused pair passes compute it, no
             longer in mergekit's order of operations.
+        fused_data_weighted: on CUDA (not ``exact``) the fused GTA kernel computes the method
+            with weights from the task vectors (:class:`DataWeighted`).
         value_check: what is wrong with one expert's values for one tensor (defaults filled
             in), or None; mergekit refuses these values when it merges (DELLA's epsilon).
         samples: the math draws from the generator other than for masks (Arcee Fusion).
@@ -174,6 +194,7 @@ class MergeMethod:
     weighted_sum: WeightedSum | None = None
     fused_gta: bool = False
     fused_pair: FusedPair | None = None
+    fused_data_weighted: DataWeighted | None = None
     value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
     samples: bool = False
 
@@ -520,6 +541,18 @@ def _model_stock_pair(
     return model_stock_coefficients(pair_gram(sums)).float()
 
 
+def _sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+    """SCE's expert weights on the device: each expert's mean squared task vector over their
+    sum (equal weights when that is under 1e-6), rounded to the task vectors' dtype as
+    mergekit's are; the squares are summed in fp32 without a copy."""
+    rows = task_vectors.reshape(task_vectors.shape[0], -1)
+    squares = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
+    means = (squares / rows.shape[1]).to(task_vectors.dtype)
+    total = means.sum()
+    equal = torch.full_like(means, 1 / len(means))
+    return torch.where(total.abs() < 1e-6, equal, means / total)
+
+
 def _sce_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     return sce(inputs.base_tensor, inputs.stack, float(inputs.method_params["select_topk"]))
 
@@ -633,6 +666,9 @@ METHODS: dict[str, MergeMethod] = {
             name="sce",
             math=_sce_math,
             global_defaults={"select_topk": 1.0, "int8_mask": False},
+            fused_data_weighted=DataWeighted(
+                _sce_weights, floor=1e-6, applies=lambda params: params["select_topk"] >= 1
+            ),
         ),
         _at_t("slerp", slerp, fused_pair=FusedPair(_slerp_pair)),
         _at_t("nearswap", nearswap),

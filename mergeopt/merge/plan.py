@@ -10,10 +10,13 @@ method's facts, the device, Triton's presence and the environment switches (read
   ``addmm`` without Triton;
 - the fused GTA kernel (every task-vector method on CUDA): masks, L1 norms, consensus and
   weights in one pass, rounding where mergekit's torch operations round;
-- the fused pair passes (slerp and the Karcher mean of two models on CUDA, not ``exact``): a
-  block's sums in one launch, the method's coefficients from them, its results in another
-  launch (a value may differ from the torch path's: slerp in the last place, Karcher closer
-  to the exact mean than mergekit's iteration in the tensors' dtype);
+- the fused pair passes (slerp, and Karcher, Multi-SLERP and Model Stock of two models, on
+  CUDA, not ``exact``): a block's sums in one launch, the method's coefficients from them,
+  its results in another launch (a value may differ from the torch path's: slerp and Model
+  Stock in the last place, Karcher and Multi-SLERP closer to the exact merge than mergekit's
+  operations in the tensors' dtype);
+- SCE (``select_topk`` 1, CUDA, not ``exact``) in the fused GTA kernel, its weights computed
+  from the task vectors on the device (no host sync);
 - where masks come from: a block's magnitude top-k together, one host sync per block (by the
   Triton passes for 16-bit tensors on CUDA: ``select``), DARE's drawn inside the kernels
   (``draws``), others by torch;
@@ -148,6 +151,8 @@ class MergePlan:
         block_launch: a weighted-sum block in one Triton launch.
         gta: the Triton module when the fused GTA kernel merges this method, else None.
         pair: the Triton module when the fused pair passes merge this method, else None.
+        data_weighted: the Triton module when the fused GTA kernel merges this method with
+            weights from the task vectors (SCE), else None.
         select: the Triton module when magnitude top-k runs in its passes, else None.
         block_masks: magnitude masks are made per block, with one host sync.
         mask_rows: those masks are written into one N x shape tensor per weight (CUDA), which
@@ -167,6 +172,7 @@ class MergePlan:
     block_launch: bool
     gta: ModuleType | None
     pair: ModuleType | None
+    data_weighted: ModuleType | None
     select: ModuleType | None
     block_masks: bool
     mask_rows: bool
@@ -204,6 +210,7 @@ class MergePlan:
             block_launch=weighted_sum is not None and kernels is not None and switches.block,
             gta=kernels if method.fused_gta else None,
             pair=kernels if method.fused_pair is not None and not exact else None,
+            data_weighted=kernels if method.fused_data_weighted is not None and not exact else None,
             select=_select_kernels(device, dtype, switches) if magnitude else None,
             block_masks=magnitude,
             mask_rows=device.type == "cuda",
@@ -424,7 +431,38 @@ class MergePlan:
     def _merge(self, inputs: TensorMerge, out: torch.Tensor | None) -> torch.Tensor:
         if self.gta is not None:
             return self._fused_gta(inputs, out)
+        rule = self.method.fused_data_weighted
+        if (
+            self.data_weighted is not None
+            and rule is not None
+            and rule.applies(inputs.method_params)
+        ):
+            return self._fused_data_weighted(inputs, out)
         return self.method.math(self.method, inputs)
+
+    def _fused_data_weighted(self, inputs: TensorMerge, out: torch.Tensor | None) -> torch.Tensor:
+        """SCE in the fused GTA kernel: the weights from the task vectors on the device, the
+        sign elected on their unweighted sum, every element kept, the divisor floored; a
+        tensor the kernel does not take (strided, empty) by the torch path."""
+        kernels, rule = self.data_weighted, self.method.fused_data_weighted
+        assert kernels is not None and rule is not None and inputs.base is not None
+        base, task_vectors = inputs.base, inputs.stack
+        read = [base, task_vectors] if out is None else [base, task_vectors, out]
+        if base.numel() == 0 or not kernels.supported(read):
+            return self.method.math(self.method, inputs)
+        return kernels.gta_combine(
+            base,
+            task_vectors,
+            None,
+            None,
+            rule.weights(task_vectors),
+            consensus=True,
+            normalize=True,
+            lam=1.0,
+            out=out,
+            sign_of_sum=True,
+            floor=rule.floor,
+        )
 
     def _fused_gta(self, inputs: TensorMerge, out: torch.Tensor | None) -> torch.Tensor:
         """``methods.generalized_task_arithmetic`` in one Triton pass: masks made here unless

@@ -43,9 +43,12 @@ def _round(x, KIND: tl.constexpr):
 
 @triton.jit
 def _kept(mask_ptr, density_ptr, seed, index, n, offs, inside, DRAW: tl.constexpr):
-    """Whether expert ``index`` keeps the elements at ``offs``: read from its mask row, or
-    (``DRAW``, DARE) a Bernoulli(density) draw, uniform < density, from Philox at counter
-    (``seed``, index·n + offset), so every pass that asks draws the same mask."""
+    """Whether expert ``index`` keeps the elements at ``offs``: read from its mask row
+    (``DRAW`` 0), or (``DRAW`` 1, DARE) a Bernoulli(density) draw, uniform < density, from
+    Philox at counter (``seed``, index·n + offset), so every pass that asks draws the same
+    mask; ``DRAW`` 2: every element (no mask)."""
+    if DRAW == 2:
+        return inside
     if DRAW:
         uniform = tl.rand(seed, offs + index * n)
         return inside & (uniform < tl.load(density_ptr + index))
@@ -110,6 +113,7 @@ def _gta_kernel(
     lam,
     tiny,
     eps,
+    floor,
     N: tl.constexpr,
     RESCALE: tl.constexpr,
     CONSENSUS: tl.constexpr,
@@ -117,16 +121,27 @@ def _gta_kernel(
     SCALE_LAMBDA: tl.constexpr,
     KIND: tl.constexpr,
     DRAW: tl.constexpr,
+    SIGN_OF_SUM: tl.constexpr,
+    FLOOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """mergekit's GTA combination (see :func:`gta_combine`); ``SIGN_OF_SUM``: the sign election
+    on the unweighted sum of the kept task vectors and agreement by their own signs (SCE), not
+    by the weighted ones; ``FLOOR``: the
+    normalizing divisor floored at ``floor`` (SCE's clamp) instead of 1 where it is 0."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
-        total += _weighted_delta(
-            tv_ptr, mask_ptr, density_ptr, seed, norm_ptr, weight_ptr, i, n, offs, inside,
-            eps, N, RESCALE, KIND, DRAW,
-        )  # fmt: skip
+        if SIGN_OF_SUM:
+            x = tl.load(tv_ptr + i * n + offs, mask=inside, other=0).to(tl.float32)
+            keep = _kept(mask_ptr, density_ptr, seed, i, n, offs, inside, DRAW)
+            total += tl.where(keep, x, 0.0)
+        else:
+            total += _weighted_delta(
+                tv_ptr, mask_ptr, density_ptr, seed, norm_ptr, weight_ptr, i, n, offs, inside,
+                eps, N, RESCALE, KIND, DRAW,
+            )  # fmt: skip
     if CONSENSUS:
         positive = _round(total, KIND) >= 0
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
@@ -136,12 +151,21 @@ def _gta_kernel(
                 tv_ptr, mask_ptr, density_ptr, seed, norm_ptr, weight_ptr, i, n, offs, inside,
                 eps, N, RESCALE, KIND, DRAW,
             )  # fmt: skip
-            agree = tl.where(positive, delta > 0, delta < 0)
+            if SIGN_OF_SUM:  # SCE erases by each task vector's own sign, not the product's
+                x = tl.load(tv_ptr + i * n + offs, mask=inside, other=0).to(tl.float32)
+                keep = _kept(mask_ptr, density_ptr, seed, i, n, offs, inside, DRAW)
+                x = tl.where(keep, x, 0.0)
+                agree = tl.where(positive, x > 0, x < 0)
+            else:
+                agree = tl.where(positive, delta > 0, delta < 0)
             mixed += tl.where(agree, delta, 0.0)
             divisor += tl.where(agree, tl.load(weight_ptr + i).to(tl.float32), 0.0)
         mixed = _round(mixed, KIND)
         divisor = _round(divisor, KIND)
-        divisor = tl.where(divisor == 0, 1.0, divisor)
+        if FLOOR:  # noqa: SIM108 (a constexpr branch, compiled away)
+            divisor = tl.maximum(divisor, floor)
+        else:
+            divisor = tl.where(divisor == 0, 1.0, divisor)
     else:
         mixed = _round(total, KIND)
         weight_sum = tl.load(weight_ptr).to(tl.float32) * 0
@@ -297,13 +321,17 @@ def gta_combine(
     eps: float = 1e-7,
     out: torch.Tensor | None = None,
     draws: DrawnMasks | None = None,
+    sign_of_sum: bool = False,
+    floor: float | None = None,
 ) -> torch.Tensor:
     """mergekit's GTA combination in one pass (see ``methods.generalized_task_arithmetic``).
 
-    ``task_vectors`` N x shape (contiguous), ``masks`` N x shape uint8/bool (kept elements),
-    ``weights`` N values in the task vectors' dtype; ``norms`` (2 x N, same dtype: each
-    task vector's L1 norm, then its kept part's) when the kept deltas are rescaled, else None.
-    ``draws`` instead of ``masks``: DARE's masks drawn inside the kernel (:class:`DrawnMasks`).
+    ``task_vectors`` N x shape (contiguous), ``masks`` N x shape uint8/bool (kept elements;
+    None with no ``draws``: every element), ``weights`` N values in the task vectors' dtype;
+    ``norms`` (2 x N, same dtype: each task vector's L1 norm, then its kept part's) when the
+    kept deltas are rescaled, else None. ``draws`` instead of ``masks``: DARE's masks drawn
+    inside the kernel (:class:`DrawnMasks`). SCE's variant: ``sign_of_sum`` elects the sign
+    on the unweighted sum, ``floor`` floors the normalizing divisor.
     """
     count = task_vectors.shape[0]
     n = base.numel()
@@ -324,6 +352,7 @@ def gta_combine(
         float(lam),
         tiny,
         float(eps),
+        float(floor or 0.0),
         N=count,
         RESCALE=norms is not None,
         CONSENSUS=consensus,
@@ -331,6 +360,8 @@ def gta_combine(
         SCALE_LAMBDA=float(lam) != 1,
         KIND=_KIND[base.dtype],
         DRAW=draw,
+        SIGN_OF_SUM=sign_of_sum,
+        FLOOR=floor is not None,
         BLOCK=_BLOCK,
         num_warps=8,
         enable_fp_fusion=False,  # a fused multiply-add would skip a rounding mergekit does
@@ -573,12 +604,13 @@ class DrawnMasks:
 
 def _mask_arguments(
     masks: torch.Tensor | None, draws: DrawnMasks | None, like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(mask pointer, density pointer, seed, DRAW) for the kernels' :func:`_kept`."""
     if draws is not None:
-        return draws.densities, draws.densities, draws.seed, True
-    assert masks is not None
-    return masks.view(torch.uint8), like, 0, False
+        return draws.densities, draws.densities, draws.seed, 1
+    if masks is None:  # every element kept
+        return like, like, 0, 2
+    return masks.view(torch.uint8), like, 0, 0
 
 
 def draw_masks(shape: Sequence[int], draws: DrawnMasks, device: torch.device) -> torch.Tensor:
