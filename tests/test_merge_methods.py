@@ -756,6 +756,13 @@ def test_a_fused_pair_merge_of_a_block_is_no_less_accurate_than_the_torch_path(
         if math.isnan(torch_error):  # fp16 multislerp: its eps rounds to 0, a zero vector's 0/0
             torch_error = 0.0
         assert error <= torch_error + place, name
+    if method == "model_stock":  # per row: not a pair of sums, the torch path
+        _, base, stack, _ = tensors[0]
+        rows = {"filter_wise": True}
+        assert torch.equal(
+            fused_plan.merge_tensor(base.view(15, 20), stack.view(2, 15, 20), experts, rows),
+            torch_plan.merge_tensor(base.view(15, 20), stack.view(2, 15, 20), experts, rows),
+        )
 
 
 @pytest.mark.skipif(
