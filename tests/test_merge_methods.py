@@ -644,7 +644,7 @@ def test_fused_slerp_of_a_block_is_the_torch_slerp_within_one_last_place(
 
 def _karcher_sets() -> list[list[torch.Tensor]]:
     """Sets of tensors (fp64) that take the Karcher mean's branches: apart, nearly parallel,
-    one zero tensor, three directions, all zero."""
+    one zero tensor, three directions, all zero, nearly opposite."""
     generator = torch.Generator().manual_seed(15)
     a, b, c = (torch.randn(300, generator=generator, dtype=torch.float64) for _ in range(3))
     return [
@@ -653,6 +653,7 @@ def _karcher_sets() -> list[list[torch.Tensor]]:
         [torch.zeros(300, dtype=torch.float64), b],
         [a, b * 0.5, c * 2],
         [torch.zeros(300, dtype=torch.float64)] * 2,
+        [a, -a + b * 1e-3],  # the sums cancel in the rules: fp32 tile sums lost the angle
     ]
 
 
@@ -669,7 +670,9 @@ def test_karcher_coefficients_from_the_gram_matrix_give_the_karcher_mean(
         coefficients = karcher_coefficients(gram, weights, max_iter=10, tol=1e-5)[0]
         expected = karcher(tensors, weights, max_iter=10, tol=1e-5)
         got = (coefficients.unsqueeze(1) * stacked).sum(0)
-        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (len(tensors), weights)
+        # relative to the largest value: nearly opposite tensors cancel in the Gram matrix
+        error = float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-300)
+        assert error < 1e-9, (len(tensors), weights)
 
 
 def test_multislerp_and_model_stock_coefficients_from_the_gram_matrix_give_their_merge() -> None:
@@ -806,6 +809,16 @@ def test_sce_in_the_fused_gta_kernel_is_no_less_accurate_than_the_torch_path(
         place = ulp * float(b.double().abs().max())
         error = float((fused.double() - exact).abs().max())
         assert error <= float((torch_path - exact).abs().max()) + place, scales
+    # the divisor's floor is 1e-6 in the dtype, as mergekit's clamp: where only a tiny
+    # weight agrees, the floor decides the value
+    if dtype == torch.float16:
+        small = torch.zeros(2, 64, dtype=dtype, device=device)
+        small[0, :32], small[1, 32:] = 250, torch.linspace(0.1, 0.3, 32)
+        zero = torch.zeros(64, dtype=dtype, device=device)
+        assert torch.equal(
+            fused_plan.merge_tensor(zero, small, [{}] * 2, {}),
+            torch_plan.merge_tensor(zero, small, [{}] * 2, {}),
+        )
     # select_topk under 1 takes the torch path
     topk = fused_plan.merge_tensor(b, tv, [{}] * 3, {"select_topk": 0.5})
     assert torch.equal(topk, torch_plan.merge_tensor(b, tv, [{}] * 3, {"select_topk": 0.5}))

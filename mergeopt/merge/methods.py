@@ -101,8 +101,9 @@ MergeMath = Callable[["MergeMethod", TensorMerge], torch.Tensor]
 """One tensor's merge by a method's reference math: ``(method, inputs)``."""
 
 PairRule = Callable[[torch.Tensor, ExpertParams, MethodParams], torch.Tensor]
-"""A pair method's T x 2 fp32 coefficients from the T x 3 fp64 sums (x0·x0, x1·x1, x0·x1) of
-T tensors: ``(sums, expert_params, method_params)``."""
+"""A pair method's T x 2 coefficients from the T x 3 fp64 sums (x0·x0, x1·x1, x0·x1) of T
+tensors: ``(sums, expert_params, method_params)``; fp32 to combine as torch's fp32 operations
+round (SLERP), fp64 to combine in fp64 (``triton_kernels.pair_combine``)."""
 
 
 @dataclass(frozen=True)
@@ -514,7 +515,7 @@ def _karcher_pair(
         max_iter=int(method_params["max_iter"]),
         tol=float(method_params["tol"]),
     )
-    return coefficients.float().to(sums.device)
+    return coefficients.to(sums.device)
 
 
 def _slerp_pair(
@@ -532,19 +533,20 @@ def _multislerp_pair(
         normalize_weights=bool(method_params["normalize_weights"]),
         eps=float(method_params["eps"]),
     )
-    return coefficients.float()
+    return coefficients
 
 
 def _model_stock_pair(
     sums: torch.Tensor, expert_params: ExpertParams, method_params: MethodParams
 ) -> torch.Tensor:
-    return model_stock_coefficients(pair_gram(sums)).float()
+    return model_stock_coefficients(pair_gram(sums))
 
 
 def _sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
     """SCE's expert weights on the device: each expert's mean squared task vector over their
-    sum (equal weights when that is under 1e-6), rounded to the task vectors' dtype as
-    mergekit's are; the squares are summed in fp32 without a copy."""
+    sum (equal weights when that is under 1e-6), in the task vectors' dtype. The squares are
+    summed exactly in fp32 without a copy, where mergekit rounds each to the dtype first, so a
+    weight may differ from mergekit's in its last place."""
     rows = task_vectors.reshape(task_vectors.shape[0], -1)
     squares = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
     means = (squares / rows.shape[1]).to(task_vectors.dtype)

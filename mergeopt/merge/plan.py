@@ -323,6 +323,7 @@ class MergePlan:
                 or len(operands) != 2
                 or operands[0].numel() == 0
                 or not kernels.supported(read if out is None else [*read, out])
+                or (bool(fused) and (fused[0][3] is None) != (around is None))  # one launch
             ):
                 merged = self.method.math(self.method, TensorMerge(base, stack, experts, params))
                 named.append((name, merged))

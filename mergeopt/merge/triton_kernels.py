@@ -305,7 +305,13 @@ def weighted_sum_many(
 @functools.lru_cache(maxsize=8)
 def _tiny(dtype: torch.dtype) -> float:
     """1e-8 rounded to ``dtype`` (mergekit's zero-divisor test), computed once per dtype."""
-    return float(torch.tensor(1e-8, dtype=dtype))
+    return _in_dtype(1e-8, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, as a constant of mergekit's operations in it is."""
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def gta_combine(
@@ -352,7 +358,7 @@ def gta_combine(
         float(lam),
         tiny,
         float(eps),
-        float(floor or 0.0),
+        0.0 if floor is None else _in_dtype(floor, base.dtype),  # clamp(min=floor) in the dtype
         N=count,
         RESCALE=norms is not None,
         CONSENSUS=consensus,
@@ -415,8 +421,9 @@ def _pair_sums_many_kernel(
     BLOCK: tl.constexpr,
 ):
     """Per program of the launch table (row t: x0, x1, out addresses, size, base address): the
-    fp32 sums of x0², x1² and x0·x1 over its tile, at ``partial_ptr[3·pid ...]``; with
-    ``AROUND_BASE``, of x0 − base and x1 − base."""
+    fp64 sums of x0², x1² and x0·x1 over its tile, at ``partial_ptr[3·pid ...]``; with
+    ``AROUND_BASE``, of x0 − base and x1 − base. In fp64 because the Karcher and Multi-SLERP
+    rules cancel the sums (|mean|² is 0.5·(1 + cos)) for nearly opposite pairs."""
     pid = tl.program_id(0)
     slots = tl.arange(0, MAX_TENSORS)
     starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
@@ -427,11 +434,11 @@ def _pair_sums_many_kernel(
     b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float64)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float64)
     if AROUND_BASE:
         base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
-        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float64)
         a = a - base
         b = b - base
     tl.store(partial_ptr + pid * 3, tl.sum(a * a, 0))
@@ -468,6 +475,7 @@ def _pair_combine_many_kernel(
     coef_ptr,
     count,
     AROUND_BASE: tl.constexpr,
+    COMPUTE: tl.constexpr,
     KIND: tl.constexpr,
     DTYPE: tl.constexpr,
     MAX_TENSORS: tl.constexpr,
@@ -475,7 +483,9 @@ def _pair_combine_many_kernel(
 ):
     """out = round(c0[t]·x0 + c1[t]·x1), every product and the sum rounded to fp32 as torch's
     ``coef_a * a + coef_b * b`` rounds them (launched without fp fusion); with
-    ``AROUND_BASE``, round(base + (c0·(x0 − base) + c1·(x1 − base)))."""
+    ``AROUND_BASE``, round(base + (c0·(x0 − base) + c1·(x1 − base))). ``COMPUTE`` fp64 (fp64
+    coefficients): all of it in fp64, rounded at the end (coefficients that cancel, as for
+    nearly opposite pairs, lose the result's digits in fp32)."""
     pid = tl.program_id(0)
     slots = tl.arange(0, MAX_TENSORS)
     starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
@@ -487,16 +497,16 @@ def _pair_combine_many_kernel(
     out_ptr = tl.load(table_ptr + t * 5 + 2).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(COMPUTE)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(COMPUTE)
     if AROUND_BASE:
         base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
-        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(COMPUTE)
         total = tl.load(coef_ptr + t * 2) * (a - base) + tl.load(coef_ptr + t * 2 + 1) * (b - base)
         total = base + total
     else:
         total = tl.load(coef_ptr + t * 2) * a + tl.load(coef_ptr + t * 2 + 1) * b
-    tl.store(out_ptr + offs, _round(total, KIND).to(DTYPE), mask=inside)
+    tl.store(out_ptr + offs, _round(total.to(tl.float32), KIND).to(DTYPE), mask=inside)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -538,12 +548,12 @@ def _pair_launch(
 
 def pair_sums(items: PairItems) -> torch.Tensor:
     """The T x 3 fp64 sums x0·x0, x1·x1, x0·x1 of each item (of x0 − base and x1 − base with a
-    base): one pass of fp32 tile sums over all of them, reduced per tensor in fp64 in a fixed
-    order; no host sync."""
+    base): one pass of fp64 tile sums over all of them, reduced per tensor in a fixed order;
+    no host sync."""
     device = items[0][0].device
     rows, common = _pair_launch(items)
     table, starts, programs = _launch_tables(rows, device)
-    partials = torch.empty((programs, 3), dtype=torch.float32, device=device)
+    partials = torch.empty((programs, 3), dtype=torch.float64, device=device)
     _pair_sums_many_kernel[(programs,)](
         table, starts, partials, len(rows), BLOCK=_BLOCK, num_warps=8, **common
     )
@@ -556,14 +566,17 @@ def pair_sums(items: PairItems) -> torch.Tensor:
 
 def pair_combine(items: PairItems, coefficients: torch.Tensor) -> None:
     """Writes ``round(c0·x0 + c1·x1)`` (with a base: ``round(base + c0·(x0 − base) + c1·(x1 −
-    base))``) into each item's ``out`` in one launch (``coefficients``: T x 2 fp32 on the
-    device), rounding as torch's ``c0 * x0 + c1 * x1`` in fp32 does."""
+    base))``) into each item's ``out`` in one launch. ``coefficients``: T x 2 on the device,
+    fp32 (computed as torch's ``c0 * x0 + c1 * x1`` in fp32 rounds) or fp64 (computed in fp64,
+    rounded once to fp32 and to the dtype)."""
     dtype = items[0][0].dtype
     rows, common = _pair_launch(items)
     table, starts, programs = _launch_tables(rows, items[0][0].device)
     _pair_combine_many_kernel[(programs,)](
-        table, starts, coefficients.contiguous(), len(rows), KIND=_KIND[dtype], BLOCK=_BLOCK,
-        num_warps=8, enable_fp_fusion=False, **common,
+        table, starts, coefficients.contiguous(), len(rows),
+        COMPUTE=tl.float64 if coefficients.dtype == torch.float64 else tl.float32,
+        KIND=_KIND[dtype], BLOCK=_BLOCK, num_warps=8,
+        enable_fp_fusion=False, **common,
     )  # fmt: skip
 
 
@@ -924,4 +937,6 @@ def top_select_many(
 
 def supported(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the kernels take these tensors (contiguous, one float dtype they know)."""
-    return all(t.is_contiguous() and t.dtype in _KIND for t in tensors)
+    return all(t.is_contiguous() and t.dtype in _KIND for t in tensors) and (
+        len({t.dtype for t in tensors}) <= 1
+    )
