@@ -434,11 +434,11 @@ def _pair_sums_many_kernel(
     b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float64)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float64)
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32).to(tl.float64)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32).to(tl.float64)
     if AROUND_BASE:
         base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
-        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float64)
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32).to(tl.float64)
         a = a - base
         b = b - base
     tl.store(partial_ptr + pid * 3, tl.sum(a * a, 0))
@@ -497,11 +497,11 @@ def _pair_combine_many_kernel(
     out_ptr = tl.load(table_ptr + t * 5 + 2).to(tl.pointer_type(DTYPE))
     offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(COMPUTE)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(COMPUTE)
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
     if AROUND_BASE:
         base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
-        base = tl.load(base_ptr + offs, mask=inside, other=0).to(COMPUTE)
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
         total = tl.load(coef_ptr + t * 2) * (a - base) + tl.load(coef_ptr + t * 2 + 1) * (b - base)
         total = base + total
     else:
