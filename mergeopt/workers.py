@@ -253,7 +253,9 @@ def run_workers(
     progresses: only ``RESTARTS_WITHOUT_PROGRESS_PER_DEVICE * len(devices)`` restarts in a row
     without a new COMPLETE trial; an integer caps the total. The parent reads the study for
     its progress bar and tolerates the database being unreachable meanwhile (the workers
-    retry, and stop with their own message past the outage limit).
+    retry, and stop with their own message past the outage limit). A worker that dies after
+    the study is done is not restarted; its trial, which no worker is left to find stale, is
+    failed here once its heartbeat is (one grace period later).
     """
     context = multiprocessing.get_context("spawn")
     threads = worker_threads(devices)
@@ -292,6 +294,7 @@ def run_workers(
         previous_handlers = {s: signal.signal(s, _raise_terminated) for s in TERMINATING_SIGNALS}
     processes = {slot: start(slot) for slot in range(len(devices))}
     display = _Progress(study, n_trials, enabled=progress)
+    died_when_done = False
     try:
         with display:
             while processes:
@@ -318,6 +321,7 @@ def run_workers(
                         pass
                     elif done:
                         display.log(f"{_death(devices[slot], process)} after the study was done")
+                        died_when_done = True
                     elif restarts_left > 0:
                         restarts_left -= 1
                         summary.restarts += 1
@@ -337,6 +341,23 @@ def run_workers(
                         display.log(f"{_death(devices[slot], process)}; not restarted ({spent})")
                 time.sleep(0.5)
             display.refresh()
+        if died_when_done:
+            # No worker is left to find the dead one's trial stale (it may have been inside
+            # an ask, its worker label not yet written): fail it here, once it is stale.
+            from mergeopt.storage import is_connection_error
+
+            try:
+                failed = _fail_orphaned_trials(study, storage_url)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                display.log(
+                    "the database is unreachable: the dead worker's trial stays RUNNING until "
+                    "the next run's workers find it stale"
+                )
+            else:
+                if failed:
+                    display.log(f"closed {failed} trial(s) left running by a worker that died")
     except KeyboardInterrupt as exc:
         summary.interrupted = True
         if isinstance(exc, Terminated):
@@ -350,6 +371,37 @@ def run_workers(
     summary.timed_out = timeout is not None and summary.seconds >= timeout
     summary.exhausted = _sampler_exhausted(study)
     return summary
+
+
+def _fail_orphaned_trials(study: optuna.Study, storage_url: str) -> int:
+    """Fail the RUNNING trials whose heartbeat is stale, waiting one grace period (plus a
+    beat) for a worker that just died; trials of live workers anywhere keep beating. Returns
+    how many were failed (they are retried as a dead worker's trial is)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from mergeopt.optuna_compat import clock_unbeaten_trials
+    from mergeopt.storage import load_study, open_storage
+    from mergeopt.study import stored_spec
+
+    worker = stored_spec(study).worker
+    storage = open_storage(
+        storage_url,
+        heartbeat_interval=worker.heartbeat_interval,
+        grace_period=worker.effective_grace_period,
+        max_retry=worker.max_retry,
+    )
+    beating = load_study(study.study_name, storage)
+    running = beating.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return 0
+    stale_after = worker.effective_grace_period + worker.heartbeat_interval
+    time.sleep(stale_after)
+    if clock_unbeaten_trials(beating):  # never beaten: their clock starts now
+        time.sleep(stale_after)
+    optuna.storages.fail_stale_trials(beating)
+    failed = {t.number for t in beating.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return len({t.number for t in running} & failed)
 
 
 def claim_run_number(study: optuna.Study, devices: list[str]) -> int:

@@ -385,3 +385,38 @@ def test_a_stopped_trial_failed_as_stale_meanwhile_is_left_to_its_retry(
     # The retry is scored afresh (from rung 0) and stopped in its own trial.
     assert retry.state == TrialState.PRUNED and retry.user_attrs[attrs.FIDELITY]["stopped"]
     assert [t.state for t in rest] == [TrialState.PRUNED, TrialState.COMPLETE]  # no other trial
+
+
+def test_a_trial_left_running_by_a_worker_killed_after_the_study_was_done_is_failed(
+    harness: Harness,
+) -> None:
+    """No worker is left to find its trial stale (the MariaDB chaos run: a worker killed
+    inside its ask as the last trial completed): the run fails it once stale, and leaves a
+    live worker's trial alone."""
+    import datetime
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    from mergeopt.workers import _fail_orphaned_trials
+
+    study = create_study(harness.url, heartbeat_interval=1, grace_period=1)
+    storage = open_storage(harness.url, heartbeat_interval=1, grace_period=1)
+    beating = optuna.load_study(study_name=harness.name, storage=storage)
+    dead, live = beating.ask(), beating.ask()
+    for trial, beat in (
+        (dead, datetime.datetime(2000, 1, 1)),
+        (live, datetime.datetime(2100, 1, 1)),
+    ):
+        storage.record_heartbeat(trial._trial_id)
+        with storage.engine.begin() as connection:
+            connection.execute(
+                sqlalchemy.update(models.TrialHeartbeatModel)
+                .where(models.TrialHeartbeatModel.trial_id == trial._trial_id)
+                .values(heartbeat=beat)
+            )
+
+    assert _fail_orphaned_trials(study, harness.url) == 1
+    by_number = {t.number: t.state for t in harness.trials()}
+    assert by_number[dead.number] == TrialState.FAIL
+    assert by_number[live.number] == TrialState.RUNNING
