@@ -215,6 +215,23 @@ def _weighted_sum_kernel(
 
 
 @triton.jit
+def _launch_row(
+    table_ptr, starts_ptr, count, WIDTH: tl.constexpr, MAX_TENSORS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """This program's tensor t in a launch table of ``WIDTH`` columns (its size in column 3)
+    and the offsets of its tile there: (t, offs, inside)."""
+    pid = tl.program_id(0)
+    slots = tl.arange(0, MAX_TENSORS)
+    starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
+    t = tl.sum((starts <= pid).to(tl.int32)) - 1
+    start = tl.load(starts_ptr + t)
+    n = tl.load(table_ptr + t * WIDTH + 3)
+    offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return t, offs, offs < n
+
+
+@triton.jit
 def _weighted_sum_many_kernel(
     table_ptr,
     starts_ptr,
@@ -230,16 +247,10 @@ def _weighted_sum_many_kernel(
 ):
     """:func:`_weighted_sum_kernel` over several tensors in one launch: row t of the table
     holds tensor t's (base, stack, out) addresses and size, ``starts[t]`` its first program."""
-    pid = tl.program_id(0)
-    slots = tl.arange(0, MAX_TENSORS)
-    starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
-    t = tl.sum((starts <= pid).to(tl.int32)) - 1
-    start = tl.load(starts_ptr + t)
+    t, offs, inside = _launch_row(table_ptr, starts_ptr, count, 4, MAX_TENSORS, BLOCK)
     n = tl.load(table_ptr + t * 4 + 3)
     x_ptr = tl.load(table_ptr + t * 4 + 1).to(tl.pointer_type(DTYPE))
     out_ptr = tl.load(table_ptr + t * 4 + 2).to(tl.pointer_type(DTYPE))
-    offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
     total = _weighted_total(x_ptr, coef_ptr, n, offs, inside, scale, N, BLOCK)
     if HAS_BASE:
         base_ptr = tl.load(table_ptr + t * 4).to(tl.pointer_type(DTYPE))
@@ -410,6 +421,24 @@ def weighted_sum(
 
 
 @triton.jit
+def _pair_operands(
+    table_ptr, t, offs, inside, AROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+    DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Row t's x0 and x1 over the tile in ``COMPUTE`` (16-bit values widened through fp32,
+    each step exact), and its base (x0 again without ``AROUND_BASE``: unused then)."""
+    a_ptr = tl.load(table_ptr + t * 5).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
+    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
+    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
+    base = a
+    if AROUND_BASE:
+        base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
+        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
+    return a, b, base
+
+
+@triton.jit
 def _pair_sums_many_kernel(
     table_ptr,
     starts_ptr,
@@ -425,20 +454,9 @@ def _pair_sums_many_kernel(
     ``AROUND_BASE``, of x0 − base and x1 − base. In fp64 because the Karcher and Multi-SLERP
     rules cancel the sums (|mean|² is 0.5·(1 + cos)) for nearly opposite pairs."""
     pid = tl.program_id(0)
-    slots = tl.arange(0, MAX_TENSORS)
-    starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
-    t = tl.sum((starts <= pid).to(tl.int32)) - 1
-    start = tl.load(starts_ptr + t)
-    n = tl.load(table_ptr + t * 5 + 3)
-    a_ptr = tl.load(table_ptr + t * 5).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
-    offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32).to(tl.float64)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32).to(tl.float64)
+    t, offs, inside = _launch_row(table_ptr, starts_ptr, count, 5, MAX_TENSORS, BLOCK)
+    a, b, base = _pair_operands(table_ptr, t, offs, inside, AROUND_BASE, tl.float64, DTYPE)
     if AROUND_BASE:
-        base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
-        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32).to(tl.float64)
         a = a - base
         b = b - base
     tl.store(partial_ptr + pid * 3, tl.sum(a * a, 0))
@@ -486,22 +504,10 @@ def _pair_combine_many_kernel(
     ``AROUND_BASE``, round(base + (c0·(x0 − base) + c1·(x1 − base))). ``COMPUTE`` fp64 (fp64
     coefficients): all of it in fp64, rounded at the end (coefficients that cancel, as for
     nearly opposite pairs, lose the result's digits in fp32)."""
-    pid = tl.program_id(0)
-    slots = tl.arange(0, MAX_TENSORS)
-    starts = tl.load(starts_ptr + slots, mask=slots < count, other=2**30)
-    t = tl.sum((starts <= pid).to(tl.int32)) - 1
-    start = tl.load(starts_ptr + t)
-    n = tl.load(table_ptr + t * 5 + 3)
-    a_ptr = tl.load(table_ptr + t * 5).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(table_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))
+    t, offs, inside = _launch_row(table_ptr, starts_ptr, count, 5, MAX_TENSORS, BLOCK)
+    a, b, base = _pair_operands(table_ptr, t, offs, inside, AROUND_BASE, COMPUTE, DTYPE)
     out_ptr = tl.load(table_ptr + t * 5 + 2).to(tl.pointer_type(DTYPE))
-    offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
     if AROUND_BASE:
-        base_ptr = tl.load(table_ptr + t * 5 + 4).to(tl.pointer_type(DTYPE))
-        base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32).to(COMPUTE)
         total = tl.load(coef_ptr + t * 2) * (a - base) + tl.load(coef_ptr + t * 2 + 1) * (b - base)
         total = base + total
     else:
@@ -512,12 +518,8 @@ def _pair_combine_many_kernel(
 @functools.lru_cache(maxsize=1024)
 def _program_ends(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
     """Each tensor's end in the launch table's programs (the next one's start)."""
-    ends = []
-    programs = 0
-    for row in rows:
-        programs += triton.cdiv(row[3], _BLOCK)
-        ends.append(programs)
-    return torch.tensor(ends, dtype=torch.int32).to(device)
+    _, starts, programs = _launch_tables(rows, device)
+    return torch.cat([starts[1:], starts.new_tensor([programs])])
 
 
 PairItems = Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
