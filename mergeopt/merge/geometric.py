@@ -92,6 +92,18 @@ def pair_gram(sums: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([aa, ab], 1), torch.stack([ab, bb], 1)], 1)
 
 
+def _gram_norms(gram: torch.Tensor) -> torch.Tensor:
+    """The T x N norms of the tensors whose T x N x N Gram matrices these are."""
+    return gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+
+
+def _gram_length(coefficients: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """The T x 1 norms of the combinations (T x N ``coefficients``) of tensors with these Gram
+    matrices."""
+    squared = torch.einsum("ti,tij,tj->t", coefficients, gram, coefficients)
+    return squared.clamp(min=0).sqrt().unsqueeze(-1)
+
+
 def karcher_coefficients(
     gram: torch.Tensor, alphas: Sequence[float], *, max_iter: int, tol: float
 ) -> torch.Tensor:
@@ -103,14 +115,9 @@ def karcher_coefficients(
     algorithm that :func:`karcher` rounds to the tensors' dtype at every step. Meant for the
     host: each step is a few dozen tiny operations."""
     count = gram.shape[-1]
-    diagonal = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0)
-    norms = diagonal.sqrt()
+    norms = _gram_norms(gram)
     inverse = torch.where(norms > 0, 1 / norms, 0)
     units = gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2)  # the directions' Gram
-
-    def length(coefficients: torch.Tensor) -> torch.Tensor:
-        squared = torch.einsum("ti,tij,tj->t", coefficients, units, coefficients)
-        return squared.clamp(min=0).sqrt().unsqueeze(-1)
 
     alpha = torch.tensor(list(alphas), dtype=gram.dtype, device=gram.device).expand_as(norms)
     valid = norms > tol
@@ -119,7 +126,7 @@ def karcher_coefficients(
     weights = weights / torch.where(total > 0, total, 1)
     first = torch.nn.functional.one_hot(valid.to(torch.int8).argmax(-1), count).to(gram.dtype)
     mean = weights
-    mean_norm = length(mean)
+    mean_norm = _gram_length(mean, units)
     mean = torch.where(mean_norm < tol, first, mean / torch.where(mean_norm > 0, mean_norm, 1))
     stopped = torch.zeros_like(mean_norm, dtype=torch.bool)
     for _ in range(max_iter):
@@ -128,12 +135,12 @@ def karcher_coefficients(
         moving = valid & (theta >= tol)
         pull = torch.where(moving, weights * theta / torch.where(moving, torch.sin(theta), 1), 0)
         tangent = pull - (pull * dots).sum(-1, keepdim=True) * mean
-        tangent_norm = length(tangent)
+        tangent_norm = _gram_length(tangent, units)
         stopped = stopped | (tangent_norm < tol)
         step = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (
             tangent / torch.where(tangent_norm > 0, tangent_norm, 1)
         )
-        step_norm = length(step)
+        step_norm = _gram_length(step, units)
         step = torch.where(step_norm > tol, step / step_norm, step)
         mean = torch.where(stopped, mean, step)
         if bool(stopped.all()):
@@ -155,19 +162,15 @@ def multislerp_coefficients(
     w = torch.tensor(list(weights), dtype=gram.dtype, device=gram.device)
     if normalize_weights:
         w = w / w.sum()
-    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    norms = _gram_norms(gram)
     inverse = 1 / (norms + eps)  # the units are the task vectors over (norm + eps)
 
-    def length(coefficients: torch.Tensor) -> torch.Tensor:
-        squared = torch.einsum("ti,tij,tj->t", coefficients, gram, coefficients)
-        return squared.clamp(min=0).sqrt().unsqueeze(-1)
-
     mean = w * inverse
-    mean_norm = length(mean)
+    mean_norm = _gram_length(mean, gram)
     mean = mean / torch.where(mean_norm < eps, 1, mean_norm)
     dots = inverse * torch.einsum("tij,tj->ti", gram, mean)  # each unit vector's dot with mean
     tangent = w * inverse - (w * dots).sum(-1, keepdim=True) * mean
-    tangent_norm = length(tangent) + eps
+    tangent_norm = _gram_length(tangent, gram) + eps
     result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
     result = result * (norms * w).sum(-1, keepdim=True)
     return torch.where(mean_norm < eps, w.expand_as(result), result)
@@ -177,7 +180,7 @@ def model_stock_coefficients(gram: torch.Tensor) -> torch.Tensor:
     """:func:`model_stock` (over whole tensors) of N task vectors as T x N coefficients on them,
     from their T x N x N Gram matrices (fp64): each is t/N, t from their mean pairwise cosine."""
     count = gram.shape[-1]
-    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    norms = _gram_norms(gram)
     cosines = (gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2)).clamp(min=1e-6)).clamp(-1, 1)
     pairs = torch.triu_indices(count, count, offset=1)
     cos_theta = cosines[:, pairs[0], pairs[1]].mean(-1, keepdim=True)

@@ -527,13 +527,12 @@ def _slerp_pair(
 def _multislerp_pair(
     sums: torch.Tensor, expert_params: ExpertParams, method_params: MethodParams
 ) -> torch.Tensor:
-    coefficients = multislerp_coefficients(
+    return multislerp_coefficients(
         pair_gram(sums),
         [float(p["weight"]) for p in expert_params],
         normalize_weights=bool(method_params["normalize_weights"]),
         eps=float(method_params["eps"]),
     )
-    return coefficients
 
 
 def _model_stock_pair(
