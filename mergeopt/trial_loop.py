@@ -45,8 +45,10 @@ from mergeopt.trial_io import batched_trial_writes, count_trials, trial_state
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.storages import RDBStorage
 
     from mergeopt.objectives.fidelity import Finished
+    from mergeopt.spec import WorkerSpec
 
 logger = logging.getLogger("mergeopt")
 
@@ -59,6 +61,17 @@ def _default_runner(study: optuna.Study, device: str) -> TrialRunner:
 
 def worker_label(device: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}/{device}"
+
+
+def open_worker_storage(storage_url: str, worker: WorkerSpec) -> RDBStorage:
+    """The storage as workers open it: heartbeats, grace period and retries of the study's
+    worker settings."""
+    return open_storage(
+        storage_url,
+        heartbeat_interval=worker.heartbeat_interval,
+        grace_period=worker.effective_grace_period,
+        max_retry=worker.max_retry,
+    )
 
 
 def run_worker(
@@ -95,12 +108,7 @@ def run_worker(
     probe = load_study(study_name, open_storage(storage_url))
     spec = stored_spec(probe)
     worker = spec.worker
-    storage = open_storage(
-        storage_url,
-        heartbeat_interval=worker.heartbeat_interval,
-        grace_period=worker.effective_grace_period,
-        max_retry=worker.max_retry,
-    )
+    storage = open_worker_storage(storage_url, worker)
     masked = mask_url(storage_url)
     heartbeats = TrialHeartbeats(
         storage,

@@ -381,17 +381,12 @@ def _fail_orphaned_trials(study: optuna.Study, storage_url: str) -> int:
     from optuna.trial import TrialState
 
     from mergeopt.optuna_compat import clock_unbeaten_trials
-    from mergeopt.storage import load_study, open_storage
+    from mergeopt.storage import load_study
     from mergeopt.study import stored_spec
+    from mergeopt.trial_loop import open_worker_storage
 
     worker = stored_spec(study).worker
-    storage = open_storage(
-        storage_url,
-        heartbeat_interval=worker.heartbeat_interval,
-        grace_period=worker.effective_grace_period,
-        max_retry=worker.max_retry,
-    )
-    beating = load_study(study.study_name, storage)
+    beating = load_study(study.study_name, open_worker_storage(storage_url, worker))
     running = beating.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not running:
         return 0
