@@ -355,6 +355,30 @@ def test_nans_of_several_payloads_sort_as_one_value_like_torchs_sort() -> None:
         assert torch.equal(selection.top_magnitude_mask(x, k), torch_sort_top_mask(x, k))
 
 
+needs_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+with_one_place = pytest.mark.parametrize(
+    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
+)
+"""Each dtype the kernels take, with one place of it at 1."""
+
+
+@pytest.fixture
+def kernel_device(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the Triton kernels run: CUDA, or the CPU under the interpreter, where plans are
+    then made as on a GPU."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    from mergeopt.merge import plan as plan_module
+    from mergeopt.merge import triton_kernels
+
+    monkeypatch.setattr(plan_module, "triton_on", lambda *args, **kwargs: triton_kernels)
+    return "cpu"
+
+
 def binomial_bound(n: int, p: float, sigmas: float = 5.0) -> float:
     return sigmas * math.sqrt(p * (1 - p) / n)
 
@@ -488,10 +512,7 @@ def test_method_table_matches_mergekit_defaults() -> None:
                 assert theirs[key].default == default, (name, key)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
-)
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear"])
 def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype) -> None:
@@ -564,10 +585,7 @@ def test_fused_gta_kernel_equals_the_torch_path(method: str, dtype: torch.dtype)
             assert torch.equal(merged[True], merged[False]), method_params
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
-)
+@needs_kernels
 @pytest.mark.parametrize("with_base", [True, False])
 def test_one_launch_block_sum_equals_the_per_tensor_kernel(with_base: bool) -> None:
     pytest.importorskip("triton")
@@ -596,13 +614,8 @@ def test_one_launch_block_sum_equals_the_per_tensor_kernel(with_base: bool) -> N
         assert torch.equal(out, alone)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
-)
-@pytest.mark.parametrize(
-    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
-)
+@needs_kernels
+@with_one_place
 def test_fused_slerp_of_a_block_is_the_torch_slerp_within_one_last_place(
     dtype: torch.dtype, ulp: float
 ) -> None:
@@ -703,25 +716,15 @@ def test_multislerp_and_model_stock_coefficients_from_the_gram_matrix_give_their
         assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), len(tensors)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
-)
-@pytest.mark.parametrize(
-    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
-)
+@needs_kernels
+@with_one_place
 @pytest.mark.parametrize("method", ["karcher", "multislerp", "model_stock"])
 def test_a_fused_pair_merge_of_a_block_is_no_less_accurate_than_the_torch_path(
-    method: str, dtype: torch.dtype, ulp: float, monkeypatch: pytest.MonkeyPatch
+    method: str, dtype: torch.dtype, ulp: float, kernel_device: str
 ) -> None:
-    pytest.importorskip("triton")
-    from mergeopt.merge import plan as plan_module
-    from mergeopt.merge import triton_kernels
     from mergeopt.merge.methods import TensorMerge
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # the interpreter: plan as on a GPU
-        monkeypatch.setattr(plan_module, "triton_on", lambda *args, **kwargs: triton_kernels)
+    device = kernel_device
     merge_method = METHODS[method]
     fused_plan, torch_plan = (
         MergePlan.build(merge_method, device=torch.device(device), dtype=dtype, exact=exact)
@@ -768,24 +771,14 @@ def test_a_fused_pair_merge_of_a_block_is_no_less_accurate_than_the_torch_path(
         )
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
-)
-@pytest.mark.parametrize(
-    ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
-)
+@needs_kernels
+@with_one_place
 def test_sce_in_the_fused_gta_kernel_is_no_less_accurate_than_the_torch_path(
-    dtype: torch.dtype, ulp: float, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, ulp: float, kernel_device: str
 ) -> None:
-    pytest.importorskip("triton")
-    from mergeopt.merge import plan as plan_module
-    from mergeopt.merge import triton_kernels
     from mergeopt.merge.methods import TensorMerge
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # the interpreter: plan as on a GPU
-        monkeypatch.setattr(plan_module, "triton_on", lambda *args, **kwargs: triton_kernels)
+    device = kernel_device
     sce = METHODS["sce"]
     fused_plan, torch_plan = (
         MergePlan.build(sce, device=torch.device(device), dtype=dtype, exact=exact)
