@@ -402,9 +402,9 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
 
 
 def check_fused_route(engine: MergeEngine, names: list[str], method: str) -> list[str]:
-    """A fused route that is no longer mergekit's order of operations (the pair methods, SCE)
-    against the torch path (the plan of an exact merge), and both against the method's math in
-    fp64: how many values differ, and each path's largest error."""
+    """A fused route that is no longer mergekit's order of operations (the pair methods, SCE,
+    RAM, Arcee Fusion) against the torch path (the plan of an exact merge), and both against
+    the method's math in fp64: how many values differ, and each path's largest error."""
     from mergeopt.merge.methods import TensorMerge
     from mergeopt.merge.plan import MergePlan
 
@@ -413,23 +413,32 @@ def check_fused_route(engine: MergeEngine, names: list[str], method: str) -> lis
         MergePlan.build(merge_method, device=engine.device, dtype=engine.dtype, exact=e)
         for e in (False, True)
     ]
-    if plans[0].pair is None and plans[0].data_weighted is None:
+    if plans[0].pair is None and plans[0].data_weighted is None and plans[0].fused is None:
         return [f"check fused {method}: not used (no Triton)"]
+
+    def generator() -> torch.Generator | None:  # the same draws for every path
+        if not merge_method.randomized:
+            return None
+        return torch.Generator(device=engine.device).manual_seed(5)
+
     lines = []
     experts = experts_params(METHOD_PARAMS[method], engine.num_experts)
     defaults = {**merge_method.global_defaults, **METHOD_PARAMS[method]}
     for name in names:
         base = engine._base.get(name) if merge_method.base_input else None
         stack = engine._stack[name]
-        fused, reference = (plan.merge_tensor(base, stack, experts, {}) for plan in plans)
+        fused, reference = (
+            plan.merge_tensor(base, stack, experts, {}, generator=generator()) for plan in plans
+        )
         inputs = TensorMerge(
             None if base is None else base.double(),
             stack.double(),
             [{**merge_method.expert_defaults, **e} for e in experts],
             defaults,
+            generator(),
         )
         exact = merge_method.math(merge_method, inputs)
-        unequal = int((fused != reference).sum())
+        unequal = int((fused != reference.to(fused.dtype)).sum())  # RAM+: fp32 results
         errors = [float((r.double() - exact).abs().max()) for r in (fused, reference)]
         lines.append(
             f"check fused {method} {name}: {unequal} of {fused.numel()} unequal to the torch "
@@ -562,7 +571,9 @@ def main() -> None:
                 os.environ["MERGEOPT_FUSED"] = "0"
             engine.set_method(method, exact=exact)
         if args.check and (
-            merge_method.fused_pair is not None or merge_method.fused_data_weighted is not None
+            merge_method.fused_pair is not None
+            or merge_method.fused_data_weighted is not None
+            or merge_method.fused_math is not None
         ):
             layer = next(n for n in shapes if n.endswith("0.mlp.down_proj.weight"))
             for line in check_fused_route(engine, [layer, "model.embed_tokens.weight"], method):

@@ -817,6 +817,91 @@ def test_sce_in_the_fused_gta_kernel_is_no_less_accurate_than_the_torch_path(
     assert torch.equal(topk, torch_plan.merge_tensor(b, tv, [{}] * 3, {"select_topk": 0.5}))
 
 
+@needs_kernels
+@with_one_place
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_in_its_fused_kernel_equals_the_torch_path(
+    method: str, dtype: torch.dtype, ulp: float, kernel_device: str
+) -> None:
+    device = torch.device(kernel_device)
+    merge_method = METHODS[method]
+    fused_plan, torch_plan = (
+        MergePlan.build(merge_method, device=device, dtype=dtype, exact=exact)
+        for exact in (False, True)
+    )
+    assert fused_plan.fused is not None and torch_plan.fused is None
+    generator = torch.Generator().manual_seed(19)
+    base = (torch.randn(41, 67, generator=generator) * 0.02).to(dtype).to(device)
+    # changes around epsilon (1e-5), so that elements are changed by none, one or several
+    # experts; some exactly at epsilon and at the dtype's epsilon
+    deltas = torch.randn(3, 41, 67, generator=generator) * 2e-5
+    deltas.view(-1)[:40] = 1e-5
+    deltas.view(-1)[40:80] = float(torch.tensor(1e-5, dtype=dtype))
+    stack = deltas.to(dtype).to(device)
+    for count in (2, 3):
+        for params in ({}, {"epsilon": 3e-5}, {"r": 0.5, "alpha": 0.9, "epsilon": 0.0}):
+            if method == "ram" and "r" in params:
+                continue
+            fused = fused_plan.merge_tensor(base, stack[:count], [{}] * count, params)
+            expected = torch_plan.merge_tensor(base, stack[:count], [{}] * count, params)
+            assert fused.dtype == dtype
+            assert torch.equal(fused, expected.to(dtype)), (count, params)
+
+
+@needs_kernels
+@with_one_place
+def test_arcee_fusion_in_its_fused_kernels_equals_the_torch_path_given_its_divergences(
+    dtype: torch.dtype, ulp: float, kernel_device: str
+) -> None:
+    from mergeopt.merge import triton_kernels
+    from mergeopt.merge.selective import (
+        QUANTILE_SAMPLE,
+        arcee_divergence,
+        arcee_fusion,
+        fused_arcee_fusion,
+    )
+
+    device = torch.device(kernel_device)
+    generator = torch.Generator().manual_seed(20)
+    shape = (501, QUANTILE_SAMPLE // 500 + 7)  # over the sample size: quartiles from a sample
+    base = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+    expert = (base.float() + torch.randn(shape, generator=generator) * 0.01).to(dtype)
+    base, expert = base.to(device), expert.to(device)
+    divergence = arcee_divergence(base, expert)
+    expected = arcee_fusion(base, expert, torch.Generator(device=device).manual_seed(3))
+    fused = fused_arcee_fusion(
+        triton_kernels,
+        base,
+        expert,
+        torch.Generator(device=device).manual_seed(3),
+        divergence=divergence,
+    )
+    assert fused is not None and fused.dtype == dtype
+    assert torch.equal(fused, expected.to(dtype))
+    # the kernel's own divergences against fp64: in 16-bit dtypes no further than mergekit's
+    # operations, give or take a place; in fp32 both lose digits to the cancellation of the
+    # sum's terms, the kernel's fast exp and log somewhat more (H200: 2.3e-7 against 1.7e-7)
+    reference = arcee_divergence(base.double(), expert.double())
+    ours = triton_kernels.row_divergence(base, expert).double()
+    place = ulp * float(reference.abs().max())
+    theirs = float((divergence.double() - reference).abs().max())
+    bound = 2 * theirs if dtype == torch.float32 else theirs + place
+    assert float((ours - reference).abs().max()) <= bound
+    # at most a million elements (every importance sorted): the torch path
+    small = base[:10].contiguous()
+    assert fused_arcee_fusion(triton_kernels, small, expert[:10].contiguous(), None) is None
+
+
+def test_plans_route_ram_and_arcee_fusion_through_their_fused_kernels_only_when_not_exact() -> None:
+    for name in ("ram", "ramplus_tl", "arcee_fusion"):
+        for exact in (False, True):
+            plan = MergePlan.build(
+                METHODS[name], device=torch.device("cpu"), dtype=torch.float32, exact=exact
+            )
+            assert plan.fused is None  # no kernels on the CPU
+    assert METHODS["ram"].fused_math is not None and METHODS["ties"].fused_math is None
+
+
 @pytest.fixture
 def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route 16-bit top-k selections through the Triton passes (on the CPU: the interpreter)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -52,7 +53,7 @@ from mergeopt.merge.geometric import (
     slerp,
     slerp_pair_coefficients,
 )
-from mergeopt.merge.selective import arcee_fusion, ram
+from mergeopt.merge.selective import arcee_fusion, fused_arcee_fusion, fused_ram, ram
 from mergeopt.merge.sparsification import (
     MAGNITUDE_THRESHOLDS,
     SPARSIFY_DELLA,
@@ -143,6 +144,11 @@ class DataWeighted:
     applies: Callable[[MethodParams], bool]
 
 
+FusedMath = Callable[[ModuleType, TensorMerge, torch.Tensor | None], torch.Tensor | None]
+"""A method's own route through the Triton kernels: ``(kernels, inputs, out)`` -> the merged
+tensor (in ``out`` when given), or None where the kernels do not take these inputs."""
+
+
 class MethodParamError(UserError, ValueError):
     """A merge method or one of its parameters that does not exist, is missing, or does not
     fit (a one-line :class:`UserError`; a ``ValueError`` for callers of the engine)."""
@@ -175,6 +181,8 @@ class MergeMethod:
             longer in mergekit's order of operations.
         fused_data_weighted: on CUDA (not ``exact``) the fused GTA kernel computes the method
             with weights from the task vectors (:class:`DataWeighted`).
+        fused_math: on CUDA (not ``exact``) the method's own route through the Triton kernels
+            (:data:`FusedMath`; RAM, Arcee Fusion), else None.
         value_check: what is wrong with one expert's values for one tensor (defaults filled
             in), or None; mergekit refuses these values when it merges (DELLA's epsilon).
         samples: the math draws from the generator other than for masks (Arcee Fusion).
@@ -196,6 +204,7 @@ class MergeMethod:
     fused_gta: bool = False
     fused_pair: FusedPair | None = None
     fused_data_weighted: DataWeighted | None = None
+    fused_math: FusedMath | None = None
     value_check: Callable[[Mapping[str, float | None]], str | None] | None = None
     samples: bool = False
 
@@ -563,6 +572,21 @@ def _ram_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:  # ram,
     return ram(inputs.base_tensor, inputs.stack, **params)
 
 
+def _fused_ram(
+    kernels: ModuleType, inputs: TensorMerge, out: torch.Tensor | None
+) -> torch.Tensor | None:
+    params = {name: float(value) for name, value in inputs.method_params.items()}
+    return fused_ram(kernels, inputs.base_tensor, inputs.stack, **params, out=out)
+
+
+def _fused_arcee_fusion(
+    kernels: ModuleType, inputs: TensorMerge, out: torch.Tensor | None
+) -> torch.Tensor | None:
+    return fused_arcee_fusion(
+        kernels, inputs.base_tensor, inputs.stack[0], inputs.generator, out=out
+    )
+
+
 def _passthrough_math(method: MergeMethod, inputs: TensorMerge) -> torch.Tensor:
     """The one input as it is, times its ``scale`` (mergekit multiplies in its dtype)."""
     experts = inputs.expert_params
@@ -673,15 +697,22 @@ METHODS: dict[str, MergeMethod] = {
         ),
         _at_t("slerp", slerp, fused_pair=FusedPair(_slerp_pair)),
         _at_t("nearswap", nearswap),
-        MergeMethod(name="ram", math=_ram_math, global_defaults={"epsilon": 1e-5}),
+        MergeMethod(
+            name="ram",
+            math=_ram_math,
+            global_defaults={"epsilon": 1e-5},
+            fused_math=_fused_ram,
+        ),
         MergeMethod(
             name="ramplus_tl",
             math=_ram_math,
             global_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+            fused_math=_fused_ram,
         ),
         MergeMethod(
             name="arcee_fusion",
             math=lambda _, x: arcee_fusion(x.base_tensor, x.stack[0], x.generator),
+            fused_math=_fused_arcee_fusion,
             task_vectors=False,
             max_experts=1,
             samples=True,

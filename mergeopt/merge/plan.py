@@ -153,6 +153,8 @@ class MergePlan:
         pair: the Triton module when the fused pair passes merge this method, else None.
         data_weighted: the Triton module when the fused GTA kernel merges this method with
             weights from the task vectors (SCE), else None.
+        fused: the Triton module when the method's own fused route (``fused_math``) merges
+            it, else None.
         select: the Triton module when magnitude top-k runs in its passes, else None.
         block_masks: magnitude masks are made per block, with one host sync.
         mask_rows: those masks are written into one N x shape tensor per weight (CUDA), which
@@ -173,6 +175,7 @@ class MergePlan:
     gta: ModuleType | None
     pair: ModuleType | None
     data_weighted: ModuleType | None
+    fused: ModuleType | None
     select: ModuleType | None
     block_masks: bool
     mask_rows: bool
@@ -211,6 +214,7 @@ class MergePlan:
             gta=kernels if method.fused_gta else None,
             pair=kernels if method.fused_pair is not None and not exact else None,
             data_weighted=kernels if method.fused_data_weighted is not None and not exact else None,
+            fused=kernels if method.fused_math is not None and not exact else None,
             select=_select_kernels(device, dtype, switches) if magnitude else None,
             block_masks=magnitude,
             mask_rows=device.type == "cuda",
@@ -432,6 +436,11 @@ class MergePlan:
     def _merge(self, inputs: TensorMerge, out: torch.Tensor | None) -> torch.Tensor:
         if self.gta is not None:
             return self._fused_gta(inputs, out)
+        if self.fused is not None:
+            assert self.method.fused_math is not None
+            merged = self.method.fused_math(self.fused, inputs, out)
+            if merged is not None:
+                return merged
         rule = self.method.fused_data_weighted
         if (
             self.data_weighted is not None

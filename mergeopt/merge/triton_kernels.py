@@ -665,6 +665,247 @@ def l1_norms(
 
 
 # ---------------------------------------------------------------------------------------------
+# RAM and Arcee Fusion (``selective``): element-wise selections in one pass each
+
+
+@triton.jit
+def _ram_changed(tv_ptr, index, n, offs, inside, eps):
+    """Expert ``index``'s task vector at ``offs`` (fp32) and whether it changes them (|x| >
+    ``eps``, the dtype's epsilon)."""
+    x = tl.load(tv_ptr + index * n + offs, mask=inside, other=0).to(tl.float32)
+    return x, inside & (tl.abs(x) > eps)
+
+
+@triton.jit
+def _ram_changes(tv_ptr, n, offs, inside, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    """How many experts change each element."""
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in tl.static_range(N):
+        _, changed = _ram_changed(tv_ptr, i, n, offs, inside, eps)
+        count += changed.to(tl.int32)
+    return count
+
+
+@triton.jit
+def _ram_counts_kernel(tv_ptr, partial_ptr, n, programs, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Per tile and expert: its changed elements no other expert changes (row i of
+    ``partial``), then those another expert changes too (row N + i)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    count = _ram_changes(tv_ptr, n, offs, inside, eps, N, BLOCK)
+    for i in tl.static_range(N):
+        _, changed = _ram_changed(tv_ptr, i, n, offs, inside, eps)
+        tl.store(partial_ptr + i * programs + pid, tl.sum((changed & (count == 1)).to(tl.int32)))
+        tl.store(
+            partial_ptr + (N + i) * programs + pid, tl.sum((changed & (count > 1)).to(tl.int32))
+        )
+
+
+@triton.jit
+def _ram_kernel(
+    base_ptr, tv_ptr, factor_ptr, out_ptr, n, eps,
+    N: tl.constexpr, PLUS: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """RAM (``selective.ram``): an element one expert changes takes its change (RAM+: times
+    its factor, in fp32), one several change the average, each change rounded to the dtype
+    after its division; the sum over experts in fp32, rounded to the dtype for RAM (RAM+ adds
+    it to the base in fp32)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    count = _ram_changes(tv_ptr, n, offs, inside, eps, N, BLOCK)
+    divisor = tl.maximum(count, 1).to(tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(N):
+        x, changed = _ram_changed(tv_ptr, i, n, offs, inside, eps)
+        kept = tl.where(changed, x, 0.0)
+        if PLUS:  # noqa: SIM108 (a constexpr branch, compiled away)
+            unique = kept * tl.load(factor_ptr + i)
+        else:
+            unique = kept
+        shared = _round(tl.math.div_rn(kept, divisor), KIND)
+        total += tl.where(count == 1, unique, tl.where(count > 1, shared, 0.0))
+    if not PLUS:
+        total = _round(total, KIND)
+    base = tl.load(base_ptr + offs, mask=inside, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, _round(base + total, KIND).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def ram_counts(task_vectors: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAM+ tensor-local's counts: each expert's changed elements (|x| > ``epsilon``) that no
+    other expert changes, and those another one changes too; two int64 tensors of N values on
+    the device (no host sync)."""
+    count = task_vectors.shape[0]
+    n = task_vectors[0].numel()
+    programs = triton.cdiv(n, _BLOCK)
+    partials = torch.empty(2 * count, programs, dtype=torch.int32, device=task_vectors.device)
+    _ram_counts_kernel[(programs,)](
+        task_vectors, partials, n, programs, _in_dtype(epsilon, task_vectors.dtype), N=count,
+        BLOCK=_BLOCK, num_warps=8,
+    )  # fmt: skip
+    sums = partials.sum(1, dtype=torch.int64)
+    return sums[:count], sums[count:]
+
+
+def ram_combine(
+    base: torch.Tensor,
+    task_vectors: torch.Tensor,
+    epsilon: float,
+    factors: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RAM of ``task_vectors`` (N x shape, contiguous) onto ``base`` in one pass; ``factors``
+    (N fp32 values) make it RAM+ tensor-local. ``epsilon`` is compared in the dtype, as
+    mergekit's comparison with a Python float is."""
+    n = base.numel()
+    out = torch.empty_like(base) if out is None else out
+    _ram_kernel[(triton.cdiv(n, _BLOCK),)](
+        base, task_vectors, factors if factors is not None else base, out, n,
+        _in_dtype(epsilon, base.dtype), N=task_vectors.shape[0], PLUS=factors is not None,
+        KIND=_KIND[base.dtype], BLOCK=_BLOCK, num_warps=8,
+        enable_fp_fusion=False,  # a fused multiply-add would skip a rounding mergekit does
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _row_divergence_kernel(
+    expert_ptr, base_ptr, out_ptr, rows, columns, eps,
+    KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``ROWS`` rows' KL(softmax(expert) + eps || softmax(base) + eps) in fp32: the softmaxes'
+    maxima and sums in one sweep of the rows (online), the divergences in a second."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = row < rows
+    starts = (row * columns)[:, None]
+    lanes = tl.arange(0, BLOCK)[None, :]
+    top_p = tl.full([ROWS], -float("inf"), tl.float32)
+    top_q = tl.full([ROWS], -float("inf"), tl.float32)
+    sum_p = tl.zeros([ROWS], dtype=tl.float32)
+    sum_q = tl.zeros([ROWS], dtype=tl.float32)
+    for first in range(0, columns, BLOCK):
+        inside = live[:, None] & (first + lanes < columns)
+        x = tl.load(expert_ptr + starts + first + lanes, mask=inside, other=-float("inf"))
+        y = tl.load(base_ptr + starts + first + lanes, mask=inside, other=-float("inf"))
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+        new_p = tl.maximum(top_p, tl.max(x, 1))
+        new_q = tl.maximum(top_q, tl.max(y, 1))
+        # rows past the end stay at -inf: keep their (unused) sums finite
+        new_p = tl.where(live, new_p, 0.0)
+        new_q = tl.where(live, new_q, 0.0)
+        sum_p = sum_p * tl.exp(top_p - new_p) + tl.sum(tl.exp(x - new_p[:, None]), 1)
+        sum_q = sum_q * tl.exp(top_q - new_q) + tl.sum(tl.exp(y - new_q[:, None]), 1)
+        top_p = new_p
+        top_q = new_q
+    total = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for first in range(0, columns, BLOCK):
+        inside = live[:, None] & (first + lanes < columns)
+        x = tl.load(expert_ptr + starts + first + lanes, mask=inside, other=0).to(tl.float32)
+        y = tl.load(base_ptr + starts + first + lanes, mask=inside, other=0).to(tl.float32)
+        p = tl.exp(x - top_p[:, None]) / sum_p[:, None] + eps
+        q = tl.exp(y - top_q[:, None]) / sum_q[:, None] + eps
+        total += tl.where(inside, p * tl.log(p / q), 0.0)
+    divergence = _round(tl.sum(total, 1), KIND)
+    tl.store(out_ptr + row, divergence.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def row_divergence(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Arcee Fusion's divergence of each row (over the last dimension; contiguous tensors of
+    one shape), shape ``(*rows, 1)`` in their dtype: fp32 arithmetic (the GPU's fast exp and
+    log), rounded once."""
+    columns = base.shape[-1]
+    rows = base.numel() // columns
+    out = torch.empty((*base.shape[:-1], 1), dtype=base.dtype, device=base.device)
+    block = min(512, triton.next_power_of_2(columns))
+    per_program = max(1, 2048 // block)  # tiles of up to 2048 elements
+    _row_divergence_kernel[(triton.cdiv(rows, per_program),)](
+        expert, base, out, rows, columns, 1e-8, KIND=_KIND[base.dtype], ROWS=per_program,
+        BLOCK=block, num_warps=8,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _arcee_importance(
+    base_ptr, expert_ptr, divergence_ptr, at, inside, columns, KIND: tl.constexpr
+):
+    """At flat indices ``at``: the base (fp32), expert - base and its importance |expert - base|
+    times the row's divergence, each rounded to the dtype as ``selective.arcee_importance``."""
+    base = tl.load(base_ptr + at, mask=inside, other=0).to(tl.float32)
+    expert = tl.load(expert_ptr + at, mask=inside, other=0).to(tl.float32)
+    divergence = tl.load(divergence_ptr + at // columns, mask=inside, other=0).to(tl.float32)
+    delta = _round(expert - base, KIND)
+    return base, delta, _round(tl.abs(delta) * divergence, KIND)
+
+
+@triton.jit
+def _arcee_sample_kernel(
+    base_ptr, expert_ptr, divergence_ptr, picks_ptr, out_ptr, m, columns,
+    KIND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The importances at the flat indices ``picks``, rounded as ``selective.arcee_importance``
+    rounds."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < m
+    at = tl.load(picks_ptr + offs, mask=inside, other=0)
+    _, _, importance = _arcee_importance(
+        base_ptr, expert_ptr, divergence_ptr, at, inside, columns, KIND
+    )
+    tl.store(out_ptr + offs, importance.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def arcee_importance_at(
+    base: torch.Tensor, expert: torch.Tensor, divergence: torch.Tensor, picks: torch.Tensor
+) -> torch.Tensor:
+    """Arcee Fusion's importances at the flat indices ``picks`` (int64) in one launch."""
+    m = picks.numel()
+    out = torch.empty(m, dtype=base.dtype, device=base.device)
+    _arcee_sample_kernel[(triton.cdiv(m, _BLOCK),)](
+        base, expert, divergence, picks, out, m, base.shape[-1], KIND=_KIND[base.dtype],
+        BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _arcee_kernel(
+    base_ptr, expert_ptr, divergence_ptr, threshold_ptr, out_ptr, n, columns,
+    KIND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Arcee Fusion's result: base + (expert - base) where |expert - base| times the row's
+    divergence reaches the threshold, rounded as ``selective.arcee_fusion`` rounds."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    base, delta, importance = _arcee_importance(
+        base_ptr, expert_ptr, divergence_ptr, offs, inside, columns, KIND
+    )
+    keep = importance >= tl.load(threshold_ptr).to(tl.float32)
+    merged = _round(base + delta * keep.to(tl.float32), KIND)
+    tl.store(out_ptr + offs, merged.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def arcee_combine(
+    base: torch.Tensor,
+    expert: torch.Tensor,
+    divergence: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Arcee Fusion of ``expert`` onto ``base`` (contiguous, one shape) in one pass, from the
+    rows' ``divergence`` (one per row, their dtype) and the 0-d ``threshold``."""
+    n = base.numel()
+    out = torch.empty_like(base) if out is None else out
+    _arcee_kernel[(triton.cdiv(n, _BLOCK),)](
+        base, expert, divergence, threshold, out, n, base.shape[-1], KIND=_KIND[base.dtype],
+        BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Exact top-k magnitude selection of 16-bit tensors, no mask or key tensor until the last pass
 
 SELECT_BINS = 128
