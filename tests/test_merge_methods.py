@@ -902,6 +902,92 @@ def test_plans_route_ram_and_arcee_fusion_through_their_fused_kernels_only_when_
     assert METHODS["ram"].fused_math is not None and METHODS["ties"].fused_math is None
 
 
+def _philox_uniforms(count: int, seed: int, device: str) -> torch.Tensor:
+    """The uniforms ``tl.rand(seed, i)`` for i < count (what the DELLA kernel compares)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def uniforms(out_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.rand(seed, offs), mask=offs < n)
+
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    uniforms[(triton.cdiv(count, 1024),)](out, seed, count, BLOCK=1024)
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_della_kernel_keeps_each_element_by_its_mid_rank_in_the_row(
+    dtype: torch.dtype, kernel_device: str
+) -> None:
+    from mergeopt.merge import triton_kernels
+    from mergeopt.merge.selection import _magnitude_keys
+
+    generator = torch.Generator().manual_seed(21)
+    deltas = torch.randn(2, 37, 300, generator=generator) * 0.01
+    deltas[0, 3] = 0  # one rank for the whole row
+    deltas[1, 5, :100] = 0  # a block of ties below the rest
+    deltas[0, 7] *= torch.logspace(-30, 0, 300, base=2)  # 30 binades: several count windows
+    deltas[1, 9] = torch.randint(-3, 4, (300,), generator=generator) * 1e-3  # few values
+    task_vectors = deltas.to(dtype).to(kernel_device)
+    densities, epsilons, seed = (0.5, 0.3), (0.1, 0.05), 1234
+    masks = triton_kernels.della_masks(
+        task_vectors,
+        torch.tensor(densities, device=kernel_device),
+        torch.tensor(epsilons, device=kernel_device),
+        seed,
+    )
+    assert masks.dtype == torch.bool and masks.shape == task_vectors.shape
+    keys = _magnitude_keys(task_vectors.cpu()).view(2, 37, 300).long()
+    smaller = (keys.unsqueeze(-1) > keys.unsqueeze(-2)).sum(-1)
+    ties = (keys.unsqueeze(-1) == keys.unsqueeze(-2)).sum(-1)
+    mid_rank = smaller + (ties - 1) / 2
+    density = torch.tensor(densities).view(2, 1, 1)
+    epsilon = torch.tensor(epsilons).view(2, 1, 1)
+    probability = density - epsilon + 2 * epsilon * mid_rank / 299
+    uniforms = _philox_uniforms(masks.numel(), seed, kernel_device).cpu().view(masks.shape)
+    clear = (uniforms - probability).abs() > 1e-6
+    assert torch.equal(masks.cpu()[clear], (uniforms < probability)[clear])
+    assert int(clear.sum()) > masks.numel() - 5
+
+
+@needs_kernels
+def test_della_on_the_gpu_route_draws_its_masks_from_counted_ranks(kernel_device: str) -> None:
+    device = torch.device(kernel_device)
+    della = METHODS["della"]
+    plan = MergePlan.build(della, device=device, dtype=torch.bfloat16, exact=False)
+    stored = MergePlan.build(
+        della,
+        device=device,
+        dtype=torch.bfloat16,
+        exact=False,
+        switches=Switches(draws=False),
+    )
+    assert plan.draws and not stored.draws
+    generator = torch.Generator().manual_seed(22)
+    base = (torch.randn(64, 256, generator=generator) * 0.02).to(torch.bfloat16).to(device)
+    stack = (torch.randn(2, 64, 256, generator=generator) * 0.002).to(torch.bfloat16).to(device)
+    experts = [{"weight": 0.6, "density": 0.4, "epsilon": 0.2}, {"weight": 0.5, "density": 0.7}]
+
+    def merged(route: MergePlan, seed: int) -> torch.Tensor:
+        seeded = torch.Generator(device=device).manual_seed(seed)
+        return route.merge_tensor(base, stack, experts, {}, generator=seeded)
+
+    assert torch.equal(merged(plan, 1), merged(plan, 1))  # the same seed, the same merge
+    assert not torch.equal(merged(plan, 1), merged(plan, 2))
+    # each route keeps the same share of each expert's elements: the largest magnitudes most
+    kept = [[], []]
+    for seed in range(8):
+        for route, into in ((plan, kept[0]), (stored, kept[1])):
+            into.append((merged(route, seed) != base).float().mean())
+    assert abs(float(torch.stack(kept[0]).mean() - torch.stack(kept[1]).mean())) < 0.01
+    # DELLA's values outside (0, 1) are refused on this route too
+    with pytest.raises(ValueError, match="epsilon"):
+        plan.merge_tensor(base, stack, [{"weight": 1, "density": 0.9, "epsilon": 0.2}] * 2, {})
+
+
 @pytest.fixture
 def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route 16-bit top-k selections through the Triton passes (on the CPU: the interpreter)

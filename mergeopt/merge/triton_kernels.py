@@ -906,6 +906,91 @@ def arcee_combine(
 
 
 # ---------------------------------------------------------------------------------------------
+# DELLA's masks drawn from per-row magnitude ranks, without sorting
+
+DELLA_MAX_COLUMNS = 16384
+"""The longest row whose ranks one program counts in registers (longer: the torch path)."""
+
+_DELLA_BINS = 2048
+
+
+@triton.jit
+def _della_masks_kernel(
+    x_ptr, out_ptr, density_ptr, epsilon_ptr, seed, rows, columns,
+    BLOCK: tl.constexpr, BINS: tl.constexpr,
+):  # fmt: skip
+    """Expert ``program_id(1)``'s DELLA mask of one row: each element kept with probability
+    density − ε + 2ε·rank/(columns − 1), rank its magnitude's mid-rank in the row (tied
+    magnitudes share the mean of their ranks: their keep rates as under a random order of the
+    ties), uniform from Philox at (``seed``, its index in the N x rows x columns masks).
+
+    Ranks are counted, not sorted: the row's 15-bit magnitude keys are histogrammed over a
+    window of ``BINS`` keys below the largest key not yet ranked; the window's inclusive
+    prefix counts give each key's count of smaller keys; windows step down until every
+    element is ranked (one window when the row's magnitudes span under 16 binades; one more
+    for exact zeros)."""
+    row = tl.program_id(0).to(tl.int64)
+    index = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    inside = lanes < columns
+    start = (index * rows + row) * columns
+    keys = tl.load(x_ptr + start + lanes, mask=inside, other=0).to(tl.int32) & 0x7FFF
+    twice_rank = tl.zeros([BLOCK], dtype=tl.int32)
+    above = 0
+    remaining = inside
+    top = tl.max(tl.where(remaining, keys, -1), 0)
+    while top >= 0:
+        lo = top - (BINS - 1)
+        in_window = remaining & (keys >= lo)
+        bins = tl.where(in_window, keys - lo, 0)
+        counts = tl.histogram(bins, BINS, mask=in_window)
+        at_most = tl.cumsum(counts, 0)
+        window = tl.sum(counts, 0)
+        count = tl.gather(counts, bins, 0)
+        # 2·(smaller keys) + (ties − 1): smaller = columns − above − window + at_most − count
+        twice = 2 * (columns - above - window + tl.gather(at_most, bins, 0)) - count - 1
+        twice_rank = tl.where(in_window, twice, twice_rank)
+        above += window
+        remaining = remaining & ~in_window
+        top = tl.max(tl.where(remaining, keys, -1), 0)
+    density = tl.load(density_ptr + index)
+    epsilon = tl.load(epsilon_ptr + index)
+    step = 2 * epsilon / (columns - 1)
+    keep = tl.rand(seed, start + lanes) < density - epsilon + step * (
+        twice_rank.to(tl.float32) * 0.5
+    )
+    tl.store(out_ptr + start + lanes, keep.to(tl.int8), mask=inside)
+
+
+def della_supported(task_vectors: torch.Tensor) -> bool:
+    """Whether :func:`della_masks` takes these N x shape task vectors (16-bit, contiguous,
+    rows of 2 to :data:`DELLA_MAX_COLUMNS` elements)."""
+    if task_vectors.dtype not in (torch.bfloat16, torch.float16) or task_vectors.dim() < 2:
+        return False
+    one = task_vectors[0]
+    columns = one.numel() // one.shape[0] if one.dim() >= 2 else one.numel()
+    return task_vectors.is_contiguous() and 2 <= columns <= DELLA_MAX_COLUMNS and one.numel() > 0
+
+
+def della_masks(
+    task_vectors: torch.Tensor, densities: torch.Tensor, epsilons: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """DELLA's masks of N task vectors (:func:`della_supported`) in one launch: an N x shape
+    bool tensor; ``densities`` and ``epsilons`` N fp32 values on the device. Rows as
+    ``sparsification.della_mask`` takes them (the first dimension; a 1-D tensor is one row)."""
+    one = task_vectors[0]
+    rows = one.shape[0] if one.dim() >= 2 else 1
+    columns = one.numel() // rows
+    out = torch.empty(task_vectors.shape, dtype=torch.bool, device=task_vectors.device)
+    _della_masks_kernel[(rows, task_vectors.shape[0])](
+        task_vectors.view(torch.int16), out.view(torch.int8), densities, epsilons, seed, rows,
+        columns, BLOCK=triton.next_power_of_2(columns),
+        BINS=_DELLA_BINS, num_warps=8,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Exact top-k magnitude selection of 16-bit tensors, no mask or key tensor until the last pass
 
 SELECT_BINS = 128
