@@ -258,42 +258,6 @@ def check_drawn_masks(engine: MergeEngine, name: str) -> list[str]:
     ]
 
 
-def check_della_masks(engine: MergeEngine, name: str) -> list[str]:
-    """DELLA's masks by the kernel that counts ranks against the torch path's from sorted
-    rows: each one's keep rate by magnitude-rank decile of the row (expected 0.41, 0.43, ...,
-    0.59 at density 0.5, epsilon 0.1), within 0.005 of each other."""
-    from mergeopt.merge.selection import _magnitude_keys
-    from mergeopt.merge.sparsification import _coefficients, _della_mask
-
-    kernels = engine.plan.kernels
-    stack = engine._stack[name]
-    if kernels is None or not kernels.della_supported(stack[:1]):
-        return [f"check della masks {name}: not used (no Triton, or rows it does not take)"]
-    one = stack[:1].contiguous()
-    rows = one[0].reshape(one.shape[1], -1)
-    density, epsilon = (
-        _coefficients((0.5,), torch.float32, one.device),
-        _coefficients((0.1,), torch.float32, one.device),
-    )
-    counted = kernels.della_masks(one, density, epsilon, 11)[0].reshape(rows.shape)
-    generator = torch.Generator(device=one.device).manual_seed(11)
-    sorted_rows = _della_mask(rows, 0.5, 0.1, generator)
-    keys = _magnitude_keys(rows).view(rows.shape)
-    deciles = (torch.sort(keys, dim=1).indices.argsort(dim=1) * 10 // rows.shape[1]).view(-1)
-    total = torch.bincount(deciles, minlength=10)
-    rates = [
-        torch.bincount(deciles, weights=mask.view(-1).float(), minlength=10) / total
-        for mask in (counted, sorted_rows)
-    ]
-    worst = float((rates[0] - rates[1]).abs().max())
-    shown = [", ".join(f"{x:.3f}" for x in r.tolist()) for r in rates]
-    verdict = "ok" if worst < 0.005 else "FAIL"
-    return [
-        f"check della masks {name}: {verdict} (keep by rank decile: counted ranks {shown[0]}; "
-        f"sorted rows {shown[1]})"
-    ]
-
-
 def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -> list[str]:
     """Lines saying whether the fast paths equal the reference paths on the engine's tensors:
     the bracketed top-k select against a stable sort, the fused GTA kernel against the torch
@@ -342,8 +306,6 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
         del order, keys
     lines += check_l1_kernel(engine, names[0])
     lines += check_drawn_masks(engine, names[0])
-    if "della" in methods or "della_linear" in methods:
-        lines += check_della_masks(engine, names[0])
     for method in methods:
         merge_method = METHODS.get(method)
         if (
@@ -379,10 +341,9 @@ def check_gpu_paths(engine: MergeEngine, names: list[str], methods: list[str]) -
                 os.environ["MERGEOPT_FUSED"] = "0"
                 return lines
             drawn: list[torch.Tensor | None] | None = None
-            if merge_method.sparsification in ("random", "della_magprune"):
-                # the fused path draws DARE's and DELLA's masks its own way
-                # (check_drawn_masks, check_della_masks check those); the merge arithmetic is
-                # compared on masks drawn once
+            if merge_method.sparsification == "random":
+                # the fused path draws DARE's masks inside its kernels (check_drawn_masks
+                # checks those); the merge arithmetic is compared on masks drawn once
                 drawn = expert_masks(
                     merge_method.sparsification,
                     engine._stack[name],
@@ -538,8 +499,7 @@ def main() -> None:
         default=",".join(METHOD_PARAMS),
         help="comma-separated; NAME:exact / NAME:fast force mergekit's op order / the fused path; "
         "NAME:unfused runs the torch ops instead of the Triton kernels; NAME:stored draws DARE's "
-        "and DELLA's masks by torch (DELLA's from sorted rows) and stores them "
-        "(MERGEOPT_FUSED_DRAWS=0)",
+        "masks by torch and stores them (MERGEOPT_FUSED_DRAWS=0)",
     )
     parser.add_argument("--mergekit", default="task_arithmetic,ties,dare_ties")
     parser.add_argument("--workdir", type=Path, default=None)

@@ -7,8 +7,7 @@ The switches exist so that ``scripts/bench_merge.py`` can time variants on a GPU
 - ``MERGEOPT_FUSED=0``: no Triton kernel at all (the torch ops run).
 - ``MERGEOPT_FUSED_BLOCK=0``: weighted sums one launch per tensor, not one per block.
 - ``MERGEOPT_FUSED_SELECT=0``: top-k masks by the torch bracket, not the Triton passes.
-- ``MERGEOPT_FUSED_DRAWS=0``: DARE's and DELLA's masks drawn by torch (DELLA's from sorted
-  rows), not by the kernels (DARE's inside the merge, DELLA's from counted ranks).
+- ``MERGEOPT_FUSED_DRAWS=0``: DARE's masks drawn by torch and stored, not inside the kernels.
 - ``MERGEOPT_FUSED_L1=0``: rescale norms by ``vector_norm`` on a masked copy, not one pass.
 """
 

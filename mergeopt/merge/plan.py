@@ -40,11 +40,9 @@ from mergeopt.merge.backend import Switches, triton_on
 from mergeopt.merge.methods import MergeMethod, TensorMerge
 from mergeopt.merge.selection import PendingTopMasks, start_top_magnitude_masks
 from mergeopt.merge.sparsification import (
-    SPARSIFY_DELLA,
     SPARSIFY_RANDOM,
     _coefficients,
     _stack_masks,
-    check_della,
     expert_masks,
     magnitude_requests,
 )
@@ -161,8 +159,7 @@ class MergePlan:
         block_masks: magnitude masks are made per block, with one host sync.
         mask_rows: those masks are written into one N x shape tensor per weight (CUDA), which
             the fused kernel reads without a copy.
-        draws: DARE's masks are drawn inside the kernels, never stored; DELLA's are drawn by
-            a kernel from ranks it counts (16-bit rows it takes), not from sorted rows.
+        draws: DARE's masks are drawn inside the kernels, never stored.
         fused_l1: the rescale's L1 norms in one Triton pass, without a masked copy.
         in_place: results may be written straight into the target's storage.
         randomized, uses_base, expert_defaults, global_defaults: the method's facts, copied
@@ -223,7 +220,7 @@ class MergePlan:
             mask_rows=device.type == "cuda",
             draws=kernels is not None
             and switches.draws
-            and method.sparsification in (SPARSIFY_RANDOM, SPARSIFY_DELLA),
+            and method.sparsification == SPARSIFY_RANDOM,
             fused_l1=switches.l1,
             in_place=not exact,
             randomized=method.randomized,
@@ -496,17 +493,14 @@ class MergePlan:
         if masks is not None:
             masks = list(masks)
         elif self.draws and all(0 < float(values["density"]) < 1 for values in experts):
+            # DARE on the GPU: the kernels draw the masks themselves (no mask in memory, no
+            # Bernoulli launches); the same seed on the same device gives the same merge
             densities = tuple(float(values["density"]) for values in experts)
-            if method.sparsification == SPARSIFY_RANDOM:
-                # DARE on the GPU: the kernels draw the masks themselves (no mask in memory, no
-                # Bernoulli launches); the same seed on the same device gives the same merge
-                draws = kernels.DrawnMasks(
-                    seed=_kernel_seed(generator),
-                    densities=_coefficients(densities, torch.float32, base.device),
-                )
-                masks = [None] * count
-            else:
-                masks = self._della_masks(task_vectors, experts, densities, generator)
+            draws = kernels.DrawnMasks(
+                seed=_kernel_seed(generator),
+                densities=_coefficients(densities, torch.float32, base.device),
+            )
+            masks = [None] * count
         elif method.sparsification is not None:
             masks = expert_masks(
                 method.sparsification, task_vectors, experts, generator, select=self.select
@@ -543,32 +537,6 @@ class MergePlan:
             lam=float(params["lambda"]),
             out=out,
             draws=draws,
-        )
-
-    def _della_masks(
-        self,
-        task_vectors: torch.Tensor,
-        experts: ExpertParams,
-        densities: tuple[float, ...],
-        generator: torch.Generator | None,
-    ) -> list[torch.Tensor | None]:
-        """DELLA's masks by the kernel that counts ranks (the rows of one N x shape tensor),
-        or by sorted rows where it does not take the task vectors."""
-        kernels = self.gta
-        assert kernels is not None and self.method.sparsification is not None
-        epsilons = tuple(float(values.get("epsilon") or 0.0) for values in experts)
-        if not kernels.della_supported(task_vectors):
-            return expert_masks(self.method.sparsification, task_vectors, experts, generator)
-        for density, epsilon in zip(densities, epsilons, strict=True):
-            check_della(density, epsilon)
-        device = task_vectors.device
-        return list(
-            kernels.della_masks(
-                task_vectors,
-                _coefficients(densities, torch.float32, device),
-                _coefficients(epsilons, torch.float32, device),
-                _kernel_seed(generator),
-            ).unbind(0)
         )
 
 

@@ -77,8 +77,7 @@ def _bernoulli_mask(
     return mask.view(torch.bool)
 
 
-def check_della(density: float, epsilon: float) -> None:
-    """Raise ``ValueError`` where density ± epsilon leaves (0, 1) (mergekit refuses it)."""
+def _check_della(density: float, epsilon: float) -> None:
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("della: epsilon must keep density ± epsilon inside (0, 1)")
 
@@ -201,7 +200,7 @@ def sparsification_mask(
     if method == SPARSIFY_DELLA:
         if density <= 0:
             return torch.zeros_like(delta, dtype=torch.bool)
-        check_della(density, epsilon)
+        _check_della(density, epsilon)
         return _della_mask(delta, density, epsilon, generator)
     raise ValueError(f"unknown sparsification {method!r}")
 
@@ -280,7 +279,7 @@ def expert_masks(
                 stacked[index].view(torch.uint8).bernoulli_(densities[index], generator=generator)
             else:
                 epsilon = float(values.get("epsilon") or 0.0)
-                check_della(densities[index], epsilon)
+                _check_della(densities[index], epsilon)
                 _della_mask(
                     task_vectors[index], densities[index], epsilon, generator, stacked[index]
                 )
