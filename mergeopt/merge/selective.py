@@ -138,12 +138,13 @@ def fused_arcee_fusion(
 ) -> torch.Tensor | None:
     """:func:`arcee_fusion` by the Triton kernels: the rows' divergences in one pass (in fp32
     from the inputs, rounded once to their dtype; mergekit rounds each operation, so a row's
-    divergence may be a place apart), the importances only at the sampled elements (one launch), the
-    result in one more pass, exactly as :func:`arcee_fusion` forms it from those divergences. None
-    where the kernels do not take the tensors (at most :data:`QUANTILE_SAMPLE` elements: the
-    quartiles need every importance; strided; mixed dtypes). ``divergence``: given (tests)."""
+    divergence may be a place apart), the importances only at the sampled elements (one
+    launch), the result in one more pass, exactly as :func:`arcee_fusion` forms it from those
+    divergences. None where the kernels do not take the tensors (at most
+    :data:`QUANTILE_SAMPLE` elements: the quartiles need every importance; strided; mixed
+    dtypes). ``divergence``: given (tests)."""
     read = [base, expert] if out is None else [base, expert, out]
-    if base.numel() <= QUANTILE_SAMPLE or base.dim() == 0 or not kernels.supported(read):
+    if base.numel() <= QUANTILE_SAMPLE or not kernels.supported(read):
         return None
     if divergence is None:
         divergence = kernels.row_divergence(base, expert)
