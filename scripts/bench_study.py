@@ -30,9 +30,7 @@ about 100 M parameters (``MEDIUM_SHAPE``), trained on the device in the same cal
 demo study (``studies/tiny.yaml``: task arithmetic over 4 blocks, accuracy and mean tokens on
 the zoo's sums) with the ``saasbo-qnehvi`` sampler (``--medium-sampler``), run by ``mergeopt
 study run`` as a user runs it (SQLite on local disk): once with one worker (``--one-worker``),
-once with two workers on two GPUs (``--two-workers``), and with ``--shared-workers`` workers
-sharing the one worker's GPU (its sampler fits then run side by side on the host's cores),
-each ``--study-trials`` trials. The
+once with two workers on two GPUs (``--two-workers``), each ``--study-trials`` trials. The
 per-trial breakdown is read from the study (a trial's duration from ``study.ask`` to ``tell``; its
 merge and evaluation seconds from its attributes). Then the disk path of mergekit-evolve and
 SIPBMM on the first ``--disk-trials`` recipes of the one-worker study: ``mergekit-yaml`` (a
@@ -42,8 +40,7 @@ transformers model loads it, the same evaluator scores it. Example (two GPUs)::
     python scripts/bench_study.py --part medium --device cuda --dtype float32 \
         --two-workers cuda:0,cuda:1 --study-trials 48 --disk-trials 4 --out docs/bench/x.md
     python scripts/bench_study.py --part medium --device cpu --zoo-scale tiny \
-        --one-worker cpu --two-workers cpu,cpu --shared-workers 2 --study-trials 6 \
-        --disk-trials 1  # the script
+        --one-worker cpu --two-workers cpu,cpu --study-trials 6 --disk-trials 1  # the script
 
 Not a timed test: the numbers depend on the machine; the tables are committed under docs/bench/.
 """
@@ -605,20 +602,6 @@ def _trial_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _steady_pace(run: dict[str, Any]) -> float:
-    """Complete trials per second after every worker had finished its first trial (NaN when
-    none started after that)."""
-    complete = sorted(
-        (r for r in run["trials"] if r["state"] == "COMPLETE"), key=lambda r: r["start"]
-    )
-    ends = [r["start"] + r["seconds"] for r in complete]
-    starts = [r["start"] for r in complete]
-    workers = len(run["devices"].split(","))
-    warm = sorted(ends)[workers - 1] if len(ends) >= workers else math.nan
-    done = [e for s, e in zip(starts, ends, strict=True) if s >= warm]
-    return len(done) / (max(done) - warm) if done else math.nan
-
-
 def medium_main(args: argparse.Namespace, command: str) -> None:
     from mergeopt.zoo import ZooInfo, build_zoo
 
@@ -668,25 +651,20 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
             sampler_options=sampler_options,
         )
 
-    shared = ",".join([args.one_worker] * args.shared_workers) if args.shared_workers else ""
-    by_label: dict[str, dict[str, Any]] = {}
-    for label, devices in (
-        ("one", args.one_worker),
-        ("two", args.two_workers),
-        ("shared", shared),
-    ):
+    for label, devices in (("one", args.one_worker), ("two", args.two_workers)):
         if not devices:
             continue
         spec = spec_named(f"medium-{label}")
-        by_label[label] = run_study(
-            spec,
-            devices=devices,
-            trials=args.study_trials,
-            timeout=args.study_timeout,
-            work=work,
-            env=env,
+        runs.append(
+            run_study(
+                spec,
+                devices=devices,
+                trials=args.study_trials,
+                timeout=args.study_timeout,
+                work=work,
+                env=env,
+            )
         )
-        runs.append(by_label[label])
     disk: list[dict[str, float]] = []
     disk_error = ""
     if runs and args.disk_trials:
@@ -757,26 +735,23 @@ def medium_main(args: argparse.Namespace, command: str) -> None:
             f"({disk_total * len(complete) / runs[0]['wall']:.1f}x); merge + evaluate alone "
             f"{disk_total / ours_no_sampler:.1f}x",
         ]
-        if "shared" in by_label:
-            run = by_label["shared"]
-            complete = [r for r in run["trials"] if r["state"] == "COMPLETE"]
-            pace = _steady_pace(run)
-            lines.append(
-                f"- {args.shared_workers} workers sharing {args.one_worker} (their sampler fits "
-                f"run side by side on the host's cores while the device idles): "
-                f"{3600 * pace:,.0f} trials per hour once every worker has finished its first "
-                f"trial ({disk_total * pace:.1f}x the disk path; target >= 10x: "
-                f"{'met' if disk_total * pace >= 10 else 'missed'}), "
-                f"{3600 * len(complete) / run['wall']:,.0f} over the whole run's wall "
-                f"({disk_total * len(complete) / run['wall']:.1f}x)"
-            )
-    if "one" in by_label and "two" in by_label:
-        pair = [by_label["one"], by_label["two"]]
+    if len(runs) == 2:
         rates = [
             len([r for r in run["trials"] if r["state"] == "COMPLETE"]) / run["wall"]
-            for run in pair
+            for run in runs
         ]
-        paces = [_steady_pace(run) for run in pair]
+        paces = []
+        for run in runs:
+            complete = sorted(
+                (r for r in run["trials"] if r["state"] == "COMPLETE"), key=lambda r: r["start"]
+            )
+            ends = [r["start"] + r["seconds"] for r in complete]
+            starts = [r["start"] for r in complete]
+            # Steady state: the trials that started after every worker had finished its first.
+            workers = len(run["devices"].split(","))
+            warm = sorted(ends)[workers - 1] if len(ends) >= workers else math.nan
+            done = [e for s, e in zip(starts, ends, strict=True) if s >= warm]
+            paces.append(len(done) / (max(done) - warm) if done else math.nan)
         lines += [
             "",
             f"- two workers against one: {rates[1] / rates[0]:.2f}x the trials per minute over "
@@ -816,12 +791,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     medium.add_argument("--zoo", type=Path, default=None, help="a zoo built before (no build)")
     medium.add_argument("--one-worker", default="cuda:0", help="device of the one-worker study")
     medium.add_argument("--two-workers", default="cuda:0,cuda:1", help="'' to skip")
-    medium.add_argument(
-        "--shared-workers",
-        type=int,
-        default=0,
-        help="also run the study with this many workers sharing --one-worker's device (0: skip)",
-    )
     medium.add_argument("--study-trials", type=int, default=48)
     medium.add_argument("--study-timeout", type=float, default=240.0)
     medium.add_argument("--disk-trials", type=int, default=4)
