@@ -326,7 +326,7 @@ class MergePlan:
                 not applies
                 or len(operands) != 2
                 or operands[0].numel() == 0
-                or not kernels.supported(read if out is None else [*read, out])
+                or not kernels.supported([*read, out])
                 or (bool(fused) and (fused[0][3] is None) != (around is None))  # one launch
             ):
                 merged = self.method.math(self.method, TensorMerge(base, stack, experts, params))
@@ -457,8 +457,7 @@ class MergePlan:
         kernels, rule = self.data_weighted, self.method.fused_data_weighted
         assert kernels is not None and rule is not None and inputs.base is not None
         base, task_vectors = inputs.base, inputs.stack
-        read = [base, task_vectors] if out is None else [base, task_vectors, out]
-        if base.numel() == 0 or not kernels.supported(read):
+        if base.numel() == 0 or not kernels.supported([base, task_vectors, out]):
             return self.method.math(self.method, inputs)
         return kernels.gta_combine(
             base,

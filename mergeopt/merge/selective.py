@@ -65,8 +65,7 @@ def fused_ram(
     """:func:`ram` by the Triton kernels, rounding where its operations round: one pass (RAM+
     tensor-local: one more for its counts, its scale factors by the same torch operations).
     None where the kernels do not take the tensors (strided, empty, mixed dtypes)."""
-    read = [base, task_vectors] if out is None else [base, task_vectors, out]
-    if base.numel() == 0 or not kernels.supported(read):
+    if base.numel() == 0 or not kernels.supported([base, task_vectors, out]):
         return None
     factors = None
     if r is not None and alpha is not None:
@@ -143,8 +142,7 @@ def fused_arcee_fusion(
     divergences. None where the kernels do not take the tensors (at most
     :data:`QUANTILE_SAMPLE` elements: the quartiles need every importance; strided; mixed
     dtypes). ``divergence``: given (tests)."""
-    read = [base, expert] if out is None else [base, expert, out]
-    if base.numel() <= QUANTILE_SAMPLE or not kernels.supported(read):
+    if base.numel() <= QUANTILE_SAMPLE or not kernels.supported([base, expert, out]):
         return None
     if divergence is None:
         divergence = kernels.row_divergence(base, expert)

@@ -1178,8 +1178,10 @@ def top_select_many(
     return status
 
 
-def supported(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the kernels take these tensors (contiguous, one float dtype they know)."""
-    return all(t.is_contiguous() and t.dtype in _KIND for t in tensors) and (
-        len({t.dtype for t in tensors}) <= 1
+def supported(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether the kernels take these tensors (contiguous, one float dtype they know); a None
+    (an absent ``out``) is skipped."""
+    given = [t for t in tensors if t is not None]
+    return all(t.is_contiguous() and t.dtype in _KIND for t in given) and (
+        len({t.dtype for t in given}) <= 1
     )
