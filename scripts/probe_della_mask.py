@@ -47,16 +47,25 @@ def _mask_from_order(
     tl.store(mask_ptr + target, keep.to(tl.int8), mask=valid)
 
 
-def fused_mask(delta, density, epsilon, seed, out):
+def mask_through_order(delta, density, epsilon, seed, out, *, packed=False):
+    """The mask drawn by ``_mask_from_order`` through each row's magnitude order: from a sort
+    of each row (``packed`` False) or one flat sort of (row << 16 | key) per chunk."""
     rows = delta.reshape(delta.shape[0], -1)
     cols = rows.shape[1]
     step = 2 * epsilon / (cols - 1)
     keys = _magnitude_keys(rows).view(rows.shape)
     chunk = max(1, (1 << 24) // cols)
+    if packed:
+        keys = keys.to(torch.int32)
+        chunk = min(chunk, 32767)
     mask = out.view(rows.shape)
     for start in range(0, rows.shape[0], chunk):
         part = keys[start : start + chunk]
-        order = torch.sort(part, dim=1).indices
+        if packed:
+            row_ids = torch.arange(part.shape[0], device=part.device, dtype=torch.int32)
+            order = torch.sort(((row_ids.view(-1, 1) << 16) | part).view(-1)).indices
+        else:
+            order = torch.sort(part, dim=1).indices
         n = order.numel()
         _mask_from_order[(triton.cdiv(n, 2048),)](
             order,
@@ -66,34 +75,7 @@ def fused_mask(delta, density, epsilon, seed, out):
             n,
             density - epsilon,
             step,
-            FLAT=False,
-            BLOCK=2048,
-        )
-    return out
-
-
-def packed_mask(delta, density, epsilon, seed, out):
-    rows = delta.reshape(delta.shape[0], -1)
-    cols = rows.shape[1]
-    step = 2 * epsilon / (cols - 1)
-    keys = _magnitude_keys(rows).view(rows.shape).to(torch.int32)
-    chunk = max(1, min(32767, (1 << 24) // cols))
-    mask = out.view(rows.shape)
-    for start in range(0, rows.shape[0], chunk):
-        part = keys[start : start + chunk]
-        r = part.shape[0]
-        packed = (torch.arange(r, device=part.device, dtype=torch.int32).view(-1, 1) << 16) | part
-        order = torch.sort(packed.view(-1)).indices
-        n = order.numel()
-        _mask_from_order[(triton.cdiv(n, 2048),)](
-            order,
-            mask[start : start + chunk].view(torch.int8),
-            seed + start,
-            cols,
-            n,
-            density - epsilon,
-            step,
-            FLAT=True,
+            FLAT=packed,
             BLOCK=2048,
         )
     return out
@@ -129,13 +111,13 @@ def probe_shape(name: str, shape: tuple[int, int], count: int, gen: torch.Genera
     row["current"] = timed(lambda: _della_mask(delta, 0.5, 0.1, gen, out))
     row["keys"] = timed(lambda: _magnitude_keys(delta))
     row["sort_rows"] = timed(lambda: torch.sort(keys, dim=1))
-    row["fused"] = timed(lambda: fused_mask(delta, 0.5, 0.1, 7, out))
+    row["fused"] = timed(lambda: mask_through_order(delta, 0.5, 0.1, 7, out))
     if shape[0] * shape[1] < (1 << 31):
-        row["packed"] = timed(lambda: packed_mask(delta, 0.5, 0.1, 7, out))
+        row["packed"] = timed(lambda: mask_through_order(delta, 0.5, 0.1, 7, out, packed=True))
     row["sort_flat_int32"] = timed(lambda: torch.sort(keys32.view(-1)))
     # keep rate by magnitude-rank decile (expected 0.41, 0.43, ..., 0.59)
     deciles = (torch.sort(keys, dim=1).indices.argsort(dim=1) * 10 // shape[1]).view(-1)
-    fused_mask(delta, 0.5, 0.1, 11, out)
+    mask_through_order(delta, 0.5, 0.1, 11, out)
     row["keep_by_decile_fused"] = keep_by_decile(out, deciles)
     _della_mask(delta, 0.5, 0.1, gen, out)
     row["keep_by_decile_current"] = keep_by_decile(out, deciles)
