@@ -108,6 +108,7 @@ def _gta_kernel(
     seed,
     norm_ptr,
     weight_ptr,
+    weight_sum_ptr,
     out_ptr,
     n,
     lam,
@@ -168,10 +169,7 @@ def _gta_kernel(
             divisor = tl.where(divisor == 0, 1.0, divisor)
     else:
         mixed = _round(total, KIND)
-        weight_sum = tl.load(weight_ptr).to(tl.float32) * 0
-        for i in tl.static_range(N):
-            weight_sum += tl.load(weight_ptr + i).to(tl.float32)
-        weight_sum = _round(weight_sum, KIND)
+        weight_sum = tl.load(weight_sum_ptr).to(tl.float32)
         divisor = tl.where(tl.abs(weight_sum) < tiny, 1.0, weight_sum)
     if NORMALIZE:
         mixed = _round(tl.math.div_rn(mixed, divisor), KIND)
@@ -356,6 +354,10 @@ def gta_combine(
     tiny = _tiny(base.dtype)
     grid = (triton.cdiv(n, _BLOCK),)
     mask_ptr, density_ptr, seed, draw = _mask_arguments(masks, draws, weights)
+    # Without consensus the divisor is the weights' sum, summed by torch as the torch path sums
+    # it: on CUDA its reduction adds three values in another order than left to right, which
+    # can move an fp32 sum by a place (and every normalized value with it).
+    weight_sum = weights.view(-1, 1).sum(dim=0) if normalize and not consensus else weights
     _gta_kernel[grid](
         base,
         task_vectors,
@@ -364,6 +366,7 @@ def gta_combine(
         seed,
         norms if norms is not None else weights,
         weights,
+        weight_sum,
         out,
         n,
         float(lam),
