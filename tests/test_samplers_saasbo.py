@@ -232,6 +232,18 @@ def test_the_map_fits_loss_is_gpytorchs_own_where_the_covariance_is_not_positive
     assert errors[0] == errors[1]
 
 
+def test_the_map_fit_keeps_the_better_of_its_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergeopt.samplers import saasbo_gp
+
+    def fitted_loss(starts: tuple[float, ...]) -> float:
+        monkeypatch.setattr(saasbo_gp, "MAP_FIT_STARTS", starts)
+        mll = _fitted_mll(20, seed=3)
+        return float(map_loss(mll)())
+
+    one, other = fitted_loss((1.0,)), fitted_loss((0.5,))
+    assert fitted_loss((1.0, 0.5)) == min(one, other)
+
+
 @pytest.mark.slow
 def test_a_fit_makes_a_batch_queued_for_other_workers_conditioned_on_running_trials() -> None:
     sampler = SaasQnehviSampler(seed=0, genome=GENOME, n_startup_trials=6, batch_size=3, **FAST)
