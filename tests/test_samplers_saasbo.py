@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import uuid
-from typing import Any
 
 import numpy as np
 import optuna
@@ -25,7 +24,6 @@ from mergeopt.samplers.saasbo_gp import (
     fit_map_model,
     inverse_lengthscale_scales,
     lengthscale_prior_locations,
-    map_loss,
 )
 
 GENOME = Genome(num_blocks=5, num_experts=2, searched={"weight": (0.0, 1.0), "density": (0.1, 1.0)})
@@ -167,81 +165,6 @@ def test_a_map_gp_can_be_restored_in_place_as_botorch_retries_a_failed_fit() -> 
     # BoTorch's retry after a failed attempt writes the checkpoint back into every tensor
     for tensor in model.state_dict().values():
         tensor[...] = tensor.clone()
-
-
-def _fitted_mll(points: int, seed: int) -> Any:
-    import torch
-    from gpytorch.mlls import ExactMarginalLogLikelihood
-
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(points, 5, dtype=torch.double, generator=generator)
-    y = (x[:, :2] - 0.3).pow(2).sum(dim=-1, keepdim=True) + 0.01 * torch.randn(
-        points, 1, dtype=torch.double, generator=generator
-    )
-    importance = np.array([1.0, 1.0, 0.1, 0.1, 0.1])
-    model = fit_map_model(x, y, lengthscale_prior_locations(5, importance, 2.0), math.sqrt(3))
-    mll = ExactMarginalLogLikelihood(model.likelihood, model)
-    mll.train()
-    return mll
-
-
-def _loss_and_gradients(mll: Any, loss: Any) -> tuple[float, list[Any]]:
-    parameters = [p for p in mll.parameters() if p.requires_grad]
-    for parameter in parameters:
-        parameter.grad = None
-    value = loss()
-    value.backward()
-    return float(value), [p.grad.clone() for p in parameters]
-
-
-@pytest.mark.parametrize("points", [6, 24, 60])
-def test_the_map_fits_loss_is_gpytorchs_marginal_log_likelihood_with_its_priors(
-    points: int,
-) -> None:
-    import torch
-    from botorch.optim.closures.model_closures import get_loss_closure
-
-    mll = _fitted_mll(points, seed=points)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(3):  # the fitted hyperparameters, then two points away from them
-        value, gradients = _loss_and_gradients(mll, map_loss(mll))
-        reference, reference_gradients = _loss_and_gradients(mll, get_loss_closure(mll))
-        assert value == pytest.approx(reference, rel=1e-12)
-        for ours, theirs in zip(gradients, reference_gradients, strict=True):
-            # at the fit's optimum a gradient is a difference of terms that nearly cancel: its
-            # rounding is absolute (the fit stops at a projected gradient of 1e-5)
-            torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
-        with torch.no_grad():
-            for parameter in mll.parameters():
-                parameter.mul_(1 + 0.3 * torch.rand(parameter.shape, generator=generator))
-
-
-def test_the_map_fits_loss_is_gpytorchs_own_where_the_covariance_is_not_positive_definite() -> None:
-    import torch
-    from botorch.optim.closures.model_closures import get_loss_closure
-    from linear_operator.utils.errors import NotPSDError
-
-    mll = _fitted_mll(12, seed=0)
-    with torch.no_grad():
-        mll.model.likelihood.noise_covar.raw_noise.fill_(-2.0)  # K - 2 I: no Cholesky factor
-    errors = []
-    for loss in (map_loss(mll), get_loss_closure(mll)):
-        with pytest.raises(NotPSDError) as error:
-            loss()
-        errors.append(str(error.value))
-    assert errors[0] == errors[1]
-
-
-def test_the_map_fit_keeps_the_better_of_its_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mergeopt.samplers import saasbo_gp
-
-    def fitted_loss(starts: tuple[float, ...]) -> float:
-        monkeypatch.setattr(saasbo_gp, "MAP_FIT_STARTS", starts)
-        mll = _fitted_mll(20, seed=3)
-        return float(map_loss(mll)())
-
-    one, other = fitted_loss((1.0,)), fitted_loss((0.5,))
-    assert fitted_loss((1.0, 0.5)) == min(one, other)
 
 
 @pytest.mark.slow
