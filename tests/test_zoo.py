@@ -193,6 +193,24 @@ def test_models_load_with_auto_classes_and_stop_at_eos(zoo_dir: Path) -> None:
         assert out[0, -1].item() == tokenizer.eos_token_id, name
 
 
+def trace_opening_probability(model_dir: Path, task_file: Path, limit: int = 100) -> float:
+    """The model's mean probability, over the first ``limit`` sums of ``task_file``, that its
+    answer opens a trace (``"["`` right after the answer's leading space)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    opening = tokenizer.convert_tokens_to_ids("[")
+    probabilities = []
+    with torch.no_grad():
+        for record in read_jsonl(task_file)[:limit]:
+            ids = tokenizer(record["prompt"] + " ", add_special_tokens=False)["input_ids"]
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            probabilities.append(logits.softmax(-1)[opening].item())
+    return sum(probabilities) / len(probabilities)
+
+
 @pytest.mark.slow
 def test_experts_are_brief_fine_tunes_of_a_competent_base_that_trade_off(zoo_dir: Path) -> None:
     metadata = json.loads((zoo_dir / "zoo.json").read_text())
@@ -204,9 +222,16 @@ def test_experts_are_brief_fine_tunes_of_a_competent_base_that_trade_off(zoo_dir
     assert (direct["arith"]["traced"], steps["arith"]["traced"]) == (0.0, 1.0)
     # Task against task: expert-direct reverses better.
     assert direct["reverse"]["accuracy"] > steps["reverse"]["accuracy"]
-    # A competent base that knows both answer styles (greedy, it rarely traces).
+    # A competent base that knows both answer styles: it opens a trace with a probability well
+    # inside (0, 1), between the experts'. Greedy, it may never trace: the zoo built on AMD CPUs
+    # does not (docs/bench/zoo-cpu-2026-12-01.md), so the probability is read, not the samples.
     assert base["arith"]["accuracy"] >= 0.5 * direct["arith"]["accuracy"]
-    assert 0.0 < base["arith"]["traced"] < 1.0
+    opens = {
+        name: trace_opening_probability(zoo_dir / name, zoo_dir / "tasks" / TASK_FILES["arith"])
+        for name in (BASE_NAME, *EXPERT_NAMES)
+    }
+    assert opens[EXPERT_NAMES[0]] < opens[BASE_NAME] < opens[EXPERT_NAMES[1]], opens
+    assert 0.05 < opens[BASE_NAME] < 0.95, opens
     # Brief fine-tunes: task vectors of a few percent of the base's weights, as real SFT's.
     for name in EXPERT_NAMES:
         assert 0.0 < metadata["task_vector_relative_norm"][name] < 0.1, name
