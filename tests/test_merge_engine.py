@@ -223,6 +223,7 @@ def test_fused_fast_path_writes_in_place_within_one_rounding(
         assert (parameter - reference[name]).abs().max().item() <= tolerance * scale, name
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_a_missed_window_found_after_the_next_block_remerges_its_block(
     method: str, untied: list[Path], monkeypatch: pytest.MonkeyPatch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -355,10 +356,18 @@ def test_nans_of_several_payloads_sort_as_one_value_like_torchs_sort() -> None:
         assert torch.equal(selection.top_magnitude_mask(x, k), torch_sort_top_mask(x, k))
 
 
-needs_kernels = pytest.mark.skipif(
+_skip_without_kernels = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
 )
+
+
+def needs_kernels(test: Callable[..., None]) -> Callable[..., None]:
+    """A test of the Triton kernels: marked ``kernels`` (what test_triton_interpreter runs
+    under the interpreter) and skipped without a CUDA device or ``TRITON_INTERPRET=1``."""
+    return pytest.mark.kernels(_skip_without_kernels(test))
+
+
 with_one_place = pytest.mark.parametrize(
     ("dtype", "ulp"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float32, 2**-22)]
 )
@@ -924,6 +933,7 @@ def on_device(x: torch.Tensor) -> torch.Tensor:
     return x.cuda() if torch.cuda.is_available() else x
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("kind", ["bf16 task vector", "four values", "all zero", "mostly zero"])
 def test_triton_select_equals_a_stable_sort_on_tie_heavy_inputs(
     kind: str, triton_selection: None, radix_fallbacks: list[int]
@@ -941,6 +951,7 @@ def test_triton_select_equals_a_stable_sort_on_tie_heavy_inputs(
             assert set(radix_fallbacks) <= {19_000}, radix_fallbacks
 
 
+@pytest.mark.kernels
 def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None) -> None:
     # 3 tiles of 8192: the ties at the threshold are ranked across tile boundaries
     x = (torch.randint(-3, 4, (20_000,), generator=torch.Generator().manual_seed(4))).bfloat16()
@@ -954,6 +965,7 @@ def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None)
         assert mask[0] is not None and torch.equal(mask[0].cpu(), band), (density, gamma)
 
 
+@pytest.mark.kernels
 def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
     triton_selection: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1003,6 +1015,7 @@ def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
     assert sorted(launches) == [2, 2, 4, 4]
 
 
+@pytest.mark.kernels
 def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     triton_selection: None, monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
 ) -> None:
@@ -1021,6 +1034,7 @@ def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     assert 10_000 in radix_fallbacks and 7000 in radix_fallbacks
 
 
+@pytest.mark.kernels
 def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
     triton_selection: None,
 ) -> None:
@@ -1057,6 +1071,7 @@ def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
         assert torch.equal(drawn, given), consensus
 
 
+@pytest.mark.kernels
 def test_one_pass_l1_norms_match_vector_norm(triton_selection: None) -> None:
     from mergeopt.merge import triton_kernels
 

@@ -15,7 +15,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_FOLDER = REPO / ".cache" / "triton-interpreter"
-# the files whose tests skip without a CUDA device or the interpreter (all of them run: 30 s)
+# the files holding the kernels' tests (marked ``kernels``; the child runs only those: the rest
+# of these files already ran in this session)
 KERNEL_TEST_FILES = ("tests/test_merge_methods.py", "tests/test_merge_engine.py")
 
 
@@ -34,7 +35,7 @@ def test_the_merge_kernels_pass_their_tests_under_the_triton_interpreter() -> No
     }
     result = subprocess.run(
         [
-            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "kernels",
             *KERNEL_TEST_FILES,
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
