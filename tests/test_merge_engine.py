@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +15,7 @@ from mergeopt.errors import UserError
 from mergeopt.merge import engine as engine_module
 from mergeopt.merge.engine import CallbackTarget, MergeEngine, ModuleTarget, required_bytes
 from mergeopt.merge.mergekit_config import run_mergekit_config
+from tests.test_merge_methods import needs_kernels
 
 
 def _load_oracle_module() -> ModuleType:
@@ -223,15 +223,13 @@ def test_fused_fast_path_writes_in_place_within_one_rounding(
         assert (parameter - reference[name]).abs().max().item() <= tolerance * scale, name
 
 
-@pytest.mark.kernels
+@needs_kernels
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_a_missed_window_found_after_the_next_block_remerges_its_block(
     method: str, untied: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The engine checks a block's Triton top-k windows only after launching the next block;
     a miss merges the block again, so the target ends up exactly as with checked masks."""
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
     pytest.importorskip("triton")
     from mergeopt.merge import plan, selection, triton_kernels
 

@@ -914,9 +914,7 @@ def test_plans_route_ram_and_arcee_fusion_through_their_fused_kernels_only_when_
 @pytest.fixture
 def triton_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route 16-bit top-k selections through the Triton passes (on the CPU: the interpreter)
-    with a sample smaller than the tensors."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+    with a sample smaller than the tensors. Its tests are ``needs_kernels`` ones."""
     pytest.importorskip("triton")
     from mergeopt.merge import triton_kernels
 
@@ -933,7 +931,7 @@ def on_device(x: torch.Tensor) -> torch.Tensor:
     return x.cuda() if torch.cuda.is_available() else x
 
 
-@pytest.mark.kernels
+@needs_kernels
 @pytest.mark.parametrize("kind", ["bf16 task vector", "four values", "all zero", "mostly zero"])
 def test_triton_select_equals_a_stable_sort_on_tie_heavy_inputs(
     kind: str, triton_selection: None, radix_fallbacks: list[int]
@@ -951,7 +949,7 @@ def test_triton_select_equals_a_stable_sort_on_tie_heavy_inputs(
             assert set(radix_fallbacks) <= {19_000}, radix_fallbacks
 
 
-@pytest.mark.kernels
+@needs_kernels
 def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None) -> None:
     # 3 tiles of 8192: the ties at the threshold are ranked across tile boundaries
     x = (torch.randint(-3, 4, (20_000,), generator=torch.Generator().manual_seed(4))).bfloat16()
@@ -965,7 +963,7 @@ def test_triton_select_spans_tiles_and_breadcrumbs_bands(triton_selection: None)
         assert mask[0] is not None and torch.equal(mask[0].cpu(), band), (density, gamma)
 
 
-@pytest.mark.kernels
+@needs_kernels
 def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
     triton_selection: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1015,7 +1013,7 @@ def test_one_triton_launch_per_pass_selects_for_many_tensors_at_once(
     assert sorted(launches) == [2, 2, 4, 4]
 
 
-@pytest.mark.kernels
+@needs_kernels
 def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     triton_selection: None, monkeypatch: pytest.MonkeyPatch, radix_fallbacks: list[int]
 ) -> None:
@@ -1034,7 +1032,7 @@ def test_a_missed_triton_window_falls_back_to_the_exact_radix_select(
     assert 10_000 in radix_fallbacks and 7000 in radix_fallbacks
 
 
-@pytest.mark.kernels
+@needs_kernels
 def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
     triton_selection: None,
 ) -> None:
@@ -1071,7 +1069,7 @@ def test_dare_masks_drawn_in_the_kernels_are_binomial_reproducible_and_shared(
         assert torch.equal(drawn, given), consensus
 
 
-@pytest.mark.kernels
+@needs_kernels
 def test_one_pass_l1_norms_match_vector_norm(triton_selection: None) -> None:
     from mergeopt.merge import triton_kernels
 
